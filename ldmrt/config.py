@@ -1,0 +1,394 @@
+"""Frozen configuration dataclasses for every LDM component, and the built-in presets.
+
+Torch-free: the manifest and the lean runtime read these too. Field names follow the
+original (CompVis) configs so that an inference YAML maps onto them one to one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Union
+
+from ldmrt.errors import ConfigError
+
+
+class Family(str, enum.Enum):
+    SD1 = "sd1"   # Stable Diffusion 1.x: CLIP ViT-L/14 text, last layer
+    SD2 = "sd2"   # Stable Diffusion 2.x: OpenCLIP ViT-H text, penultimate layer
+    LDM = "ldm"   # the LDM paper's models (BERT-like text, class-conditional, unconditional)
+
+
+class BetaSchedule(str, enum.Enum):
+    """Diffusers' names. CompVis' "linear" is diffusers' "scaled_linear" (linear in sqrt(beta))."""
+    LINEAR = "linear"
+    SCALED_LINEAR = "scaled_linear"
+    SQUAREDCOS_CAP_V2 = "squaredcos_cap_v2"
+
+
+class PredictionType(str, enum.Enum):
+    EPSILON = "epsilon"
+    V_PREDICTION = "v_prediction"
+
+
+class TimestepSpacing(str, enum.Enum):
+    LEADING = "leading"
+    TRAILING = "trailing"
+    LINSPACE = "linspace"
+
+
+class AutoencoderKind(str, enum.Enum):
+    KL = "kl"
+    VQ = "vq"
+
+
+class LayerChoice(str, enum.Enum):
+    """Which CLIP hidden state the UNet consumes (always followed by the final LayerNorm)."""
+    LAST = "last"
+    PENULTIMATE = "penultimate"
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """The time-conditional UNet of CompVis `openaimodel.UNetModel`."""
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (4, 2, 1)  # downsampling rates that get attention
+    num_heads: int = 8                 # used when num_head_channels == -1
+    num_head_channels: int = -1        # fixed head dim (SD 2.x: 64); overrides num_heads
+    transformer_depth: int = 1
+    context_dim: int | None = 768      # None: no cross-attention context (unconditional)
+    use_spatial_transformer: bool = True   # False: the paper's plain self-attention blocks
+    use_linear_in_transformer: bool = False
+    upcast_attention: bool = False     # softmax (and QK^T) in fp32 whatever the graph dtype
+    num_classes: int | None = None     # class embedding added to the timestep embedding
+    norm_num_groups: int = 32
+
+    def __post_init__(self) -> None:
+        _positive(self, "in_channels", "out_channels", "model_channels", "num_res_blocks",
+                  "transformer_depth", "norm_num_groups")
+        if not self.channel_mult:
+            raise ConfigError("UNetConfig.channel_mult: expected at least one level, found ()")
+        for mult in self.channel_mult:
+            if (self.model_channels * mult) % self.norm_num_groups:
+                raise ConfigError(
+                    f"UNetConfig: channels {self.model_channels * mult} not divisible by "
+                    f"norm_num_groups={self.norm_num_groups}")
+        if self.num_head_channels == -1 and self.num_heads < 1:
+            raise ConfigError("UNetConfig: set num_heads >= 1 or num_head_channels >= 1")
+        if self.use_spatial_transformer and self.context_dim is None:
+            raise ConfigError("UNetConfig: a spatial transformer needs context_dim")
+
+    def heads_and_dim(self, channels: int) -> tuple[int, int]:
+        """(number of heads, head dim) of an attention layer over `channels` channels."""
+        if self.num_head_channels != -1:
+            if channels % self.num_head_channels:
+                raise ConfigError(f"UNetConfig: {channels} channels not divisible by "
+                                  f"num_head_channels={self.num_head_channels}")
+            return channels // self.num_head_channels, self.num_head_channels
+        if channels % self.num_heads:
+            raise ConfigError(f"UNetConfig: {channels} channels not divisible by "
+                              f"num_heads={self.num_heads}")
+        return self.num_heads, channels // self.num_heads
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    """CompVis `AutoencoderKL` / `VQModel` (Encoder + Decoder of `diffusionmodules.model`)."""
+    kind: AutoencoderKind = AutoencoderKind.KL
+    embed_dim: int = 4                 # latent channels the UNet sees
+    z_channels: int = 4
+    in_channels: int = 3
+    out_ch: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attn_levels: tuple[int, ...] = ()  # resolution levels (0 = full size) with attention blocks
+    n_embed: int = 0                   # VQ codebook size
+    norm_num_groups: int = 32
+
+    def __post_init__(self) -> None:
+        _positive(self, "embed_dim", "z_channels", "in_channels", "out_ch", "ch",
+                  "num_res_blocks", "norm_num_groups")
+        if self.kind == AutoencoderKind.VQ and self.n_embed < 1:
+            raise ConfigError("AutoencoderConfig: a VQ autoencoder needs n_embed >= 1")
+        if any(not 0 <= level < len(self.ch_mult) for level in self.attn_levels):
+            raise ConfigError(f"AutoencoderConfig.attn_levels: expected levels in "
+                              f"[0, {len(self.ch_mult)}), found {self.attn_levels}")
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def double_z(self) -> bool:
+        return self.kind == AutoencoderKind.KL
+
+
+@dataclass(frozen=True)
+class ClipTextConfig:
+    """CLIP text transformer (transformers' CLIPTextModel). SD 1.x: ViT-L/14; SD 2.x: OpenCLIP ViT-H."""
+    kind: ClassVar[str] = "clip_text"
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer: LayerChoice = LayerChoice.LAST
+    pad_token_id: int = 49407          # SD 1.x pads with <|endoftext|>; SD 2.x pads with 0 ("!")
+    bos_token_id: int = 49406
+    eos_token_id: int = 49407
+
+    @property
+    def context_dim(self) -> int:
+        return self.hidden_size
+
+    @property
+    def max_length(self) -> int:
+        return self.max_position_embeddings
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    """The LDM paper's BERT-like conditioner: TokEmb + PosEmb + N x (LN, MHSA, LN, MLP) + LN."""
+    kind: ClassVar[str] = "bert"
+    vocab_size: int = 30522
+    n_embed: int = 1280
+    n_layer: int = 32
+    heads: int = 8
+    dim_head: int = 64
+    ff_mult: int = 4
+    max_seq_len: int = 77
+    pad_token_id: int = 0
+
+    @property
+    def context_dim(self) -> int:
+        return self.n_embed
+
+    @property
+    def max_length(self) -> int:
+        return self.max_seq_len
+
+
+@dataclass(frozen=True)
+class ClassEmbedderConfig:
+    """The LDM paper's class embedder: a label becomes one context token [B, 1, embed_dim]."""
+    kind: ClassVar[str] = "class"
+    n_classes: int = 1001
+    embed_dim: int = 512
+
+    @property
+    def context_dim(self) -> int:
+        return self.embed_dim
+
+
+ConditionerConfig = Union[ClipTextConfig, BertConfig, ClassEmbedderConfig]
+CONDITIONER_KINDS: dict[str, type] = {c.kind: c for c in (ClipTextConfig, BertConfig, ClassEmbedderConfig)}
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The training noise schedule, in diffusers' terms (what a scheduler/ config holds)."""
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: BetaSchedule = BetaSchedule.SCALED_LINEAR
+    prediction_type: PredictionType = PredictionType.EPSILON
+    timestep_spacing: TimestepSpacing = TimestepSpacing.LEADING
+    steps_offset: int = 1
+    clip_sample: bool = False
+    set_alpha_to_one: bool = False
+
+    def __post_init__(self) -> None:
+        _positive(self, "num_train_timesteps")
+        if not 0 < self.beta_start < self.beta_end < 1:
+            raise ConfigError(f"SchedulerConfig: expected 0 < beta_start < beta_end < 1, found "
+                              f"beta_start={self.beta_start}, beta_end={self.beta_end}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A whole latent diffusion model: autoencoder + UNet + conditioner + noise schedule."""
+    name: str
+    family: Family
+    unet: UNetConfig
+    autoencoder: AutoencoderConfig
+    conditioner: ConditionerConfig | None
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    scale_factor: float = 0.18215      # latent = scale_factor * first_stage_encoding
+    default_image_size: int = 512
+
+    def __post_init__(self) -> None:
+        if self.unet.in_channels < self.latent_channels:
+            raise ConfigError(f"ModelConfig {self.name!r}: UNet in_channels={self.unet.in_channels} "
+                              f"is fewer than the autoencoder's {self.latent_channels} latent channels")
+        if self.unet.out_channels != self.latent_channels:
+            raise ConfigError(f"ModelConfig {self.name!r}: UNet out_channels={self.unet.out_channels}"
+                              f", expected the latent channels {self.latent_channels}")
+        context = None if self.conditioner is None else self.conditioner.context_dim
+        if self.unet.use_spatial_transformer and context != self.unet.context_dim:
+            raise ConfigError(f"ModelConfig {self.name!r}: UNet context_dim={self.unet.context_dim}"
+                              f" but the conditioner produces {context}")
+
+    @property
+    def latent_channels(self) -> int:
+        return self.autoencoder.embed_dim
+
+    @property
+    def downsampling_factor(self) -> int:
+        return self.autoencoder.downsampling_factor
+
+    @property
+    def is_text_conditioned(self) -> bool:
+        return isinstance(self.conditioner, (ClipTextConfig, BertConfig))
+
+    @property
+    def is_class_conditioned(self) -> bool:
+        return isinstance(self.conditioner, ClassEmbedderConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_jsonable(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        return from_jsonable(cls, data)
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{type(obj).__name__}.{name}: expected a positive integer, found {value!r}")
+
+
+# --- presets -----------------------------------------------------------------------------
+
+_SD_SCHEDULER = SchedulerConfig()
+_LDM_VQ_F4 = AutoencoderConfig(kind=AutoencoderKind.VQ, embed_dim=3, z_channels=3, ch=128,
+                               ch_mult=(1, 2, 4), num_res_blocks=2, n_embed=8192)
+_KL_F8 = AutoencoderConfig()
+_LDM_SCHEDULER = SchedulerConfig(beta_start=0.0015, beta_end=0.0195)
+
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(
+        name="tiny", family=Family.SD1,
+        unet=UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                        attention_resolutions=(1, 2), num_heads=2, context_dim=32),
+        autoencoder=AutoencoderConfig(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1),
+        conditioner=ClipTextConfig(vocab_size=1000, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   pad_token_id=999, bos_token_id=998, eos_token_id=999),
+        scheduler=_SD_SCHEDULER, default_image_size=64),
+    "sd15": ModelConfig(
+        name="sd15", family=Family.SD1, unet=UNetConfig(), autoencoder=_KL_F8,
+        conditioner=ClipTextConfig(), scheduler=_SD_SCHEDULER),
+    "sd21": ModelConfig(
+        name="sd21", family=Family.SD2,
+        unet=UNetConfig(num_head_channels=64, context_dim=1024, use_linear_in_transformer=True,
+                        upcast_attention=True),
+        autoencoder=_KL_F8,
+        conditioner=ClipTextConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                   num_attention_heads=16, hidden_act="gelu",
+                                   layer=LayerChoice.PENULTIMATE, pad_token_id=0),
+        scheduler=SchedulerConfig(prediction_type=PredictionType.V_PREDICTION),
+        default_image_size=768),
+    "ldm-txt2img": ModelConfig(
+        name="ldm-txt2img", family=Family.LDM, unet=UNetConfig(context_dim=1280),
+        autoencoder=_KL_F8, conditioner=BertConfig(), scheduler=_SD_SCHEDULER, default_image_size=256),
+    "ldm-uncond-vq": ModelConfig(
+        name="ldm-uncond-vq", family=Family.LDM,
+        unet=UNetConfig(in_channels=3, out_channels=3, model_channels=224, channel_mult=(1, 2, 3, 4),
+                        attention_resolutions=(8, 4, 2), num_head_channels=32, context_dim=None,
+                        use_spatial_transformer=False),
+        autoencoder=_LDM_VQ_F4, conditioner=None, scheduler=_LDM_SCHEDULER, scale_factor=1.0,
+        default_image_size=256),
+    "ldm-class": ModelConfig(
+        name="ldm-class", family=Family.LDM,
+        unet=UNetConfig(in_channels=3, out_channels=3, model_channels=192, channel_mult=(1, 2, 3, 5),
+                        attention_resolutions=(8, 4, 2), num_head_channels=32, context_dim=512),
+        autoencoder=_LDM_VQ_F4, conditioner=ClassEmbedderConfig(), scheduler=_LDM_SCHEDULER,
+        scale_factor=1.0, default_image_size=256),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    """The built-in configuration called `name`."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}") from None
+
+
+# --- (de)serialisation for the manifest ----------------------------------------------------
+
+def to_jsonable(obj: Any) -> Any:
+    """Dataclasses -> dicts (conditioners tagged with their kind), enums -> values, tuples -> lists."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        if hasattr(type(obj), "kind") and not isinstance(getattr(type(obj), "kind"), property) \
+                and "kind" not in out:
+            out = {"kind": type(obj).kind, **out}
+        return out
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, (tuple, list)):
+        return [to_jsonable(x) for x in obj]
+    return obj
+
+
+def from_jsonable(cls: type, data: Any) -> Any:
+    """Inverse of `to_jsonable`, checking every field's type; raises ConfigError on bad input."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{cls.__name__}: expected an object, found {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names - {"kind"}
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
+    kwargs = {name: _convert(hints[name], data[name], f"{cls.__name__}.{name}")
+              for name in names if name in data}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{cls.__name__}: {exc}") from None
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (Union, getattr(__import__("types"), "UnionType", Union)):
+        if value is None and type(None) in args:
+            return None
+        candidates = [a for a in args if a is not type(None)]
+        if any(a in CONDITIONER_KINDS.values() for a in candidates):
+            kind = value.get("kind") if isinstance(value, dict) else None
+            if kind not in CONDITIONER_KINDS:
+                raise ConfigError(f"{where}: expected kind in {sorted(CONDITIONER_KINDS)}, found {kind!r}")
+            return from_jsonable(CONDITIONER_KINDS[kind], value)
+        return _convert(candidates[0], value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, found {type(value).__name__}")
+        return tuple(_convert(args[0], v, where) for v in value)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        try:
+            return hint(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected one of {[e.value for e in hint]}, found {value!r}") from None
+    if dataclasses.is_dataclass(hint):
+        return from_jsonable(hint, value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (type(value) is not hint):
+        raise ConfigError(f"{where}: expected {hint.__name__}, found {type(value).__name__} {value!r}")
+    return value

@@ -1,0 +1,56 @@
+"""Typed exceptions: every message names the thing, what was expected, what was found, what to do."""
+from __future__ import annotations
+
+
+class LdmrtError(Exception):
+    """Base of every error ldmrt raises on purpose (the CLI turns these into exit code 2)."""
+
+
+class ConfigError(LdmrtError, ValueError):
+    """A configuration or preset is invalid."""
+
+
+class CheckpointError(LdmrtError):
+    """A checkpoint file or folder is missing, unsafe, corrupt or does not match the model."""
+
+
+class ShapeError(LdmrtError, ValueError):
+    """A tensor's shape or dtype is not what a component's I/O spec allows."""
+
+
+class ExportError(LdmrtError):
+    """Exporting or validating an ONNX graph failed."""
+
+
+class ParityError(ExportError):
+    """An exported graph disagrees with PyTorch beyond the stated tolerance."""
+
+
+class BundleError(LdmrtError):
+    """A bundle (manifest.json + files) is missing, corrupt or of an unknown schema."""
+
+
+class EngineBuildError(LdmrtError):
+    """TensorRT could not parse or build an ONNX graph."""
+
+
+class StaleEngineError(LdmrtError):
+    """An engine was built for another TensorRT version, GPU or ONNX graph."""
+
+
+class CorruptEngineError(LdmrtError):
+    """An engine file does not match the sha256 in its record."""
+
+
+class BackendUnavailableError(LdmrtError):
+    """The requested backend (module, GPU) is not available on this machine."""
+
+
+class GenerationError(LdmrtError, ValueError):
+    """A generation request is invalid or produced non-finite values."""
+
+
+def expect(condition: bool, error: type[LdmrtError], message: str) -> None:
+    """Raise `error(message)` unless `condition` holds."""
+    if not condition:
+        raise error(message)
