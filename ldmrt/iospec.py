@@ -1,0 +1,236 @@
+"""Each component's inputs and outputs, declared once.
+
+The same spec drives ONNX dynamic axes, TensorRT optimization profiles, runtime input checks
+and the manifest. Torch-free. A dimension is an int (fixed) or a symbol, optionally with an
+integer factor: "batch", "latent_height", "8*latent_height".
+"""
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from ldmrt.config import AutoencoderKind, ModelConfig
+from ldmrt.errors import ConfigError, ShapeError
+
+Dim = int | str
+_DIM = re.compile(r"^(?:(\d+)\*)?([a-z_]+)$")
+
+
+class Precision(str, enum.Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+    @property
+    def dtype(self) -> str:
+        return {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[self.value]
+
+
+class Component(str, enum.Enum):
+    TEXT_ENCODER = "text_encoder"
+    UNET = "unet"
+    VAE_DECODER = "vae_decoder"
+    VAE_ENCODER = "vae_encoder"
+
+
+def parse_dim(dim: Dim) -> tuple[int, str | None]:
+    """(factor, symbol) of a dimension; (value, None) for a fixed one."""
+    if isinstance(dim, int) and not isinstance(dim, bool):
+        return dim, None
+    match = _DIM.match(dim) if isinstance(dim, str) else None
+    if not match:
+        raise ConfigError(f"dimension {dim!r}: expected an int, 'symbol' or 'k*symbol'")
+    return int(match.group(1) or 1), match.group(2)
+
+
+def resolve_dim(dim: Dim, values: Mapping[str, int]) -> int:
+    factor, symbol = parse_dim(dim)
+    return factor if symbol is None else factor * values[symbol]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str                    # numpy name: float32, float16, bfloat16, int32
+    shape: tuple[Dim, ...]
+
+    def resolve(self, values: Mapping[str, int]) -> tuple[int, ...]:
+        return tuple(resolve_dim(d, values) for d in self.shape)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TensorSpec":
+        shape = tuple(data["shape"])
+        for dim in shape:
+            parse_dim(dim)
+        return cls(name=str(data["name"]), dtype=str(data["dtype"]), shape=shape)
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """A component's I/O with the range (min, opt, max) of every symbol it uses."""
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    ranges: Mapping[str, tuple[int, int, int]]
+
+    def __post_init__(self) -> None:
+        for tensor in self.inputs + self.outputs:
+            for dim in tensor.shape:
+                _, symbol = parse_dim(dim)
+                if symbol is not None and symbol not in self.ranges:
+                    raise ConfigError(f"{self.name}.{tensor.name}: symbol {symbol!r} has no range")
+        for symbol, (lo, opt, hi) in self.ranges.items():
+            if not 1 <= lo <= opt <= hi:
+                raise ConfigError(f"{self.name}: range of {symbol!r} must satisfy "
+                                  f"1 <= min <= opt <= max, found {(lo, opt, hi)}")
+
+    def input(self, name: str) -> TensorSpec:
+        return next(t for t in self.inputs if t.name == name)
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """ONNX exporter `dynamic_axes`: every symbolic dimension of every tensor."""
+        return {t.name: {i: str(d) for i, d in enumerate(t.shape) if isinstance(d, str)}
+                for t in self.inputs + self.outputs
+                if any(isinstance(d, str) for d in t.shape)}
+
+    def profile(self, pick: Mapping[str, tuple[int, int, int]] | None = None
+                ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+        """Input name -> (min, opt, max) shapes, from the ranges (or a narrower `pick`)."""
+        ranges = {**self.ranges, **(pick or {})}
+        corners = [{s: r[i] for s, r in ranges.items()} for i in range(3)]
+        return {t.name: tuple(t.resolve(c) for c in corners) for t in self.inputs}  # type: ignore
+
+    def bind(self, arrays: Mapping[str, np.ndarray]) -> dict[str, int]:
+        """Check inputs' names, dtypes and shapes against the spec; return the symbol values."""
+        expected = [t.name for t in self.inputs]
+        if sorted(arrays) != sorted(expected):
+            raise ShapeError(f"{self.name}: expected inputs {expected}, found {sorted(arrays)}")
+        values: dict[str, int] = {}
+        for tensor in self.inputs:
+            array = arrays[tensor.name]
+            if str(array.dtype) != tensor.dtype:
+                raise ShapeError(f"{self.name}.{tensor.name}: expected dtype {tensor.dtype}, "
+                                 f"found {array.dtype}")
+            if array.ndim != len(tensor.shape):
+                raise ShapeError(f"{self.name}.{tensor.name}: expected shape {list(tensor.shape)}, "
+                                 f"found {list(array.shape)}")
+            for axis, (dim, size) in enumerate(zip(tensor.shape, array.shape)):
+                factor, symbol = parse_dim(dim)
+                if symbol is None:
+                    ok = size == factor
+                else:
+                    ok = size % factor == 0 and values.setdefault(symbol, size // factor) == size // factor
+                if not ok:
+                    raise ShapeError(f"{self.name}.{tensor.name}: axis {axis} expected {dim} "
+                                     f"(with {values}), found {size} in shape {list(array.shape)}")
+        for symbol, value in values.items():
+            lo, _, hi = self.ranges[symbol]
+            if not lo <= value <= hi:
+                raise ShapeError(f"{self.name}: {symbol}={value} is outside the built range "
+                                 f"[{lo}, {hi}]; re-export with a wider range")
+        return values
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"inputs": [t.to_dict() for t in self.inputs],
+                "outputs": [t.to_dict() for t in self.outputs],
+                "ranges": {k: list(v) for k, v in self.ranges.items()}}
+
+    @classmethod
+    def from_dict(cls, name: str, data: Mapping[str, Any]) -> "ComponentSpec":
+        ranges = {str(k): tuple(int(x) for x in v) for k, v in data["ranges"].items()}
+        if any(len(r) != 3 for r in ranges.values()):
+            raise ConfigError(f"{name}: every range must be [min, opt, max], found {ranges}")
+        return cls(name=name, inputs=tuple(TensorSpec.from_dict(t) for t in data["inputs"]),
+                   outputs=tuple(TensorSpec.from_dict(t) for t in data["outputs"]),
+                   ranges=ranges)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class ShapeRanges:
+    """What an export must serve: image sizes in pixels (both sides) and images per call."""
+    min_size: int = 256
+    opt_size: int = 512
+    max_size: int = 768
+    max_batch: int = 4
+    opt_batch: int = 1
+
+    def latent_range(self, factor: int) -> tuple[int, int, int]:
+        for name in ("min_size", "opt_size", "max_size"):
+            value = getattr(self, name)
+            if value < factor or value % factor:
+                raise ConfigError(f"--{name.replace('_', '-')}={value}: expected a positive "
+                                  f"multiple of the latent factor {factor}")
+        if not self.min_size <= self.opt_size <= self.max_size:
+            raise ConfigError(f"image sizes: expected min <= opt <= max, found "
+                              f"{self.min_size}, {self.opt_size}, {self.max_size}")
+        return self.min_size // factor, self.opt_size // factor, self.max_size // factor
+
+    def batch_range(self, guided: bool) -> tuple[int, int, int]:
+        """Batch range; doubled where classifier-free guidance stacks uncond + cond."""
+        if not 1 <= self.opt_batch <= self.max_batch:
+            raise ConfigError(f"batch: expected 1 <= opt <= max, found {self.opt_batch}, {self.max_batch}")
+        k = 2 if guided else 1
+        return 1, k * self.opt_batch, k * self.max_batch
+
+    @classmethod
+    def for_model(cls, config: ModelConfig) -> "ShapeRanges":
+        size, f = config.default_image_size, config.downsampling_factor
+        return cls(min_size=max(f, size // 2), opt_size=size, max_size=size * 3 // 2 // f * f)
+
+
+def component_specs(config: ModelConfig, ranges: ShapeRanges, precision: Precision,
+                    fp32_components: frozenset[str] = frozenset()) -> dict[str, ComponentSpec]:
+    """The I/O spec of every component `config` has, at `precision` (fp32 where asked)."""
+    f = config.downsampling_factor
+    latent = ranges.latent_range(f)
+    guided = config.conditioner is not None
+    specs: dict[str, ComponentSpec] = {}
+
+    def dtype(component: Component) -> str:
+        return "float32" if component.value in fp32_components else precision.dtype
+
+    if config.is_text_conditioned:
+        cond = config.conditioner
+        length, width = cond.max_length, cond.context_dim  # type: ignore[union-attr]
+        specs["text_encoder"] = ComponentSpec(
+            "text_encoder",
+            inputs=(TensorSpec("input_ids", "int32", ("batch", length)),),
+            outputs=(TensorSpec("text_embeddings", dtype(Component.TEXT_ENCODER),
+                                ("batch", length, width)),),
+            ranges={"batch": ranges.batch_range(guided)})
+    unet_dtype = dtype(Component.UNET)
+    unet_inputs = [TensorSpec("sample", unet_dtype,
+                              ("batch", config.unet.in_channels, "latent_height", "latent_width")),
+                   TensorSpec("timestep", "float32", ("batch",))]
+    if config.is_text_conditioned:
+        unet_inputs.append(TensorSpec("encoder_hidden_states", unet_dtype,
+                                      ("batch", length, width)))
+    if config.is_class_conditioned:
+        unet_inputs.append(TensorSpec("class_labels", "int32", ("batch",)))
+    specs["unet"] = ComponentSpec(
+        "unet", inputs=tuple(unet_inputs),
+        outputs=(TensorSpec("model_output", unet_dtype,
+                            ("batch", config.unet.out_channels, "latent_height", "latent_width")),),
+        ranges={"batch": ranges.batch_range(guided), "latent_height": latent, "latent_width": latent})
+    c = config.latent_channels
+    image = ("batch", 3, f"{f}*latent_height", f"{f}*latent_width")
+    vae_ranges = {"batch": ranges.batch_range(False), "latent_height": latent, "latent_width": latent}
+    specs["vae_decoder"] = ComponentSpec(
+        "vae_decoder",
+        inputs=(TensorSpec("latent", dtype(Component.VAE_DECODER), ("batch", c, "latent_height", "latent_width")),),
+        outputs=(TensorSpec("images", dtype(Component.VAE_DECODER), image),), ranges=vae_ranges)
+    kl = config.autoencoder.kind == AutoencoderKind.KL
+    specs["vae_encoder"] = ComponentSpec(
+        "vae_encoder",
+        inputs=(TensorSpec("images", dtype(Component.VAE_ENCODER), image),),
+        outputs=(TensorSpec("latent_dist" if kl else "latent", dtype(Component.VAE_ENCODER),
+                            ("batch", 2 * c if kl else c, "latent_height", "latent_width")),),
+        ranges=vae_ranges)
+    return specs
