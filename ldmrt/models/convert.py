@@ -1,0 +1,132 @@
+"""Diffusers / transformers state dicts -> original (CompVis) names, which our modules use.
+
+Each function builds a name map from the config, walking the CompVis construction order,
+then renames (and, where the layouts differ, reshapes) tensors. Keys left unmapped are kept
+under their original names so a strict load reports them instead of dropping them silently.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from ldmrt.config import AutoencoderConfig, BertConfig, UNetConfig
+
+StateDict = dict[str, torch.Tensor]
+
+_RESNET_UNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_RESNET_VAE = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2",
+               "conv_shortcut": "nin_shortcut"}
+_ATTN_VAE = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
+             # older diffusers names
+             "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}
+
+
+def _rename(state: Mapping[str, torch.Tensor], prefixes: dict[str, str],
+            inner: dict[str, str] | None = None) -> StateDict:
+    """Rename keys whose prefix is in `prefixes`; `inner` renames the next component(s)."""
+    out: StateDict = {}
+    for key, value in state.items():
+        new = key
+        for src in sorted(prefixes, key=len, reverse=True):
+            if key.startswith(src + "."):
+                rest = key[len(src) + 1:]
+                for a, b in sorted((inner or {}).items(), key=lambda kv: -len(kv[0])):
+                    if rest.startswith(a + "."):
+                        rest = b + rest[len(a):]
+                        break
+                new = f"{prefixes[src]}.{rest}"
+                break
+        out[new] = value
+    return out
+
+
+def unet_from_diffusers(state: Mapping[str, torch.Tensor], config: UNetConfig) -> StateDict:
+    """diffusers UNet2DConditionModel -> CompVis UNetModel names."""
+    n, levels = config.num_res_blocks, len(config.channel_mult)
+    resnets: dict[str, str] = {"mid_block.resnets.0": "middle_block.0",
+                               "mid_block.resnets.1": "middle_block.2"}
+    others: dict[str, str] = {"time_embedding.linear_1": "time_embed.0",
+                              "time_embedding.linear_2": "time_embed.2",
+                              "class_embedding": "label_emb", "conv_in": "input_blocks.0.0",
+                              "conv_norm_out": "out.0", "conv_out": "out.2",
+                              "mid_block.attentions.0": "middle_block.1"}
+    for level in range(levels):
+        for j in range(n):
+            block = 1 + level * (n + 1) + j
+            resnets[f"down_blocks.{level}.resnets.{j}"] = f"input_blocks.{block}.0"
+            others[f"down_blocks.{level}.attentions.{j}"] = f"input_blocks.{block}.1"
+        if level != levels - 1:
+            others[f"down_blocks.{level}.downsamplers.0.conv"] = f"input_blocks.{(level + 1) * (n + 1)}.0.op"
+    for up in range(levels):
+        level = levels - 1 - up
+        has_attention = 2 ** level in config.attention_resolutions
+        for j in range(n + 1):
+            block = up * (n + 1) + j
+            resnets[f"up_blocks.{up}.resnets.{j}"] = f"output_blocks.{block}.0"
+            others[f"up_blocks.{up}.attentions.{j}"] = f"output_blocks.{block}.1"
+        if level:
+            others[f"up_blocks.{up}.upsamplers.0.conv"] = \
+                f"output_blocks.{up * (n + 1) + n}.{2 if has_attention else 1}.conv"
+    state = _rename(state, resnets, _RESNET_UNET)
+    return _rename(state, others)
+
+
+def autoencoder_from_diffusers(state: Mapping[str, torch.Tensor], config: AutoencoderConfig) -> StateDict:
+    """diffusers AutoencoderKL / VQModel -> CompVis names (1x1 attention convs from linears)."""
+    levels = len(config.ch_mult)
+    resnets: dict[str, str] = {}
+    attns: dict[str, str] = {}
+    others: dict[str, str] = {}
+    for part in ("encoder", "decoder"):
+        resnets[f"{part}.mid_block.resnets.0"] = f"{part}.mid.block_1"
+        resnets[f"{part}.mid_block.resnets.1"] = f"{part}.mid.block_2"
+        attns[f"{part}.mid_block.attentions.0"] = f"{part}.mid.attn_1"
+        others[f"{part}.conv_norm_out"] = f"{part}.norm_out"
+    for level in range(levels):
+        for j in range(config.num_res_blocks):
+            resnets[f"encoder.down_blocks.{level}.resnets.{j}"] = f"encoder.down.{level}.block.{j}"
+            attns[f"encoder.down_blocks.{level}.attentions.{j}"] = f"encoder.down.{level}.attn.{j}"
+        others[f"encoder.down_blocks.{level}.downsamplers.0.conv"] = f"encoder.down.{level}.downsample.conv"
+        up = levels - 1 - level
+        for j in range(config.num_res_blocks + 1):
+            resnets[f"decoder.up_blocks.{up}.resnets.{j}"] = f"decoder.up.{level}.block.{j}"
+            attns[f"decoder.up_blocks.{up}.attentions.{j}"] = f"decoder.up.{level}.attn.{j}"
+        others[f"decoder.up_blocks.{up}.upsamplers.0.conv"] = f"decoder.up.{level}.upsample.conv"
+    state = _rename(state, resnets, _RESNET_VAE)
+    state = _rename(state, attns, _ATTN_VAE)
+    state = _rename(state, others)
+    # diffusers stores the attention projections as linears (C, C); CompVis as 1x1 convs.
+    attn_keys = (".q.weight", ".k.weight", ".v.weight", ".proj_out.weight")
+    return {k: (v[:, :, None, None] if k.endswith(attn_keys) and v.ndim == 2 else v)
+            for k, v in state.items()}
+
+
+def clip_from_transformers(state: Mapping[str, torch.Tensor]) -> StateDict:
+    """transformers CLIPTextModel (4.x `text_model.*` or 5.x flat) -> `transformer.text_model.*`."""
+    out: StateDict = {}
+    for key, value in state.items():
+        if key.endswith("position_ids"):
+            continue  # a buffer some versions saved; positions are computed, not stored
+        rest = key.removeprefix("text_model.")
+        out[f"transformer.text_model.{rest}"] = value
+    return out
+
+
+def bert_from_diffusers(state: Mapping[str, torch.Tensor], config: BertConfig) -> StateDict:
+    """diffusers LDMBertModel -> the x-transformers names of the CompVis BERTEmbedder."""
+    names = {"model.embed_tokens": "transformer.token_emb",
+             "model.embed_positions": "transformer.pos_emb.emb",
+             "model.layer_norm": "transformer.norm", "to_logits": "transformer.to_logits"}
+    for i in range(config.n_layer):
+        src, attn, ff = f"model.layers.{i}", f"transformer.attn_layers.layers.{2 * i}", \
+            f"transformer.attn_layers.layers.{2 * i + 1}"
+        names.update({f"{src}.self_attn_layer_norm": f"{attn}.0",
+                      f"{src}.self_attn.q_proj": f"{attn}.1.to_q",
+                      f"{src}.self_attn.k_proj": f"{attn}.1.to_k",
+                      f"{src}.self_attn.v_proj": f"{attn}.1.to_v",
+                      f"{src}.self_attn.out_proj": f"{attn}.1.to_out",
+                      f"{src}.final_layer_norm": f"{ff}.0",
+                      f"{src}.fc1": f"{ff}.1.net.0.0", f"{src}.fc2": f"{ff}.1.net.2"})
+    return _rename(state, names)

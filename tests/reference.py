@@ -1,0 +1,80 @@
+"""Independent reference models (diffusers / transformers) built from ldmrt configs, same weights."""
+from __future__ import annotations
+
+import torch
+
+from ldmrt.config import AutoencoderConfig, AutoencoderKind, BertConfig, ClipTextConfig, UNetConfig
+
+
+def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; NaN never passes."""
+    out, ref = out.double(), ref.double()
+    assert torch.isfinite(out).all() and torch.isfinite(ref).all(), "non-finite values"
+    return float((out - ref).norm() / ref.norm())
+
+
+def perturb_(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:
+    """Add noise to every parameter so norms and biases are not the 1/0 defaults that hide swaps."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * scale)
+    return module
+
+
+def diffusers_unet(config: UNetConfig):
+    from diffusers import UNet2DConditionModel
+
+    levels = len(config.channel_mult)
+    channels = [config.model_channels * m for m in config.channel_mult]
+    attn = [2 ** level in config.attention_resolutions for level in range(levels)]
+    heads = [config.heads_and_dim(c)[0] for c in channels]
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=config.in_channels, out_channels=config.out_channels,
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        block_out_channels=tuple(channels), layers_per_block=config.num_res_blocks,
+        cross_attention_dim=config.context_dim, attention_head_dim=tuple(heads),
+        transformer_layers_per_block=config.transformer_depth,
+        use_linear_projection=config.use_linear_in_transformer,
+        upcast_attention=config.upcast_attention, num_class_embeds=config.num_classes,
+        norm_num_groups=config.norm_num_groups).eval()
+
+
+def diffusers_autoencoder(config: AutoencoderConfig):
+    from diffusers import AutoencoderKL, VQModel
+
+    levels = len(config.ch_mult)
+    common = dict(in_channels=config.in_channels, out_channels=config.out_ch,
+                  down_block_types=("DownEncoderBlock2D",) * levels,
+                  up_block_types=("UpDecoderBlock2D",) * levels,
+                  block_out_channels=tuple(config.ch * m for m in config.ch_mult),
+                  layers_per_block=config.num_res_blocks, latent_channels=config.z_channels,
+                  norm_num_groups=config.norm_num_groups)
+    if config.kind == AutoencoderKind.KL:
+        assert config.embed_dim == config.z_channels, "diffusers' AutoencoderKL ties the two"
+        return AutoencoderKL(**common).eval()
+    return VQModel(**common, num_vq_embeddings=config.n_embed, vq_embed_dim=config.embed_dim).eval()
+
+
+def transformers_clip(config: ClipTextConfig):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        max_position_embeddings=config.max_position_embeddings, hidden_act=config.hidden_act,
+        pad_token_id=config.pad_token_id, bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id)).eval()
+
+
+def diffusers_ldmbert(config: BertConfig):
+    from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
+
+    return LDMBertModel(LDMBertConfig(
+        vocab_size=config.vocab_size, max_position_embeddings=config.max_seq_len,
+        encoder_layers=config.n_layer, encoder_ffn_dim=config.n_embed * config.ff_mult,
+        encoder_attention_heads=config.heads, head_dim=config.dim_head, d_model=config.n_embed,
+        activation_function="gelu", dropout=0.0, attention_dropout=0.0,
+        activation_dropout=0.0)).eval()
