@@ -212,7 +212,7 @@ def component_specs(config: ModelConfig, ranges: ShapeRanges, precision: Precisi
     if config.is_text_conditioned:
         unet_inputs.append(TensorSpec("encoder_hidden_states", unet_dtype,
                                       ("batch", length, width)))
-    if config.is_class_conditioned:
+    if config.is_class_conditioned or config.unet.num_classes is not None:
         unet_inputs.append(TensorSpec("class_labels", "int32", ("batch",)))
     specs["unet"] = ComponentSpec(
         "unet", inputs=tuple(unet_inputs),

@@ -1,0 +1,176 @@
+"""`ldmrt export`: a model -> a validated, self-describing bundle, written atomically."""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ldmrt.config import BertConfig, ClipTextConfig
+from ldmrt.errors import ConfigError, ExportError, ParityError
+from ldmrt.export.components import TORCH_DTYPES, ComponentGraph, example_inputs, to_torch
+from ldmrt.export.onnx_graph import MIN_OPSET, export_graph
+from ldmrt.export.validate import shape_plan, validate_graph
+from ldmrt.iospec import Precision, ShapeRanges, component_specs
+from ldmrt.manifest import (MANIFEST_NAME, TOKENIZER_DIR, ComponentEntry, Manifest, TokenizerEntry,
+                            write_manifest)
+from ldmrt.models import LatentDiffusion
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, str], None]   # (component, stage) -> None
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    precision: Precision = Precision.FP32
+    components: tuple[str, ...] | None = None      # None: every component the model has
+    shape_ranges: ShapeRanges | None = None        # None: around the model's default size
+    opset: int = MIN_OPSET
+    validate: bool = True
+    force: bool = False
+    fp32_vae_decoder: bool = False
+    optimize: bool = True
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What to export: the model, where it came from, and how to write its tokenizer assets."""
+    model: LatentDiffusion
+    source: str                                    # "preset:tiny" or a checkpoint path
+    random_weights: bool
+    write_tokenizer: Callable[[Path], str] | None = None   # folder -> tokenizer kind
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    manifest: Manifest
+    path: Path
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def export_bundle(source: ModelSource, out: Path, options: ExportOptions = ExportOptions(),
+                  progress: Progress | None = None) -> ExportResult:
+    """Export, validate, then move the finished bundle into `out` (nothing half-written on failure)."""
+    out = Path(out).absolute()
+    _check_destination(out, options.force)
+    config = source.model.config
+    ranges = options.shape_ranges or ShapeRanges.for_model(config)
+    fp32 = frozenset({"vae_decoder"}) if options.fp32_vae_decoder else frozenset()
+    specs = component_specs(config, ranges, options.precision, fp32)
+    names = options.components or tuple(specs)
+    unknown = [n for n in names if n not in specs]
+    if unknown:
+        raise ConfigError(f"--components: {unknown} not in this model; expected some of {list(specs)}")
+    if options.precision == Precision.BF16 and options.opset < 22:
+        raise ConfigError(f"--precision bf16 needs --opset >= 22 (bf16 Conv), found {options.opset}")
+
+    report = progress or (lambda component, stage: log.info("%s: %s", component, stage))
+    work = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    seconds: dict[str, float] = {}
+    try:
+        entries = {}
+        for name in names:
+            start = time.perf_counter()
+            entries[name] = _export_component(source.model, specs[name], work, options, report)
+            seconds[name] = time.perf_counter() - start
+        tokenizer = None
+        if source.write_tokenizer is not None and "text_encoder" in names:
+            (work / TOKENIZER_DIR).mkdir()
+            kind = source.write_tokenizer(work / TOKENIZER_DIR)
+            tokenizer = TokenizerEntry.from_folder(work, kind)
+        manifest = Manifest(name=config.name, source=source.source, random_weights=source.random_weights,
+                            config=config, precision=options.precision, shape_ranges=ranges,
+                            components=entries, tokenizer=tokenizer)
+        write_manifest(work, manifest)
+        _move_into_place(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return ExportResult(manifest=manifest, path=out, seconds=seconds)
+
+
+def _export_component(model: LatentDiffusion, spec, work: Path, options: ExportOptions,
+                      report: Progress) -> ComponentEntry:
+    reference = ComponentGraph(model, spec).eval()
+    graph_dtype = spec.outputs[0].dtype
+    graph = reference if graph_dtype == "float32" else copy.deepcopy(reference).to(TORCH_DTYPES[graph_dtype])
+    plan = shape_plan(spec)
+    inputs = to_torch(example_inputs(model.config, spec, plan.trace, seed=0), spec, TORCH_DTYPES[graph_dtype])
+    report(spec.name, "tracing")
+    path = export_graph(graph, spec, inputs, work / f"{spec.name}.onnx", options.opset, options.optimize)
+    del graph
+    parity = None
+    if options.validate:
+        report(spec.name, "validating")
+        precision = Precision.FP32 if graph_dtype == "float32" else options.precision
+        parity = validate_graph(path, reference, model.config, spec, precision, plan.validate)
+        if not parity.passed:
+            raise ParityError(
+                f"{spec.name}: ONNX Runtime vs PyTorch relative L2 {parity.rel_l2:.3g} exceeds the "
+                f"{graph_dtype} tolerance {parity.tolerance:g} (max abs {parity.max_abs:.3g}, "
+                f"shapes {dict(parity.shapes)}); no bundle written")
+    report(spec.name, "hashing")
+    return ComponentEntry.from_files(work, spec, graph_dtype, parity)
+
+
+def _check_destination(out: Path, force: bool) -> None:
+    """Refuse to overwrite unless --force, and never replace a folder that is not a bundle."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ExportError(f"--out {out}: expected a new folder, found an existing file")
+    if not any(out.iterdir()):
+        return
+    if not (out / MANIFEST_NAME).is_file():
+        raise ExportError(f"--out {out}: the folder holds files that are not an ldmrt bundle; "
+                          f"choose another folder (ldmrt never deletes them, even with --force)")
+    if not force:
+        raise ExportError(f"--out {out}: a bundle already exists there; pass --force to replace it")
+
+
+def _move_into_place(work: Path, out: Path) -> None:
+    """Rename the finished folder into place; an old bundle is moved aside, then removed."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old) if any(out.iterdir()) else out.rmdir()
+    work.rename(out)
+    if old is not None and old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def preset_source(name: str, seed: int = 0) -> ModelSource:
+    """A preset with random weights from `seed` and synthetic tokenizer assets."""
+    from ldmrt.config import preset
+    from ldmrt.models import build_model
+
+    config = preset(name)
+    log.warning("preset %r: the weights are RANDOM (seed %d); images will be noise", name, seed)
+    return ModelSource(model=build_model(config, seed=seed), source=f"preset:{name}", random_weights=True,
+                       write_tokenizer=synthetic_tokenizer_writer(config.conditioner))
+
+
+def synthetic_tokenizer_writer(conditioner) -> Callable[[Path], str] | None:
+    from ldmrt.runtime import tokenizer as tok
+
+    if isinstance(conditioner, ClipTextConfig):
+        def write(folder: Path) -> str:
+            tok.write_synthetic_clip_assets(folder, conditioner.vocab_size)
+            return "clip"
+        return write
+    if isinstance(conditioner, BertConfig):
+        def write_wordpiece(folder: Path) -> str:
+            tok.write_synthetic_wordpiece_assets(folder, conditioner.vocab_size)
+            return "wordpiece"
+        return write_wordpiece
+    return None
+
+

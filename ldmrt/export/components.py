@@ -1,0 +1,90 @@
+"""Each component as a graph-ready module taking its inputs in I/O-spec order, plus example inputs."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from ldmrt.config import ModelConfig
+from ldmrt.errors import ConfigError
+from ldmrt.iospec import ComponentSpec
+from ldmrt.models import LatentDiffusion
+from ldmrt.models.conditioning import ClassEmbedder
+
+
+class ComponentGraph(nn.Module):
+    """Adapts one component of a LatentDiffusion to the design's I/O contract."""
+
+    def __init__(self, model: LatentDiffusion, spec: ComponentSpec):
+        super().__init__()
+        self.component = spec.name
+        self.input_names = [t.name for t in spec.inputs]
+        if spec.name == "text_encoder":
+            self.text_encoder = model.conditioner
+        elif spec.name == "unet":
+            self.unet = model.unet
+            # Class-conditional LDMs (ImageNet kind) fold the class embedder into the UNet graph.
+            if isinstance(model.conditioner, ClassEmbedder):
+                self.class_embedder = model.conditioner
+        elif spec.name in ("vae_decoder", "vae_encoder"):
+            self.autoencoder = model.first_stage_model
+        else:
+            raise ConfigError(f"unknown component {spec.name!r}")
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        named = dict(zip(self.input_names, inputs))
+        if self.component == "text_encoder":
+            return self.text_encoder(named["input_ids"])
+        if self.component == "vae_decoder":
+            return self.autoencoder.decode(named["latent"])
+        if self.component == "vae_encoder":
+            return self.autoencoder.encode(named["images"])
+        context, labels = named.get("encoder_hidden_states"), named.get("class_labels")
+        if hasattr(self, "class_embedder"):
+            context, labels = self.class_embedder(labels).to(named["sample"].dtype), None
+        return self.unet(named["sample"], named["timestep"], context, labels)
+
+
+def example_inputs(config: ModelConfig, spec: ComponentSpec, values: dict[str, int],
+                   seed: int) -> dict[str, np.ndarray]:
+    """Random inputs of the spec's dtypes at the symbol `values`, in each input's natural range."""
+    rng = np.random.default_rng(seed)
+    arrays: dict[str, np.ndarray] = {}
+    for tensor in spec.inputs:
+        shape = tensor.resolve(values)
+        if tensor.name == "input_ids":
+            high = config.conditioner.vocab_size  # type: ignore[union-attr]
+            array = rng.integers(0, high, size=shape)
+        elif tensor.name == "class_labels":
+            cond = config.conditioner
+            high = cond.n_classes if hasattr(cond, "n_classes") else config.unet.num_classes
+            array = rng.integers(0, high, size=shape)
+        elif tensor.name == "timestep":
+            array = rng.uniform(0, config.scheduler.num_train_timesteps - 1, size=shape)
+        elif tensor.name == "images":
+            array = rng.uniform(-1.0, 1.0, size=shape)
+        else:
+            array = rng.standard_normal(size=shape)
+        arrays[tensor.name] = array.astype(_numpy_dtype(tensor.dtype))
+    return arrays
+
+
+def to_torch(arrays: dict[str, np.ndarray], spec: ComponentSpec, dtype: torch.dtype | None = None
+             ) -> tuple[torch.Tensor, ...]:
+    """Arrays -> tensors in spec order; float inputs cast to `dtype` when given (timestep stays fp32)."""
+    tensors = []
+    for tensor in spec.inputs:
+        value = torch.from_numpy(np.ascontiguousarray(arrays[tensor.name]))
+        if dtype is not None and value.is_floating_point() and tensor.name != "timestep":
+            value = value.to(dtype)
+        tensors.append(value)
+    return tuple(tensors)
+
+
+def _numpy_dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        return np.dtype(np.float32)   # numpy has no bf16: feed fp32, cast at the boundary
+    return np.dtype(name)
+
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
