@@ -153,7 +153,7 @@ def preset_source(name: str, seed: int = 0) -> ModelSource:
     from ldmrt.models import build_model
 
     config = preset(name)
-    log.warning("preset %r: the weights are RANDOM (seed %d); images will be noise", name, seed)
+    log.info("preset %r: the weights are RANDOM (seed %d); images will be noise", name, seed)
     return ModelSource(model=build_model(config, seed=seed), source=f"preset:{name}", random_weights=True,
                        write_tokenizer=synthetic_tokenizer_writer(config.conditioner))
 
