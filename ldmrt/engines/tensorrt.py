@@ -1,0 +1,481 @@
+"""TensorRT / TensorRT-RTX runtime: engine records, staleness checks, and a checked runner.
+
+Lean: numpy, the standard library, the TensorRT module and cuda-python (imported lazily).
+One engine is shared; each thread gets its own execution context, stream and static device
+buffers, so CUDA graphs captured for a shape stay valid across calls.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import threading
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ldmrt.engines import trt_api
+from ldmrt.engines.trt_api import TrtApi
+from ldmrt.errors import (BackendUnavailableError, CorruptEngineError, LdmrtError, ShapeError,
+                          StaleEngineError)
+
+log = logging.getLogger(__name__)
+
+Shape = tuple[int, ...]
+ProfileShapes = dict[str, tuple[Shape, Shape, Shape]]   # input name -> (min, opt, max)
+RECORD_SUFFIX = ".engine.json"
+
+
+# --- engine records ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EngineRecord:
+    """What an engine was built from and for; stored next to the plan as <component>.engine.json."""
+    component: str
+    file: str                          # plan file name, relative to the record's folder
+    sha256: str                        # of the plan file
+    size: int                          # bytes of the plan file
+    builder: str                       # tensorrt | tensorrt-rtx
+    builder_version: str
+    targets: tuple[str, ...]           # ("sm86", "sm89"), ("default",) for RTX, ("ampere+",)
+    precision: str                     # the graph's dtype: fp32 | fp16 | bf16
+    profiles: tuple[ProfileShapes, ...]
+    onnx_sha256: str
+    build_seconds: float
+    created: str                       # ISO 8601, UTC
+    flags: Mapping[str, Any] = field(default_factory=dict)   # refit, weight_streaming, ...
+    key: str = ""                      # the engines/<key>/ folder name
+    timing_cache: str = "none"         # none | created | loaded | ignored
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["targets"] = list(self.targets)
+        out["profiles"] = [{name: [list(s) for s in shapes] for name, shapes in p.items()}
+                           for p in self.profiles]
+        out["flags"] = dict(self.flags)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "EngineRecord":
+        names = {f.name for f in fields(cls)}
+        missing = [f.name for f in fields(cls) if f.name not in data
+                   and f.name not in ("flags", "key", "timing_cache")]
+        if missing or set(data) - names:
+            raise CorruptEngineError(f"engine record: missing fields {missing}, unknown fields "
+                                     f"{sorted(set(data) - names)}; rebuild the engine")
+        try:
+            profiles = tuple({str(name): tuple(tuple(int(d) for d in s) for s in shapes)
+                              for name, shapes in p.items()} for p in data["profiles"])
+            return cls(**{**data, "targets": tuple(str(t) for t in data["targets"]),
+                          "profiles": profiles, "size": int(data["size"]),
+                          "build_seconds": float(data["build_seconds"]),
+                          "flags": dict(data.get("flags", {}))})
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise CorruptEngineError(f"engine record: {exc}; rebuild the engine") from None
+
+
+def read_engine_record(path: str | Path) -> EngineRecord:
+    """Load <component>.engine.json; CorruptEngineError when it is missing or malformed."""
+    path = Path(path)
+    try:
+        return EngineRecord.from_dict(json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CorruptEngineError(f"engine record {path}: {exc}; rebuild the engine") from None
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --- staleness --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """What the machine that wants to run an engine has."""
+    builder: str                       # tensorrt | tensorrt-rtx
+    builder_version: str
+    gpu_target: str | None             # "sm89"; None where no GPU is visible (nothing to check)
+    allow_version_compatible: bool = False
+
+    @classmethod
+    def detect(cls, backend: str, *, allow_version_compatible: bool = False) -> "RuntimeInfo":
+        api = trt_api.load(backend)
+        try:
+            gpu: str | None = trt_api.current_gpu_target()
+        except BackendUnavailableError:
+            gpu = None
+        return cls(backend, api.version, gpu, allow_version_compatible)
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(p) if p.isdigit() else 0 for p in version.split("."))
+
+
+def _runs_on(targets: Sequence[str], gpu: str) -> bool:
+    capability = trt_api.target_capability(gpu) or 0
+    for target in targets:
+        if target == gpu:
+            return True
+        if target == trt_api.RTX_DEFAULT and capability in trt_api.RTX_DEFAULT_CAPABILITIES:
+            return True
+        if target == trt_api.AMPERE_PLUS and capability >= 80:
+            return True
+    return False
+
+
+def rebuild_command(record: EngineRecord, bundle: str | Path | None) -> str:
+    return f"ldmrt build {bundle or 'BUNDLE'} --backend {record.builder}"
+
+
+def check_engine_record(record: EngineRecord, runtime: RuntimeInfo, *,
+                        onnx_sha256: str | None = None, plan_path: str | Path | None = None,
+                        bundle: str | Path | None = None) -> None:
+    """Refuse an engine built for another builder, version, GPU or ONNX graph, or a changed plan.
+
+    StaleEngineError lists every difference and the command that rebuilds; CorruptEngineError
+    when the plan file's size or sha256 differ from the record. Version-compatible engines run
+    on a newer runtime of the same major version only when `runtime.allow_version_compatible`.
+    """
+    stale = []
+    if record.builder != runtime.builder:
+        stale.append(f"built with {record.builder}, this runtime is {runtime.builder}")
+    elif record.builder_version != runtime.builder_version:
+        built, here = _version_tuple(record.builder_version), _version_tuple(runtime.builder_version)
+        compatible = (record.flags.get("version_compatible", False) and built[:1] == here[:1]
+                      and here >= built)
+        if not compatible:
+            stale.append(f"builder version {record.builder_version}, runtime {runtime.builder_version}")
+        elif not runtime.allow_version_compatible:
+            stale.append(f"builder version {record.builder_version}, runtime "
+                         f"{runtime.builder_version} (the engine is version-compatible: opt in "
+                         f"with allow_version_compatible to run it)")
+    if runtime.gpu_target is not None and not _runs_on(record.targets, runtime.gpu_target):
+        stale.append(f"GPU compute capability {runtime.gpu_target}, engine targets "
+                     f"{list(record.targets)}")
+    if onnx_sha256 is not None and onnx_sha256 != record.onnx_sha256:
+        stale.append(f"ONNX sha256 {onnx_sha256[:12]}…, engine built from "
+                     f"{record.onnx_sha256[:12]}…")
+    if stale:
+        raise StaleEngineError(f"{record.component} engine {record.key or record.file} is stale: "
+                               f"{'; '.join(stale)}. Rebuild it: {rebuild_command(record, bundle)}")
+    if plan_path is not None:
+        plan_path = Path(plan_path)
+        if not plan_path.is_file():
+            raise CorruptEngineError(f"{record.component}: plan {plan_path} is missing; rebuild it: "
+                                     f"{rebuild_command(record, bundle)}")
+        size, sha = plan_path.stat().st_size, None
+        if size == record.size:
+            sha = file_sha256(plan_path)
+        if sha != record.sha256:
+            raise CorruptEngineError(
+                f"{record.component}: plan {plan_path} has size {size} and sha256 "
+                f"{(sha or 'not computed')[:12]}…, its record says size {record.size} and sha256 "
+                f"{record.sha256[:12]}…; rebuild it: {rebuild_command(record, bundle)}")
+
+
+# --- device memory, streams and graphs (cuda-python) ------------------------------------------
+
+class CudaDevice:
+    """The few cuda-python calls the runner needs; a test passes a fake with the same methods."""
+
+    def __init__(self, device: int = 0) -> None:
+        self.rt = trt_api.cudart()
+        count = trt_api.check_cuda(self.rt.cudaGetDeviceCount(), "cudaGetDeviceCount")
+        if count <= device:
+            raise BackendUnavailableError(f"CUDA device {device} requested, {count} visible")
+        trt_api.check_cuda(self.rt.cudaSetDevice(device), "cudaSetDevice")
+
+    def _ok(self, result: Any, what: str) -> Any:
+        return trt_api.check_cuda(result, what)
+
+    def malloc(self, nbytes: int) -> int:
+        return int(self._ok(self.rt.cudaMalloc(max(nbytes, 1)), "cudaMalloc"))
+
+    def free(self, ptr: int) -> None:
+        self._ok(self.rt.cudaFree(ptr), "cudaFree")
+
+    def create_stream(self) -> Any:
+        return self._ok(self.rt.cudaStreamCreate(), "cudaStreamCreate")
+
+    def stream_handle(self, stream: Any) -> int:
+        return int(stream)
+
+    def copy_to_device(self, ptr: int, array: np.ndarray, stream: Any) -> None:
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+        self._ok(self.rt.cudaMemcpyAsync(ptr, array.ctypes.data, array.nbytes, kind, stream),
+                 "cudaMemcpyAsync (host to device)")
+
+    def copy_to_host(self, array: np.ndarray, ptr: int, stream: Any) -> None:
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        self._ok(self.rt.cudaMemcpyAsync(array.ctypes.data, ptr, array.nbytes, kind, stream),
+                 "cudaMemcpyAsync (device to host)")
+
+    def synchronize(self, stream: Any) -> None:
+        self._ok(self.rt.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
+
+    def begin_capture(self, stream: Any) -> None:
+        mode = self.rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        self._ok(self.rt.cudaStreamBeginCapture(stream, mode), "cudaStreamBeginCapture")
+
+    def end_capture(self, stream: Any) -> Any:
+        graph = self._ok(self.rt.cudaStreamEndCapture(stream), "cudaStreamEndCapture")
+        executable = self._ok(self.rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+        self._ok(self.rt.cudaGraphDestroy(graph), "cudaGraphDestroy")
+        return executable
+
+    def launch(self, graph: Any, stream: Any) -> None:
+        self._ok(self.rt.cudaGraphLaunch(graph, stream), "cudaGraphLaunch")
+
+    def destroy_graph(self, graph: Any) -> None:
+        self._ok(self.rt.cudaGraphExecDestroy(graph), "cudaGraphExecDestroy")
+
+    def destroy_stream(self, stream: Any) -> None:
+        self._ok(self.rt.cudaStreamDestroy(stream), "cudaStreamDestroy")
+
+
+# --- the runner -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str                                  # numpy name
+    profiles: tuple[tuple[Shape, Shape, Shape], ...] = ()   # inputs: (min, opt, max) per profile
+
+
+def engine_io(engine: Any, api: TrtApi) -> tuple[list[TensorInfo], list[TensorInfo]]:
+    """The engine's inputs (with their profile shapes) and outputs, in engine order."""
+    inputs, outputs = [], []
+    n_profiles = engine.num_optimization_profiles
+    for index in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(index)
+        dtype = trt_api.numpy_dtype_name(engine.get_tensor_dtype(name))
+        if engine.get_tensor_mode(name) == api.module.TensorIOMode.INPUT:
+            profiles = tuple(tuple(tuple(int(d) for d in s) for s in
+                                   engine.get_tensor_profile_shape(name, p))
+                             for p in range(n_profiles))
+            inputs.append(TensorInfo(name, dtype, profiles))  # type: ignore[arg-type]
+        else:
+            outputs.append(TensorInfo(name, dtype))
+    return inputs, outputs
+
+
+def _volume(shape: Sequence[int]) -> int:
+    return int(math.prod(shape))
+
+
+class _Worker:
+    """One thread's execution context, stream, static buffers and captured graphs."""
+
+    def __init__(self, context: Any, stream: Any) -> None:
+        self.context = context
+        self.stream = stream
+        self.profile = 0
+        self.buffers: dict[str, tuple[int, int]] = {}      # name -> (device pointer, bytes)
+        self.graphs: dict[tuple, Any] = {}                  # shapes -> instantiated CUDA graph
+        self.warm: set[tuple] = set()                       # shapes run once (graph capture next)
+
+
+class TensorRTRunner:
+    """Run one deserialized engine with checked inputs; one execution context per thread."""
+
+    def __init__(self, plan: bytes, api: TrtApi, *, device: Any | None = None,
+                 cuda_graphs: bool = False, allow_version_compatible: bool = False,
+                 name: str = "engine", rebuild: str | None = None) -> None:
+        self.api, self.name, self.cuda_graphs = api, name, cuda_graphs
+        rebuild = rebuild or f"ldmrt build BUNDLE --backend {api.name}"
+        self.device = device if device is not None else CudaDevice()
+        self.runtime = api.module.Runtime(api.logger)
+        if allow_version_compatible:
+            # Version-compatible plans carry their own lean runtime, which is host code.
+            self.runtime.engine_host_code_allowed = True
+        validity = api.engine_validity(self.runtime, plan)
+        if validity is not None and validity[0] == "INVALID":
+            raise StaleEngineError(f"{name}: {api.name} {api.version} says the plan is invalid on "
+                                   f"this machine ({', '.join(validity[1]) or 'no reason given'}); "
+                                   f"rebuild it: {rebuild}")
+        with api.capture() as messages:
+            self.engine = self.runtime.deserialize_cuda_engine(plan)
+        if self.engine is None:
+            # The record's sha256 was checked before: a plan that fails here is incompatible.
+            raise StaleEngineError(f"{name}: {api.name} {api.version} could not deserialize the "
+                                   f"plan ({' | '.join(messages[-3:]) or 'no message'}); rebuild it: "
+                                   f"{rebuild}")
+        self.inputs, self.outputs = engine_io(self.engine, api)
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._workers: list[_Worker] = []
+
+    @classmethod
+    def from_record(cls, record_path: str | Path, api: TrtApi, *,
+                    runtime: RuntimeInfo | None = None, onnx_sha256: str | None = None,
+                    **kwargs: Any) -> "TensorRTRunner":
+        """Check the record against this machine and the plan's sha256, then load the plan."""
+        record_path = Path(record_path)
+        record = read_engine_record(record_path)
+        runtime = runtime or RuntimeInfo(api.name, api.version, trt_api.current_gpu_target(),
+                                         kwargs.get("allow_version_compatible", False))
+        plan_path = record_path.parent / record.file
+        bundle = record_path.parent.parent.parent     # BUNDLE/engines/<key>/<record>
+        check_engine_record(record, runtime, onnx_sha256=onnx_sha256, plan_path=plan_path,
+                            bundle=bundle)
+        return cls(plan_path.read_bytes(), api, name=record.component,
+                   rebuild=rebuild_command(record, bundle), **kwargs)
+
+    # --- checks -------------------------------------------------------------------------------
+
+    def check_inputs(self, arrays: Mapping[str, np.ndarray]) -> int:
+        """Every input's name, dtype and shape against the engine; returns the profile to use."""
+        expected = [t.name for t in self.inputs]
+        if sorted(arrays) != sorted(expected):
+            raise ShapeError(f"{self.name}: expected inputs {expected}, found {sorted(arrays)}")
+        for tensor in self.inputs:
+            array = arrays[tensor.name]
+            if str(array.dtype) != tensor.dtype:
+                raise ShapeError(f"{self.name}.{tensor.name}: expected dtype {tensor.dtype}, "
+                                 f"found {array.dtype}")
+            rank = len(tensor.profiles[0][0])
+            if array.ndim != rank:
+                raise ShapeError(f"{self.name}.{tensor.name}: expected {rank} dimensions, found "
+                                 f"shape {list(array.shape)}")
+        for index in range(len(self.inputs[0].profiles) if self.inputs else 1):
+            if all(self._fits(t, arrays[t.name].shape, index) for t in self.inputs):
+                return index
+        ranges = {t.name: [(list(lo), list(hi)) for lo, _, hi in t.profiles] for t in self.inputs}
+        found = {name: list(a.shape) for name, a in arrays.items()}
+        raise ShapeError(f"{self.name}: input shapes {found} fit no optimization profile of the "
+                         f"engine (min, max per profile: {ranges}); rebuild with a wider profile")
+
+    @staticmethod
+    def _fits(tensor: TensorInfo, shape: Sequence[int], profile: int) -> bool:
+        lo, _, hi = tensor.profiles[profile]
+        return all(a <= s <= b for a, s, b in zip(lo, shape, hi))
+
+    def _require(self, ok: Any, what: str, error: type[LdmrtError] = BackendUnavailableError) -> None:
+        """TensorRT reports most failures as a False return (and a log line): never ignore one."""
+        if not ok:
+            raise error(f"{self.name}: {self.api.name} refused {what}; see the TensorRT log above")
+
+    # --- execution ----------------------------------------------------------------------------
+
+    def _worker(self) -> _Worker:
+        worker = getattr(self._local, "worker", None)
+        if worker is None:
+            with self._lock:
+                context = self.engine.create_execution_context()
+                if context is None:
+                    raise BackendUnavailableError(f"{self.name}: could not create an execution "
+                                                  f"context (out of GPU memory?)")
+                worker = _Worker(context, self.device.create_stream())
+                self._workers.append(worker)
+            self._local.worker = worker
+        return worker
+
+    def _ensure_buffer(self, worker: _Worker, name: str, nbytes: int) -> None:
+        ptr, capacity = worker.buffers.get(name, (0, -1))
+        if nbytes <= capacity:
+            return
+        if capacity >= 0:
+            self.device.free(ptr)
+        for graph in worker.graphs.values():   # graphs hold the old addresses
+            self.device.destroy_graph(graph)
+        worker.graphs.clear()
+        worker.warm.clear()
+        ptr = self.device.malloc(nbytes)
+        worker.buffers[name] = (ptr, nbytes)
+        self._require(worker.context.set_tensor_address(name, ptr), f"set_tensor_address({name})")
+
+    def _reserve(self, worker: _Worker, profile: int) -> None:
+        """Allocate every buffer once, at the profile's max shapes, so addresses stay fixed."""
+        for tensor in self.inputs:
+            shape = tensor.profiles[profile][2]
+            self._require(worker.context.set_input_shape(tensor.name, shape),
+                          f"set_input_shape({tensor.name}, {list(shape)})", ShapeError)
+            self._ensure_buffer(worker, tensor.name, _volume(shape) * trt_api.itemsize(tensor.dtype))
+        for tensor in self.outputs:
+            shape = tuple(worker.context.get_tensor_shape(tensor.name))
+            if min(shape, default=0) >= 0:
+                self._ensure_buffer(worker, tensor.name,
+                                    _volume(shape) * trt_api.itemsize(tensor.dtype))
+
+    def run(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Check inputs, copy them in, execute (or replay a CUDA graph), copy outputs back."""
+        profile = self.check_inputs(arrays)
+        worker = self._worker()
+        if all(self._fits(t, arrays[t.name].shape, worker.profile) for t in self.inputs):
+            profile = worker.profile     # stay on the current profile: switching drops graphs
+        context, stream = worker.context, worker.stream
+        handle = self.device.stream_handle(stream)
+        if profile != worker.profile or not worker.buffers:
+            if profile != worker.profile:
+                self._require(context.set_optimization_profile_async(profile, handle),
+                              f"set_optimization_profile_async({profile})")
+                worker.profile = profile
+            self._reserve(worker, profile)
+        for tensor in self.inputs:
+            shape = tuple(arrays[tensor.name].shape)
+            self._require(context.set_input_shape(tensor.name, shape),
+                          f"set_input_shape({tensor.name}, {list(shape)})", ShapeError)
+        out_shapes = {}
+        for tensor in self.outputs:
+            shape = tuple(int(d) for d in context.get_tensor_shape(tensor.name))
+            if min(shape, default=0) < 0:
+                raise ShapeError(f"{self.name}.{tensor.name}: output shape {list(shape)} is not "
+                                 f"determined by the input shapes")
+            self._ensure_buffer(worker, tensor.name, _volume(shape) * trt_api.itemsize(tensor.dtype))
+            out_shapes[tensor.name] = shape
+        for tensor in self.inputs:
+            array = np.ascontiguousarray(arrays[tensor.name])
+            self.device.copy_to_device(worker.buffers[tensor.name][0], array, stream)
+        self._execute(worker, tuple(tuple(arrays[t.name].shape) for t in self.inputs), handle)
+        results = {}
+        for tensor in self.outputs:
+            out = np.empty(out_shapes[tensor.name], dtype=tensor.dtype)
+            self.device.copy_to_host(out, worker.buffers[tensor.name][0], stream)
+            results[tensor.name] = out
+        self.device.synchronize(stream)
+        return results
+
+    __call__ = run
+
+    def _execute(self, worker: _Worker, shapes: tuple, handle: int) -> None:
+        graph = worker.graphs.get(shapes)
+        if graph is not None:
+            self.device.launch(graph, worker.stream)
+            return
+        capture = self.cuda_graphs and shapes in worker.warm
+        capturable = getattr(worker.context, "is_stream_capturable", None)
+        if capture and capturable is not None and not capturable(handle):
+            log.info("%s: context is not stream-capturable at %s; running without a CUDA graph",
+                     self.name, shapes)
+            capture = False
+        if not capture:
+            self._require(worker.context.execute_async_v3(handle), "execute_async_v3")
+            worker.warm.add(shapes)
+            return
+        self.device.begin_capture(worker.stream)
+        try:
+            ok = worker.context.execute_async_v3(handle)
+        finally:
+            graph = self.device.end_capture(worker.stream)
+        self._require(ok, "execute_async_v3 (during CUDA graph capture)")
+        worker.graphs[shapes] = graph
+        self.device.launch(graph, worker.stream)
+
+    def close(self) -> None:
+        """Free every worker's graphs, buffers and stream (the engine goes with the runner)."""
+        with self._lock:
+            for worker in self._workers:
+                for graph in worker.graphs.values():
+                    self.device.destroy_graph(graph)
+                for ptr, _ in worker.buffers.values():
+                    self.device.free(ptr)
+                self.device.destroy_stream(worker.stream)
+            self._workers.clear()
+            self._local = threading.local()
