@@ -1,0 +1,640 @@
+"""Samplers as coefficient tables: coefficients on the host, arithmetic generic.
+
+`make_plan` turns (sampler name, `SchedulerConfig`, steps, eta, strength) into an immutable
+`SamplerPlan`, computed once in numpy float64 from the training schedule as diffusers stores
+it (betas and alphas_cumprod rounded to float32; Euler and DPM sigmas rounded to float32).
+One generic `step` then applies model evaluation i = 0 .. N-1:
+
+    x_{i+1} = sum_{k<K} (A[i,k] * x_{i-k} + B[i,k] * m_{i-k})     multistep terms
+              + E[i] * clip(P[i] * x_i + Q[i] * m_i, -r, r)         only with clip_sample
+              + C[i] * noise_i                                      noise_i ~ N(0, I)
+
+x are latents and m the (guided) model output for input `x_i * input_scale[i]` at
+`timesteps[i]`; terms before evaluation 0 are zero. `plan.history` is K: 1 for DDIM, DDPM,
+Euler, Euler ancestral and LCM, 2 for DPM++ 2M, 5 for PLMS. The P/Q/E path carries the x0
+estimate when `SchedulerConfig.clip_sample` clips it (DDIM, DDPM, LCM); otherwise it is folded
+into A and B. The whole loop (`denoise` does exactly this):
+
+    plan = make_plan("dpmpp-2m", scheduler, 20)
+    x = plan.initial_latents(noise)               # img2img: plan.initial_latents(noise, image_latents)
+    history = History(plan)
+    for i in range(plan.num_evaluations):
+        m = unet(x * plan.input_scale[i], plan.timesteps[i], ...)   # + classifier-free guidance
+        x = step(plan, i, x, m, history, rng.standard_normal(x.shape) if plan.needs_noise[i] else None)
+
+Samplers and their diffusers oracle (configured from the same `SchedulerConfig`): ddim
+(DDIMScheduler, 0 <= eta <= 1), ddpm (DDPMScheduler, fixed_small), plms (PNDMScheduler with
+skip_prk_steps: steps + 1 evaluations, PNDM's warm-up evaluates the second timestep twice), euler
+(EulerDiscreteScheduler), euler-a (EulerAncestralDiscreteScheduler), dpmpp-2m
+(DPMSolverMultistepScheduler: dpmsolver++, order 2, midpoint, lower_order_final; the last update
+returns the x0 estimate), dpmpp-2m-karras (the same with Karras sigmas; timestep_spacing unused),
+lcm (LCMScheduler, original_inference_steps 50; the last update returns the denoised estimate;
+timestep_spacing unused).
+
+img2img follows diffusers' StableDiffusionImg2ImgPipeline: of `num_steps` steps the last
+int(num_steps * strength) run (LCM instead draws its steps from the first
+int(50 * strength) of its original schedule), and the start latents are
+`init_latent_coef * image_latents + init_noise_coef * noise` (diffusers' `add_noise` at the
+first kept timestep). txt2img starts from `noise * init_noise_sigma`.
+
+Where this differs from diffusers: DDPM draws no noise where the posterior variance is exactly
+0 (diffusers clamps it to 1e-20 and adds 1e-10 * noise); scalar coefficients are evaluated in
+float64 where diffusers evaluates some in float32 (Euler and DPM also round the sample to float32
+in each step), so trajectories agree to about 1e-6 relative, not bit for bit; betas come from a
+float64 linspace rounded to float32, one ulp off torch's float32 linspace here and there.
+Not supported: thresholding, zero-terminal-SNR rescaling, learned variances, Euler churn.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ldmrt.config import BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing
+from ldmrt.errors import ConfigError, GenerationError, LdmrtError, ShapeError
+
+SAMPLERS = ("ddim", "ddpm", "plms", "euler", "euler-a", "dpmpp-2m", "dpmpp-2m-karras", "lcm")
+_CLIPPING_SAMPLERS = ("ddim", "ddpm", "lcm")   # those whose diffusers scheduler has clip_sample
+_CLIP_SAMPLE_RANGE = 1.0                      # diffusers' default clip_sample_range
+_LCM_ORIGINAL_STEPS = 50
+_LCM_TIMESTEP_SCALING = 10.0
+_LCM_SIGMA_DATA = 0.5
+_KARRAS_RHO = 7.0
+
+
+@dataclass(frozen=True, eq=False)
+class SamplerPlan:
+    """Every number a sampler needs, per model evaluation i (N evaluations, history K)."""
+    name: str
+    prediction_type: PredictionType
+    num_steps: int                 # as requested; PLMS evaluates the model num_steps + 1 times
+    strength: float
+    eta: float
+    start_step: int                # img2img: index of the first kept step of the full schedule
+    timesteps: np.ndarray          # (N,) float32: the UNet's `timestep` input
+    input_scale: np.ndarray        # (N,) the UNet sees x * input_scale[i]
+    sample_coefs: np.ndarray       # A (N, K): weight of x_{i-k}
+    output_coefs: np.ndarray       # B (N, K): weight of m_{i-k}
+    noise_coefs: np.ndarray        # C (N,)
+    needs_noise: np.ndarray        # (N,) bool: C[i] != 0, draw noise only there
+    clip_range: float | None       # None: no clipped x0 term
+    clip_sample_coefs: np.ndarray  # P (N,)
+    clip_output_coefs: np.ndarray  # Q (N,)
+    clip_coefs: np.ndarray         # E (N,)
+    init_noise_sigma: float        # txt2img: x_0 = noise * init_noise_sigma
+    init_latent_coef: float        # img2img: x_0 = init_latent_coef * image_latents
+    init_noise_coef: float         #                + init_noise_coef * noise
+
+    @property
+    def num_evaluations(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def history(self) -> int:
+        return self.sample_coefs.shape[1]
+
+    def initial_latents(self, noise: np.ndarray, image_latents: np.ndarray | None = None) -> np.ndarray:
+        """Start latents: scaled noise (txt2img), or image latents noised to the first step (img2img)."""
+        noise = np.asarray(noise)
+        if image_latents is None:
+            if self.strength < 1.0:
+                raise GenerationError(
+                    f"sampler {self.name!r}: strength={self.strength} needs image_latents to start "
+                    f"from; pass them, or use strength=1.0 for text-to-image")
+            return noise * self.init_noise_sigma
+        image_latents = np.asarray(image_latents)
+        if image_latents.shape != noise.shape:
+            raise ShapeError(f"initial_latents: image_latents shape {image_latents.shape} differs "
+                             f"from noise shape {noise.shape}; pass noise of the latents' shape")
+        return image_latents * self.init_latent_coef + noise * self.init_noise_coef
+
+
+class History:
+    """Copies of the earlier latents and model outputs that a multistep plan reads (ring buffers)."""
+
+    def __init__(self, plan: SamplerPlan) -> None:
+        self.steps_taken = 0
+        self._rings: tuple[list, list] = tuple([None] * _deepest_lag(coefs)
+                                               for coefs in (plan.sample_coefs, plan.output_coefs))
+
+    def push(self, x: np.ndarray, model_output: np.ndarray) -> None:
+        for ring, array in zip(self._rings, (x, model_output)):
+            if ring:
+                slot = self.steps_taken % len(ring)
+                held = ring[slot]
+                if held is None or held.shape != array.shape or held.dtype != array.dtype:
+                    ring[slot] = np.array(array, copy=True)
+                else:
+                    np.copyto(held, array)
+        self.steps_taken += 1
+
+    def sample(self, lag: int) -> np.ndarray:
+        """x_{i-lag}, for 1 <= lag <= the plan's deepest lag of latents."""
+        return self._rings[0][(self.steps_taken - lag) % len(self._rings[0])]
+
+    def output(self, lag: int) -> np.ndarray:
+        """m_{i-lag}, for 1 <= lag <= the plan's deepest lag of model outputs."""
+        return self._rings[1][(self.steps_taken - lag) % len(self._rings[1])]
+
+
+def _deepest_lag(coefs: np.ndarray) -> int:
+    lags = np.nonzero(np.any(coefs != 0.0, axis=0))[0]
+    return int(lags.max()) if lags.size else 0
+
+
+def step(plan: SamplerPlan, i: int, x: np.ndarray, model_output: np.ndarray,
+         history: History | None = None, noise: np.ndarray | None = None) -> np.ndarray:
+    """Latents after evaluation i; computes in x's dtype (float32 at least) and records x, m in history."""
+    if not 0 <= i < plan.num_evaluations:
+        raise GenerationError(f"step: index {i} outside the plan's {plan.num_evaluations} evaluations")
+    x = np.asarray(x)
+    model_output = np.asarray(model_output)
+    if model_output.shape != x.shape:
+        raise ShapeError(f"step {i}: model_output shape {model_output.shape} differs from latents "
+                         f"shape {x.shape}; the UNet must return one prediction per latent")
+    if history is None:
+        if plan.history > 1:
+            raise GenerationError(f"sampler {plan.name!r} is multistep (history {plan.history}): "
+                                  f"pass the same History(plan) to every step")
+    elif history.steps_taken != i:
+        raise GenerationError(f"step {i} called after {history.steps_taken} steps: run the steps "
+                              f"in order with one History per trajectory")
+    dtype = np.result_type(x.dtype, np.float32)
+    a_row, b_row = plan.sample_coefs[i], plan.output_coefs[i]
+    out = np.multiply(x, float(a_row[0]), dtype=dtype)
+    scratch = np.empty(x.shape, dtype)
+    _axpy(out, model_output, b_row[0], scratch)
+    for lag in range(1, plan.history):
+        if a_row[lag]:
+            _axpy(out, history.sample(lag), a_row[lag], scratch)
+        if b_row[lag]:
+            _axpy(out, history.output(lag), b_row[lag], scratch)
+    if plan.clip_range is not None and plan.clip_coefs[i]:
+        x0 = np.multiply(x, float(plan.clip_sample_coefs[i]), dtype=dtype)
+        _axpy(x0, model_output, plan.clip_output_coefs[i], scratch)
+        np.clip(x0, -plan.clip_range, plan.clip_range, out=x0)
+        _axpy(out, x0, plan.clip_coefs[i], scratch)
+    if plan.needs_noise[i]:
+        if noise is None:
+            raise GenerationError(f"sampler {plan.name!r} step {i} adds noise: pass standard normal "
+                                  f"noise of shape {x.shape} (plan.needs_noise[{i}] is True)")
+        noise = np.asarray(noise)
+        if noise.shape != x.shape:
+            raise ShapeError(f"step {i}: noise shape {noise.shape} differs from latents shape {x.shape}")
+        _axpy(out, noise, plan.noise_coefs[i], scratch)
+    if history is not None:
+        history.push(x, model_output)
+    return out
+
+
+def _axpy(out: np.ndarray, array: np.ndarray, coef: float, scratch: np.ndarray) -> None:
+    """out += coef * array, in out's dtype, without allocating."""
+    if coef:
+        np.multiply(array, float(coef), out=scratch, dtype=out.dtype)
+        out += scratch
+
+
+def denoise(plan: SamplerPlan, model: Callable[[np.ndarray, float], np.ndarray], latents: np.ndarray,
+            draw_noise: Callable[[tuple[int, ...]], np.ndarray] | None = None) -> np.ndarray:
+    """Run every evaluation of `plan` from `latents`; `model(scaled_latents, timestep) -> model_output`."""
+    history = History(plan)
+    x = latents
+    for i in range(plan.num_evaluations):
+        scale = float(plan.input_scale[i])
+        model_output = model(x if scale == 1.0 else x * scale, float(plan.timesteps[i]))
+        noise = None
+        if plan.needs_noise[i]:
+            if draw_noise is None:
+                raise GenerationError(f"sampler {plan.name!r} is stochastic: pass draw_noise")
+            noise = draw_noise(x.shape)
+        x = step(plan, i, x, model_output, history, noise)
+    return x
+
+
+# --- the training schedule -------------------------------------------------------------------
+
+def training_alphas_cumprod(scheduler: SchedulerConfig) -> np.ndarray:
+    """alpha_bar_t, t = 0 .. T-1, as diffusers holds it: float32 betas, float64 product, float32."""
+    n = scheduler.num_train_timesteps
+    if scheduler.beta_schedule == BetaSchedule.LINEAR:
+        betas = np.linspace(scheduler.beta_start, scheduler.beta_end, n).astype(np.float32)
+    elif scheduler.beta_schedule == BetaSchedule.SCALED_LINEAR:   # squared in float32, as diffusers
+        betas = np.linspace(scheduler.beta_start ** 0.5, scheduler.beta_end ** 0.5, n).astype(np.float32) ** 2
+    elif scheduler.beta_schedule == BetaSchedule.SQUAREDCOS_CAP_V2:
+        # Nichol & Dhariwal's cosine schedule; beta_start and beta_end are unused.
+        alpha_bar = np.cos((np.arange(n + 1) / n + 0.008) / 1.008 * math.pi / 2) ** 2
+        betas = np.minimum(1.0 - alpha_bar[1:] / alpha_bar[:-1], 0.999)
+    else:
+        raise ConfigError(f"SchedulerConfig.beta_schedule: expected one of "
+                          f"{[b.value for b in BetaSchedule]}, found {scheduler.beta_schedule!r}")
+    alphas = np.float32(1.0) - betas.astype(np.float32)
+    return np.cumprod(alphas.astype(np.float64)).astype(np.float32)
+
+
+def _training_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
+    """Variance-exploding sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), in float32 like diffusers."""
+    return np.sqrt((np.float32(1.0) - alphas_cumprod) / alphas_cumprod)
+
+
+def _spaced_timesteps(scheduler: SchedulerConfig, num_steps: int) -> np.ndarray:
+    """Descending integer timesteps (DDIM, DDPM, PNDM, Euler) for the config's timestep_spacing."""
+    n = scheduler.num_train_timesteps
+    if scheduler.timestep_spacing == TimestepSpacing.LINSPACE:
+        timesteps = np.linspace(0, n - 1, num_steps).round()[::-1]
+    elif scheduler.timestep_spacing == TimestepSpacing.LEADING:
+        timesteps = (np.arange(num_steps) * (n // num_steps))[::-1] + scheduler.steps_offset
+    else:
+        timesteps = np.round(np.arange(n, 0, -n / num_steps)) - 1
+    return timesteps.astype(np.int64)
+
+
+def _vp(sigma: float) -> tuple[float, float]:
+    """(alpha_t, sigma_t) of x = alpha_t x0 + sigma_t eps for a variance-exploding sigma."""
+    alpha = 1.0 / math.sqrt(sigma * sigma + 1.0)
+    return alpha, sigma * alpha
+
+
+# --- linear forms over latents and model outputs ---------------------------------------------
+
+class _Form(dict):
+    """A linear combination of x_j and m_j, keyed by ("x" | "m", evaluation index j)."""
+
+    def __add__(self, other: "_Form") -> "_Form":
+        out = _Form(self)
+        for key, coef in other.items():
+            out[key] = out.get(key, 0.0) + coef
+        return out
+
+    def __mul__(self, coef: float) -> "_Form":
+        return _Form({key: value * coef for key, value in self.items()})
+
+    def __truediv__(self, coef: float) -> "_Form":
+        return _Form({key: value / coef for key, value in self.items()})
+
+    def __sub__(self, other: "_Form") -> "_Form":
+        return self + other * -1.0
+
+
+def _x(j: int) -> _Form:
+    return _Form({("x", j): 1.0})
+
+
+def _m(j: int) -> _Form:
+    return _Form({("m", j): 1.0})
+
+
+def _x0_and_eps(prediction: PredictionType, x: _Form, m: _Form, alpha: float,
+                sigma: float) -> tuple[_Form, _Form]:
+    """x0 and epsilon estimates for x = alpha x0 + sigma eps from a model output m."""
+    if prediction == PredictionType.EPSILON:
+        return (x - m * sigma) / alpha, m
+    return x * alpha - m * sigma, m * alpha + x * sigma          # v = alpha eps - sigma x0
+
+
+# --- one builder per sampler ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Context:
+    scheduler: SchedulerConfig
+    num_steps: int
+    eta: float
+    strength: float
+    original_steps: int
+    alphas_cumprod: np.ndarray     # float32 values
+
+    @property
+    def prediction(self) -> PredictionType:
+        return self.scheduler.prediction_type
+
+    def alpha_bar(self, t: int) -> float:
+        if not 0 <= t < len(self.alphas_cumprod):
+            raise ConfigError(f"SchedulerConfig: the schedule reaches timestep {t}, outside "
+                              f"[0, {len(self.alphas_cumprod)}); check steps_offset and num_steps")
+        return float(self.alphas_cumprod[t])
+
+    def first_step(self) -> int:
+        """StableDiffusionImg2ImgPipeline.get_timesteps: the last int(steps * strength) steps run."""
+        kept = min(int(self.num_steps * self.strength), self.num_steps)
+        if kept < 1:
+            raise GenerationError(f"strength={self.strength} with num_steps={self.num_steps} keeps no "
+                                  f"step; use strength >= 1/num_steps or more steps")
+        return self.num_steps - kept
+
+    def vp_start(self, draft: "_Draft", t: int) -> None:
+        a = self.alpha_bar(t)
+        draft.init_latent_coef, draft.init_noise_coef = math.sqrt(a), math.sqrt(1.0 - a)
+
+
+@dataclass
+class _Draft:
+    clip: bool
+    timesteps: list = field(default_factory=list)
+    input_scale: list = field(default_factory=list)
+    updates: list = field(default_factory=list)
+    noise: list = field(default_factory=list)
+    clipped: list = field(default_factory=list)      # (E, x0 form) per evaluation
+    init_noise_sigma: float = 1.0
+    init_latent_coef: float = 0.0
+    init_noise_coef: float = 1.0
+    start_step: int = 0
+
+    def add(self, timestep: float, update: _Form, *, noise: float = 0.0, input_scale: float = 1.0,
+            x0_term: tuple[float, _Form] | None = None) -> None:
+        """Record one evaluation; x0_term is (coef, x0 estimate), clipped when clip_sample is on."""
+        if x0_term is not None and not self.clip:
+            update, x0_term = update + x0_term[1] * x0_term[0], None
+        self.timesteps.append(timestep)
+        self.input_scale.append(input_scale)
+        self.updates.append(update)
+        self.noise.append(noise)
+        self.clipped.append(x0_term or (0.0, _Form()))
+
+
+def _ddim(ctx: _Context, draft: _Draft) -> None:
+    """DDIM (Song et al. 2020), eta = 0 deterministic, eta = 1 DDPM-like noise."""
+    timesteps = _spaced_timesteps(ctx.scheduler, ctx.num_steps)
+    stride = ctx.scheduler.num_train_timesteps // ctx.num_steps
+    final = 1.0 if ctx.scheduler.set_alpha_to_one else ctx.alpha_bar(0)
+    draft.start_step = ctx.first_step()
+    timesteps = timesteps[draft.start_step:]
+    for i, t in enumerate(timesteps):
+        a = ctx.alpha_bar(t)
+        a_prev = ctx.alpha_bar(t - stride) if t - stride >= 0 else final
+        std = ctx.eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+        x0, eps = _x0_and_eps(ctx.prediction, _x(i), _m(i), math.sqrt(a), math.sqrt(1 - a))
+        draft.add(t, eps * math.sqrt(1 - a_prev - std * std), noise=std,
+                  x0_term=(math.sqrt(a_prev), x0))
+    ctx.vp_start(draft, timesteps[0])
+
+
+def _ddpm(ctx: _Context, draft: _Draft) -> None:
+    """DDPM ancestral sampling (Ho et al. 2020) on a strided schedule, posterior variance."""
+    full = _spaced_timesteps(ctx.scheduler, ctx.num_steps)
+    draft.start_step = ctx.first_step()
+    for i, j in enumerate(range(draft.start_step, len(full))):
+        t = full[j]
+        a = ctx.alpha_bar(t)
+        a_prev = ctx.alpha_bar(full[j + 1]) if j + 1 < len(full) else 1.0
+        beta = 1 - a / a_prev
+        x0, _ = _x0_and_eps(ctx.prediction, _x(i), _m(i), math.sqrt(a), math.sqrt(1 - a))
+        std = math.sqrt((1 - a_prev) / (1 - a) * beta) if t > 0 else 0.0
+        draft.add(t, _x(i) * (math.sqrt(a / a_prev) * (1 - a_prev) / (1 - a)), noise=std,
+                  x0_term=(math.sqrt(a_prev) * beta / (1 - a), x0))
+    ctx.vp_start(draft, full[draft.start_step])
+
+
+def _plms(ctx: _Context, draft: _Draft) -> None:
+    """PLMS, the linear multistep part of PNDM (Liu et al. 2022), with diffusers' warm-up."""
+    stride = ctx.scheduler.num_train_timesteps // ctx.num_steps
+    final = 1.0 if ctx.scheduler.set_alpha_to_one else ctx.alpha_bar(0)
+    spaced = _spaced_timesteps(ctx.scheduler, ctx.num_steps)
+    # The first step's successor is evaluated twice: once as a predictor, once at the corrector.
+    timesteps = np.concatenate([spaced[:1], spaced[1:2], spaced[1:]]) if len(spaced) > 1 else spaced
+    draft.start_step = ctx.first_step()
+    timesteps = timesteps[draft.start_step:]
+    outputs: list[_Form] = []
+    warm_up_sample = _Form()
+    for i, t in enumerate(timesteps):
+        t_from, t_to, sample = t, t - stride, _x(i)
+        if i == 1:      # the corrector: redo the first interval from the first latents
+            t_from, t_to = t + stride, t
+        else:
+            outputs = outputs[-3:] + [_m(i)]
+        if i == 0:
+            combined, warm_up_sample = _m(0), _x(0)
+        elif i == 1:
+            combined, sample = (_m(1) + outputs[-1]) * 0.5, warm_up_sample
+        elif len(outputs) == 2:
+            combined = (outputs[-1] * 3 - outputs[-2]) / 2
+        elif len(outputs) == 3:
+            combined = (outputs[-1] * 23 - outputs[-2] * 16 + outputs[-3] * 5) / 12
+        else:
+            combined = (outputs[-1] * 55 - outputs[-2] * 59 + outputs[-3] * 37 - outputs[-4] * 9) / 24
+        a = ctx.alpha_bar(t_from)
+        a_prev = ctx.alpha_bar(t_to) if t_to >= 0 else final
+        _, eps = _x0_and_eps(ctx.prediction, sample, combined, math.sqrt(a), math.sqrt(1 - a))
+        # Formula (9) of the PNDM paper: the transfer from t_from to t_to along eps.
+        denominator = a * math.sqrt(1 - a_prev) + math.sqrt(a * (1 - a) * a_prev)
+        draft.add(t, sample * math.sqrt(a_prev / a) - eps * ((a_prev - a) / denominator))
+    ctx.vp_start(draft, timesteps[0])
+
+
+def _euler(ctx: _Context, draft: _Draft, ancestral: bool) -> None:
+    """Euler's method in sigma (Karras et al. 2022), optionally ancestral (k-diffusion's euler_a)."""
+    n = ctx.scheduler.num_train_timesteps
+    if ctx.scheduler.timestep_spacing == TimestepSpacing.LINSPACE:
+        timesteps = np.linspace(0, n - 1, ctx.num_steps, dtype=np.float32)[::-1]
+    else:
+        timesteps = _spaced_timesteps(ctx.scheduler, ctx.num_steps).astype(np.float32)
+    sigmas = np.interp(timesteps, np.arange(n), _training_sigmas(ctx.alphas_cumprod))
+    sigmas = np.append(sigmas, 0.0).astype(np.float32).tolist()
+    draft.start_step = ctx.first_step()
+    for i, j in enumerate(range(draft.start_step, len(timesteps))):
+        sigma, sigma_next = sigmas[j], sigmas[j + 1]
+        alpha, sigma_vp = _vp(sigma)
+        # Latents here are x_vp / alpha; the UNet sees x_vp.
+        x0, _ = _x0_and_eps(ctx.prediction, _x(i) * alpha, _m(i), alpha, sigma_vp)
+        sigma_up = 0.0
+        sigma_down = sigma_next
+        if ancestral:
+            sigma_up = math.sqrt(sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2)
+            sigma_down = math.sqrt(sigma_next ** 2 - sigma_up ** 2)
+        update = _x(i) + (_x(i) - x0) * ((sigma_down - sigma) / sigma)
+        draft.add(timesteps[j], update, noise=sigma_up, input_scale=alpha)
+    sigma_max = max(sigmas)
+    draft.init_noise_sigma = (math.sqrt(sigma_max ** 2 + 1)
+                              if ctx.scheduler.timestep_spacing == TimestepSpacing.LEADING else sigma_max)
+    draft.init_latent_coef, draft.init_noise_coef = 1.0, sigmas[draft.start_step]
+
+
+def _dpm_schedule(ctx: _Context, karras: bool) -> tuple[np.ndarray, list[float]]:
+    """(integer timesteps, float32 sigmas + final 0) of DPMSolverMultistepScheduler."""
+    sched, n, steps = ctx.scheduler, ctx.scheduler.num_train_timesteps, ctx.num_steps
+    if sched.timestep_spacing == TimestepSpacing.LINSPACE:
+        timesteps = np.linspace(0, n - 1, steps + 1).round()[::-1][:-1]
+    elif sched.timestep_spacing == TimestepSpacing.LEADING:
+        timesteps = (np.arange(steps + 1) * (n // (steps + 1)))[::-1][:-1] + sched.steps_offset
+    else:
+        timesteps = np.arange(n, 0, -n / steps).round() - 1
+    train_sigmas = _training_sigmas(ctx.alphas_cumprod)
+    if karras:
+        # Karras et al. 2022 eq. (5) between the training sigmas' ends, rho = 7.
+        lo, hi = float(train_sigmas[0]) ** (1 / _KARRAS_RHO), float(train_sigmas[-1]) ** (1 / _KARRAS_RHO)
+        sigmas = (hi + np.linspace(0, 1, steps) * (lo - hi)) ** _KARRAS_RHO
+        timesteps = _sigma_to_timestep(sigmas, np.log(train_sigmas))
+        if sched.beta_schedule != BetaSchedule.SQUAREDCOS_CAP_V2:
+            timesteps = timesteps.round()     # (diffusers truncates instead for the cosine schedule)
+    else:
+        sigmas = np.interp(timesteps, np.arange(n), train_sigmas)
+    return timesteps.astype(np.int64), np.append(sigmas, 0.0).astype(np.float32).tolist()
+
+
+def _sigma_to_timestep(sigmas: np.ndarray, log_train_sigmas: np.ndarray) -> np.ndarray:
+    """Fractional training timestep of each sigma, interpolating linearly in log sigma."""
+    log_sigmas = np.log(np.maximum(sigmas, 1e-10))
+    low = np.clip(np.searchsorted(log_train_sigmas, log_sigmas, side="right") - 1,
+                  0, len(log_train_sigmas) - 2)
+    log_low, log_high = log_train_sigmas[low], log_train_sigmas[low + 1]
+    weight = np.clip((log_low - log_sigmas) / (log_low - log_high), 0, 1)
+    return (1 - weight) * low + weight * (low + 1)
+
+
+def _dpmpp_2m(ctx: _Context, draft: _Draft, karras: bool) -> None:
+    """DPM-Solver++(2M) (Lu et al. 2022), first order at the first and the last step."""
+    timesteps, sigmas = _dpm_schedule(ctx, karras)
+    draft.start_step = ctx.first_step()
+    last = len(timesteps) - 1
+    x0_prev = _Form()
+    for i, j in enumerate(range(draft.start_step, len(timesteps))):
+        alpha_s, sigma_s = _vp(sigmas[j])
+        alpha_t, sigma_t = _vp(sigmas[j + 1])
+        x0, _ = _x0_and_eps(ctx.prediction, _x(i), _m(i), alpha_s, sigma_s)
+        exp_neg_h = sigmas[j + 1] / sigmas[j]            # h = lambda_t - lambda_s, lambda = -log sigma
+        update = _x(i) * (sigma_t / sigma_s) - x0 * (alpha_t * (exp_neg_h - 1))
+        if i > 0 and j < last:
+            r = math.log(sigmas[j - 1] / sigmas[j]) / math.log(sigmas[j] / sigmas[j + 1])
+            update = update - (x0 - x0_prev) * (0.5 * alpha_t * (exp_neg_h - 1) / r)
+        draft.add(timesteps[j], update)
+        x0_prev = x0
+    alpha, sigma = _vp(sigmas[draft.start_step])
+    draft.init_latent_coef, draft.init_noise_coef = alpha, sigma
+
+
+def _lcm(ctx: _Context, draft: _Draft) -> None:
+    """Latent Consistency Model multistep sampling (Luo et al. 2023)."""
+    n, steps, original = ctx.scheduler.num_train_timesteps, ctx.num_steps, ctx.original_steps
+    available = int(original * ctx.strength)
+    if steps > original or available < steps:
+        raise GenerationError(
+            f"lcm: num_steps={steps} must be at most original_inference_steps * strength = "
+            f"{original} * {ctx.strength} (= {available}); use fewer steps or a higher strength")
+    origin = (np.arange(1, available + 1) * (n // original) - 1)[::-1]
+    timesteps = origin[np.floor(np.linspace(0, len(origin), steps, endpoint=False)).astype(np.int64)]
+    for i, t in enumerate(timesteps):
+        a = ctx.alpha_bar(t)
+        scaled_t = t * _LCM_TIMESTEP_SCALING       # boundary conditions c_skip(0)=1, c_out(0)=0
+        c_skip = _LCM_SIGMA_DATA ** 2 / (scaled_t ** 2 + _LCM_SIGMA_DATA ** 2)
+        c_out = scaled_t / math.sqrt(scaled_t ** 2 + _LCM_SIGMA_DATA ** 2)
+        x0, _ = _x0_and_eps(ctx.prediction, _x(i), _m(i), math.sqrt(a), math.sqrt(1 - a))
+        if i + 1 < len(timesteps):     # re-noise the denoised estimate to the next timestep
+            a_next = ctx.alpha_bar(timesteps[i + 1])
+            keep, noise = math.sqrt(a_next), math.sqrt(1 - a_next)
+        else:                          # the last step returns the denoised estimate
+            keep, noise = 1.0, 0.0
+        draft.add(t, _x(i) * (keep * c_skip), noise=noise, x0_term=(keep * c_out, x0))
+    ctx.vp_start(draft, timesteps[0])
+
+
+_BUILDERS: dict[str, Callable[[_Context, _Draft], None]] = {
+    "ddim": _ddim,
+    "ddpm": _ddpm,
+    "plms": _plms,
+    "euler": lambda ctx, draft: _euler(ctx, draft, ancestral=False),
+    "euler-a": lambda ctx, draft: _euler(ctx, draft, ancestral=True),
+    "dpmpp-2m": lambda ctx, draft: _dpmpp_2m(ctx, draft, karras=False),
+    "dpmpp-2m-karras": lambda ctx, draft: _dpmpp_2m(ctx, draft, karras=True),
+    "lcm": _lcm,
+}
+assert tuple(_BUILDERS) == SAMPLERS
+
+
+# --- the plan ---------------------------------------------------------------------------------
+
+def make_plan(name: str, scheduler: SchedulerConfig, num_steps: int, *, eta: float = 0.0,
+              strength: float = 1.0, original_inference_steps: int | None = None) -> SamplerPlan:
+    """The coefficient tables of sampler `name` for `num_steps` steps (img2img when strength < 1)."""
+    if name not in _BUILDERS:
+        raise ConfigError(f"unknown sampler {name!r}; expected one of {list(SAMPLERS)}")
+    if not isinstance(scheduler, SchedulerConfig):
+        raise ConfigError(f"make_plan: expected a SchedulerConfig, found {type(scheduler).__name__}")
+    _check_enums(scheduler)
+    n = scheduler.num_train_timesteps
+    if not _is_count(num_steps, n):
+        raise GenerationError(f"num_steps: expected an integer in [1, {n}] (num_train_timesteps), "
+                              f"found {num_steps!r}")
+    if not _is_real(eta) or not 0.0 <= eta <= 1.0:
+        raise GenerationError(f"eta: expected a number in [0, 1] (0: DDIM, 1: DDPM-like noise), "
+                              f"found {eta!r}")
+    if eta and name != "ddim":
+        raise GenerationError(f"eta={eta}: only the ddim sampler has an eta; sampler {name!r} "
+                              f"takes eta=0 (use euler-a or ddpm for ancestral sampling)")
+    if not _is_real(strength) or not 0.0 < strength <= 1.0:
+        raise GenerationError(f"strength: expected a number in (0, 1], found {strength!r}")
+    if original_inference_steps is not None and name != "lcm":
+        raise GenerationError(f"original_inference_steps applies to the lcm sampler only, not {name!r}")
+    original = _LCM_ORIGINAL_STEPS if original_inference_steps is None else original_inference_steps
+    if not _is_count(original, n):
+        raise GenerationError(f"original_inference_steps: expected an integer in [1, {n}], "
+                              f"found {original!r}")
+    ctx = _Context(scheduler, int(num_steps), float(eta), float(strength), int(original),
+                   training_alphas_cumprod(scheduler))
+    draft = _Draft(clip=scheduler.clip_sample and name in _CLIPPING_SAMPLERS)
+    try:
+        _BUILDERS[name](ctx, draft)
+    except (ArithmeticError, ValueError) as exc:
+        if isinstance(exc, LdmrtError):
+            raise
+        raise _degenerate(name, ctx) from exc
+    return _assemble(name, ctx, draft)
+
+
+def _degenerate(name: str, ctx: _Context) -> ConfigError:
+    spacing = TimestepSpacing(ctx.scheduler.timestep_spacing).value
+    return ConfigError(f"sampler {name!r}: the {spacing!r} schedule for "
+                       f"{ctx.num_steps} steps repeats timesteps, which leaves non-finite "
+                       f"coefficients; use fewer steps or another timestep_spacing")
+
+
+def _check_enums(scheduler: SchedulerConfig) -> None:
+    for name, enum_type in (("beta_schedule", BetaSchedule), ("prediction_type", PredictionType),
+                            ("timestep_spacing", TimestepSpacing)):
+        value = getattr(scheduler, name)
+        if value not in set(enum_type):
+            raise ConfigError(f"SchedulerConfig.{name}: expected one of "
+                              f"{[e.value for e in enum_type]}, found {value!r}")
+
+
+def _is_count(value: object, most: int) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 1 <= value <= most
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
+        and not math.isnan(value)
+
+
+def _assemble(name: str, ctx: _Context, draft: _Draft) -> SamplerPlan:
+    """Absolute-index forms -> lag tables A, B (N, K); check that every number is finite."""
+    count = len(draft.updates)
+    depth = 1 + max((i - j for i, form in enumerate(draft.updates) for _, j in form), default=0)
+    sample_coefs, output_coefs = np.zeros((count, depth)), np.zeros((count, depth))
+    clip_sample_coefs, clip_output_coefs = np.zeros(count), np.zeros(count)
+    for i, form in enumerate(draft.updates):
+        for (kind, j), coef in form.items():
+            assert 0 <= i - j, "a step may only read the present and the past"
+            (sample_coefs if kind == "x" else output_coefs)[i, i - j] += coef
+    for i, (_, x0) in enumerate(draft.clipped):
+        for (kind, j), coef in x0.items():
+            assert i == j, "the clipped x0 estimate reads the present step only"
+            (clip_sample_coefs if kind == "x" else clip_output_coefs)[i] = coef
+    noise_coefs = np.asarray(draft.noise, dtype=np.float64)
+    tables = dict(
+        timesteps=np.asarray(draft.timesteps, dtype=np.float32),
+        input_scale=np.asarray(draft.input_scale, dtype=np.float64),
+        sample_coefs=sample_coefs, output_coefs=output_coefs, noise_coefs=noise_coefs,
+        needs_noise=noise_coefs != 0.0,
+        clip_sample_coefs=clip_sample_coefs, clip_output_coefs=clip_output_coefs,
+        clip_coefs=np.asarray([coef for coef, _ in draft.clipped], dtype=np.float64))
+    scalars = (draft.init_noise_sigma, draft.init_latent_coef, draft.init_noise_coef)
+    if not all(np.all(np.isfinite(t)) for t in tables.values()) or not np.all(np.isfinite(scalars)):
+        raise _degenerate(name, ctx)
+    for table in tables.values():
+        table.flags.writeable = False
+    return SamplerPlan(
+        name=name, prediction_type=PredictionType(ctx.prediction), num_steps=ctx.num_steps,
+        strength=ctx.strength, eta=ctx.eta, start_step=draft.start_step,
+        clip_range=_CLIP_SAMPLE_RANGE if draft.clip else None,
+        init_noise_sigma=float(draft.init_noise_sigma), init_latent_coef=float(draft.init_latent_coef),
+        init_noise_coef=float(draft.init_noise_coef), **tables)
