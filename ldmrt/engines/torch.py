@@ -1,0 +1,201 @@
+"""The torch backend: ldmrt's PyTorch modules as the reference runtime, eager or CUDA graphs.
+
+The only engine module that imports torch. On a GPU the whole denoising step — UNet,
+classifier-free guidance and the sampler's affine update — runs on the device with the
+per-step coefficients gathered from device tables by a step counter that lives on the device
+too, so one captured CUDA graph serves every step and the loop has no host round trip.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ldmrt.runtime.samplers import SamplerPlan
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class DenoiseShape:
+    """What one captured graph is specialised for."""
+    batch: int
+    channels: int
+    height: int
+    width: int
+    guided: bool
+    num_evaluations: int
+    history: int
+    clip_range: float | None
+
+
+class FusedDenoiser:
+    """Runs a SamplerPlan's whole loop on one device, optionally as one replayed CUDA graph per step.
+
+    `unet(sample, timestep, context)` is any callable module; `context` is (2B, L, D) stacked
+    [unconditional; conditional] when guided, else (B, L, D) or None.
+    """
+
+    def __init__(self, unet, device: torch.device, dtype: torch.dtype, use_cuda_graph: bool = True):
+        self.unet, self.device, self.dtype = unet, torch.device(device), dtype
+        self.use_cuda_graph = use_cuda_graph and self.device.type == "cuda"
+        self._graphs: dict[DenoiseShape, _CapturedStep] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, plan: SamplerPlan, latents: np.ndarray | torch.Tensor, context: torch.Tensor | None,
+                 guidance: float, noise: np.ndarray | torch.Tensor | None = None) -> torch.Tensor:
+        """Denoise `latents` (B, C, h, w) through every evaluation of `plan`; returns the final latents.
+
+        `noise` (N, B, C, h, w) holds the standard normal noise of each evaluation (zeros where the
+        plan adds none), so every backend reproduces the same trajectory from the same seed.
+        """
+        x0 = torch.as_tensor(latents, device=self.device, dtype=torch.float32)
+        guided = guidance != 1.0 and context is not None and context.shape[0] == 2 * x0.shape[0]
+        shape = DenoiseShape(*x0.shape, guided=guided, num_evaluations=plan.num_evaluations,
+                             history=plan.history, clip_range=plan.clip_range)
+        tables = _Tables.from_plan(plan, self.device)
+        step = self._step_for(shape) if self.use_cuda_graph else None
+        state = _State.create(shape, self.device, noise)
+        state.x.copy_(x0)
+        if context is not None and guided is False and context.shape[0] == 2 * x0.shape[0]:
+            context = context[x0.shape[0]:]      # guidance 1: only the conditional half matters
+        if step is None:
+            for _ in range(plan.num_evaluations):
+                _denoise_step(self.unet, state, tables, context, guidance, self.dtype, guided)
+            return state.x.clone()
+        return step.run(state, tables, context, guidance)
+
+    def _step_for(self, shape: DenoiseShape) -> "_CapturedStep":
+        with self._lock:
+            if shape not in self._graphs:
+                self._graphs[shape] = _CapturedStep(self, shape)
+            return self._graphs[shape]
+
+
+@dataclass
+class _Tables:
+    """The plan's coefficient tables on the device (fp32), indexed by the on-device step counter."""
+    timesteps: torch.Tensor     # (N,)
+    input_scale: torch.Tensor   # (N,)
+    a: torch.Tensor             # (N, K)
+    b: torch.Tensor             # (N, K)
+    c: torch.Tensor             # (N,)
+    clip_p: torch.Tensor        # (N,)
+    clip_q: torch.Tensor        # (N,)
+    clip_e: torch.Tensor        # (N,)
+    clip_range: float | None
+
+    @classmethod
+    def from_plan(cls, plan: SamplerPlan, device: torch.device) -> "_Tables":
+        def t(a: np.ndarray) -> torch.Tensor:
+            return torch.tensor(np.asarray(a, dtype=np.float32), device=device)
+        return cls(t(plan.timesteps), t(plan.input_scale), t(plan.sample_coefs), t(plan.output_coefs),
+                   t(plan.noise_coefs), t(plan.clip_sample_coefs), t(plan.clip_output_coefs),
+                   t(plan.clip_coefs), plan.clip_range)
+
+
+@dataclass
+class _State:
+    x: torch.Tensor            # (B, C, h, w) fp32 latents
+    past_x: torch.Tensor       # (K-1, B, C, h, w): x_{i-1}, x_{i-2}, ...
+    past_m: torch.Tensor       # (K-1, B, C, h, w)
+    noise: torch.Tensor        # (N, B, C, h, w)
+    index: torch.Tensor        # () int64 step counter on the device
+
+    @classmethod
+    def create(cls, shape: DenoiseShape, device: torch.device, noise=None) -> "_State":
+        dims = (shape.batch, shape.channels, shape.height, shape.width)
+        lag = max(shape.history - 1, 0)
+        all_noise = torch.zeros((shape.num_evaluations, *dims), device=device)
+        if noise is not None:
+            all_noise.copy_(torch.as_tensor(noise, dtype=torch.float32))
+        return cls(x=torch.zeros(dims, device=device), past_x=torch.zeros((lag, *dims), device=device),
+                   past_m=torch.zeros((lag, *dims), device=device), noise=all_noise,
+                   index=torch.zeros((), dtype=torch.int64, device=device))
+
+
+def _denoise_step(unet, state: _State, tables: _Tables, context: torch.Tensor | None, guidance,
+                  dtype: torch.dtype, guided: bool) -> None:
+    """One evaluation: UNet (+ guidance) then x <- sum A x_past + B m_past (+ clip term) + C noise."""
+    i = state.index
+    x = state.x
+    scaled = (x * tables.input_scale[i]).to(dtype)
+    batch = x.shape[0]
+    if guided:
+        scaled = torch.cat([scaled, scaled])
+    timestep = tables.timesteps[i].expand(scaled.shape[0])
+    output = unet(scaled, timestep, context).float()
+    if guided:
+        uncond, cond = output[:batch], output[batch:]
+        output = uncond + guidance * (cond - uncond)
+    a, b = tables.a[i], tables.b[i]                                          # (K,)
+    x_next = a[0] * x + b[0] * output + tables.c[i] * state.noise[i]
+    if state.past_x.shape[0]:
+        k = state.past_x.shape[0]
+        x_next = x_next + (a[1:, None, None, None, None] * state.past_x).sum(0) \
+            + (b[1:, None, None, None, None] * state.past_m).sum(0)
+        if k > 1:
+            state.past_x[1:] = state.past_x[:-1].clone()
+            state.past_m[1:] = state.past_m[:-1].clone()
+        state.past_x[0] = x
+        state.past_m[0] = output
+    if tables.clip_range is not None:
+        x0 = (tables.clip_p[i] * x + tables.clip_q[i] * output).clamp(-tables.clip_range, tables.clip_range)
+        x_next = x_next + tables.clip_e[i] * x0
+    state.x.copy_(x_next)
+    state.index.add_(1)
+
+
+class _CapturedStep:
+    """One CUDA graph of `_denoise_step` for a shape; static buffers refreshed before each run."""
+
+    def __init__(self, owner: FusedDenoiser, shape: DenoiseShape):
+        self.owner, self.shape = owner, shape
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.state: _State | None = None
+        self.tables: _Tables | None = None
+        self.context: torch.Tensor | None = None
+        self.guidance = torch.ones((), device=owner.device)
+
+    def run(self, state: _State, tables: _Tables, context: torch.Tensor | None, guidance: float) -> torch.Tensor:
+        if self.graph is None:
+            self._capture(state, tables, context)
+        _copy_into(self.state, state)
+        _copy_tables(self.tables, tables)
+        if context is not None:
+            self.context.copy_(context)
+        self.guidance.fill_(guidance)
+        for _ in range(self.shape.num_evaluations):
+            self.graph.replay()
+        return self.state.x.clone()
+
+    def _capture(self, state: _State, tables: _Tables, context: torch.Tensor | None) -> None:
+        owner = self.owner
+        self.state = _State(**{k: v.clone() for k, v in vars(state).items()})
+        self.tables = _Tables(**{k: (v.clone() if isinstance(v, torch.Tensor) else v)
+                                 for k, v in vars(tables).items()})
+        self.context = None if context is None else context.clone()
+        warm = torch.cuda.Stream(device=owner.device)
+        warm.wait_stream(torch.cuda.current_stream(owner.device))
+        with torch.cuda.stream(warm), torch.no_grad():
+            for _ in range(2):    # warm-up: cuDNN/cuBLAS autotuning and lazy init happen here
+                _denoise_step(owner.unet, self.state, self.tables, self.context, self.guidance,
+                              owner.dtype, self.shape.guided)
+        torch.cuda.current_stream(owner.device).wait_stream(warm)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            _denoise_step(owner.unet, self.state, self.tables, self.context, self.guidance,
+                          owner.dtype, self.shape.guided)
+
+
+def _copy_into(dst: _State, src: _State) -> None:
+    for name, value in vars(src).items():
+        getattr(dst, name).copy_(value)
+
+
+def _copy_tables(dst: _Tables, src: _Tables) -> None:
+    for name, value in vars(src).items():
+        if isinstance(value, torch.Tensor):
+            getattr(dst, name).copy_(value)
