@@ -118,7 +118,9 @@ def environment(device: torch.device) -> dict:
 
 
 def parity(device: torch.device, smoke: bool) -> dict:
-    """Our modules on the GPU vs the same modules on the CPU in fp32."""
+    """Our modules on the GPU vs the same modules on the CPU in fp32 (TF32 off: true fp32)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     results = {}
     cases = [("tiny", None)] if smoke else [("tiny", None), ("sd15", {"unet", "vae_decoder", "text_encoder"})]
     for name, only in cases:
@@ -147,7 +149,9 @@ def parity(device: torch.device, smoke: bool) -> dict:
             row["pass"] = row["fp32_rel_l2"] <= 1e-3 and row["fp16_rel_l2"] <= 1e-2
             results[f"{name}/{component}"] = row
         del model
-    return {"cases": results, "all_pass": all(r["pass"] for r in results.values())}
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return {"cases": results, "all_pass": all(r["pass"] for r in results.values()), "tf32": False}
 
 
 def onnxruntime_cuda(device: torch.device) -> dict:
@@ -324,12 +328,14 @@ def host_overhead(sd: SD15, denoiser: FusedDenoiser, plan, latents0, dtype, guid
     with torch.no_grad():
         denoiser(plan, latents0, sd.context.to(dtype), guidance)              # captured already
         captured = next(iter(denoiser._graphs.values()))
+        captured.state.index.zero_()
         sync(sd.device)
         start = time.perf_counter()
         for _ in range(plan.num_evaluations):
             captured.graph.replay()
         enqueue = (time.perf_counter() - start) / plan.num_evaluations
         sync(sd.device)
+        captured.state.index.zero_()
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
         for _ in range(plan.num_evaluations):

@@ -119,19 +119,20 @@ class _State:
 def _denoise_step(unet, state: _State, tables: _Tables, context: torch.Tensor | None, guidance,
                   dtype: torch.dtype, guided: bool) -> None:
     """One evaluation: UNet (+ guidance) then x <- sum A x_past + B m_past (+ clip term) + C noise."""
-    i = state.index
+    i = state.index.view(1)          # gathers with index_select: no host sync, capturable
     x = state.x
-    scaled = (x * tables.input_scale[i]).to(dtype)
+    scaled = (x * tables.input_scale.index_select(0, i)).to(dtype)
     batch = x.shape[0]
     if guided:
         scaled = torch.cat([scaled, scaled])
-    timestep = tables.timesteps[i].expand(scaled.shape[0])
+    timestep = tables.timesteps.index_select(0, i).expand(scaled.shape[0])
     output = unet(scaled, timestep, context).float()
     if guided:
         uncond, cond = output[:batch], output[batch:]
         output = uncond + guidance * (cond - uncond)
-    a, b = tables.a[i], tables.b[i]                                          # (K,)
-    x_next = a[0] * x + b[0] * output + tables.c[i] * state.noise[i]
+    a, b = tables.a.index_select(0, i)[0], tables.b.index_select(0, i)[0]   # (K,)
+    noise = state.noise.index_select(0, i)[0]
+    x_next = a[0] * x + b[0] * output + tables.c.index_select(0, i) * noise
     if state.past_x.shape[0]:
         k = state.past_x.shape[0]
         x_next = x_next + (a[1:, None, None, None, None] * state.past_x).sum(0) \
@@ -142,10 +143,11 @@ def _denoise_step(unet, state: _State, tables: _Tables, context: torch.Tensor | 
         state.past_x[0] = x
         state.past_m[0] = output
     if tables.clip_range is not None:
-        x0 = (tables.clip_p[i] * x + tables.clip_q[i] * output).clamp(-tables.clip_range, tables.clip_range)
-        x_next = x_next + tables.clip_e[i] * x0
+        x0 = (tables.clip_p.index_select(0, i) * x + tables.clip_q.index_select(0, i) * output)
+        x_next = x_next + tables.clip_e.index_select(0, i) * x0.clamp(-tables.clip_range, tables.clip_range)
     state.x.copy_(x_next)
-    state.index.add_(1)
+    # Wraps after the last evaluation, so a replayed graph can never index past the tables.
+    state.index.add_(1).remainder_(tables.timesteps.shape[0])
 
 
 class _CapturedStep:
