@@ -151,6 +151,22 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def _register_commands() -> None:
+    """Commands that live in ldmrt/commands/ (each module defines one function named like its file)."""
+    import importlib
+    import pkgutil
+
+    import ldmrt.commands as package
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"ldmrt.commands.{info.name}")
+        command = getattr(module, info.name, None)
+        if callable(command):
+            app.command(info.name)(command)
+
+
+_register_commands()
+
+
 def run() -> None:  # pragma: no cover - console entry for `python -m ldmrt`
     app()
 
