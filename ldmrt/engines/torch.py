@@ -8,6 +8,7 @@ too, so one captured CUDA graph serves every step and the loop has no host round
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
@@ -201,3 +202,81 @@ def _copy_tables(dst: _Tables, src: _Tables) -> None:
     for name, value in vars(src).items():
         if isinstance(value, torch.Tensor):
             getattr(dst, name).copy_(value)
+
+
+# --- runners over a bundle (the reference backend) ---------------------------------------------
+
+class TorchRunner:
+    """A component's PyTorch module behind the numpy runner interface."""
+
+    def __init__(self, graph: torch.nn.Module, spec, device: torch.device, dtype: torch.dtype):
+        self.graph, self.spec, self.device, self.dtype = graph, spec, device, dtype
+
+    def __call__(self, inputs) -> np.ndarray:
+        self.spec.bind(inputs)
+        tensors = []
+        for tensor in self.spec.inputs:
+            value = torch.from_numpy(np.ascontiguousarray(inputs[tensor.name])).to(self.device)
+            if value.is_floating_point() and tensor.name != "timestep":
+                value = value.to(self.dtype)
+            tensors.append(value)
+        with torch.no_grad():
+            return self.graph(*tensors).float().cpu().numpy()
+
+
+class TorchUNetRunner(TorchRunner):
+    """The UNet runner, plus the fused on-device loop the pipeline uses when present."""
+
+    def __init__(self, graph, spec, device, dtype, use_cuda_graph: bool):
+        super().__init__(graph, spec, device, dtype)
+        self.denoiser = FusedDenoiser(self._unet_call, device, dtype, use_cuda_graph)
+
+    def _unet_call(self, sample: torch.Tensor, timestep: torch.Tensor, context) -> torch.Tensor:
+        if context is not None and not context.is_floating_point():     # class labels
+            return self.graph(sample, timestep, context)
+        if context is None:
+            return self.graph(sample, timestep)
+        return self.graph(sample, timestep, context)
+
+    def fused_denoise(self, plan: SamplerPlan, latents: np.ndarray, context, guidance: float,
+                      step_noise) -> np.ndarray:
+        noise = np.stack([np.zeros_like(latents) if n is None else n for n in step_noise])
+        if context is not None:
+            context = torch.from_numpy(np.ascontiguousarray(context)).to(self.device)
+            if context.is_floating_point():
+                context = context.to(self.dtype)
+        with torch.no_grad():
+            return self.denoiser(plan, latents, context, guidance, noise).cpu().numpy()
+
+
+def load_reference_model(manifest, device: torch.device, dtype: torch.dtype):
+    """The PyTorch model a bundle was exported from: a seeded preset or the checkpoint it names."""
+    from ldmrt.models import build_model
+
+    source = manifest.source
+    if source.startswith("preset:"):
+        parts = source.split(":")
+        seed = int(parts[2].removeprefix("seed=")) if len(parts) > 2 else 0
+        model = build_model(manifest.config, seed=seed)
+    else:
+        from ldmrt.checkpoints import load_checkpoint
+        model = load_checkpoint(Path(source)).model
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def open_torch(bundle, manifest, components, *, device: str | None = None, dtype: str | None = None,
+               cuda_graphs: bool = True) -> dict:
+    from ldmrt.export.components import ComponentGraph
+
+    device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    graph_dtype = TORCH_DTYPES[dtype or (manifest.component("unet").dtype if device_.type == "cuda" else "float32")]
+    model = load_reference_model(manifest, device_, graph_dtype)
+    runners = {}
+    for name in components:
+        spec = manifest.component(name).spec
+        graph = ComponentGraph(model, spec).eval()
+        if name == "unet":
+            runners[name] = TorchUNetRunner(graph, spec, device_, graph_dtype, cuda_graphs)
+        else:
+            runners[name] = TorchRunner(graph, spec, device_, graph_dtype)
+    return runners

@@ -1,0 +1,69 @@
+"""ONNX Runtime backend: CPU everywhere; CUDA EP with I/O binding where onnxruntime-gpu is installed."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from ldmrt.errors import BackendUnavailableError, ShapeError
+from ldmrt.iospec import ComponentSpec
+from ldmrt.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+
+class OnnxRuntimeRunner:
+    """One InferenceSession per component; `run` is thread-safe (ORT sessions are)."""
+
+    def __init__(self, path: Path, spec: ComponentSpec, providers: list[str], threads: int | None,
+                 optimized_cache: Path | None = None):
+        import onnxruntime as ort
+
+        self.spec = spec
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        if optimized_cache is not None:
+            options.optimized_model_filepath = str(optimized_cache)
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:
+            raise BackendUnavailableError(f"onnxruntime could not load {path.name}: {exc}") from exc
+        self.output = spec.outputs[0].name
+        graph_inputs = {i.name for i in self.session.get_inputs()}
+        expected = {t.name for t in spec.inputs}
+        if graph_inputs != expected:
+            raise ShapeError(f"{path.name}: graph inputs {sorted(graph_inputs)} differ from the "
+                             f"manifest spec {sorted(expected)}")
+
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        self.spec.bind(inputs)
+        return self.session.run([self.output], dict(inputs))[0]
+
+
+def open_onnxruntime(bundle: Path, manifest: Manifest, components: tuple[str, ...], *,
+                     device: str = "cpu", threads: int | None = None) -> dict[str, OnnxRuntimeRunner]:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BackendUnavailableError("--backend onnxruntime: pip install onnxruntime "
+                                      "(or onnxruntime-gpu for CUDA)") from None
+    available = ort.get_available_providers()
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise BackendUnavailableError(f"onnxruntime has no CUDA provider here (found {available}); "
+                                          f"pip install onnxruntime-gpu")
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    else:
+        providers = ["CPUExecutionProvider"]
+    threads = threads or int(os.environ.get("LDMRT_THREADS", "0")) or None
+    runners = {}
+    for name in components:
+        entry = manifest.component(name)
+        runners[name] = OnnxRuntimeRunner(bundle / entry.file, entry.spec, providers, threads)
+    return runners
