@@ -1,0 +1,330 @@
+"""Original (CompVis) single-file checkpoints: recognise the keys, detect the family, convert
+OpenCLIP names, drop the known training-only entries, and infer the architecture from shapes.
+
+Attention head counts are not stored in the weights: inference takes the values of the released
+models of the detected family and says so; a preset or the original YAML overrides them.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Mapping, Union
+
+import torch
+
+from ldmrt.config import (AutoencoderConfig, AutoencoderKind, BertConfig, ClassEmbedderConfig,
+                          ClipTextConfig, Family, LayerChoice, UNetConfig)
+from ldmrt.errors import CheckpointError, ConfigError
+from ldmrt.checkpoints.state import StateDict, names, plural
+
+UNET = "model.diffusion_model."
+VAE = "first_stage_model."
+COND = "cond_stage_model."
+CLIP = COND + "transformer.text_model."
+OPENCLIP = COND + "model."
+BERT = COND + "transformer."
+EMA = "model_ema."
+
+# LatentDiffusion's noise-schedule buffers (recomputed from the schedule; `betas` is read to detect it)
+SCHEDULE_BUFFERS = frozenset({
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+    "posterior_mean_coef1", "posterior_mean_coef2", "logvar", "lvlb_weights", "scale_factor",
+    "cond_ids", "shift_factor"})
+
+
+@dataclass(frozen=True)
+class Detection:
+    family: Family
+    conditioner: str | None          # "clip", "openclip", "bert", "class" or None (unconditional)
+    autoencoder: AutoencoderKind
+    evidence: str
+
+
+@dataclass
+class Cleaned:
+    state: StateDict                 # model weights only, CompVis/ldmrt names
+    betas: torch.Tensor | None
+    scale_factor: float | None
+    ema_state: StateDict             # model_ema.* (used only when the plain UNet weights are absent)
+    openclip: bool                   # the text encoder came with OpenCLIP names (SD 2.x)
+    notes: list[str]
+
+
+def clean_keys(tensors: Mapping[str, torch.Tensor], where: str) -> Cleaned:
+    """Split off buffers and EMA weights, convert OpenCLIP names; drop nothing silently."""
+    if not any(k.startswith((UNET, EMA)) for k in tensors):
+        raise CheckpointError(f"{where}: no model.diffusion_model.* keys, so not an original (CompVis) "
+                              f"LDM checkpoint; {_kind_hint(tensors)}")
+    notes: list[str] = []
+    state: StateDict = {}
+    ema: StateDict = {}
+    buffers: dict[str, torch.Tensor] = {}
+    dropped: dict[str, list[str]] = {}
+    for key, value in tensors.items():
+        if key in SCHEDULE_BUFFERS:
+            buffers[key] = value
+        elif key.startswith(EMA):
+            ema[key] = value
+        elif key.endswith(".position_ids") or key.endswith(".attn_mask"):
+            dropped.setdefault("position_ids/attn_mask buffers (computed, not learned)", []).append(key)
+        elif key.startswith(VAE + "loss."):
+            dropped.setdefault("first_stage_model.loss.* (training-only loss networks)", []).append(key)
+        else:
+            state[key] = value
+    if buffers:
+        notes.append(f"dropped {plural(len(buffers), 'noise-schedule buffer')} ({', '.join(sorted(buffers))}); "
+                     f"the schedule is recomputed from the scheduler config")
+    for reason, keys in dropped.items():
+        notes.append(f"dropped {plural(len(keys), 'key')}: {reason}")
+    if any(k.startswith(UNET) for k in state) and ema:
+        notes.append(f"ignored {plural(len(ema), 'EMA tensor')} (model_ema.*): the file's "
+                     f"model.diffusion_model.* weights are used")
+    openclip = any(k.startswith(OPENCLIP + "transformer.resblocks.") for k in state)
+    if openclip:
+        state, openclip_notes = openclip_to_transformers(state)
+        notes += openclip_notes
+    legacy = COND + "transformer.embeddings."           # old transformers CLIP layout, no text_model.
+    if any(k.startswith(legacy) or k.startswith(COND + "transformer.encoder.") for k in state) \
+            and not any(k.startswith(CLIP) for k in state):
+        state = {(CLIP + k[len(COND + "transformer."):] if k.startswith(COND + "transformer.") else k): v
+                 for k, v in state.items()}
+        notes.append("old transformers CLIP names (no text_model.) renamed")
+    betas = buffers.get("betas")
+    scale = buffers.get("scale_factor")
+    scale_factor = float(scale) if scale is not None and scale.numel() == 1 else None
+    return Cleaned(state, betas, scale_factor, ema, openclip, notes)
+
+
+def openclip_to_transformers(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str]]:
+    """SD 2.x's OpenCLIP text tower (cond_stage_model.model.*) -> our transformers-style names.
+
+    in_proj (3D, D) is split into q, k, v in that order; text_projection, logit_scale and any
+    visual.* weights are dropped (text_embeddings do not use them).
+    """
+    out: StateDict = {}
+    dropped = []
+    simple = {"token_embedding.weight": "embeddings.token_embedding.weight",
+              "positional_embedding": "embeddings.position_embedding.weight",
+              "ln_final.weight": "final_layer_norm.weight", "ln_final.bias": "final_layer_norm.bias"}
+    inner = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
+             "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+    # OpenCLIP's fused attention input is `attn.in_proj_weight` / `attn.in_proj_bias` (no dot)
+    block = re.compile(r"transformer\.resblocks\.(\d+)\.(.+?)[._](weight|bias)$")
+    for key, value in state.items():
+        if not key.startswith(OPENCLIP):
+            out[key] = value
+            continue
+        rest = key[len(OPENCLIP):]
+        if rest in simple:
+            out[CLIP + simple[rest]] = value
+            continue
+        match = block.match(rest)
+        if match and match.group(2) == "attn.in_proj":
+            layer, param = match.group(1), match.group(3)
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+                out[f"{CLIP}encoder.layers.{layer}.self_attn.{name}.{param}"] = part
+        elif match and match.group(2) in inner:
+            out[f"{CLIP}encoder.layers.{match.group(1)}.{inner[match.group(2)]}.{match.group(3)}"] = value
+        elif rest in ("text_projection", "logit_scale") or rest.startswith("visual."):
+            dropped.append(key)
+        else:
+            out[key] = value                # unknown: kept, so a strict load reports it
+    notes = ["converted OpenCLIP text-encoder names (in_proj split into q/k/v)"]
+    if dropped:
+        notes.append(f"dropped {plural(len(dropped), 'OpenCLIP tensor')} text_embeddings do not use: "
+                     f"{names(dropped)}")
+    return out, notes
+
+
+def detect(state: Mapping[str, torch.Tensor], openclip: bool, where: str) -> Detection:
+    """The family from the conditioner's keys (and the UNet's proj_in), the autoencoder kind."""
+    has = lambda prefix: any(k.startswith(prefix) for k in state)  # noqa: E731
+    vq = VAE + "quantize.embedding.weight" in state
+    autoencoder = AutoencoderKind.VQ if vq else AutoencoderKind.KL
+    linear = any(k.startswith(UNET) and k.endswith(".proj_in.weight") and state[k].ndim == 2 for k in state)
+    proj = "linear proj_in (2.x style)" if linear else "conv proj_in" if has(UNET) and any(
+        k.endswith(".proj_in.weight") for k in state) else "no spatial transformers"
+    ae = "VQ autoencoder (first_stage_model.quantize.*)" if vq else "KL autoencoder"
+    if has(CLIP) and any("encoder.layers." in k for k in state if k.startswith(CLIP)):
+        conditioner = "openclip" if openclip else "clip"
+    elif has(BERT + "attn_layers."):
+        conditioner = "bert"
+    elif COND + "embedding.weight" in state:
+        conditioner = "class"
+    elif has(COND):
+        unknown = names(sorted(k for k in state if k.startswith(COND)))
+        raise CheckpointError(f"{where}: unknown conditioner keys ({unknown}); ldmrt knows CLIP, OpenCLIP, "
+                              f"the LDM BERT and the class embedder")
+    else:
+        conditioner = None
+    if conditioner is None and any(k.startswith(UNET) and ".attn2." in k for k in state):
+        raise CheckpointError(f"{where}: the UNet has cross-attention but the file has no cond_stage_model.* "
+                              f"weights (its text encoder is missing); use a full checkpoint")
+    family, what = {
+        "clip": (Family.SD1, "sd1: OpenAI CLIP text encoder keys (cond_stage_model.transformer.text_model.*)"),
+        "openclip": (Family.SD2,
+                     "sd2: OpenCLIP text encoder keys (cond_stage_model.model.transformer.resblocks.*)"),
+        "bert": (Family.LDM, "ldm: BERT-like text encoder keys (cond_stage_model.transformer.attn_layers.*)"),
+        "class": (Family.LDM, "ldm: class-conditional (cond_stage_model.embedding.weight)"),
+        None: (Family.LDM, "ldm: unconditional (no cond_stage_model.* keys)"),
+    }[conditioner]
+    return Detection(family, conditioner, autoencoder, f"{what}, {proj}, {ae}")
+
+
+def _kind_hint(tensors: Mapping[str, torch.Tensor]) -> str:
+    keys = list(tensors)
+    if any(k.startswith(("down_blocks.", "up_blocks.", "encoder.down_blocks.", "text_model.")) for k in keys) \
+            or any(k.startswith(("conv_in.", "time_embedding.")) for k in keys):
+        return "its names are diffusers/transformers component names: pass the diffusers folder instead"
+    if any("lora" in k.lower() for k in keys[:200]):
+        return "it looks like a LoRA or adapter, which is not a whole model"
+    return f"its first keys are {names(keys, 3)}"
+
+
+# --- architecture from tensor shapes --------------------------------------------------------
+
+class _Shapes:
+    def __init__(self, state: Mapping[str, torch.Tensor], where: str):
+        self.state, self.where = state, where
+
+    def __call__(self, key: str) -> tuple[int, ...]:
+        if key not in self.state:
+            raise CheckpointError(f"{self.where}: cannot infer the architecture: {key} is missing; "
+                                  f"pass a preset or the model's YAML")
+        return tuple(self.state[key].shape)
+
+    def has(self, key: str) -> bool:
+        return key in self.state
+
+    def has_prefix(self, prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in self.state)
+
+    def count(self, pattern: str) -> int:
+        """How many consecutive i from 0 make `pattern.format(i)` a key."""
+        i = 0
+        while pattern.format(i) in self.state:
+            i += 1
+        return i
+
+
+def infer_unet(state: Mapping[str, torch.Tensor], detection: Detection, where: str) -> tuple[UNetConfig, str]:
+    """UNetConfig from `model.diffusion_model.*` shapes; the heads from the family's convention."""
+    s = _Shapes(state, where)
+    model_channels, in_channels = s(UNET + "input_blocks.0.0.weight")[:2]
+    level_channels, level_blocks, attention_levels = [], [0], set()
+    block, current = 1, model_channels
+    while s.has_prefix(f"{UNET}input_blocks.{block}."):
+        if s.has(f"{UNET}input_blocks.{block}.0.op.weight"):
+            level_channels.append(current)
+            level_blocks.append(0)
+        else:
+            current = s(f"{UNET}input_blocks.{block}.0.in_layers.2.weight")[0]
+            level_blocks[-1] += 1
+            if s.has_prefix(f"{UNET}input_blocks.{block}.1."):
+                attention_levels.add(len(level_channels))
+        block += 1
+    level_channels.append(current)
+    if len(set(level_blocks)) != 1 or any(c % model_channels for c in level_channels):
+        raise CheckpointError(f"{where}: unusual UNet layout (res blocks per level {level_blocks}, channels "
+                              f"{level_channels}); pass the model's YAML")
+    spatial = s.has(UNET + "middle_block.1.transformer_blocks.0.attn1.to_q.weight")
+    mid = UNET + "middle_block.1."
+    context_dim = s(mid + "transformer_blocks.0.attn2.to_k.weight")[1] if spatial else None
+    if detection.conditioner in ("clip", "bert"):
+        heads, head_channels, rule = 8, -1, "8 heads"
+    elif detection.conditioner == "openclip":
+        heads, head_channels, rule = 8, 64, "64 channels per head"
+    else:
+        heads, head_channels, rule = 8, 32, "32 channels per head"
+    try:
+        config = UNetConfig(
+            in_channels=in_channels, out_channels=s(UNET + "out.2.weight")[0], model_channels=model_channels,
+            channel_mult=tuple(c // model_channels for c in level_channels), num_res_blocks=level_blocks[0],
+            attention_resolutions=tuple(sorted((2 ** level for level in attention_levels), reverse=True)),
+            num_heads=heads, num_head_channels=head_channels,
+            transformer_depth=s.count(mid + "transformer_blocks.{}.attn1.to_q.weight") if spatial else 1,
+            context_dim=context_dim, use_spatial_transformer=spatial,
+            use_linear_in_transformer=spatial and len(s(mid + "proj_in.weight")) == 2,
+            upcast_attention=detection.family == Family.SD2,
+            num_classes=s(UNET + "label_emb.weight")[0] if s.has(UNET + "label_emb.weight") else None)
+        for c in {*level_channels}:
+            config.heads_and_dim(c)
+    except ConfigError as exc:
+        raise CheckpointError(f"{where}: the UNet's attention heads are not stored in the weights and "
+                              f"the {detection.family.value} convention ({rule}) does not fit: {exc}; "
+                              f"pass the model's YAML") from None
+    return config, f"UNet attention heads assumed: {rule} ({detection.family.value} convention)"
+
+
+def infer_autoencoder(state: Mapping[str, torch.Tensor], kind: AutoencoderKind, where: str) -> AutoencoderConfig:
+    s = _Shapes(state, where)
+    ch, in_channels = s(VAE + "encoder.conv_in.weight")[:2]
+    levels = s.count(VAE + "encoder.down.{}.block.0.conv1.weight")
+    mults = [s(f"{VAE}encoder.down.{i}.block.0.conv1.weight")[0] for i in range(levels)]
+    quant = s(VAE + "quant_conv.weight")[0]
+    vq = kind == AutoencoderKind.VQ
+    try:
+        return AutoencoderConfig(
+            kind=kind, embed_dim=quant if vq else quant // 2, z_channels=s(VAE + "decoder.conv_in.weight")[1],
+            in_channels=in_channels, out_ch=s(VAE + "decoder.conv_out.weight")[0], ch=ch,
+            ch_mult=tuple(m // ch for m in mults),
+            num_res_blocks=s.count(VAE + "encoder.down.0.block.{}.conv1.weight"),
+            attn_levels=tuple(i for i in range(levels) if s.has(f"{VAE}encoder.down.{i}.attn.0.q.weight")),
+            n_embed=s(VAE + "quantize.embedding.weight")[0] if vq else 0)
+    except ConfigError as exc:
+        raise CheckpointError(f"{where}: unusual autoencoder layout ({exc}); pass the model's YAML") from None
+
+
+Conditioner = Union[ClipTextConfig, BertConfig, ClassEmbedderConfig, None]
+
+
+def infer_conditioner(state: Mapping[str, torch.Tensor], detection: Detection, ids: Mapping[str, int],
+                      where: str) -> tuple[Conditioner, str]:
+    """The conditioner config from shapes; CLIP heads = width / 64 (every CLIP text tower)."""
+    s = _Shapes(state, where)
+    if detection.conditioner in ("clip", "openclip"):
+        vocab, width = s(CLIP + "embeddings.token_embedding.weight")
+        openclip = detection.conditioner == "openclip"
+        if width % 64:
+            raise CheckpointError(f"{where}: text width {width} is not a multiple of CLIP's 64-wide heads; "
+                                  f"pass the model's YAML or a preset")
+        defaults = {"bos_token_id": vocab - 2, "eos_token_id": vocab - 1,
+                    "pad_token_id": 0 if openclip else vocab - 1}
+        config = ClipTextConfig(
+            vocab_size=vocab, hidden_size=width,
+            intermediate_size=s(CLIP + "encoder.layers.0.mlp.fc1.weight")[0],
+            num_hidden_layers=s.count(CLIP + "encoder.layers.{}.self_attn.q_proj.weight"),
+            num_attention_heads=width // 64,
+            max_position_embeddings=s(CLIP + "embeddings.position_embedding.weight")[0],
+            hidden_act="gelu" if openclip else "quick_gelu",
+            layer=LayerChoice.PENULTIMATE if openclip else LayerChoice.LAST, **{**defaults, **ids})
+        layer = "penultimate layer, gelu" if openclip else "last layer, quick_gelu"
+        return config, (f"text encoder assumed: {width // 64} heads of 64, {layer} "
+                        f"({detection.family.value} convention)")
+    if detection.conditioner == "bert":
+        vocab, width = s(BERT + "token_emb.weight")
+        inner = s(BERT + "attn_layers.layers.0.1.to_q.weight")[0]
+        if inner % 64:
+            raise CheckpointError(f"{where}: BERT attention width {inner} is not a multiple of 64; pass the YAML")
+        config = BertConfig(vocab_size=vocab, n_embed=width,
+                            n_layer=s.count(BERT + "attn_layers.layers.{}.0.weight") // 2,
+                            heads=inner // 64, dim_head=64,
+                            ff_mult=s(BERT + "attn_layers.layers.1.1.net.0.0.weight")[0] // width,
+                            max_seq_len=s(BERT + "pos_emb.emb.weight")[0])
+        return config, f"BERT attention assumed: {inner // 64} heads of 64 (x-transformers' head size)"
+    if detection.conditioner == "class":
+        n_classes, width = s(COND + "embedding.weight")
+        return ClassEmbedderConfig(n_classes=n_classes, embed_dim=width), ""
+    return None, ""
+
+
+def ema_as_model(ema: Mapping[str, torch.Tensor], expected_unet_keys: list[str]) -> StateDict:
+    """model_ema.* (LitEma: dots removed) -> model.diffusion_model.* for the keys a model expects."""
+    out = {}
+    for key in expected_unet_keys:
+        ema_key = EMA + key[len("model."):].replace(".", "")
+        if ema_key in ema:
+            out[key] = ema[ema_key]
+    return out

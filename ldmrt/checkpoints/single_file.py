@@ -1,0 +1,151 @@
+"""An original single file (+ a preset, a YAML, or neither) -> config + CompVis weights.
+
+Where the config comes from, in order: an explicit YAML, a YAML with the checkpoint's stem next
+to it (the AUTOMATIC1111 convention), a preset, else the tensor shapes with the family's
+conventions. The noise schedule: the YAML or preset; else the `betas` buffer; else the family's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import torch
+
+from ldmrt.config import (PRESETS, AutoencoderKind, Family, ModelConfig,
+                          PredictionType, SchedulerConfig, preset as get_preset)
+from ldmrt.errors import CheckpointError, ConfigError
+from ldmrt.models import LatentDiffusion
+from ldmrt.checkpoints.files import read_weights
+from ldmrt.checkpoints.original import (UNET, clean_keys, detect, ema_as_model, infer_autoencoder,
+                                        infer_conditioner, infer_unet)
+from ldmrt.checkpoints.schedule import describe_schedule, schedule_from_betas
+from ldmrt.checkpoints.state import Assembly, cast_to_float32, dtype_counts
+from ldmrt.checkpoints.tokenizer_assets import read_tokenizer_folder
+from ldmrt.checkpoints.yaml_config import config_from_yaml, read_yaml
+
+_LDM_SCHEDULE = SchedulerConfig(beta_start=0.0015, beta_end=0.0195)
+
+
+def sidecar_yaml(path: Path) -> Path | None:
+    candidate = path.with_suffix(".yaml")
+    return candidate if candidate.is_file() else None
+
+
+def read_single_file(path: Path, *, preset_name: str | None, yaml_path: Path | None,
+                     tokenizer_dir: Path | None) -> Assembly:
+    """Weights of an original checkpoint and the config that describes them."""
+    where = str(path)
+    weights = read_weights(path)
+    cleaned = clean_keys(weights.tensors, where)
+    notes, warnings = list(cleaned.notes), []
+    if weights.extras:
+        shown = ", ".join(f"{k}={v}" for k, v in list(weights.extras.items())[:6])
+        notes.append(f"ignored non-tensor entries: {shown}")
+    detection = detect(cleaned.state, cleaned.openclip, where)
+    ids = {}
+    if tokenizer_dir is not None and detection.conditioner in ("clip", "openclip"):
+        ids = read_tokenizer_folder(tokenizer_dir).clip_ids()
+
+    if yaml_path is None and preset_name is None:
+        yaml_path = sidecar_yaml(path)
+        if yaml_path is not None:
+            notes.append(f"using {yaml_path.name} found next to the checkpoint")
+    if yaml_path is not None and preset_name is not None:
+        raise ConfigError("pass either a preset or a YAML config, not both")
+    inferred = False
+    if yaml_path is not None:
+        config, yaml_notes = config_from_yaml(yaml_path, read_yaml(yaml_path), cleaned.state, detection,
+                                              ids, path.stem)
+        notes += yaml_notes
+        source = f"the YAML {yaml_path}"
+    elif preset_name is not None:
+        config = dataclasses.replace(get_preset(preset_name), name=path.stem)
+        source = f"preset {preset_name!r}"
+        if config.family != detection.family:
+            warnings.append(f"preset {preset_name!r} is a {config.family.value} model but the keys say "
+                            f"{detection.evidence}")
+    else:
+        config, assumptions = infer_config(cleaned.state, detection, ids, path.stem, where)
+        warnings += assumptions
+        source, inferred = "the tensor shapes (no preset or YAML given)", True
+
+    config, schedule_notes, schedule_warnings = _schedule_and_scale(
+        config, cleaned.betas, cleaned.scale_factor, inferred, source, where)
+    notes += schedule_notes
+    warnings += schedule_warnings
+    state = cleaned.state
+    if not any(k.startswith(UNET) for k in state):
+        with torch.device("meta"):
+            expected = [k for k in LatentDiffusion(config).state_dict() if k.startswith(UNET)]
+        state = {**state, **ema_as_model(cleaned.ema_state, expected)}
+        notes.append("the file holds only EMA UNet weights (model_ema.*); loaded them as the UNet")
+    dtypes = dtype_counts(state)
+    state, cast_note = cast_to_float32(state)
+    notes += [cast_note] if cast_note else []
+    return Assembly(format=weights.format, config=config, state=state, config_source=source,
+                    detected=detection.evidence, notes=notes, warnings=warnings, tokenizer_dir=tokenizer_dir,
+                    dtypes=dtypes, ema_tensors=len(cleaned.ema_state))
+
+
+def infer_config(state, detection, ids, name: str, where: str) -> tuple[ModelConfig, list[str]]:
+    """The whole ModelConfig from shapes; the assumptions it had to make, to warn about."""
+    if not any(k.startswith(UNET) for k in state):
+        raise CheckpointError(f"{where}: only EMA weights (model_ema.*) and no preset or YAML: the "
+                              f"architecture cannot be read from EMA names; pass a preset or YAML")
+    unet, heads = infer_unet(state, detection, where)
+    autoencoder = infer_autoencoder(state, detection.autoencoder, where)
+    conditioner, text = infer_conditioner(state, detection, ids, where)
+    assumptions = [a for a in (heads, text) if a]
+    match = next((p for p in PRESETS.values() if (p.unet, p.autoencoder, p.conditioner) ==
+                  (unet, autoencoder, conditioner)), None)
+    if match is not None:
+        scheduler, scale, size = match.scheduler, match.scale_factor, match.default_image_size
+        assumptions = [f"architecture matches preset {match.name!r}; its scheduler and latent scale are used"]
+    else:
+        scheduler = {Family.SD1: SchedulerConfig(),
+                     Family.SD2: SchedulerConfig(prediction_type=PredictionType.V_PREDICTION)}.get(
+            detection.family, SchedulerConfig() if detection.conditioner == "bert" else _LDM_SCHEDULE)
+        scale = 1.0 if detection.autoencoder == AutoencoderKind.VQ else 0.18215
+        size = 512 if detection.family == Family.SD1 else 768 if detection.family == Family.SD2 else 256
+    if detection.family == Family.SD2:
+        assumptions.append("SD 2.x files do not record the prediction type: v_prediction assumed (the "
+                           "768-v models); 512-base models predict epsilon: pass the model's YAML "
+                           "(v2-inference.yaml) or a preset")
+    try:
+        config = ModelConfig(name=name, family=detection.family, unet=unet, autoencoder=autoencoder,
+                             conditioner=conditioner, scheduler=scheduler, scale_factor=scale,
+                             default_image_size=size)
+    except ConfigError as exc:
+        raise CheckpointError(f"{where}: the inferred components do not fit together: {exc}") from None
+    return config, assumptions
+
+
+def _schedule_and_scale(config: ModelConfig, betas: torch.Tensor | None, scale: float | None,
+                        inferred: bool, source: str, where: str) -> tuple[ModelConfig, list[str], list[str]]:
+    """The schedule from the betas buffer (when nothing explicit was given) and the scale buffer."""
+    notes, warnings = [], []
+    if betas is not None:
+        found = schedule_from_betas(betas.double().numpy(), config.scheduler)
+        if found is None:
+            warnings.append(f"the betas buffer matches none of ldmrt's schedules (linear, scaled_linear, "
+                            f"squaredcos_cap_v2); kept {describe_schedule(config.scheduler)}")
+        elif inferred:
+            config = dataclasses.replace(config, scheduler=found)
+            notes.append(f"noise schedule read from the betas buffer: {describe_schedule(found)}")
+        elif _schedule_key(found) != _schedule_key(config.scheduler):
+            raise CheckpointError(f"{where}: the betas buffer ({describe_schedule(found)}) contradicts "
+                                  f"{source} ({describe_schedule(config.scheduler)}); check the config")
+    if scale is not None and not math.isclose(scale, config.scale_factor, rel_tol=1e-6):
+        # CompVis registers `scale_factor` as a buffer only with scale_by_std: the measured value wins.
+        notes.append(f"latent scale factor {scale:g} from the checkpoint's scale_factor buffer "
+                     f"(replaces {config.scale_factor:g})")
+        config = dataclasses.replace(config, scale_factor=scale)
+    return config, notes, warnings
+
+
+def _schedule_key(config: SchedulerConfig) -> tuple:
+    if config.beta_schedule.value == "squaredcos_cap_v2":
+        return config.beta_schedule, config.num_train_timesteps
+    return (config.beta_schedule, config.num_train_timesteps, round(config.beta_start, 9),
+            round(config.beta_end, 9))

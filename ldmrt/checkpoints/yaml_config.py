@@ -1,0 +1,205 @@
+"""An original CompVis inference YAML (v1-inference.yaml, v2-inference-v.yaml, the LDM configs)
+-> ModelConfig. Text-encoder sizes are not in these YAMLs (they name a pretrained model); they
+come from the checkpoint's tensor shapes.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ldmrt.config import (AutoencoderConfig, AutoencoderKind, BertConfig, ClassEmbedderConfig,
+                          ClipTextConfig, Family, LayerChoice, ModelConfig, UNetConfig)
+from ldmrt.errors import CheckpointError, ConfigError
+from ldmrt.checkpoints.original import Detection, infer_conditioner
+from ldmrt.checkpoints.schedule import scheduler_from_compvis
+
+# openaimodel.UNetModel options we implement only at their default
+_UNET_FIXED = {"dims": 2, "use_scale_shift_norm": False, "resblock_updown": False,
+               "use_new_attention_order": False, "n_embed": None, "num_attention_blocks": None,
+               "adm_in_channels": None, "conv_resample": True}
+_UNET_IGNORED = {"use_checkpoint", "use_fp16", "image_size", "legacy", "dropout", "num_heads_upsample",
+                 "disable_self_attentions", "spatial_transformer_attn_type"}
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """The parsed YAML, or a CheckpointError naming the file and the problem."""
+    try:
+        import yaml
+    except ImportError:
+        raise CheckpointError(f"{path}: reading a YAML config needs pyyaml: pip install pyyaml "
+                              f"(or ldmrt[export])") from None
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: YAML config not found")
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise CheckpointError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a mapping with a top-level `model:` key, found "
+                              f"{type(data).__name__}")
+    return data
+
+
+def config_from_yaml(path: Path, data: Mapping[str, Any], state: Mapping[str, torch.Tensor],
+                     detection: Detection, ids: Mapping[str, int], name: str) -> tuple[ModelConfig, list[str]]:
+    """ModelConfig from a CompVis YAML; `state`/`detection` supply the text encoder's sizes."""
+    notes: list[str] = []
+    model = _section(data, "model", path)
+    target = str(model.get("target", ""))
+    if not target.endswith(("LatentDiffusion", "LatentInpaintDiffusion")):
+        raise CheckpointError(f"{path}: model.target {target!r} is not supported; expected "
+                              f"ldm.models.diffusion.ddpm.LatentDiffusion")
+    params = _section(model, "params", path, "model.params")
+    unet_section = _section(params, "unet_config", path, "model.params.unet_config")
+    unet_params = _section(unet_section, "params", path, "model.params.unet_config.params")
+    first_stage = _section(params, "first_stage_config", path, "model.params.first_stage_config")
+    cond_stage = params.get("cond_stage_config")
+    if cond_stage is None:
+        raise CheckpointError(f"{path}: model.params.cond_stage_config missing (use "
+                              f"__is_unconditional__ for unconditional models)")
+
+    conditioner, family = _conditioner(cond_stage, state, detection, ids, path)
+    unet = _unet(unet_params, family, path, notes)
+    autoencoder = _autoencoder(first_stage, path)
+    scheduler = scheduler_from_compvis(params, f"{path}: model.params")
+    image_size = unet_params.get("image_size") or params.get("image_size")
+    try:
+        config = ModelConfig(
+            name=name, family=family, unet=unet, autoencoder=autoencoder, conditioner=conditioner,
+            scheduler=scheduler, scale_factor=float(params.get("scale_factor", 1.0)),
+            default_image_size=int(image_size) * autoencoder.downsampling_factor if image_size else 512)
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: the YAML does not describe a consistent model: {exc}") from None
+    return config, notes
+
+
+def _conditioner(section: Any, state: Mapping[str, torch.Tensor], detection: Detection,
+                 ids: Mapping[str, int], path: Path):
+    if isinstance(section, str):
+        target = section
+    else:
+        target = str(_mapping(section, path, "model.params.cond_stage_config").get("target", ""))
+    params = {} if isinstance(section, str) else dict(section.get("params") or {})
+    where = f"{path}: model.params.cond_stage_config"
+    if target == "__is_unconditional__":
+        return None, Family.LDM
+    if target.endswith(("FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder")):
+        openclip = target.endswith("FrozenOpenCLIPEmbedder")
+        if detection.conditioner not in ("clip", "openclip"):
+            raise CheckpointError(f"{where}: {target} names a CLIP text encoder, but the checkpoint has no "
+                                  f"CLIP text weights ({detection.evidence})")
+        layer = params.get("layer", "last")
+        if layer not in ("last", "penultimate"):
+            raise CheckpointError(f"{where}: layer {layer!r} is not supported; expected 'last' or "
+                                  f"'penultimate' (both followed by the final LayerNorm)")
+        shaped = Detection(detection.family, "openclip" if openclip else "clip", detection.autoencoder, "")
+        clip, _ = infer_conditioner(state, shaped, ids, str(path))
+        assert isinstance(clip, ClipTextConfig)
+        choice = LayerChoice.PENULTIMATE if layer == "penultimate" else LayerChoice.LAST
+        return dataclasses.replace(clip, layer=choice), Family.SD2 if openclip else Family.SD1
+    if target.endswith("BERTEmbedder"):
+        try:
+            return BertConfig(n_embed=int(params["n_embed"]), n_layer=int(params["n_layer"]),
+                              vocab_size=int(params.get("vocab_size", 30522)),
+                              max_seq_len=int(params.get("max_seq_len", 77))), Family.LDM
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{where}.params: BERTEmbedder needs n_embed and n_layer ({exc!r})") from None
+    if target.endswith("ClassEmbedder"):
+        try:
+            return ClassEmbedderConfig(n_classes=int(params.get("n_classes", 1000)),
+                                       embed_dim=int(params["embed_dim"])), Family.LDM
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{where}.params: ClassEmbedder needs embed_dim ({exc!r})") from None
+    raise CheckpointError(f"{where}: target {target!r} is not supported; expected FrozenCLIPEmbedder, "
+                          f"FrozenOpenCLIPEmbedder, BERTEmbedder, ClassEmbedder or __is_unconditional__")
+
+
+def _unet(params: Mapping[str, Any], family: Family, path: Path, notes: list[str]) -> UNetConfig:
+    where = f"{path}: model.params.unet_config.params"
+    for key, expected in _UNET_FIXED.items():
+        if params.get(key, expected) != expected:
+            raise CheckpointError(f"{where}: {key}={params[key]!r} is not supported (only {expected!r})")
+    if any(params.get("disable_self_attentions") or []):
+        raise CheckpointError(f"{where}: disable_self_attentions is not supported")
+    known = {f for f in UNetConfig.__dataclass_fields__} | set(_UNET_FIXED) | _UNET_IGNORED
+    unknown = sorted(set(params) - known)
+    if unknown:
+        notes.append(f"{where}: ignored unknown UNet options {unknown}")
+    depth = params.get("transformer_depth", 1)
+    if isinstance(depth, list):
+        if len(set(depth)) != 1:
+            raise CheckpointError(f"{where}: per-level transformer_depth {depth} is not supported")
+        depth = depth[0]
+    num_head_channels = int(params.get("num_head_channels", -1))
+    num_heads = int(params.get("num_heads", -1))
+    if num_heads == -1 and num_head_channels == -1:
+        raise CheckpointError(f"{where}: set num_heads or num_head_channels (CompVis requires one)")
+    try:
+        return UNetConfig(
+            in_channels=int(_need(params, "in_channels", where)),
+            out_channels=int(_need(params, "out_channels", where)),
+            model_channels=int(_need(params, "model_channels", where)),
+            channel_mult=tuple(int(m) for m in _need(params, "channel_mult", where)),
+            num_res_blocks=int(_need(params, "num_res_blocks", where)),
+            attention_resolutions=tuple(int(r) for r in _need(params, "attention_resolutions", where)),
+            num_heads=num_heads if num_heads != -1 else 8, num_head_channels=num_head_channels,
+            transformer_depth=int(depth), context_dim=params.get("context_dim"),
+            use_spatial_transformer=bool(params.get("use_spatial_transformer", False)),
+            use_linear_in_transformer=bool(params.get("use_linear_in_transformer", False)),
+            # CompVis' SD 2.x code runs attention softmax in fp32 (ATTN_PRECISION="fp32")
+            upcast_attention=family == Family.SD2, num_classes=params.get("num_classes"))
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+
+
+def _autoencoder(section: Mapping[str, Any], path: Path) -> AutoencoderConfig:
+    where = f"{path}: model.params.first_stage_config"
+    target = str(section.get("target", ""))
+    if target.endswith("AutoencoderKL"):
+        kind = AutoencoderKind.KL
+    elif target.endswith(("VQModelInterface", "VQModel")):
+        kind = AutoencoderKind.VQ
+    else:
+        raise CheckpointError(f"{where}: target {target!r} is not supported; expected AutoencoderKL or "
+                              f"VQModelInterface")
+    params = _section(section, "params", path, "model.params.first_stage_config.params")
+    dd = _section(params, "ddconfig", path, "model.params.first_stage_config.params.ddconfig")
+    if bool(dd.get("double_z", True)) != (kind == AutoencoderKind.KL):
+        raise CheckpointError(f"{where}: double_z={dd.get('double_z')} does not fit a {kind.value} autoencoder")
+    try:
+        ch_mult = tuple(int(m) for m in _need(dd, "ch_mult", where))
+        resolution = int(dd.get("resolution", 256))
+        attn = {int(r) for r in dd.get("attn_resolutions", [])}
+        return AutoencoderConfig(
+            kind=kind, embed_dim=int(_need(params, "embed_dim", where)),
+            z_channels=int(_need(dd, "z_channels", where)), in_channels=int(dd.get("in_channels", 3)),
+            out_ch=int(dd.get("out_ch", 3)), ch=int(_need(dd, "ch", where)),
+            ch_mult=ch_mult, num_res_blocks=int(_need(dd, "num_res_blocks", where)),
+            # CompVis adds attention where the current resolution (resolution / 2**level) is listed
+            attn_levels=tuple(i for i in range(len(ch_mult)) if resolution // 2 ** i in attn),
+            n_embed=int(params.get("n_embed", 0)))
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+
+
+def _section(data: Mapping[str, Any], key: str, path: Path, dotted: str | None = None) -> Mapping[str, Any]:
+    value = data.get(key) if isinstance(data, Mapping) else None
+    return _mapping(value, path, dotted or key)
+
+
+def _mapping(value: Any, path: Path, dotted: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        found = "nothing" if value is None else type(value).__name__
+        raise CheckpointError(f"{path}: expected a mapping at {dotted}, found {found}; is this a CompVis "
+                              f"inference YAML (model: target/params)?")
+    return value
+
+
+def _need(params: Mapping[str, Any], key: str, where: str) -> Any:
+    if key not in params:
+        raise CheckpointError(f"{where}: {key} missing")
+    return params[key]
+
