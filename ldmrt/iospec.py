@@ -234,3 +234,33 @@ def component_specs(config: ModelConfig, ranges: ShapeRanges, precision: Precisi
                             ("batch", 2 * c if kl else c, "latent_height", "latent_width")),),
         ranges=vae_ranges)
     return specs
+
+
+def example_inputs(config: ModelConfig, spec: ComponentSpec, values: dict[str, int],
+                   seed: int) -> dict[str, np.ndarray]:
+    """Random inputs of the spec's dtypes at the symbol `values`, in each input's natural range."""
+    rng = np.random.default_rng(seed)
+    arrays: dict[str, np.ndarray] = {}
+    for tensor in spec.inputs:
+        shape = tensor.resolve(values)
+        if tensor.name == "input_ids":
+            high = config.conditioner.vocab_size  # type: ignore[union-attr]
+            array = rng.integers(0, high, size=shape)
+        elif tensor.name == "class_labels":
+            cond = config.conditioner
+            high = cond.n_classes if hasattr(cond, "n_classes") else config.unet.num_classes
+            array = rng.integers(0, high, size=shape)
+        elif tensor.name == "timestep":
+            array = rng.uniform(0, config.scheduler.num_train_timesteps - 1, size=shape)
+        elif tensor.name == "images":
+            array = rng.uniform(-1.0, 1.0, size=shape)
+        else:
+            array = rng.standard_normal(size=shape)
+        arrays[tensor.name] = array.astype(_numpy_dtype(tensor.dtype))
+    return arrays
+
+
+def _numpy_dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        return np.dtype(np.float32)   # numpy has no bf16: feed fp32, cast at the boundary
+    return np.dtype(name)

@@ -5,9 +5,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ldmrt.config import ModelConfig
 from ldmrt.errors import ConfigError
-from ldmrt.iospec import ComponentSpec
+from ldmrt.iospec import ComponentSpec, example_inputs  # noqa: F401  (re-exported)
 from ldmrt.models import LatentDiffusion
 from ldmrt.models.conditioning import ClassEmbedder
 
@@ -45,30 +44,6 @@ class ComponentGraph(nn.Module):
         return self.unet(named["sample"], named["timestep"], context, labels)
 
 
-def example_inputs(config: ModelConfig, spec: ComponentSpec, values: dict[str, int],
-                   seed: int) -> dict[str, np.ndarray]:
-    """Random inputs of the spec's dtypes at the symbol `values`, in each input's natural range."""
-    rng = np.random.default_rng(seed)
-    arrays: dict[str, np.ndarray] = {}
-    for tensor in spec.inputs:
-        shape = tensor.resolve(values)
-        if tensor.name == "input_ids":
-            high = config.conditioner.vocab_size  # type: ignore[union-attr]
-            array = rng.integers(0, high, size=shape)
-        elif tensor.name == "class_labels":
-            cond = config.conditioner
-            high = cond.n_classes if hasattr(cond, "n_classes") else config.unet.num_classes
-            array = rng.integers(0, high, size=shape)
-        elif tensor.name == "timestep":
-            array = rng.uniform(0, config.scheduler.num_train_timesteps - 1, size=shape)
-        elif tensor.name == "images":
-            array = rng.uniform(-1.0, 1.0, size=shape)
-        else:
-            array = rng.standard_normal(size=shape)
-        arrays[tensor.name] = array.astype(_numpy_dtype(tensor.dtype))
-    return arrays
-
-
 def to_torch(arrays: dict[str, np.ndarray], spec: ComponentSpec, dtype: torch.dtype | None = None
              ) -> tuple[torch.Tensor, ...]:
     """Arrays -> tensors in spec order; float inputs cast to `dtype` when given (timestep stays fp32)."""
@@ -79,12 +54,6 @@ def to_torch(arrays: dict[str, np.ndarray], spec: ComponentSpec, dtype: torch.dt
             value = value.to(dtype)
         tensors.append(value)
     return tuple(tensors)
-
-
-def _numpy_dtype(name: str) -> np.dtype:
-    if name == "bfloat16":
-        return np.dtype(np.float32)   # numpy has no bf16: feed fp32, cast at the boundary
-    return np.dtype(name)
 
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -6,7 +6,7 @@ under their original names so a strict load reports them instead of dropping the
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -130,3 +130,19 @@ def bert_from_diffusers(state: Mapping[str, torch.Tensor], config: BertConfig) -
                       f"{src}.final_layer_norm": f"{ff}.0",
                       f"{src}.fc1": f"{ff}.1.net.0.0", f"{src}.fc2": f"{ff}.1.net.2"})
     return _rename(state, names)
+
+
+def to_diffusers(ours: Mapping[str, torch.Tensor], template: Mapping[str, torch.Tensor],
+                 forward: "Callable[[Mapping[str, torch.Tensor]], StateDict]") -> StateDict:
+    """Inverse of a `*_from_diffusers` map: our tensors under the names (and shapes) of `template`.
+
+    `template` is a reference model's state dict (e.g. a freshly built diffusers model) and
+    `forward` the function mapping its names onto ours; every template key must be covered.
+    """
+    names = forward({key: torch.empty(0) for key in template})
+    # forward() preserves insertion order, so the i-th output key is the i-th template key's name.
+    mapping = dict(zip(template, names))
+    missing = [ours_key for ours_key in mapping.values() if ours_key not in ours]
+    if missing:
+        raise KeyError(f"to_diffusers: {len(missing)} names have no tensor, e.g. {missing[:3]}")
+    return {key: ours[name].reshape(template[key].shape).clone() for key, name in mapping.items()}

@@ -1,0 +1,96 @@
+"""The bench harness's correctness (statistics, ratios, report schema) on `tiny` — not speed."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ldmrt.bench import (SCHEMA, BenchCase, BenchOptions, ratios, run_bench, summarize,
+                         validate_report, write_report)
+
+
+def test_summarize_matches_numpy() -> None:
+    samples = [0.010, 0.030, 0.020, 0.050, 0.040, 0.015, 0.025, 0.035, 0.045, 0.012]
+    stats = summarize(samples)
+    ms = np.array(samples) * 1e3
+    assert stats["median_ms"] == pytest.approx(np.median(ms))
+    assert stats["p90_ms"] == pytest.approx(np.sort(ms)[int(np.ceil(0.9 * len(ms))) - 1])
+    assert stats["min_ms"] == pytest.approx(ms.min()) and stats["max_ms"] == pytest.approx(ms.max())
+    assert stats["n"] == 10
+    with pytest.raises(ValueError):
+        summarize([])
+
+
+def test_ratios_are_baseline_over_contender() -> None:
+    case = {"size": 64, "batch": 1}
+    results = [
+        {"contender": "torch-eager", "status": "ok", "cases": [
+            {"case": case, "end_to_end": {"median_ms": 300.0}, "components": {"unet": {"median_ms": 30.0}}}]},
+        {"contender": "onnxruntime", "status": "ok", "cases": [
+            {"case": case, "end_to_end": {"median_ms": 100.0}, "components": {"unet": {"median_ms": 10.0}}}]},
+        {"contender": "diffusers", "status": "error", "error": "x"},
+    ]
+    rows = {r["contender"]: r for r in ratios(results, "torch-eager")}
+    assert rows["onnxruntime"]["end_to_end_speedup"] == pytest.approx(3.0)
+    assert rows["onnxruntime"]["unet_speedup"] == pytest.approx(3.0)
+    assert rows["torch-eager"]["end_to_end_speedup"] == pytest.approx(1.0)
+    assert "diffusers" not in rows
+    assert ratios(results[1:], "torch-eager") == []
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    from ldmrt.export.bundle import ExportOptions, export_bundle, preset_source
+    from ldmrt.iospec import ShapeRanges
+
+    out = tmp_path_factory.mktemp("bench") / "tiny"
+    export_bundle(preset_source("tiny"), out, ExportOptions(
+        components=("text_encoder", "unet", "vae_decoder"),
+        shape_ranges=ShapeRanges(min_size=32, opt_size=32, max_size=64, max_batch=2)))
+    return out
+
+
+def test_run_bench_report_on_tiny(tiny_bundle, tmp_path) -> None:
+    options = BenchOptions(contenders=("onnxruntime", "torch-eager"),
+                           cases=(BenchCase(size=32, batch=1, steps=2), BenchCase(size=32, batch=2, steps=2)),
+                           warmup=0, repeat=2)
+    report = run_bench(tiny_bundle, options)
+    assert validate_report(report) == []
+    assert report["schema"] == SCHEMA
+    assert report["machine"]["cores"] >= 1 and report["machine"]["cpu"]
+    by_name = {r["contender"]: r for r in report["results"]}
+    assert set(by_name) == {"onnxruntime", "torch-eager"}
+    for result in by_name.values():
+        assert result["status"] == "ok", result
+        assert result["peak_rss_mib"] > 50
+        assert [c["case"]["batch"] for c in result["cases"]] == [1, 2]
+        for row in result["cases"]:
+            assert row["end_to_end"]["n"] == 2
+            assert row["images_per_s"] == pytest.approx(row["case"]["batch"] * 1e3 / row["end_to_end"]["median_ms"])
+            assert set(row["components"]) == {"text_encoder", "unet", "vae_decoder"}
+            assert row["denoise_ms"] > 0
+    onnx_case = by_name["onnxruntime"]["cases"][0]
+    # The numpy loop measures UNet time directly: overhead is the rest of the loop, and small.
+    assert onnx_case["loop_overhead_ms_per_step"] < onnx_case["denoise_ms"] / 2
+    assert len(report["ratios"]) == 4
+    path = tmp_path / "r.json"
+    write_report(report, path)
+    assert json.loads(path.read_text())["schema"] == SCHEMA
+
+
+def test_validate_report_catches_problems() -> None:
+    assert "missing results" in validate_report({"schema": SCHEMA})
+    bad = {"schema": SCHEMA, "created": "", "bundle": {}, "machine": {}, "options": {}, "ratios": [],
+           "results": [{"contender": "x", "status": "ok", "cases": [
+               {"case": {}, "images_per_s": 1.0,
+                "end_to_end": {"min_ms": 5.0, "median_ms": 4.0, "p90_ms": 6.0, "max_ms": 7.0}}]}]}
+    assert any("out of order" in p for p in validate_report(bad))
+
+
+def test_failed_contender_is_recorded_not_raised(tiny_bundle) -> None:
+    options = BenchOptions(contenders=("no-such-backend",), cases=(BenchCase(size=32, batch=1, steps=1),),
+                           warmup=0, repeat=1)
+    report = run_bench(tiny_bundle, options)
+    (result,) = report["results"]
+    assert result["status"] == "error" and "no-such-backend" in result["error"]
