@@ -65,6 +65,10 @@ def export(
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
     no_validate: bool = typer.Option(False, "--no-validate", help="Skip the ONNX Runtime parity check."),
     seed: int = typer.Option(0, help="Seed of a preset's random weights."),
+    preset_name: Optional[str] = typer.Option(None, "--preset", help="Checkpoint: the preset it follows."),
+    yaml_path: Optional[Path] = typer.Option(None, "--yaml", help="Checkpoint: its original inference YAML."),
+    tokenizer_dir: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer folder for a single file."),
+    no_strict: bool = typer.Option(False, "--no-strict", help="Load despite missing/unexpected weights (warned)."),
 ) -> None:
     """Export a model to an ONNX bundle with dynamic shapes, validated against PyTorch."""
     with user_errors():
@@ -79,7 +83,10 @@ def export(
                           f"outputs are noise; pass a checkpoint path for a real model[/]")
         else:
             from ldmrt.checkpoints import checkpoint_source
-            model_source = checkpoint_source(Path(source))
+            model_source = checkpoint_source(Path(source), preset=preset_name, yaml=yaml_path,
+                                             strict=not no_strict, tokenizer=tokenizer_dir)
+            if model_source.random_weights:
+                console.print("[bold yellow]--no-strict left some weights RANDOM[/]")
         config = model_source.model.config
         default = ShapeRanges.for_model(config)
         ranges = ShapeRanges(min_size=min_size or default.min_size, opt_size=opt_size or default.opt_size,
@@ -105,7 +112,9 @@ def export(
 
 
 @app.command()
-def inspect(path: Path = typer.Argument(..., help="A bundle folder or a checkpoint.")) -> None:
+def inspect(path: Path = typer.Argument(..., help="A bundle folder or a checkpoint."),
+            preset_name: Optional[str] = typer.Option(None, "--preset", help="Checkpoint: the preset it follows."),
+            yaml_path: Optional[Path] = typer.Option(None, "--yaml", help="Checkpoint: its inference YAML.")) -> None:
     """Print what a bundle or checkpoint holds."""
     with user_errors():
         from ldmrt.manifest import MANIFEST_NAME, load_manifest
@@ -132,7 +141,7 @@ def inspect(path: Path = typer.Argument(..., help="A bundle folder or a checkpoi
                 out.print(f"engine: {dict(record)}")
             return
         from ldmrt.checkpoints import describe_checkpoint
-        out.print(describe_checkpoint(path))
+        out.print(describe_checkpoint(path, preset=preset_name, yaml=yaml_path), highlight=False)
 
 
 def _enum(kind, value: str, option: str):

@@ -75,16 +75,17 @@ def export_bundle(source: ModelSource, out: Path, options: ExportOptions = Expor
     work.mkdir(parents=True)
     seconds: dict[str, float] = {}
     try:
+        tokenizer = None
+        if source.write_tokenizer is not None and "text_encoder" in names:
+            # First: a missing tokenizer fails before minutes of export, not after.
+            (work / TOKENIZER_DIR).mkdir()
+            kind = source.write_tokenizer(work / TOKENIZER_DIR)
+            tokenizer = TokenizerEntry.from_folder(work, kind)
         entries = {}
         for name in names:
             start = time.perf_counter()
             entries[name] = _export_component(source.model, specs[name], work, options, report)
             seconds[name] = time.perf_counter() - start
-        tokenizer = None
-        if source.write_tokenizer is not None and "text_encoder" in names:
-            (work / TOKENIZER_DIR).mkdir()
-            kind = source.write_tokenizer(work / TOKENIZER_DIR)
-            tokenizer = TokenizerEntry.from_folder(work, kind)
         manifest = Manifest(name=config.name, source=source.source, random_weights=source.random_weights,
                             config=config, precision=options.precision, shape_ranges=ranges,
                             components=entries, tokenizer=tokenizer)
