@@ -1,0 +1,676 @@
+"""The artifact bundle format: manifest.json (versioned JSON) plus the files it lists by sha256.
+
+Part of the lean runtime: standard library, numpy (through iospec) and ldmrt's torch-free
+modules only. A manifest is untrusted input: loading checks every field and every failure is
+a BundleError naming the bundle, the field, what was expected and what was found.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, NoReturn
+
+from ldmrt.config import Family, ModelConfig
+from ldmrt.errors import BundleError, LdmrtError
+from ldmrt.iospec import ComponentSpec, Precision, ShapeRanges
+
+SCHEMA_VERSION = 1
+LDMRT_VERSION = "0.1.0"  # the package version written into new manifests
+MANIFEST_NAME = "manifest.json"
+TOKENIZER_DIR = "tokenizer"
+DEFAULT_POSTPROCESS: Mapping[str, str] = {"images": "clamp(x / 2 + 0.5, 0, 1)"}
+TOKENIZER_KINDS = ("clip", "wordpiece")
+COMPONENT_DTYPES = ("float32", "float16", "bfloat16")
+
+MAX_MANIFEST_BYTES = 16 * 2**20   # real manifests are a few kB; refuse to parse a huge file
+MAX_DEPTH = 32                    # real manifests nest < 10 levels
+MAX_INT = 2**63 - 1               # every count, size and dimension fits an int64
+MAX_STRING = 4096
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_COMPONENT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_TENSOR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,127}$")
+_SYMBOL = re.compile(r"^[a-z_]+$")
+_VERSION = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+!_-]{0,63}$")
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_]+$")
+_MISSING = object()
+
+# What the config/iospec parsers (not written for hostile input) may raise on bad data.
+_FOREIGN_ERRORS = (LdmrtError, LookupError, TypeError, ValueError, ArithmeticError,
+                   AttributeError, RecursionError)
+
+
+def utc_now() -> str:
+    """The current time as ISO-8601 UTC, to the second: 2024-05-01T12:00:00Z."""
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    return now.isoformat().replace("+00:00", "Z")
+
+
+# --- the schema as frozen dataclasses ------------------------------------------------------
+
+@dataclass(frozen=True)
+class ParityRecord:
+    """Export-time agreement of a component with the reference (PyTorch) on fresh inputs."""
+    reference: str
+    rel_l2: float
+    max_abs: float
+    tolerance: float
+    shapes: Mapping[str, int | tuple[int, ...]]  # input name -> shape (or symbol -> value)
+
+    @property
+    def passed(self) -> bool:
+        return self.rel_l2 <= self.tolerance
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"reference": self.reference, "rel_l2": self.rel_l2, "max_abs": self.max_abs,
+                "tolerance": self.tolerance,
+                "shapes": {k: v if isinstance(v, int) else list(v) for k, v in self.shapes.items()}}
+
+
+@dataclass(frozen=True)
+class ComponentEntry:
+    """One exported graph: its file(s) with their sha256, its I/O spec and its parity record."""
+    name: str
+    file: str                          # "<component>.onnx", a plain name inside the bundle
+    external_data: str | None          # "<component>.onnx.data" when the graph exceeds 2 GB
+    sha256: Mapping[str, str]          # file name -> hex digest, for file and external_data
+    size_bytes: int                    # file + external data
+    spec: ComponentSpec
+    dtype: str                         # the graph's float dtype (numpy name)
+    parity: ParityRecord | None = None
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return (self.file,) if self.external_data is None else (self.file, self.external_data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "external_data": self.external_data,
+                "sha256": dict(self.sha256), "size_bytes": self.size_bytes,
+                "io": self.spec.to_dict(), "dtype": self.dtype,
+                "parity": None if self.parity is None else self.parity.to_dict()}
+
+    @classmethod
+    def from_dict(cls, name: str, data: Any, origin: str = "<in memory>") -> "ComponentEntry":
+        return _parse_component(_Reader(origin), name, data, f"components.{name}")
+
+    @classmethod
+    def from_files(cls, bundle_dir: str | os.PathLike, spec: ComponentSpec, dtype: str,
+                   parity: ParityRecord | None = None) -> "ComponentEntry":
+        """The entry for `<spec.name>.onnx` (and `.onnx.data` if present) already in the bundle."""
+        bundle = Path(bundle_dir)
+        file = f"{spec.name}.onnx"
+        external = f"{file}.data" if (bundle / f"{file}.data").is_file() else None
+        names = (file,) if external is None else (file, external)
+        hashes = {n: sha256_file(bundle / n) for n in names}
+        size = sum((bundle / n).stat().st_size for n in names)
+        return cls(name=spec.name, file=file, external_data=external, sha256=hashes,
+                   size_bytes=size, spec=spec, dtype=dtype, parity=parity)
+
+
+@dataclass(frozen=True)
+class TokenizerEntry:
+    """The tokenizer assets under `tokenizer/`: which tokenizer, and each file's sha256."""
+    kind: str                          # "clip" (byte-level BPE) or "wordpiece"
+    files: Mapping[str, str]           # file name -> hex digest
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "files": dict(self.files)}
+
+    @classmethod
+    def from_dict(cls, data: Any, origin: str = "<in memory>") -> "TokenizerEntry":
+        return _parse_tokenizer(_Reader(origin), data, "tokenizer")
+
+    @classmethod
+    def from_folder(cls, bundle_dir: str | os.PathLike, kind: str) -> "TokenizerEntry":
+        """The entry for every file already in `<bundle>/tokenizer/`."""
+        folder = Path(bundle_dir) / TOKENIZER_DIR
+        return cls(kind=kind, files={p.name: sha256_file(p)
+                                     for p in sorted(folder.iterdir()) if p.is_file()})
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What `ldmrt export` wrote: the model, its precision and shape ranges, and every file."""
+    name: str
+    source: str                        # "preset:<name>" or the checkpoint path
+    random_weights: bool
+    config: ModelConfig
+    precision: Precision
+    shape_ranges: ShapeRanges
+    components: Mapping[str, ComponentEntry]
+    tokenizer: TokenizerEntry | None = None
+    engines: tuple[Mapping[str, Any], ...] = ()   # records owned by the engine builder
+    postprocess: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_POSTPROCESS))
+    created: str = field(default_factory=utc_now)
+    ldmrt_version: str = LDMRT_VERSION
+
+    @property
+    def family(self) -> Family:
+        return self.config.family
+
+    @property
+    def latent_scale(self) -> float:
+        """latent = latent_scale * first-stage encoding; the runtime divides before decoding."""
+        return self.config.scale_factor
+
+    def component(self, name: str) -> ComponentEntry:
+        try:
+            return self.components[name]
+        except (KeyError, TypeError):
+            raise BundleError(f"manifest {self.name!r}: no component {name!r}; available: "
+                              f"{sorted(self.components)}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION, "ldmrt_version": self.ldmrt_version,
+            "created": self.created, "name": self.name, "source": self.source,
+            "random_weights": self.random_weights, "family": self.family.value,
+            "config": self.config.to_dict(), "precision": self.precision.value,
+            "latent_scale": self.latent_scale, "postprocess": dict(self.postprocess),
+            "shape_ranges": _shape_ranges_dict(self.shape_ranges),
+            "components": {name: entry.to_dict() for name, entry in self.components.items()},
+            "tokenizer": None if self.tokenizer is None else self.tokenizer.to_dict(),
+            "engines": [dict(record) for record in self.engines],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, origin: str = "<in memory>") -> "Manifest":
+        """Validate untrusted JSON data; BundleError (naming `origin` and the field) if invalid."""
+        return _parse_manifest(_Reader(origin), data)
+
+
+# --- files ---------------------------------------------------------------------------------
+
+def load_manifest(bundle_dir: str | os.PathLike) -> Manifest:
+    """Read and validate `<bundle_dir>/manifest.json`; BundleError on anything unexpected."""
+    bundle = _bundle_path(bundle_dir)
+    path = bundle / MANIFEST_NAME
+    try:
+        if not bundle.is_dir():
+            what = "a file" if bundle.exists() else "nothing"
+            raise BundleError(f"bundle {bundle}: expected the folder `ldmrt export` writes, found {what}")
+        if not path.is_file():
+            what = "something that is not a file" if path.exists() else "no such file"
+            raise BundleError(f"bundle {bundle}: expected {MANIFEST_NAME}, found {what}; the export "
+                              f"did not finish (it writes the manifest last): re-run `ldmrt export`")
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_MANIFEST_BYTES + 1)
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"bundle {bundle}: cannot read {MANIFEST_NAME}: {exc}") from None
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise BundleError(f"bundle {bundle}: expected {MANIFEST_NAME} of at most "
+                          f"{MAX_MANIFEST_BYTES} bytes, found a larger file")
+    return Manifest.from_dict(_parse_json(raw, bundle), origin=str(bundle))
+
+
+def write_manifest(bundle_dir: str | os.PathLike, manifest: Manifest) -> Path:
+    """Validate `manifest` and write it atomically (temp file, fsync, rename); returns the path."""
+    bundle = _bundle_path(bundle_dir)
+    try:
+        data = manifest.to_dict()
+        Manifest.from_dict(data, origin=str(bundle))
+        text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False, ensure_ascii=False) + "\n"
+    except BundleError as exc:
+        raise BundleError(f"refusing to write an invalid manifest: {exc}") from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise BundleError(f"bundle {bundle}: refusing to write a manifest that cannot be "
+                          f"serialised ({type(exc).__name__}: {exc})") from None
+    target = bundle / MANIFEST_NAME
+    try:
+        fd, temp = tempfile.mkstemp(prefix=f".{MANIFEST_NAME}.", suffix=".tmp", dir=bundle)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(text.encode("utf-8"))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(temp, 0o644)
+            os.replace(temp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
+    except OSError as exc:
+        raise BundleError(f"bundle {bundle}: cannot write {MANIFEST_NAME}: {exc}") from None
+    _fsync_folder(bundle)  # make the rename itself durable
+    return target
+
+
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks (graphs can be many GB)."""
+    digest = hashlib.sha256()
+    buffer = bytearray(chunk_size)
+    view = memoryview(buffer)
+    try:
+        with open(path, "rb", buffering=0) as handle:
+            while n := handle.readinto(buffer):
+                digest.update(view[:n])
+    except OSError as exc:
+        raise BundleError(f"cannot hash {path}: {exc}") from None
+    return digest.hexdigest()
+
+
+def verify_bundle(bundle_dir: str | os.PathLike, manifest: Manifest,
+                  components: Iterable[str] | None = None) -> None:
+    """Check that every file of `components` (default: all) and the tokenizer matches its sha256."""
+    bundle = _bundle_path(bundle_dir)
+    names = list(manifest.components) if components is None else (
+        [components] if isinstance(components, str) else list(components))
+    reader = _Reader(str(bundle))
+    for name in names:
+        entry = manifest.component(name)
+        where = f"components.{name}.sha256"
+        for file in entry.sha256:
+            reader.file_name(file, where)
+        # Missing files and a wrong total size are found before hashing gigabytes.
+        sizes = [_file_size(bundle, file, where) for file in entry.sha256]
+        if sum(sizes) != entry.size_bytes:
+            raise BundleError(f"bundle {bundle}: components.{name}.size_bytes: expected "
+                              f"{entry.size_bytes} bytes in {list(entry.sha256)}, found {sum(sizes)}; "
+                              f"a file is truncated or was replaced: re-export the bundle")
+        for file, expected in entry.sha256.items():
+            _verify_file(bundle, file, expected, where)
+    if manifest.tokenizer is not None:
+        where = "tokenizer.files"
+        for file, expected in manifest.tokenizer.files.items():
+            reader.file_name(file, where)
+            _file_size(bundle, f"{TOKENIZER_DIR}/{file}", where)
+            _verify_file(bundle, f"{TOKENIZER_DIR}/{file}", expected, where)
+
+
+def _bundle_path(bundle_dir: Any) -> Path:
+    try:
+        path = os.fspath(bundle_dir)
+    except TypeError:
+        path = None
+    if not isinstance(path, str) or "\0" in path:
+        raise BundleError(f"bundle: expected a folder path, found {_describe(bundle_dir)}")
+    return Path(path)
+
+
+def _file_size(bundle: Path, relative: str, where: str) -> int:
+    path = bundle / relative
+    try:
+        if path.is_file():
+            return path.stat().st_size
+    except (OSError, ValueError):
+        pass
+    raise BundleError(f"bundle {bundle}: file {relative} (listed in {where}) is missing; "
+                      f"copy the whole bundle folder or re-export it")
+
+
+def _verify_file(bundle: Path, relative: str, expected: str, where: str) -> None:
+    found = sha256_file(bundle / relative)
+    if found != expected:
+        raise BundleError(f"bundle {bundle}: file {relative} does not match {where}: expected "
+                          f"sha256 {expected}, found {found}; the file is corrupt or was "
+                          f"replaced: re-export the bundle")
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # not supported here (e.g. Windows); the rename is still atomic
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --- parsing untrusted JSON ----------------------------------------------------------------
+
+class _JsonRejected(ValueError):
+    pass
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise _JsonRejected(f"{name} (JSON has no non-finite numbers)")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _JsonRejected(f"the key {key[:80]!r} twice in one object")
+        out[key] = value
+    return out
+
+
+def _parse_json(raw: bytes, bundle: Path) -> Any:
+    def fail(found: str) -> NoReturn:
+        raise BundleError(f"bundle {bundle}: expected {MANIFEST_NAME} to be UTF-8 JSON, found "
+                          f"{found}; the file is corrupt: re-export the bundle")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        fail(f"bytes that are not UTF-8 at offset {exc.start}")
+    try:
+        return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+    except _JsonRejected as exc:
+        fail(str(exc))
+    except json.JSONDecodeError as exc:
+        fail(f"invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})")
+    except RecursionError:
+        fail(f"values nested deeper than {MAX_DEPTH} levels")
+    except ValueError as exc:   # e.g. an integer with thousands of digits
+        fail(f"an unreadable value ({str(exc)[:120]})")
+
+
+def _describe(value: Any) -> str:
+    """How a found value reads in an error message (short, whatever its size)."""
+    if value is _MISSING:
+        return "nothing (the key is missing)"
+    if isinstance(value, dict):
+        return f"an object with {len(value)} keys"
+    if isinstance(value, list):
+        return f"a list of {len(value)} items"
+    kind = {bool: "boolean", int: "integer", float: "number", str: "string",
+            type(None): "null"}.get(type(value), type(value).__name__)
+    text = repr(value)
+    return f"{kind} {text[:77] + '...' if len(text) > 80 else text}"
+
+
+def _join(where: str, key: Any) -> str:
+    if isinstance(key, int):
+        return f"{where}[{key}]"
+    key = str(key)
+    if _PLAIN_KEY.match(key):
+        return key if where == "<root>" else f"{where}.{key}"
+    return f"{where}[{json.dumps(key[:40])}]"
+
+
+class _Reader:
+    """Typed accessors over untrusted data; every failure is a BundleError naming the field."""
+
+    def __init__(self, origin: str) -> None:
+        self.origin = origin
+
+    def error(self, where: str, expected: str, found: str) -> BundleError:
+        return BundleError(f"bundle {self.origin}: {MANIFEST_NAME} field {where}: "
+                           f"expected {expected}, found {found}")
+
+    def fail(self, where: str, expected: str, value: Any) -> NoReturn:
+        raise self.error(where, expected, _describe(value))
+
+    def json_value(self, value: Any, where: str) -> None:
+        """Plain JSON only: string keys, finite numbers, int64 integers, bounded nesting."""
+        stack = [(value, where, 1)]
+        while stack:
+            item, path, depth = stack.pop()
+            if depth > MAX_DEPTH:
+                raise self.error(path, f"at most {MAX_DEPTH} levels of nesting", "deeper nesting")
+            if isinstance(item, dict):
+                for key, child in item.items():
+                    if not isinstance(key, str):
+                        self.fail(path, "an object with string keys", key)
+                    stack.append((child, _join(path, key), depth + 1))
+            elif isinstance(item, (list, tuple)):   # json.dumps writes tuples as lists
+                stack.extend((child, _join(path, i), depth + 1) for i, child in enumerate(item))
+            elif isinstance(item, float):
+                if not math.isfinite(item):
+                    self.fail(path, "a finite number", item)
+            elif isinstance(item, int) and not isinstance(item, bool):
+                if not -MAX_INT - 1 <= item <= MAX_INT:
+                    raise self.error(path, "an integer that fits in 64 bits",
+                                     f"an integer with {len(str(abs(item)))} digits")
+            elif not (item is None or isinstance(item, (str, bool))):
+                self.fail(path, "a JSON value", item)
+
+    def record(self, value: Any, where: str, required: tuple[str, ...]) -> dict[str, Any]:
+        """An object with exactly the keys `required`."""
+        if not isinstance(value, dict):
+            self.fail(where, "an object", value)
+        unknown = sorted(k for k in value if k not in required)
+        if unknown:
+            raise self.error(where, f"only the keys {list(required)}",
+                             f"the unknown key {unknown[0][:80]!r}")
+        for key in required:
+            if key not in value:
+                self.fail(_join(where, key), "a value (the key is required)", _MISSING)
+        return value
+
+    def mapping(self, value: Any, where: str, minimum: int = 0) -> dict[str, Any]:
+        """An object with free-form keys (JSON keys are strings)."""
+        if not isinstance(value, dict) or len(value) < minimum:
+            self.fail(where, "an object" + (f" with at least {minimum} keys" if minimum else ""), value)
+        return value
+
+    def sequence(self, value: Any, where: str, minimum: int = 0) -> list[Any]:
+        if not isinstance(value, list) or len(value) < minimum:
+            self.fail(where, "a list" + (f" of at least {minimum} items" if minimum else ""), value)
+        return value
+
+    def string(self, value: Any, where: str, pattern: re.Pattern[str] | None = None,
+               expected: str = "a non-empty string") -> str:
+        if not isinstance(value, str) or not 0 < len(value) <= MAX_STRING \
+                or (pattern is not None and not pattern.match(value)):
+            self.fail(where, expected, value)
+        return value
+
+    def choice(self, value: Any, where: str, choices: Iterable[str]) -> str:
+        choices = list(choices)
+        if not isinstance(value, str) or value not in choices:
+            self.fail(where, f"one of {choices}", value)
+        return value
+
+    def boolean(self, value: Any, where: str) -> bool:
+        if not isinstance(value, bool):
+            self.fail(where, "true or false", value)
+        return value
+
+    def integer(self, value: Any, where: str, minimum: int = 0) -> int:
+        if type(value) is not int or not minimum <= value <= MAX_INT:
+            self.fail(where, f"an integer >= {minimum}", value)
+        return value
+
+    def number(self, value: Any, where: str) -> float:
+        """A finite number >= 0 (integers are accepted and become floats)."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value) or value < 0:
+            self.fail(where, "a finite number >= 0", value)
+        return float(value)
+
+    def sha256(self, value: Any, where: str) -> str:
+        return self.string(value, where, _SHA256, "a sha256 as 64 lowercase hex digits")
+
+    def file_name(self, value: Any, where: str) -> str:
+        """A plain file name: nothing that could point outside the bundle folder."""
+        expected = "a plain file name inside the bundle (no path separators, '..' or drive)"
+        if not isinstance(value, str) or not 0 < len(value) <= 255 or value in (".", "..") \
+                or any(c in value for c in "/\\:") or any(ord(c) < 32 or ord(c) == 127 for c in value) \
+                or value != value.strip():
+            self.fail(where, expected, value)
+        return value
+
+    def foreign(self, parse: Any, where: str, expected: str) -> Any:
+        """Run a config/iospec parser; whatever it raises becomes a BundleError for `where`."""
+        try:
+            return parse()
+        except _FOREIGN_ERRORS as exc:
+            message = str(exc) or type(exc).__name__
+            raise self.error(where, expected, message[:300]) from None
+
+
+_TOP_KEYS = ("schema_version", "ldmrt_version", "created", "name", "source", "random_weights",
+             "family", "config", "precision", "latent_scale", "postprocess", "shape_ranges",
+             "components", "tokenizer", "engines")
+_COMPONENT_KEYS = ("file", "external_data", "sha256", "size_bytes", "io", "dtype", "parity")
+_PARITY_KEYS = ("reference", "rel_l2", "max_abs", "tolerance", "shapes")
+_SHAPE_RANGE_KEYS = ("min_size", "opt_size", "max_size", "max_batch", "opt_batch")
+
+
+def _parse_manifest(reader: _Reader, data: Any) -> Manifest:
+    reader.json_value(data, "<root>")
+    if not isinstance(data, dict):
+        reader.fail("<root>", "an object", data)
+    version = data.get("schema_version", _MISSING)
+    if type(version) is not int:
+        reader.fail("schema_version", f"the integer {SCHEMA_VERSION}", version)
+    readable = f"{SCHEMA_VERSION}, the schema this ldmrt reads"
+    if version > SCHEMA_VERSION:
+        raise reader.error("schema_version", readable, f"{version}: the bundle was written by a "
+                           f"newer ldmrt; upgrade ldmrt to load it")
+    if version < SCHEMA_VERSION:
+        raise reader.error("schema_version", readable, f"{version}: the bundle was written by an "
+                           f"older ldmrt whose format this version no longer reads; re-export it")
+    reader.record(data, "<root>", _TOP_KEYS)
+    reader.string(data["ldmrt_version"], "ldmrt_version", _VERSION, "a version string such as '0.1.0'")
+    created = reader.string(data["created"], "created")
+    stamp = reader.foreign(lambda: datetime.datetime.fromisoformat(created), "created",
+                           "an ISO-8601 UTC time such as '2024-05-01T12:00:00Z'")
+    if stamp.utcoffset() != datetime.timedelta(0):
+        reader.fail("created", "an ISO-8601 time in UTC (ending in 'Z' or '+00:00')", created)
+
+    config_data = reader.mapping(data["config"], "config")
+    config: ModelConfig = reader.foreign(lambda: ModelConfig.from_dict(config_data), "config",
+                                         "a valid model configuration")
+    reader.choice(data["family"], "family", [f.value for f in Family])
+    if data["family"] != config.family.value:
+        reader.fail("family", f"{config.family.value!r}, the family of config", data["family"])
+    scale = reader.number(data["latent_scale"], "latent_scale")
+    if scale != config.scale_factor:
+        reader.fail("latent_scale", f"{config.scale_factor}, the scale_factor of config", scale)
+    precision = Precision(reader.choice(data["precision"], "precision", [p.value for p in Precision]))
+
+    postprocess = reader.mapping(data["postprocess"], "postprocess", minimum=1)
+    for key, expression in postprocess.items():
+        reader.string(key, "postprocess", _TENSOR_NAME, "output names as keys")
+        reader.string(expression, _join("postprocess", key), expected="an expression string")
+
+    ranges_data = reader.record(data["shape_ranges"], "shape_ranges", _SHAPE_RANGE_KEYS)
+    ranges = ShapeRanges(**{key: reader.integer(ranges_data[key], _join("shape_ranges", key), 1)
+                            for key in _SHAPE_RANGE_KEYS})
+    reader.foreign(lambda: (ranges.latent_range(config.downsampling_factor),
+                            ranges.batch_range(guided=False)),
+                   "shape_ranges", f"sizes that are multiples of the latent factor "
+                                   f"{config.downsampling_factor} with min <= opt <= max")
+
+    components_data = reader.mapping(data["components"], "components", minimum=1)
+    components: dict[str, ComponentEntry] = {}
+    owner: dict[str, str] = {}
+    for name, entry_data in components_data.items():
+        reader.string(name, "components", _COMPONENT_NAME,
+                      "component names of lowercase letters, digits and '_'")
+        entry = _parse_component(reader, name, entry_data, _join("components", name))
+        for file in entry.files:
+            if file in owner:
+                reader.fail(_join(_join("components", name), "file"),
+                            f"a file no other component lists (components.{owner[file]} has it)", file)
+            owner[file] = name
+        components[name] = entry
+
+    tokenizer = None if data["tokenizer"] is None else \
+        _parse_tokenizer(reader, data["tokenizer"], "tokenizer")
+    engines = reader.sequence(data["engines"], "engines")
+    for i, record in enumerate(engines):
+        reader.mapping(record, _join("engines", i))
+
+    return Manifest(
+        name=reader.string(data["name"], "name"), source=reader.string(data["source"], "source"),
+        random_weights=reader.boolean(data["random_weights"], "random_weights"), config=config,
+        precision=precision, shape_ranges=ranges, components=components, tokenizer=tokenizer,
+        engines=tuple(dict(record) for record in engines), postprocess=dict(postprocess),
+        created=created, ldmrt_version=data["ldmrt_version"])
+
+
+def _parse_component(reader: _Reader, name: str, data: Any, where: str) -> ComponentEntry:
+    reader.json_value(data, where)
+    reader.record(data, where, _COMPONENT_KEYS)
+    file = reader.file_name(data["file"], _join(where, "file"))
+    if not file.endswith(".onnx"):
+        reader.fail(_join(where, "file"), "a file name ending in '.onnx'", file)
+    external = data["external_data"]
+    if external is not None:
+        reader.file_name(external, _join(where, "external_data"))
+        if external in (file, MANIFEST_NAME):
+            reader.fail(_join(where, "external_data"), f"a file other than the graph and {MANIFEST_NAME}",
+                        external)
+    files = (file,) if external is None else (file, external)
+
+    hashes = reader.mapping(data["sha256"], _join(where, "sha256"))
+    if sorted(hashes) != sorted(files):
+        raise reader.error(_join(where, "sha256"), f"a sha256 for exactly {list(files)}",
+                           f"keys {sorted(hashes)[:8]}")
+    for file_name, digest in hashes.items():
+        reader.sha256(digest, _join(_join(where, "sha256"), file_name))
+    size = reader.integer(data["size_bytes"], _join(where, "size_bytes"))
+    spec = _parse_io(reader, name, data["io"], _join(where, "io"))
+    dtype = reader.choice(data["dtype"], _join(where, "dtype"), COMPONENT_DTYPES)
+    parity = None if data["parity"] is None else _parse_parity(reader, data["parity"], _join(where, "parity"))
+    return ComponentEntry(name=name, file=file, external_data=external,
+                          sha256={f: hashes[f] for f in files}, size_bytes=size, spec=spec,
+                          dtype=dtype, parity=parity)
+
+
+def _parse_io(reader: _Reader, name: str, data: Any, where: str) -> ComponentSpec:
+    """Check the shape of the JSON first: ComponentSpec.from_dict trusts its input's types."""
+    reader.record(data, where, ("inputs", "outputs", "ranges"))
+    seen: set[str] = set()
+    for group in ("inputs", "outputs"):
+        tensors = reader.sequence(data[group], _join(where, group), minimum=1)
+        for i, tensor in enumerate(tensors):
+            at = _join(_join(where, group), i)
+            reader.record(tensor, at, ("name", "dtype", "shape"))
+            tensor_name = reader.string(tensor["name"], _join(at, "name"), _TENSOR_NAME,
+                                        "a tensor name (letters, digits, '_', '.')")
+            if tensor_name in seen:
+                reader.fail(_join(at, "name"), "a name no other tensor of this component has", tensor_name)
+            seen.add(tensor_name)
+            reader.string(tensor["dtype"], _join(at, "dtype"), re.compile(r"^[a-z][a-z0-9]{0,15}$"),
+                          "a numpy dtype name such as 'float32'")
+            for axis, dim in enumerate(reader.sequence(tensor["shape"], _join(at, "shape"))):
+                if not (type(dim) is int and 0 <= dim <= MAX_INT or isinstance(dim, str)):
+                    reader.fail(_join(_join(at, "shape"), axis),
+                                "a size >= 0 or a symbol such as 'batch' or '8*latent_height'", dim)
+    ranges = reader.mapping(data["ranges"], _join(where, "ranges"))
+    for symbol, triple in ranges.items():
+        reader.string(symbol, _join(where, "ranges"), _SYMBOL, "symbol names of lowercase letters and '_'")
+        at = _join(_join(where, "ranges"), symbol)
+        if not isinstance(triple, list) or len(triple) != 3:
+            reader.fail(at, "[min, opt, max]", triple)
+        for value in triple:
+            reader.integer(value, at, 1)
+    return reader.foreign(lambda: ComponentSpec.from_dict(name, data), where,
+                          "a consistent I/O spec")
+
+
+def _parse_parity(reader: _Reader, data: Any, where: str) -> ParityRecord:
+    reader.record(data, where, _PARITY_KEYS)
+    shapes: dict[str, int | tuple[int, ...]] = {}
+    for key, value in reader.mapping(data["shapes"], _join(where, "shapes")).items():
+        at = _join(_join(where, "shapes"), key)
+        reader.string(key, _join(where, "shapes"), _TENSOR_NAME, "tensor or symbol names as keys")
+        if isinstance(value, list):
+            shapes[key] = tuple(reader.integer(v, at) for v in value)
+        else:
+            shapes[key] = reader.integer(value, at)
+    return ParityRecord(reference=reader.string(data["reference"], _join(where, "reference")),
+                        rel_l2=reader.number(data["rel_l2"], _join(where, "rel_l2")),
+                        max_abs=reader.number(data["max_abs"], _join(where, "max_abs")),
+                        tolerance=reader.number(data["tolerance"], _join(where, "tolerance")),
+                        shapes=shapes)
+
+
+def _parse_tokenizer(reader: _Reader, data: Any, where: str) -> TokenizerEntry:
+    reader.json_value(data, where)
+    reader.record(data, where, ("kind", "files"))
+    kind = reader.choice(data["kind"], _join(where, "kind"), TOKENIZER_KINDS)
+    files = reader.mapping(data["files"], _join(where, "files"), minimum=1)
+    for file, digest in files.items():
+        reader.file_name(file, _join(where, "files"))
+        reader.sha256(digest, _join(_join(where, "files"), file))
+    return TokenizerEntry(kind=kind, files=dict(files))
+
+
+def _shape_ranges_dict(ranges: ShapeRanges) -> dict[str, int]:
+    return {key: getattr(ranges, key) for key in _SHAPE_RANGE_KEYS}
