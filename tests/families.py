@@ -1,0 +1,82 @@
+"""Tiny ModelConfigs, one per preset family, that export in seconds on a CPU.
+
+Each mirrors the structural choices of a built-in preset (conditioner kind, CLIP layer and
+activation, attention layout, autoencoder kind, prediction type) at toy widths, so the export
+tests exercise every code path the real presets take.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from ldmrt.config import (AutoencoderConfig, AutoencoderKind, BertConfig, ClassEmbedderConfig,
+                          ClipTextConfig, Family, LayerChoice, ModelConfig, PredictionType,
+                          SchedulerConfig, UNetConfig)
+from ldmrt.export.bundle import ModelSource, synthetic_tokenizer_writer
+from ldmrt.iospec import ShapeRanges
+from ldmrt.models import build_model
+from tests.reference import perturb_
+
+GROUPS = 8          # norm_num_groups: every channel count below is a multiple of it
+VOCAB = 1000        # >= what the synthetic CLIP (514) and WordPiece builders need
+
+_UNET = UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                   attention_resolutions=(2,), num_heads=2, context_dim=32, norm_num_groups=GROUPS)
+_KL_F4 = AutoencoderConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, norm_num_groups=GROUPS)
+_KL_F8 = dataclasses.replace(_KL_F4, ch_mult=(1, 1, 2, 2))
+_VQ_F4 = AutoencoderConfig(kind=AutoencoderKind.VQ, embed_dim=3, z_channels=3, ch=16, ch_mult=(1, 2, 2),
+                           num_res_blocks=1, attn_levels=(2,), n_embed=64, norm_num_groups=GROUPS)
+_CLIP = ClipTextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, pad_token_id=VOCAB - 1, bos_token_id=VOCAB - 2,
+                       eos_token_id=VOCAB - 1)
+_LDM_SCHEDULER = SchedulerConfig(beta_start=0.0015, beta_end=0.0195)
+
+FAMILIES: dict[str, ModelConfig] = {
+    # SD 1.x: CLIP last layer + quick_gelu, heads by count, conv proj-in, KL, epsilon.
+    "sd1": ModelConfig(name="fam-sd1", family=Family.SD1, unet=_UNET, autoencoder=_KL_F4,
+                       conditioner=_CLIP, default_image_size=32),
+    # SD 2.x: CLIP penultimate + gelu, pad id 0, fixed head dim, linear proj-in, upcast, v-prediction.
+    "sd2": ModelConfig(
+        name="fam-sd2", family=Family.SD2,
+        unet=dataclasses.replace(_UNET, num_head_channels=8, use_linear_in_transformer=True,
+                                 upcast_attention=True),
+        autoencoder=_KL_F4,
+        conditioner=dataclasses.replace(_CLIP, num_hidden_layers=3, hidden_act="gelu",
+                                        layer=LayerChoice.PENULTIMATE, pad_token_id=0),
+        scheduler=SchedulerConfig(prediction_type=PredictionType.V_PREDICTION), default_image_size=32),
+    # LDM text-to-image: the BERT-like conditioner, KL f8.
+    "ldm-text": ModelConfig(
+        name="fam-ldm-text", family=Family.LDM, unet=_UNET, autoencoder=_KL_F8,
+        conditioner=BertConfig(vocab_size=VOCAB, n_embed=32, n_layer=2, heads=2, dim_head=16),
+        scheduler=_LDM_SCHEDULER, default_image_size=64),
+    # LDM unconditional: no conditioner, the paper's plain self-attention blocks, VQ f4.
+    "ldm-uncond-vq": ModelConfig(
+        name="fam-ldm-uncond-vq", family=Family.LDM,
+        unet=dataclasses.replace(_UNET, in_channels=3, out_channels=3, num_head_channels=8,
+                                 context_dim=None, use_spatial_transformer=False),
+        autoencoder=_VQ_F4, conditioner=None, scheduler=_LDM_SCHEDULER, scale_factor=1.0,
+        default_image_size=32),
+    # LDM class-conditional: the class embedder's one-token context, VQ f4.
+    "ldm-class": ModelConfig(
+        name="fam-ldm-class", family=Family.LDM,
+        unet=dataclasses.replace(_UNET, in_channels=3, out_channels=3, num_head_channels=8),
+        autoencoder=_VQ_F4, conditioner=ClassEmbedderConfig(n_classes=10, embed_dim=32),
+        scheduler=_LDM_SCHEDULER, scale_factor=1.0, default_image_size=32),
+    # A UNet with its own label embedding (num_classes) added to the timestep embedding.
+    "unet-labels": ModelConfig(
+        name="fam-unet-labels", family=Family.LDM,
+        unet=dataclasses.replace(_UNET, num_classes=7, context_dim=None, use_spatial_transformer=False),
+        autoencoder=_KL_F4, conditioner=None, scheduler=_LDM_SCHEDULER, default_image_size=32),
+}
+
+
+def shape_ranges(config: ModelConfig) -> ShapeRanges:
+    """Latent sides 4..12 (opt 8), up to 3 images per call (6 for the guided UNet)."""
+    f = config.downsampling_factor
+    return ShapeRanges(min_size=4 * f, opt_size=8 * f, max_size=12 * f, max_batch=3, opt_batch=1)
+
+
+def model_source(config: ModelConfig, seed: int = 0) -> ModelSource:
+    """`config` with random weights (norm affines perturbed off 1/0) and synthetic tokenizer assets."""
+    model = perturb_(build_model(config, seed=seed), seed=seed, scale=0.05)
+    return ModelSource(model=model, source=f"test:{config.name}", random_weights=True,
+                       write_tokenizer=synthetic_tokenizer_writer(config.conditioner))
