@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import threading
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -92,6 +93,14 @@ def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def onnx_digest(file_digests: Sequence[str]) -> str:
+    """The ONNX identity an engine records: the graph file's sha256, or, with external data,
+    the sha256 of the files' hex digests in order (graph first)."""
+    if len(file_digests) == 1:
+        return file_digests[0]
+    return hashlib.sha256("".join(file_digests).encode()).hexdigest()
 
 
 # --- staleness --------------------------------------------------------------------------------
@@ -178,6 +187,59 @@ def check_engine_record(record: EngineRecord, runtime: RuntimeInfo, *,
                 f"{record.component}: plan {plan_path} has size {size} and sha256 "
                 f"{(sha or 'not computed')[:12]}…, its record says size {record.size} and sha256 "
                 f"{record.sha256[:12]}…; rebuild it: {rebuild_command(record, bundle)}")
+
+
+# --- engines listed in a bundle's manifest ----------------------------------------------------
+
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,254}$")
+
+
+def engine_plan_path(bundle: str | Path, record: EngineRecord) -> Path:
+    """BUNDLE/engines/<key>/<file>; CorruptEngineError when the (untrusted) record's key or file
+    name could point outside that folder."""
+    for what, name in (("key", record.key), ("file", record.file)):
+        if not _PLAIN_NAME.match(name) or ".." in name:
+            raise CorruptEngineError(f"{record.component} engine record: {what} {name[:80]!r} is "
+                                     f"not a plain file name; rebuild the engine: "
+                                     f"{rebuild_command(record, bundle)}")
+    return Path(bundle) / "engines" / record.key / record.file
+
+
+def find_engine(bundle_dir: str | Path, component: str, runtime: RuntimeInfo, *,
+                key: str | None = None) -> tuple[EngineRecord, Path]:
+    """The newest engine of `component` in the bundle's manifest that passes
+    `check_engine_record` here (this builder, version and GPU, the manifest's ONNX, an intact
+    plan); returns its record and plan path.
+
+    StaleEngineError / CorruptEngineError from the newest candidate when none passes;
+    BundleError when the manifest lists no engine of `component` for this builder (or `key`).
+    """
+    from ldmrt.errors import BundleError
+    from ldmrt.manifest import load_manifest
+
+    bundle = Path(bundle_dir)
+    manifest = load_manifest(bundle)
+    entry = manifest.component(component)
+    onnx_sha = onnx_digest([entry.sha256[name] for name in entry.files])
+    candidates = [data for data in reversed(manifest.engines)
+                  if data.get("component") == component and data.get("builder") == runtime.builder
+                  and (key is None or data.get("key") == key)]
+    if not candidates:
+        wanted = f"engine {key}" if key else f"{runtime.builder} engine"
+        raise BundleError(f"bundle {bundle}: manifest.json lists no {wanted} for {component}; "
+                          f"build one: ldmrt build {bundle} --backend {runtime.builder}")
+    first_error: LdmrtError | None = None
+    for data in candidates:
+        try:
+            record = EngineRecord.from_dict(data)
+            plan = engine_plan_path(bundle, record)
+            check_engine_record(record, runtime, onnx_sha256=onnx_sha, plan_path=plan,
+                                bundle=bundle)
+            return record, plan
+        except (StaleEngineError, CorruptEngineError) as exc:
+            first_error = first_error or exc
+    assert first_error is not None
+    raise first_error
 
 
 # --- device memory, streams and graphs (cuda-python) ------------------------------------------

@@ -167,8 +167,8 @@ class TrtApi:
         """TensorRT-RTX keeps the timing-cache API as a no-op (deprecated in RTX 1.2)."""
         return not self.is_rtx
 
-    def set_targets(self, config: Any, targets: Sequence[str]) -> tuple[str, ...]:
-        """Apply the requested GPU targets to `config`; return what the engine record says.
+    def resolve_targets(self, targets: Sequence[str]) -> tuple[str, ...]:
+        """What an engine built for the requested GPU targets records (checked, no builder needed).
 
         RTX: compute capabilities ("sm86", "sm89", "sm120", ...), compiled ahead of time without
         a GPU; none means the builder's default portable set. tensorrt: none means the GPU this
@@ -176,9 +176,15 @@ class TrtApi:
         """
         targets = tuple(dict.fromkeys(t.lower() for t in targets))
         if self.is_rtx:
-            return self._set_compute_capabilities(config, targets)
+            if not targets or targets == (RTX_DEFAULT,):
+                return (RTX_DEFAULT,)
+            known = self._compute_capabilities()
+            unknown = [t for t in targets if t not in known]
+            if unknown:
+                raise ConfigError(f"{self.name} {self.version}: unknown compute capabilities "
+                                  f"{unknown}; expected some of {sorted(known)}")
+            return targets
         if targets == (AMPERE_PLUS,):
-            config.hardware_compatibility_level = self.module.HardwareCompatibilityLevel.AMPERE_PLUS
             return targets
         if targets:
             raise ConfigError(f"tensorrt builds for the GPU it runs on or for {AMPERE_PLUS!r}; "
@@ -186,20 +192,22 @@ class TrtApi:
                               f"capabilities with --backend tensorrt-rtx")
         return (current_gpu_target(),)
 
-    def _set_compute_capabilities(self, config: Any, targets: tuple[str, ...]) -> tuple[str, ...]:
-        if not targets or targets == (RTX_DEFAULT,):
-            return (RTX_DEFAULT,)
-        known = {m.lower(): v for m, v in self.module.ComputeCapability.__members__.items()
-                 if m.startswith("SM")}
-        unknown = [t for t in targets if t not in known]
-        if unknown:
-            raise ConfigError(f"{self.name} {self.version}: unknown compute capabilities {unknown}; "
-                              f"expected some of {sorted(known)}")
-        config.num_compute_capabilities = len(targets)
-        for index, target in enumerate(targets):
-            if not config.set_compute_capability(known[target], index):
-                raise ConfigError(f"{self.name}: set_compute_capability({target}, {index}) failed")
-        return targets
+    def set_targets(self, config: Any, targets: Sequence[str]) -> tuple[str, ...]:
+        """Apply the requested GPU targets to `config`; return what the engine record says."""
+        resolved = self.resolve_targets(targets)
+        if self.is_rtx and resolved != (RTX_DEFAULT,):
+            known = self._compute_capabilities()
+            config.num_compute_capabilities = len(resolved)
+            for index, target in enumerate(resolved):
+                if not config.set_compute_capability(known[target], index):
+                    raise ConfigError(f"{self.name}: set_compute_capability({target}, {index}) failed")
+        elif resolved == (AMPERE_PLUS,):
+            config.hardware_compatibility_level = self.module.HardwareCompatibilityLevel.AMPERE_PLUS
+        return resolved
+
+    def _compute_capabilities(self) -> dict[str, Any]:
+        return {m.lower(): v for m, v in self.module.ComputeCapability.__members__.items()
+                if m.startswith("SM")}
 
     def engine_validity(self, runtime: Any, plan: bytes) -> tuple[str, list[str]] | None:
         """RTX only: ("VALID"|"SUBOPTIMAL"|"INVALID", reasons) from the plan header; else None."""

@@ -25,7 +25,8 @@ from typing import Any, Mapping
 import onnx
 
 from ldmrt.engines import trt_api
-from ldmrt.engines.tensorrt import RECORD_SUFFIX, EngineRecord, ProfileShapes, file_sha256
+from ldmrt.engines.tensorrt import (RECORD_SUFFIX, EngineRecord, ProfileShapes, file_sha256,
+                                    onnx_digest)
 from ldmrt.engines.trt_api import TrtApi
 from ldmrt.errors import ConfigError, EngineBuildError
 from ldmrt.iospec import ComponentSpec
@@ -80,12 +81,7 @@ def onnx_sha256(path: str | Path, model: onnx.ModelProto | None = None) -> str:
     locations = sorted({entry.value for tensor in model.graph.initializer
                         if tensor.data_location == onnx.TensorProto.EXTERNAL
                         for entry in tensor.external_data if entry.key == "location"})
-    if not locations:
-        return file_sha256(path)
-    digest = hashlib.sha256()
-    for file in [path, *(path.parent / loc for loc in locations)]:
-        digest.update(file_sha256(file).encode())
-    return digest.hexdigest()
+    return onnx_digest([file_sha256(file) for file in [path, *(path.parent / loc for loc in locations)]])
 
 
 def read_graph_facts(path: str | Path) -> GraphFacts:
@@ -319,17 +315,51 @@ def write_engine(out_dir: str | Path, record: EngineRecord, plan: bytes) -> Path
 
 # --- the whole build ------------------------------------------------------------------------------
 
-def build_engine(onnx_path: str | Path, spec: ComponentSpec, out_dir: str | Path,
-                 options: BuildOptions = BuildOptions(), *, api: TrtApi | None = None
-                 ) -> EngineRecord:
-    """Build `spec`'s ONNX graph into OUT/engines/<key>/ and return the engine record."""
-    api = api or trt_api.load(options.backend)
-    start = time.perf_counter()
+@dataclass(frozen=True)
+class EnginePlan:
+    """Everything that decides an engine's key, known before the (slow) build."""
+    component: str
+    facts: GraphFacts
+    profiles: tuple[ProfileShapes, ...]
+    targets: tuple[str, ...]
+    flags: Mapping[str, Any]
+    key: str
+
+
+def plan_engine(onnx_path: str | Path, spec: ComponentSpec, options: BuildOptions,
+                api: TrtApi) -> EnginePlan:
+    """Read the graph, resolve profiles and targets, and compute the engine key (no build)."""
     facts = read_graph_facts(onnx_path)
     profiles = resolve_profiles(spec, options)
+    api.check_build_flags(options.version_compatible)
+    targets = api.resolve_targets(options.compute_capabilities)
+    flags = {"strongly_typed": api.strongly_typed, "refit": options.refit,
+             "weight_streaming": options.weight_streaming,
+             "version_compatible": options.version_compatible,
+             "optimization_level": options.optimization_level,
+             "workspace_bytes": options.workspace_bytes}
+    key = engine_key(spec.name, api.name, api.version, targets, facts.precision, profiles,
+                     facts.sha256, flags)
+    return EnginePlan(spec.name, facts, profiles, targets, flags, key)
+
+
+def build_engine(onnx_path: str | Path, spec: ComponentSpec, out_dir: str | Path,
+                 options: BuildOptions = BuildOptions(), *, api: TrtApi | None = None,
+                 plan: EnginePlan | None = None) -> EngineRecord:
+    """Build `spec`'s ONNX graph into OUT/engines/<key>/ and return the engine record.
+
+    `plan` (from `plan_engine` with the same arguments) saves reading and hashing the graph again.
+    """
+    api = api or trt_api.load(options.backend)
+    start = time.perf_counter()
+    plan = plan or plan_engine(onnx_path, spec, options, api)
+    facts, profiles = plan.facts, plan.profiles
     net = parse_onnx(api, onnx_path, facts, spec.name)
     check_network_io(api, net, spec, profiles)
     config, targets = make_config(api, net, profiles, options)
+    if targets != plan.targets:
+        raise EngineBuildError(f"{spec.name}: the builder targets {list(targets)}, the plan said "
+                               f"{list(plan.targets)}; did the visible GPU change during the build?")
     if options.timing_cache is not None and not api.timing_cache_effective:
         log.info("%s: the timing cache is a no-op in %s (deprecated since RTX 1.2); not used",
                  spec.name, api.name)
@@ -338,25 +368,18 @@ def build_engine(onnx_path: str | Path, spec: ComponentSpec, out_dir: str | Path
         cache_state = apply_timing_cache(api, config, options.timing_cache)
     log.info("%s: building %s engine (%s, targets %s, %d profile(s))", spec.name, api.name,
              facts.precision, ",".join(targets), len(profiles))
-    plan = serialize(api, net, config, spec.name, api.build_failure_hint(options.refit))
+    serialized = serialize(api, net, config, spec.name, api.build_failure_hint(options.refit))
     if cache_state in ("loaded", "created"):
         save_timing_cache(config, options.timing_cache)  # type: ignore[arg-type]
-    flags = {"strongly_typed": api.strongly_typed, "refit": options.refit,
-             "weight_streaming": options.weight_streaming,
-             "version_compatible": options.version_compatible,
-             "optimization_level": options.optimization_level,
-             "workspace_bytes": options.workspace_bytes}
-    key = engine_key(spec.name, api.name, api.version, targets, facts.precision, profiles,
-                     facts.sha256, flags)
     record = EngineRecord(
-        component=spec.name, file=f"{spec.name}.plan", sha256=hashlib.sha256(plan).hexdigest(),
-        size=len(plan), builder=api.name, builder_version=api.version, targets=targets,
-        precision=facts.precision, profiles=profiles, onnx_sha256=facts.sha256,
+        component=spec.name, file=f"{spec.name}.plan",
+        sha256=hashlib.sha256(serialized).hexdigest(), size=len(serialized), builder=api.name,
+        builder_version=api.version, targets=targets, precision=facts.precision,
+        profiles=profiles, onnx_sha256=facts.sha256,
         build_seconds=round(time.perf_counter() - start, 3),
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), flags=flags, key=key,
-        timing_cache=cache_state)
-    write_engine(out_dir, record, plan)
-    log.info("%s: wrote engines/%s (%d bytes, %.1f s)", spec.name, key, len(plan),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), flags=dict(plan.flags),
+        key=plan.key, timing_cache=cache_state)
+    write_engine(out_dir, record, serialized)
+    log.info("%s: wrote engines/%s (%d bytes, %.1f s)", spec.name, plan.key, len(serialized),
              record.build_seconds)
     return record
-
