@@ -352,12 +352,47 @@ def host_overhead(sd: SD15, denoiser: FusedDenoiser, plan, latents0, dtype, guid
             "wall_minus_gpu_us_per_step": (wall_per_step - gpu_per_step) * 1e6}
 
 
+def runtime_bundle(device: torch.device, smoke: bool) -> dict:
+    """The service path: export `tiny`, then Pipeline.load on torch (CUDA, with and without CUDA
+    graphs) vs onnxruntime (CPU) with the same seed, for several samplers."""
+    import tempfile
+
+    from ldmrt.export.bundle import ExportOptions, export_bundle, preset_source
+    from ldmrt.runtime.pipeline import GenerationRequest, Pipeline
+
+    folder = Path(tempfile.mkdtemp()) / "tiny"
+    start = time.perf_counter()
+    export_bundle(preset_source("tiny"), folder, ExportOptions())
+    result = {"export_seconds": time.perf_counter() - start, "cases": {}}
+    ort = Pipeline.load(folder, "onnxruntime")
+    graphs = Pipeline.load(folder, "torch", device=str(device), cuda_graphs=True)
+    eager = Pipeline.load(folder, "torch", device=str(device), cuda_graphs=False)
+    for sampler in ("ddim", "euler-a", "dpmpp-2m", "plms", "lcm"):
+        request = GenerationRequest(prompt="a red fox", steps=12, sampler=sampler, seed=7, batch=2,
+                                    height=64, width=48)
+        reference = ort.generate(request)
+        row = {}
+        for label, pipe in (("cuda_graph", graphs), ("eager", eager)):
+            out = pipe.generate(request)
+            row[f"{label}_images_mean_abs"] = float(np.abs(out.images - reference.images).mean())
+            row[f"{label}_latents_rel_l2"] = float(np.linalg.norm(out.latents - reference.latents)
+                                                   / np.linalg.norm(reference.latents))
+        row["pass"] = all(v <= 1 / 255 for k, v in row.items() if k.endswith("mean_abs"))
+        result["cases"][sampler] = row
+    timing_request = GenerationRequest(prompt="a red fox", steps=30, sampler="dpmpp-2m", seed=1, height=64, width=64)
+    for label, pipe in (("cuda_graph", graphs), ("eager", eager), ("onnxruntime_cpu", ort)):
+        result[f"{label}_30_steps"] = timed(lambda p=pipe: p.generate(timing_request), device, 1, 3)
+    result["all_pass"] = all(r["pass"] for r in result["cases"].values())
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU: check the harness only")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--skip-compile", action="store_true")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--only", default="", help="comma list of sections to run (default: all)")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -365,19 +400,27 @@ def main() -> None:
         print("no CUDA GPU on this machine: nothing to check (use --smoke to test the harness on CPU)")
         return
     device = torch.device("cuda" if cuda and not args.smoke else "cpu")
-    name = "gpu_checks_smoke.json" if args.smoke else f"gpu_checks_{torch.cuda.get_device_name().split()[1].lower()}.json"
+    only = {s for s in args.only.split(",") if s}
+    suffix = f"_{'_'.join(sorted(only))}" if only else ""
+    name = "gpu_checks_smoke.json" if args.smoke else \
+        f"gpu_checks_{torch.cuda.get_device_name().split()[1].lower()}{suffix}.json"
     out = args.out or (ROOT / "benchmarks" / "results")
     report = Report(out / name)
     report.data["started"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     torch.backends.cudnn.benchmark = True
     warmup, repeat = (1, 2) if args.smoke else (2, args.repeat)
 
+    wanted = lambda name: not only or name in only  # noqa: E731
     report.section("environment", lambda: environment(device))
-    report.section("parity", lambda: parity(device, args.smoke))
+    if wanted("parity"):
+        report.section("parity", lambda: parity(device, args.smoke))
     report.section("onnxruntime", lambda: onnxruntime_cuda(device))
     report.section("tensorrt", tensorrt_check)
+    if wanted("runtime"):
+        report.section("runtime_bundle", lambda: runtime_bundle(device, args.smoke))
     holder = {}
-    report.section("load_sd15", lambda: holder.setdefault("sd", SD15(device, args.smoke)) and {"ok": True})
+    if wanted("sd15"):
+        report.section("load_sd15", lambda: holder.setdefault("sd", SD15(device, args.smoke)) and {"ok": True})
     if "sd" in holder:
         sd = holder["sd"]
         report.section("unet", lambda: unet_step(sd, args.smoke, warmup, repeat))
