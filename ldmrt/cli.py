@@ -39,7 +39,7 @@ def user_errors():
     except LdmrtError as exc:
         if _state["debug"]:
             raise
-        console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", highlight=False)
+        console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]; nothing half-written was left behind")
@@ -69,6 +69,7 @@ def export(
     yaml_path: Optional[Path] = typer.Option(None, "--yaml", help="Checkpoint: its original inference YAML."),
     tokenizer_dir: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer folder for a single file."),
     no_strict: bool = typer.Option(False, "--no-strict", help="Load despite missing/unexpected weights (warned)."),
+    engine: Optional[str] = typer.Option(None, "--engine", help="Then build engines: tensorrt | tensorrt-rtx."),
 ) -> None:
     """Export a model to an ONNX bundle with dynamic shapes, validated against PyTorch."""
     with user_errors():
@@ -109,6 +110,9 @@ def export(
                           "" if parity is None else f"{parity.tolerance:g}",
                           f"{result.seconds.get(name, 0):.1f}")
         out.print(table)
+        if engine is not None:
+            from ldmrt.commands.build import build_after_export
+            build_after_export(result.path, engine)
 
 
 @app.command()

@@ -541,3 +541,33 @@ class TensorRTRunner:
                 self.device.destroy_stream(worker.stream)
             self._workers.clear()
             self._local = threading.local()
+
+
+# --- the pipeline's view: one runner per component of a bundle --------------------------------
+
+class _ComponentEngine:
+    """A component's engine behind the pipeline's runner interface (first output as numpy)."""
+
+    def __init__(self, spec: Any, runner: TensorRTRunner) -> None:
+        self.spec, self.runner = spec, runner
+        self.output = spec.outputs[0].name
+
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        self.spec.bind(inputs)
+        return self.runner.run(inputs)[self.output]
+
+
+def open_tensorrt(bundle: Path, manifest: Any, components: Sequence[str], *, backend: str = "tensorrt",
+                  cuda_graphs: bool = True, allow_version_compatible: bool = False,
+                  device: Any = None) -> dict[str, _ComponentEngine]:
+    """Checked engines for `components` (StaleEngineError / CorruptEngineError before any load)."""
+    api = trt_api.load(backend)
+    runtime = RuntimeInfo.detect(backend, allow_version_compatible=allow_version_compatible)
+    runners = {}
+    for name in components:
+        record, plan_path = find_engine(bundle, name, runtime)
+        runner = TensorRTRunner(plan_path.read_bytes(), api, cuda_graphs=cuda_graphs,
+                                allow_version_compatible=allow_version_compatible, name=name,
+                                rebuild=rebuild_command(record, bundle))
+        runners[name] = _ComponentEngine(manifest.component(name).spec, runner)
+    return runners

@@ -3,6 +3,8 @@ the class embedder. Attribute names mirror `cond_stage_model.*` checkpoint keys.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,7 +34,7 @@ class _ClipAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
         q, k, v = (split_heads(p(x), self.heads) for p in (self.q_proj, self.k_proj, self.v_proj))
-        scale = q.shape[-1] ** -0.5
+        scale = 1.0 / math.sqrt(self.q_proj.out_features // self.heads)   # a constant, not a traced op
         scores = torch.matmul(q * scale, k.transpose(-1, -2)).float() + causal  # (B, h, L, L)
         weights = torch.softmax(scores, dim=-1).to(v.dtype)
         return self.out_proj(merge_heads(torch.matmul(weights, v)))
