@@ -61,6 +61,7 @@ def save_graph(model: onnx.ModelProto, path: Path) -> None:
     if external:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data.name, size_threshold=1024)
+        data.chmod(0o644)   # onnx writes it 0600; servers (Triton containers) run as other users
     else:
         onnx.save_model(model, str(path))
 
