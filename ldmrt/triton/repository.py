@@ -1,0 +1,354 @@
+"""`ldmrt triton`: a Triton model repository generated from a bundle.
+
+    REPO/<prefix>pipeline/config.pbtxt       Python backend: ldmrt's Pipeline (pipeline_model.py)
+    REPO/<prefix>pipeline/1/model.py
+    REPO/<prefix>pipeline/1/ldmrt/           the torch-free runtime, vendored (vendor.py)
+    REPO/<prefix>pipeline/1/bundle/          the whole bundle: manifest, graphs, tokenizer, engines
+    REPO/<prefix><component>/config.pbtxt    tensorrt_plan where a usable TensorRT engine exists,
+    REPO/<prefix><component>/1/...           onnxruntime_onnx otherwise; dims from the I/O spec
+
+Files come from the bundle as hard links (copies across file systems), copies, or symlinks;
+a component model's files are links to the pipeline's bundle copy, so nothing is stored twice.
+The repository is written into a temporary sibling folder and renamed into place.
+"""
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from ldmrt.errors import BundleError, ConfigError
+from ldmrt.iospec import ComponentSpec, parse_dim
+from ldmrt.manifest import MANIFEST_NAME, ComponentEntry, Manifest, load_manifest, verify_bundle
+from ldmrt.triton.config import (BATCH, DynamicBatching, InstanceGroup, InstanceKind,
+                                 TritonModelConfig, TritonTensor, component_tensors)
+from ldmrt.triton.vendor import vendor_runtime
+
+log = logging.getLogger(__name__)
+
+VERSION = "1"                         # every model has one version folder
+PIPELINE = "pipeline"
+BUNDLE_DIR = "bundle"                 # <pipeline>/1/bundle
+PIPELINE_BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
+MODEL_TEMPLATE = Path(__file__).with_name("pipeline_model.py")   # imports Triton's pb_utils: copy, don't import
+_PREFIX = re.compile(r"^[A-Za-z0-9_.-]{0,64}$")
+
+
+class FileMode(str, enum.Enum):
+    HARDLINK = "hardlink"   # no extra space; falls back to a copy across file systems
+    COPY = "copy"
+    SYMLINK = "symlink"     # absolute links to the bundle: mount it at the same path to serve
+
+
+class ComponentPlatform(str, enum.Enum):
+    AUTO = "auto"                  # tensorrt_plan where a usable TensorRT engine exists
+    ONNXRUNTIME = "onnxruntime"
+    TENSORRT = "tensorrt"
+
+
+@dataclass(frozen=True)
+class PipelineModelOptions:
+    """The Python-backend model that runs ldmrt's Pipeline in each instance's stub process."""
+    backend: str = "onnxruntime"       # onnxruntime | tensorrt | tensorrt-rtx
+    device: str = "auto"               # onnxruntime: auto (cuda on KIND_GPU) | cpu | cuda
+    threads: int = 0                   # onnxruntime intra-op threads per instance; 0: its default
+    verify: bool = True                # check the bundle's sha256 when an instance loads
+    instances: InstanceGroup = InstanceGroup()
+
+    def __post_init__(self) -> None:
+        if self.backend not in PIPELINE_BACKENDS:
+            raise ConfigError(f"--pipeline-backend {self.backend!r}: expected one of {list(PIPELINE_BACKENDS)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"--pipeline-device {self.device!r}: expected auto, cpu or cuda")
+        if self.threads < 0:
+            raise ConfigError(f"--threads {self.threads}: expected >= 0")
+
+
+@dataclass(frozen=True)
+class RepositoryOptions:
+    prefix: str = ""                   # model names: <prefix>unet, <prefix>pipeline, ...
+    platform: ComponentPlatform = ComponentPlatform.AUTO
+    instances: InstanceGroup = InstanceGroup()          # every component model
+    batching: DynamicBatching = DynamicBatching()       # batched component models
+    pipeline: PipelineModelOptions = PipelineModelOptions()
+    files: FileMode = FileMode.HARDLINK
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        if not _PREFIX.match(self.prefix):
+            raise ConfigError(f"--prefix {self.prefix!r}: expected letters, digits, '_', '.' or '-'")
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """One model to write: its configuration and its files (path in the version folder -> source)."""
+    config: TritonModelConfig
+    files: Mapping[str, Path]
+    note: str = ""
+
+
+@dataclass
+class RepositoryResult:
+    path: Path
+    models: list[ModelPlan]
+    notes: list[str] = field(default_factory=list)
+
+
+# --- the public call -------------------------------------------------------------------------------
+
+def write_repository(bundle_dir: str | os.PathLike, out: str | os.PathLike,
+                     options: RepositoryOptions = RepositoryOptions()) -> RepositoryResult:
+    """Check the bundle (sha256), plan every model, write REPO atomically; returns what was written."""
+    bundle, out = Path(bundle_dir), Path(out)
+    manifest = load_manifest(bundle)
+    verify_bundle(bundle, manifest)
+    if out.exists() and not options.force:
+        raise ConfigError(f"--out {out}: already exists; pass --force to replace it")
+    notes: list[str] = []
+    models = [pipeline_model(bundle, manifest, options)]
+    for entry in manifest.components.values():
+        models.append(component_model(bundle, manifest, entry, options, notes))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        link_notes = _write(temp, models, options.files)
+        notes += link_notes
+        _replace(temp, out)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return RepositoryResult(out, models, notes)
+
+
+# --- models ----------------------------------------------------------------------------------------
+
+def pipeline_model(bundle: Path, manifest: Manifest, options: RepositoryOptions) -> ModelPlan:
+    """The Python-backend model: request tensors of `ldmrt generate`, images out."""
+    string, scalar = "TYPE_STRING", (1,)
+    inputs = (TritonTensor("prompt", string, (-1,), optional=True),
+              TritonTensor("negative_prompt", string, (-1,), optional=True),
+              TritonTensor("steps", "TYPE_INT32", scalar, optional=True),
+              TritonTensor("guidance", "TYPE_FP32", scalar, optional=True),
+              TritonTensor("sampler", string, scalar, optional=True),
+              TritonTensor("seed", "TYPE_INT64", scalar, optional=True),
+              TritonTensor("height", "TYPE_INT32", scalar, optional=True),
+              TritonTensor("width", "TYPE_INT32", scalar, optional=True))
+    outputs = (TritonTensor("images", "TYPE_FP32", (-1, -1, -1, 3)),)
+    pipe = options.pipeline
+    parameters = {"bundle": BUNDLE_DIR, "backend": pipe.backend, "device": pipe.device,
+                  "threads": str(pipe.threads), "verify": "true" if pipe.verify else "false",
+                  "ldmrt_bundle_name": manifest.name}
+    config = TritonModelConfig(name=f"{options.prefix}{PIPELINE}", backend="python", max_batch_size=0,
+                               inputs=inputs, outputs=outputs, instance_group=pipe.instances,
+                               parameters=parameters)
+    files = {f"{BUNDLE_DIR}/{relative}": bundle / relative for relative in _bundle_files(bundle)}
+    return ModelPlan(config, files, note=f"ldmrt Pipeline on {pipe.backend}")
+
+
+def component_model(bundle: Path, manifest: Manifest, entry: ComponentEntry,
+                    options: RepositoryOptions, notes: list[str]) -> ModelPlan:
+    """tensorrt_plan over the component's usable TensorRT engines, else onnxruntime_onnx."""
+    name = f"{options.prefix}{entry.name}"
+    engines, skipped = usable_engines(bundle, manifest, entry)
+    notes += [f"{entry.name}: {reason}" for reason in skipped]
+    if options.platform == ComponentPlatform.TENSORRT and not engines:
+        raise ConfigError(f"--platform tensorrt: the bundle has no usable TensorRT engine for "
+                          f"{entry.name} ({'; '.join(skipped) or 'none built'}); build one: "
+                          f"ldmrt build {bundle} --backend tensorrt")
+    use_trt = bool(engines) and options.platform != ComponentPlatform.ONNXRUNTIME
+    group = options.instances
+    if use_trt:
+        if group.kind == InstanceKind.CPU:
+            raise ConfigError(f"{name}: TensorRT engines run on GPUs only; use --kind gpu or auto, "
+                              f"or --platform onnxruntime for CPU instances")
+        engines, fixed, max_batch = _one_signature(entry, engines, notes)
+        versions = sorted({record["builder_version"] for record, _ in engines})
+        notes.append(f"{entry.name}: TensorRT {', '.join(versions)} engines; serve them with a Triton "
+                     f"release whose TensorRT is that version")
+    else:
+        fixed, max_batch = {}, entry.spec.ranges.get(BATCH, (0, 0, 0))[2]
+    batched, inputs, outputs = component_tensors(entry.spec, fixed)
+    batching = options.batching if batched and options.batching.enabled else None
+    if options.batching.enabled and not batched:
+        notes.append(f"{entry.name}: not batched (a tensor does not start with the batch axis, or "
+                     f"an engine pins it), so no dynamic batching")
+    common: dict[str, Any] = dict(name=name, inputs=inputs, outputs=outputs,
+                                  max_batch_size=max_batch if batched else 0,
+                                  instance_group=group, dynamic_batching=batching)
+    if use_trt:
+        files: dict[str, Path] = {}
+        cc: dict[str, str] = {}
+        default = None
+        for record, plan in engines:
+            for target in record["targets"]:
+                file = f"{entry.name}.{target.replace('+', '_plus')}.plan"
+                files[file] = plan
+                if target.startswith("sm") and target[2:].isdigit():
+                    cc[f"{target[2:-1]}.{target[-1]}"] = file          # sm90 -> "9.0"
+                else:
+                    default = file                                   # ampere+: any GPU >= sm80
+        config = TritonModelConfig(platform="tensorrt_plan", cc_model_filenames=cc,
+                                   default_model_filename=default, **common)
+        return ModelPlan(config, files, note="TensorRT")
+    files = {file: bundle / file for file in entry.files}
+    config = TritonModelConfig(platform="onnxruntime_onnx", default_model_filename=entry.file, **common)
+    return ModelPlan(config, files, note="ONNX Runtime")
+
+
+def usable_engines(bundle: Path, manifest: Manifest, entry: ComponentEntry
+                   ) -> tuple[list[tuple[Mapping[str, Any], Path]], list[str]]:
+    """The newest `tensorrt` engine per GPU target built from this ONNX graph with an intact
+    plan file, and why the others were left out (Triton's TensorRT backend cannot run
+    TensorRT-RTX engines)."""
+    from ldmrt.engines.tensorrt import EngineRecord, engine_plan_path, file_sha256, onnx_digest
+    from ldmrt.errors import CorruptEngineError
+
+    onnx_sha = onnx_digest([entry.sha256[file] for file in entry.files])
+    engines: list[tuple[Mapping[str, Any], Path]] = []
+    served: set[str] = set()                       # GPU targets that already have a plan
+    skipped: list[str] = []
+    for data in reversed(manifest.engines):        # newest first: it wins its targets
+        if data.get("component") != entry.name:
+            continue
+        key = data.get("key", "?")
+        if data.get("builder") != "tensorrt":
+            skipped.append(f"engine {key} is a {data.get('builder')} engine, which Triton's "
+                           f"TensorRT backend cannot load")
+            continue
+        try:
+            record = EngineRecord.from_dict(data)
+            plan = engine_plan_path(bundle, record)
+        except CorruptEngineError as exc:
+            skipped.append(f"engine {key}: {exc}")
+            continue
+        if record.onnx_sha256 != onnx_sha:
+            skipped.append(f"engine {key} was built from another ONNX graph (stale)")
+        elif not plan.is_file() or plan.stat().st_size != record.size:
+            skipped.append(f"engine {key}: plan {plan} is missing or has the wrong size")
+        elif file_sha256(plan) != record.sha256:
+            skipped.append(f"engine {key}: plan {plan} does not match the sha256 in its record (corrupt)")
+        elif targets := tuple(t for t in record.targets if t not in served):
+            served.update(targets)
+            engines.append(({**record.to_dict(), "targets": targets}, plan))
+    return engines, skipped
+
+
+def engine_shapes(spec: ComponentSpec, record: Mapping[str, Any]) -> tuple[dict[str, int], int]:
+    """(symbols the engine's profiles pin to one value, the largest batch they accept)."""
+    spans: dict[str, tuple[int, int]] = {}
+    for profile in record["profiles"]:
+        for tensor in spec.inputs:
+            if tensor.name not in profile:
+                continue
+            low, _, high = profile[tensor.name]
+            for axis, dim in enumerate(tensor.shape):
+                factor, symbol = parse_dim(dim)
+                if symbol is not None:
+                    lo, hi = low[axis] // factor, high[axis] // factor
+                    old = spans.get(symbol, (lo, hi))
+                    spans[symbol] = (min(old[0], lo), max(old[1], hi))
+    pinned = {symbol: lo for symbol, (lo, hi) in spans.items() if lo == hi}
+    return pinned, spans.get(BATCH, (0, spec.ranges.get(BATCH, (0, 0, 0))[2]))[1]
+
+
+def _one_signature(entry: ComponentEntry, engines, notes: list[str]):
+    """One Triton model has one shape signature: keep the engines that pin the same symbols to
+    the same values as the newest; the batch is what all of them accept."""
+    pinned, _ = engine_shapes(entry.spec, engines[0][0])
+    kept = []
+    for record, plan in engines:
+        pins, _ = engine_shapes(entry.spec, record)
+        if pins == pinned:
+            kept.append((record, plan))
+        else:
+            notes.append(f"{entry.name}: engine {record.get('key')} left out: its profiles fix "
+                         f"{pins or 'no shape'}, the newest engine {engines[0][0].get('key')} fixes "
+                         f"{pinned or 'no shape'}, and one Triton model has one shape signature")
+    return kept, pinned, min(engine_shapes(entry.spec, record)[1] for record, _ in kept)
+
+
+# --- files -----------------------------------------------------------------------------------------
+
+def _bundle_files(bundle: Path) -> list[str]:
+    """Every regular file of the bundle (relative paths), leaving out hidden temporary files."""
+    files = []
+    for path in sorted(bundle.rglob("*")):
+        relative = path.relative_to(bundle)
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        if path.is_file():
+            files.append(relative.as_posix())
+    if MANIFEST_NAME not in files:
+        raise BundleError(f"bundle {bundle}: no {MANIFEST_NAME}")
+    return files
+
+
+def _write(root: Path, models: list[ModelPlan], mode: FileMode) -> list[str]:
+    notes: list[str] = []
+    pipeline = models[0]
+    pipeline_dir = root / pipeline.config.name / VERSION
+    for relative, source in pipeline.files.items():
+        _place(source, pipeline_dir / relative, mode, notes)
+    shutil.copyfile(MODEL_TEMPLATE, pipeline_dir / "model.py")
+    vendor_runtime(pipeline_dir)
+    (root / pipeline.config.name / "config.pbtxt").write_text(pipeline.config.to_pbtxt())
+    for model in models[1:]:
+        version_dir = root / model.config.name / VERSION
+        version_dir.mkdir(parents=True, exist_ok=True)
+        for file, source in model.files.items():
+            target = version_dir / file
+            copy = _in_bundle_copy(source, pipeline.files, pipeline_dir)
+            if mode == FileMode.SYMLINK:
+                # Inside the repository: relative links, so a mounted repository still resolves.
+                target.symlink_to(os.path.relpath(copy, target.parent))
+            else:
+                _place(copy, target, FileMode.HARDLINK, notes)
+        (root / model.config.name / "config.pbtxt").write_text(model.config.to_pbtxt())
+    return sorted(set(notes))
+
+
+def _in_bundle_copy(source: Path, pipeline_files: Mapping[str, Path], pipeline_dir: Path) -> Path:
+    for relative, original in pipeline_files.items():
+        if original == source:
+            return pipeline_dir / relative
+    raise BundleError(f"{source} is not a file of the bundle")  # cannot happen: plans and graphs are
+
+
+def _place(source: Path, target: Path, mode: FileMode, notes: list[str]) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if mode == FileMode.SYMLINK:
+        target.symlink_to(source.resolve())
+        return
+    if mode == FileMode.HARDLINK:
+        try:
+            os.link(source, target)
+            return
+        except OSError as exc:
+            notes.append(f"hard links failed ({exc.strerror}); files were copied instead")
+    shutil.copy2(source, target)
+
+
+def _replace(temp: Path, out: Path) -> None:
+    """Rename the finished repository into place; an old one is removed only after that."""
+    os.chmod(temp, 0o755)
+    if not out.exists():
+        os.replace(temp, out)
+        return
+    if not out.is_dir() or out.is_symlink():
+        raise ConfigError(f"--out {out}: exists and is not a folder; remove it")
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.replace(out, old)
+    try:
+        os.replace(temp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
