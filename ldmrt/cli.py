@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -15,7 +16,8 @@ from rich.table import Table
 from ldmrt.errors import LdmrtError
 
 app = typer.Typer(help="Latent Diffusion Models: PyTorch -> ONNX -> TensorRT, a lean runtime, benchmarks.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  rich_markup_mode=None)
 console = Console(stderr=True)
 out = Console()
 _state = {"debug": False}
@@ -25,10 +27,16 @@ _state = {"debug": False}
 def main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
          verbose: bool = typer.Option(False, "--verbose", "-v", help="Show info logs.")) -> None:
     _state["debug"] = debug
+    # `kill`, `timeout` and `docker stop` send SIGTERM: unwind like Ctrl-C so nothing half-written stays.
+    signal.signal(signal.SIGTERM, _interrupt)
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("onnxscript", "onnx_ir"):
         logging.getLogger(noisy).setLevel(logging.WARNING if not debug else logging.INFO)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 @contextlib.contextmanager

@@ -295,8 +295,21 @@ def _bundle_path(bundle_dir: Any) -> Path:
     return Path(path)
 
 
-def _file_size(bundle: Path, relative: str, where: str) -> int:
+def _inside(bundle: Path, relative: str, where: str) -> Path:
+    """The path of a listed file, refused when it (or a link on the way) leads outside the bundle."""
     path = bundle / relative
+    try:
+        resolved, root = path.resolve(), bundle.resolve()
+    except (OSError, RuntimeError):
+        raise BundleError(f"bundle {bundle}: file {relative} (listed in {where}) cannot be resolved") from None
+    if root != resolved and root not in resolved.parents:
+        raise BundleError(f"bundle {bundle}: file {relative} (listed in {where}) leads outside the "
+                          f"bundle (to {resolved}); expected a file inside the bundle folder")
+    return path
+
+
+def _file_size(bundle: Path, relative: str, where: str) -> int:
+    path = _inside(bundle, relative, where)
     try:
         if path.is_file():
             return path.stat().st_size
@@ -307,7 +320,7 @@ def _file_size(bundle: Path, relative: str, where: str) -> int:
 
 
 def _verify_file(bundle: Path, relative: str, expected: str, where: str) -> None:
-    found = sha256_file(bundle / relative)
+    found = sha256_file(_inside(bundle, relative, where))
     if found != expected:
         raise BundleError(f"bundle {bundle}: file {relative} does not match {where}: expected "
                           f"sha256 {expected}, found {found}; the file is corrupt or was "

@@ -730,9 +730,6 @@ def test_cli_bad_options_exit_2_naming_the_option(tmp_path, args, option: str) -
 
 # --- known bugs (strict xfail: they start failing loudly once fixed) ------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cli.user_errors prints the error with rich's default wrapping: when stderr is not a wide "
-    "terminal (pipes, CI logs, CliRunner: 80 columns) a long message is split over several lines"))
 def test_cli_error_is_one_line(cli_tiny) -> None:
     out, first, _ = cli_tiny
     assert first.exit_code == 0
@@ -742,20 +739,12 @@ def test_cli_error_is_one_line(cli_tiny) -> None:
     assert last.startswith("error: ExportError: --out ") and last.endswith("pass --force to replace it")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bf16 text_encoder: _ClipAttention's `q.shape[-1] ** -0.5` is traced as Pow + Cast and the "
-    "TorchScript exporter writes the Cast target as 15 (torch's ScalarType code for bfloat16, "
-    "which is COMPLEX128 in ONNX); onnx.checker rejects the graph"))
 def test_bf16_text_encoder_exports(tmp_path) -> None:
     exported = export_family("sd1", tmp_path / "bundle", precision=Precision.BF16, opset=22,
                              components=("text_encoder",), validate=False)
     assert exported.manifest.component("text_encoder").dtype == "bfloat16"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bf16 validation runs ONNX Runtime CPU, which has no bf16 Conv (NOT_IMPLEMENTED), and feeds "
-    "float32 arrays to bf16 inputs; the raw onnxruntime exception escapes (CLI: traceback, exit 1) "
-    "instead of a parity record or an LdmrtError that says to pass --no-validate"))
 def test_bf16_validation_passes_or_fails_with_an_ldmrt_error(tmp_path) -> None:
     out = tmp_path / "bundle"
     try:

@@ -114,7 +114,7 @@ def read_diffusers_folder(folder: Path) -> Assembly:
                          "filled with zeros")
         state.update(_prefixed("cond_stage_model.", bert_state))
     dtypes = dtype_counts(state)
-    state, cast_note = cast_to_float32(state)
+    state, cast_note = cast_to_float32(state, str(folder))
     notes += [cast_note] if cast_note else []
     return Assembly(format="diffusers", config=config, state=state,
                     config_source=f"the diffusers configs in {folder}", detected=detected,

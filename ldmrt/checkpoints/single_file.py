@@ -81,7 +81,7 @@ def read_single_file(path: Path, *, preset_name: str | None, yaml_path: Path | N
         state = {**state, **ema_as_model(cleaned.ema_state, expected)}
         notes.append("the file holds only EMA UNet weights (model_ema.*); loaded them as the UNet")
     dtypes = dtype_counts(state)
-    state, cast_note = cast_to_float32(state)
+    state, cast_note = cast_to_float32(state, where)
     notes += [cast_note] if cast_note else []
     return Assembly(format=weights.format, config=config, state=state, config_source=source,
                     detected=detection.evidence, notes=notes, warnings=warnings, tokenizer_dir=tokenizer_dir,

@@ -59,8 +59,16 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
-def cast_to_float32(state: StateDict) -> tuple[StateDict, str | None]:
-    """Every tensor as contiguous float32; a note naming what was cast (half, bf16, integer...)."""
+def cast_to_float32(state: StateDict, origin: str = "checkpoint") -> tuple[StateDict, str | None]:
+    """Every tensor as contiguous float32; a note naming what was cast (half, bf16, fp64).
+
+    Every weight of our models is a float: an integer or bool tensor is refused, not cast.
+    """
+    integral = [k for k, v in state.items() if not v.is_floating_point()]
+    if integral:
+        shown = ", ".join(f"{k} ({str(state[k].dtype).removeprefix('torch.')})" for k in integral[:SHOWN])
+        raise CheckpointError(f"{origin}: expected float tensors for every weight, found "
+                              f"{plural(len(integral), 'non-float tensor')}: {shown}")
     cast = Counter(str(v.dtype).removeprefix("torch.") for v in state.values() if v.dtype != torch.float32)
     out = {k: v.to(torch.float32).contiguous() if v.dtype != torch.float32 else v.contiguous()
            for k, v in state.items()}

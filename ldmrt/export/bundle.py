@@ -70,9 +70,13 @@ def export_bundle(source: ModelSource, out: Path, options: ExportOptions = Expor
         raise ConfigError(f"--precision bf16 needs --opset >= 22 (bf16 Conv), found {options.opset}")
 
     report = progress or (lambda component, stage: log.info("%s: %s", component, stage))
+    _remove_dead_leftovers(out)
     work = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    try:
+        work.mkdir(parents=True)
+    except OSError as exc:
+        raise ExportError(f"--out {out}: cannot create a folder there ({exc.strerror or exc})") from None
     seconds: dict[str, float] = {}
     try:
         tokenizer = None
@@ -134,6 +138,28 @@ def _check_destination(out: Path, force: bool) -> None:
                           f"choose another folder (ldmrt never deletes them, even with --force)")
     if not force:
         raise ExportError(f"--out {out}: a bundle already exists there; pass --force to replace it")
+
+
+def _remove_dead_leftovers(out: Path) -> None:
+    """Remove `.NAME.partial-PID` / `.NAME.old-PID` folders of exports whose process is gone (killed)."""
+    if not out.parent.is_dir():
+        return
+    for kind in ("partial", "old"):
+        for folder in out.parent.glob(f".{out.name}.{kind}-*"):
+            pid = folder.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)) and folder.is_dir():
+                log.info("removing %s, left by a killed export", folder)
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _move_into_place(work: Path, out: Path) -> None:

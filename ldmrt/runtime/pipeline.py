@@ -154,6 +154,8 @@ class Pipeline:
             raise GenerationError(f"--steps {request.steps}: expected an integer >= 1")
         if not math.isfinite(request.guidance):
             raise GenerationError(f"--guidance {request.guidance}: expected a finite number")
+        if not isinstance(request.seed, (int, np.integer)) or request.seed < 0:
+            raise GenerationError(f"--seed {request.seed}: expected an integer >= 0")
         strength = request.strength if request.init_image is not None else 1.0
         return make_plan(request.sampler, self.config.scheduler, request.steps, eta=request.eta,
                          strength=strength)
@@ -198,7 +200,9 @@ class Pipeline:
                              f"width/f), found {list(latents.shape)}")
         if latents.dtype.kind != "f":
             raise ShapeError(f"--latents: expected a float array, found dtype {latents.dtype}")
-        _check_finite(latents, "--latents")
+        bad = int(np.size(latents) - np.isfinite(latents).sum())
+        if bad:
+            raise GenerationError(f"--latents: expected finite values, found {bad} NaN/Inf")
         return latents.astype(np.float32)
 
     def _encode_image(self, image: np.ndarray, shape, rng: np.random.Generator) -> np.ndarray:
