@@ -177,7 +177,11 @@ def test_copy_and_symlink_modes(bundle, tmp_path, mode):
         assert graph.stat().st_ino != (bundle / "unet.onnx").stat().st_ino
     else:   # in-repository links are relative, so a mounted repository still resolves them
         assert graph.is_symlink() and not os.readlink(graph).startswith("/")
-        assert (out / "pipeline" / "1" / "bundle" / "unet.onnx").resolve() == (bundle / "unet.onnx").resolve()
+        link = out / "pipeline" / "1" / "bundle"
+        assert link.is_symlink() and link.resolve() == bundle.resolve()
+    # What a pipeline instance loads, with the sha256 check, and what a component model reads.
+    assert Pipeline.load(out / "pipeline" / "1" / "bundle", verify=True).manifest.name == "tiny"
+    assert graph.resolve().read_bytes() == (bundle / "unet.onnx").read_bytes()
 
 
 def test_a_corrupt_bundle_is_refused(bundle, tmp_path):

@@ -44,7 +44,7 @@ _PREFIX = re.compile(r"^[A-Za-z0-9_.-]{0,64}$")
 class FileMode(str, enum.Enum):
     HARDLINK = "hardlink"   # no extra space; falls back to a copy across file systems
     COPY = "copy"
-    SYMLINK = "symlink"     # absolute links to the bundle: mount it at the same path to serve
+    SYMLINK = "symlink"     # <pipeline>/1/bundle links to the bundle: mount it at the same path
 
 
 class ComponentPlatform(str, enum.Enum):
@@ -118,7 +118,7 @@ def write_repository(bundle_dir: str | os.PathLike, out: str | os.PathLike,
     out.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        link_notes = _write(temp, models, options.files)
+        link_notes = _write(temp, bundle, models, options.files)
         notes += link_notes
         _replace(temp, out)
     except BaseException:
@@ -290,12 +290,18 @@ def _bundle_files(bundle: Path) -> list[str]:
     return files
 
 
-def _write(root: Path, models: list[ModelPlan], mode: FileMode) -> list[str]:
+def _write(root: Path, bundle: Path, models: list[ModelPlan], mode: FileMode) -> list[str]:
     notes: list[str] = []
     pipeline = models[0]
     pipeline_dir = root / pipeline.config.name / VERSION
-    for relative, source in pipeline.files.items():
-        _place(source, pipeline_dir / relative, mode, notes)
+    if mode == FileMode.SYMLINK:
+        # One link to the bundle folder, not one per file: the manifest loader refuses files
+        # whose links lead outside their bundle.
+        pipeline_dir.mkdir(parents=True)
+        (pipeline_dir / BUNDLE_DIR).symlink_to(bundle.resolve(), target_is_directory=True)
+    else:
+        for relative, source in pipeline.files.items():
+            _place(source, pipeline_dir / relative, mode, notes)
     shutil.copyfile(MODEL_TEMPLATE, pipeline_dir / "model.py")
     vendor_runtime(pipeline_dir)
     (root / pipeline.config.name / "config.pbtxt").write_text(pipeline.config.to_pbtxt())
@@ -322,10 +328,8 @@ def _in_bundle_copy(source: Path, pipeline_files: Mapping[str, Path], pipeline_d
 
 
 def _place(source: Path, target: Path, mode: FileMode, notes: list[str]) -> None:
+    """Hard link (a copy where links fail) or copy `source` to `target`."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    if mode == FileMode.SYMLINK:
-        target.symlink_to(source.resolve())
-        return
     if mode == FileMode.HARDLINK:
         try:
             os.link(source, target)
