@@ -324,11 +324,6 @@ def test_latents_equal_to_the_seeds_noise_reproduce_the_seeds_run(tiny, sampler:
     np.testing.assert_array_equal(given64.images, from_seed.images)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Pipeline._initial_noise draws the initial noise from the seed's generator only when "
-    "request.latents is None; with latents given, the per-step noise of a stochastic sampler "
-    "starts at the head of the stream instead of after the initial draw, so passing the seed's "
-    "own initial noise as latents= gives another image (fix: always draw, then replace)"))
 @pytest.mark.parametrize("sampler, eta", [("euler-a", 0.0), ("ddpm", 0.0), ("lcm", 0.0), ("ddim", 0.5)])
 def test_latents_equal_to_the_seeds_noise_reproduce_a_stochastic_run(tiny, sampler: str, eta: float) -> None:
     seed = 13
@@ -380,9 +375,7 @@ def test_result_reports_stage_timings(tiny, tiny_torch) -> None:
 
 @pytest.mark.parametrize("backend", [
     "tiny",
-    pytest.param("tiny_torch", marks=pytest.mark.xfail(strict=True, reason=(
-        "Pipeline.generate hands the loop to the torch backend's fused_denoise without on_step, "
-        "so the callback (the CLI's per-step progress bar) is never called on --backend torch"))),
+    "tiny_torch",
 ])
 def test_on_step_reports_every_evaluation(request, backend: str) -> None:
     pipeline: Pipeline = request.getfixturevalue(backend)
@@ -487,15 +480,13 @@ def test_bad_requests_raise_typed_errors_naming_the_input(tiny, name: str) -> No
     assert isinstance(raised.value, LdmrtError)
 
 
-_UNTYPED = ("_expand and _plan assume the types: list(None) / math.isfinite('7.5') raise a raw TypeError "
-            "instead of a GenerationError naming the field")
 
 
 @pytest.mark.parametrize("change, field", [
-    pytest.param({"prompt": None}, "--prompt", marks=pytest.mark.xfail(strict=True, reason=_UNTYPED)),
-    pytest.param({"prompt": 123}, "--prompt", marks=pytest.mark.xfail(strict=True, reason=_UNTYPED)),
-    pytest.param({"guidance": "7.5"}, "--guidance", marks=pytest.mark.xfail(strict=True, reason=_UNTYPED)),
-    pytest.param({"guidance": None}, "--guidance", marks=pytest.mark.xfail(strict=True, reason=_UNTYPED)),
+    ({"prompt": None}, "--prompt"),
+    ({"prompt": 123}, "--prompt"),
+    ({"guidance": "7.5"}, "--guidance"),
+    ({"guidance": None}, "--guidance"),
     ({"prompt": ["a cat", None], "batch": 2}, "--prompt"),
     ({"seed": 1.5}, "--seed"),
 ])
@@ -504,10 +495,6 @@ def test_wrongly_typed_requests_raise_typed_errors(tiny, change, field: str) -> 
         tiny.generate(GenerationRequest(**{"prompt": "a cat", "steps": 2, **change}))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "_encode_image never checks the init image for NaN/Inf: they flow through the VAE encoder and the "
-    "error blames the denoising loop ('non-finite latents after denoising step 1 ... try an fp32 "
-    "export or a lower --guidance') instead of naming --init-image"))
 def test_a_non_finite_init_image_is_named(tiny) -> None:
     image = gradient_image()
     image[0, 10, 20, 1] = np.nan

@@ -22,7 +22,7 @@ def generate(
     backend: str = typer.Option("onnxruntime", help="onnxruntime | tensorrt | tensorrt-rtx | torch."),
     latents: Optional[Path] = typer.Option(None, help="Initial unit-variance noise [B, C, h, w] (.npy)."),
     init_image: Optional[Path] = typer.Option(None, help="img2img start image (PNG/JPEG)."),
-    strength: float = typer.Option(0.8, help="img2img: how much of the schedule to run."),
+    strength: Optional[float] = typer.Option(None, help="img2img: how much of the schedule to run (default 0.8)."),
     class_label: Optional[List[int]] = typer.Option(None, help="Class-conditional models: label(s)."),
     out: Path = typer.Option(..., "--out", "-o", help=".png (one file per image) or .npy [B, H, W, 3]."),
 ) -> None:
@@ -45,11 +45,14 @@ def generate(
                 initial = np.load(latents, allow_pickle=False)
             except (OSError, ValueError) as exc:
                 raise GenerationError(f"--latents {latents}: cannot read a .npy array ({exc})") from None
+        if strength is not None and init_image is None:
+            raise GenerationError("--strength applies to img2img only: pass --init-image too")
         image = read_image(init_image)[None] if init_image is not None else None
         request = GenerationRequest(prompt=prompt if len(prompt) > 1 else prompt[0],
                                     negative_prompt=negative_prompt, steps=steps, guidance=guidance,
                                     sampler=sampler, eta=eta, seed=seed, height=height, width=width,
-                                    batch=batch, latents=initial, init_image=image, strength=strength,
+                                    batch=batch, latents=initial, init_image=image,
+                                    strength=0.8 if strength is None else strength,
                                     class_labels=class_label)
         with console.status(f"loading {bundle} on {backend}"):
             pipeline = Pipeline.load(bundle, backend)

@@ -46,7 +46,8 @@ class FusedDenoiser:
         self._lock = threading.Lock()
 
     def __call__(self, plan: SamplerPlan, latents: np.ndarray | torch.Tensor, context: torch.Tensor | None,
-                 guidance: float, noise: np.ndarray | torch.Tensor | None = None) -> torch.Tensor:
+                 guidance: float, noise: np.ndarray | torch.Tensor | None = None,
+                 on_step=None) -> torch.Tensor:
         """Denoise `latents` (B, C, h, w) through every evaluation of `plan`; returns the final latents.
 
         `noise` (N, B, C, h, w) holds the standard normal noise of each evaluation (zeros where the
@@ -63,10 +64,12 @@ class FusedDenoiser:
         if context is not None and guided is False and context.shape[0] == 2 * x0.shape[0]:
             context = context[x0.shape[0]:]      # guidance 1: only the conditional half matters
         if step is None:
-            for _ in range(plan.num_evaluations):
+            for i in range(plan.num_evaluations):
                 _denoise_step(self.unet, state, tables, context, guidance, self.dtype, guided)
+                if on_step is not None:
+                    on_step(i + 1, plan.num_evaluations)
             return state.x.clone()
-        return step.run(state, tables, context, guidance)
+        return step.run(state, tables, context, guidance, on_step)
 
     def _step_for(self, shape: DenoiseShape) -> "_CapturedStep":
         with self._lock:
@@ -162,7 +165,8 @@ class _CapturedStep:
         self.context: torch.Tensor | None = None
         self.guidance = torch.ones((), device=owner.device)
 
-    def run(self, state: _State, tables: _Tables, context: torch.Tensor | None, guidance: float) -> torch.Tensor:
+    def run(self, state: _State, tables: _Tables, context: torch.Tensor | None, guidance: float,
+            on_step=None) -> torch.Tensor:
         if self.graph is None:
             self._capture(state, tables, context)
         _copy_into(self.state, state)
@@ -170,8 +174,10 @@ class _CapturedStep:
         if context is not None:
             self.context.copy_(context)
         self.guidance.fill_(guidance)
-        for _ in range(self.shape.num_evaluations):
-            self.graph.replay()
+        for i in range(self.shape.num_evaluations):
+            self.graph.replay()     # asynchronous: progress reports enqueued steps
+            if on_step is not None:
+                on_step(i + 1, self.shape.num_evaluations)
         return self.state.x.clone()
 
     def _capture(self, state: _State, tables: _Tables, context: torch.Tensor | None) -> None:
@@ -239,14 +245,14 @@ class TorchUNetRunner(TorchRunner):
         return self.graph(sample, timestep, context)
 
     def fused_denoise(self, plan: SamplerPlan, latents: np.ndarray, context, guidance: float,
-                      step_noise) -> np.ndarray:
+                      step_noise, on_step=None) -> np.ndarray:
         noise = np.stack([np.zeros_like(latents) if n is None else n for n in step_noise])
         if context is not None:
             context = torch.from_numpy(np.ascontiguousarray(context)).to(self.device)
             if context.is_floating_point():
                 context = context.to(self.dtype)
         with torch.no_grad():
-            return self.denoiser(plan, latents, context, guidance, noise).cpu().numpy()
+            return self.denoiser(plan, latents, context, guidance, noise, on_step).cpu().numpy()
 
 
 def load_reference_model(manifest, device: torch.device, dtype: torch.dtype):

@@ -106,7 +106,7 @@ class Pipeline:
         start = time.perf_counter()
         fused = getattr(self.runners["unet"], "fused_denoise", None)
         if fused is not None:
-            x = fused(plan, x, context, request.guidance if guided else 1.0, step_noise)
+            x = fused(plan, x, context, request.guidance if guided else 1.0, step_noise, on_step)
             unet_seconds = None
         else:
             x, unet_seconds = self._denoise(plan, x, context, request, guided, step_noise, on_step)
@@ -152,6 +152,9 @@ class Pipeline:
             raise GenerationError(f"--sampler {request.sampler!r}: expected one of {list(SAMPLERS)}")
         if not isinstance(request.steps, int) or request.steps < 1:
             raise GenerationError(f"--steps {request.steps}: expected an integer >= 1")
+        if isinstance(request.guidance, bool) or not isinstance(request.guidance, (int, float)):
+            raise GenerationError(f"--guidance {request.guidance!r}: expected a number, found "
+                                  f"{type(request.guidance).__name__}")
         if not math.isfinite(request.guidance):
             raise GenerationError(f"--guidance {request.guidance}: expected a finite number")
         if not isinstance(request.seed, (int, np.integer)) or request.seed < 0:
@@ -192,8 +195,11 @@ class Pipeline:
         return None, False
 
     def _initial_noise(self, request: GenerationRequest, shape, rng: np.random.Generator) -> np.ndarray:
+        # Always drawn, then replaced: the per-step noise of stochastic samplers continues the same
+        # stream, so passing a seed's own initial noise as `latents` reproduces that seed's run.
+        drawn = rng.standard_normal(shape).astype(np.float32)
         if request.latents is None:
-            return rng.standard_normal(shape).astype(np.float32)
+            return drawn
         latents = np.asarray(request.latents)
         if latents.shape != tuple(shape):
             raise ShapeError(f"--latents: expected shape {list(shape)} (batch, channels, height/f, "
@@ -209,6 +215,9 @@ class Pipeline:
         if "vae_encoder" not in self.runners:
             raise GenerationError("img2img needs the vae_encoder component; export it too")
         image = np.asarray(image, dtype=np.float32)
+        bad = int(np.size(image) - np.isfinite(image).sum())
+        if bad:
+            raise GenerationError(f"--init-image: expected finite pixel values, found {bad} NaN/Inf")
         batch, _, h, w = shape
         f = self.config.downsampling_factor
         if image.ndim != 4 or image.shape[1:] != (h * f, w * f, 3) or image.shape[0] not in (1, batch):
@@ -274,6 +283,9 @@ class Pipeline:
 
 
 def _expand(prompt: str | Sequence[str], batch: int, name: str) -> list[str]:
+    if not isinstance(prompt, (str, list, tuple)):
+        raise GenerationError(f"--{name.replace('_', '-')}: expected a string or a list of strings, "
+                              f"found {type(prompt).__name__}")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if len(prompts) == 1:
         prompts = prompts * batch
