@@ -31,7 +31,8 @@ from ldmrt.iospec import ShapeRanges
 from ldmrt.models import LatentDiffusion, build_model
 from ldmrt.models.convert import autoencoder_from_diffusers, clip_from_transformers, unet_from_diffusers
 from ldmrt.runtime.pipeline import GenerationRequest
-from tests.reference import diffusers_autoencoder, diffusers_unet, perturb_, transformers_clip
+from tests.reference import (DIFFUSERS_SCHEDULERS, diffusers_autoencoder, diffusers_unet, perturb_,
+                             transformers_clip)
 
 _VOCAB = 1000   # >= the 514 tokens the synthetic CLIP vocabulary needs
 _UNET = UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1, 2),
@@ -60,21 +61,7 @@ GOLDEN_CONFIGS: dict[str, ModelConfig] = {
 # Image sides 16..48 px (latent 4..12; diffusers wants multiples of 8 px), two images per call.
 GOLDEN_RANGES = ShapeRanges(min_size=16, opt_size=32, max_size=48, max_batch=2, opt_batch=1)
 
-# sampler name -> (diffusers scheduler class, the arguments that pick ldmrt's variant)
-SCHEDULERS: dict[str, tuple[str, dict]] = {
-    "ddim": ("DDIMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {"variance_type": "fixed_small"}),
-    "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp-2m": ("DPMSolverMultistepScheduler",
-                 {"algorithm_type": "dpmsolver++", "solver_order": 2, "solver_type": "midpoint",
-                  "lower_order_final": True}),
-    "dpmpp-2m-karras": ("DPMSolverMultistepScheduler",
-                        {"algorithm_type": "dpmsolver++", "solver_order": 2, "solver_type": "midpoint",
-                         "lower_order_final": True, "use_karras_sigmas": True}),
-    "lcm": ("LCMScheduler", {}),
-}
+SCHEDULERS = DIFFUSERS_SCHEDULERS
 # The modules whose randn_tensor draws a stochastic scheduler's step noise.
 _NOISE_MODULES = ("scheduling_ddim", "scheduling_ddpm", "scheduling_euler_ancestral_discrete", "scheduling_lcm")
 

@@ -78,3 +78,20 @@ def diffusers_ldmbert(config: BertConfig):
         encoder_attention_heads=config.heads, head_dim=config.dim_head, d_model=config.n_embed,
         activation_function="gelu", dropout=0.0, attention_dropout=0.0,
         activation_dropout=0.0)).eval()
+
+
+# ldmrt sampler name -> (diffusers scheduler class, the arguments that pick ldmrt's variant)
+DIFFUSERS_SCHEDULERS: dict[str, tuple[str, dict]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {"variance_type": "fixed_small"}),
+    "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp-2m": ("DPMSolverMultistepScheduler",
+                 {"algorithm_type": "dpmsolver++", "solver_order": 2, "solver_type": "midpoint",
+                  "lower_order_final": True}),
+    "dpmpp-2m-karras": ("DPMSolverMultistepScheduler",
+                        {"algorithm_type": "dpmsolver++", "solver_order": 2, "solver_type": "midpoint",
+                         "lower_order_final": True, "use_karras_sigmas": True}),
+    "lcm": ("LCMScheduler", {}),
+}

@@ -35,20 +35,7 @@ RTOL = 2e-6
 # schedule near t = T-1) that alone costs up to 1e-4.
 RTOL_STOCK = 1e-4
 
-_ORACLES = {
-    "ddim": ("DDIMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {"variance_type": "fixed_small"}),
-    "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp-2m": ("DPMSolverMultistepScheduler",
-                 {"algorithm_type": "dpmsolver++", "solver_order": 2, "solver_type": "midpoint",
-                  "lower_order_final": True}),
-    "dpmpp-2m-karras": ("DPMSolverMultistepScheduler",
-                        {"algorithm_type": "dpmsolver++", "solver_order": 2, "solver_type": "midpoint",
-                         "lower_order_final": True, "use_karras_sigmas": True}),
-    "lcm": ("LCMScheduler", {}),
-}
+from tests.reference import DIFFUSERS_SCHEDULERS as _ORACLES  # noqa: E402
 _NOISE_MODULES = ("scheduling_ddim", "scheduling_ddpm", "scheduling_euler_ancestral_discrete",
                   "scheduling_lcm")
 
