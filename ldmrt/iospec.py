@@ -24,10 +24,11 @@ class Precision(str, enum.Enum):
     FP32 = "fp32"
     FP16 = "fp16"
     BF16 = "bf16"
+    INT8 = "int8"      # CPU: int8 UNet inside (export/quantize.py); every graph's I/O stays float32
 
     @property
     def dtype(self) -> str:
-        return {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[self.value]
+        return {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "float32"}[self.value]
 
 
 class Component(str, enum.Enum):

@@ -14,6 +14,7 @@ from ldmrt.config import BertConfig, ClipTextConfig
 from ldmrt.errors import ConfigError, ExportError, ParityError
 from ldmrt.export.components import TORCH_DTYPES, ComponentGraph, example_inputs, to_torch
 from ldmrt.export.onnx_graph import MIN_OPSET, export_graph
+from ldmrt.export.quantize import Int8Options, quantize_unet
 from ldmrt.export.validate import shape_plan, validate_graph
 from ldmrt.iospec import Precision, ShapeRanges, component_specs
 from ldmrt.manifest import (MANIFEST_NAME, TOKENIZER_DIR, ComponentEntry, Manifest, TokenizerEntry,
@@ -35,6 +36,7 @@ class ExportOptions:
     force: bool = False
     fp32_vae_decoder: bool = False
     optimize: bool = True
+    int8: Int8Options = Int8Options()              # --precision int8: calibration and parity bounds
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,9 @@ def _export_component(model: LatentDiffusion, spec, work: Path, options: ExportO
                 f"{spec.name}: ONNX Runtime vs PyTorch relative L2 {parity.rel_l2:.3g} exceeds the "
                 f"{graph_dtype} tolerance {parity.tolerance:g} (max abs {parity.max_abs:.3g}, "
                 f"shapes {dict(parity.shapes)}); no bundle written")
+    if options.precision == Precision.INT8 and spec.name == "unet":
+        report(spec.name, "quantizing to int8 (calibration, parity vs fp32)")
+        parity = quantize_unet(path, model, spec, options.int8).parity_record()
     report(spec.name, "hashing")
     return ComponentEntry.from_files(work, spec, graph_dtype, parity)
 

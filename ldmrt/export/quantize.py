@@ -1,0 +1,460 @@
+"""int8 UNet for CPUs with 8-bit dot products (AVX512-VNNI / AVX-VNNI, ARM dot-product).
+
+Static QDQ quantization, chosen at export with `--precision int8`:
+
+    Conv   (3x3 and 1x1, weights constant)  u8 input, s8 per-output-channel weights, int32 bias,
+                                            u8 output         -> ONNX Runtime fuses QLinearConv
+    MatMul (B constant: q/k/v/out, GEGLU)   u8 input, s8 per-column weights, float output
+                                                              -> MatMulIntegerToFloat
+
+Activation ranges come from the model itself: the fp32 graph runs a few guided DDIM
+trajectories (text embeddings from the model's own conditioner) and every quantized tensor's
+min/max is taken over them. Kept in fp32 (`select_targets`): the first and last convolution, the
+skip convs, the cross-attention K/V projections, and everything that is not a weight product
+(attention QK^T, softmax and AV, GroupNorm, LayerNorm, the timestep MLP).
+
+Parity is measured on a held-out trajectory and must meet `Int8Bounds` or the export fails:
+the per-UNet-call relative L2 against the fp32 graph on that trajectory's inputs, and the PSNR of
+the decoded image after `steps` guided steps, int8 UNet vs fp32 UNet from the same noise.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ldmrt.errors import ExportError, ParityError
+from ldmrt.iospec import ComponentSpec
+
+log = logging.getLogger(__name__)
+
+METADATA_KEY = "ldmrt.int8"          # the ONNX metadata_props entry holding `Int8Report`
+CALIBRATION_PROMPTS = ("a photograph of an astronaut riding a horse", "a watercolor painting of a fox",
+                       "a city street at night, rain, neon lights", "a bowl of fruit on a wooden table")
+PARITY_PROMPT = "a lighthouse on a cliff above a stormy sea"     # held out from calibration
+PARITY_SEED = 1000
+
+
+@dataclass(frozen=True)
+class Int8Bounds:
+    """What the int8 UNet must meet against the fp32 UNet, or the export fails."""
+    unet_rel_l2: float = 0.10      # per call, on held-out trajectory inputs (max over the steps)
+    image_psnr_db: float = 30.0    # decoded images after `Int8Options.parity_steps` guided steps
+
+
+@dataclass(frozen=True)
+class Int8Options:
+    calibration_trajectories: int = 2    # guided DDIM runs (each its own prompt and noise)
+    calibration_steps: int = 8           # UNet calls per calibration run
+    parity_steps: int = 20               # steps of the held-out end-to-end comparison
+    guidance: float = 7.5
+    bounds: Int8Bounds = field(default_factory=Int8Bounds)
+
+
+@dataclass(frozen=True)
+class Int8Report:
+    """What was quantized and how close it stayed to fp32; stored in the graph's metadata."""
+    method: str
+    quantized: dict[str, int]            # op type -> count
+    kept_fp32: list[str]                 # weight ops left in fp32 (node names)
+    calibration: dict[str, object]
+    unet_rel_l2: float                   # max over the held-out steps
+    unet_max_abs: float
+    image_psnr_db: float
+    bounds: dict[str, float]
+    shapes: dict[str, list[int]]
+
+    def parity_record(self):
+        """The manifest's parity entry: int8 UNet vs the fp32 graph, per call, held-out inputs."""
+        from ldmrt.manifest import ParityRecord
+
+        steps = self.calibration["parity_steps"]
+        reference = (f"onnxruntime-fp32 graph on a held-out {steps}-step guided ddim run (max over calls); "
+                     f"image PSNR {self.image_psnr_db:.1f} dB (bound >= {self.bounds['image_psnr_db']:g} dB)")
+        return ParityRecord(reference=reference,
+                            rel_l2=self.unet_rel_l2, max_abs=self.unet_max_abs,
+                            tolerance=self.bounds["unet_rel_l2"],
+                            shapes={k: tuple(v) for k, v in self.shapes.items()})
+
+    def check(self) -> None:
+        b = self.bounds
+        if not (self.unet_rel_l2 <= b["unet_rel_l2"] and self.image_psnr_db >= b["image_psnr_db"]):
+            raise ParityError(
+                f"unet int8: parity vs fp32 out of bounds: per-call relative L2 {self.unet_rel_l2:.3g} "
+                f"(bound {b['unet_rel_l2']:g}), image PSNR {self.image_psnr_db:.1f} dB (bound "
+                f">= {b['image_psnr_db']:g} dB) after {self.calibration['parity_steps']} steps; "
+                f"no bundle written: export fp32, or bf16/fp16 for a GPU")
+
+
+@dataclass(frozen=True)
+class QuantTarget:
+    """One weight product to quantize: its node, activation input, weight, bias and output."""
+    node: str
+    op_type: str                 # "Conv" or "MatMul"
+    activation: str
+    weight: str
+    bias: str | None
+    output: str
+
+
+# --- which nodes -----------------------------------------------------------------------------
+
+def select_targets(graph: onnx.GraphProto) -> tuple[list[QuantTarget], list[str]]:
+    """Convs and MatMuls with constant weights: (targets, weight ops kept in fp32).
+
+    Kept in fp32 (measured on sd15 and tiny, docs/cpu_speed.md): ops reading a graph input or
+    writing a graph output (conv_in, conv_out; cross-attention K/V over the text embeddings,
+    77 rows, where real CLIP embeddings have outlier channels), grouped convs, and convs fed by
+    a Concat: the UNet's skip convs read [h; skip], two streams of different scale that one u8
+    range serves badly (alone they were 2/3 of the int8 error: sd15 per-call rel L2 0.027 -> 0.0085).
+    """
+    constants = {i.name for i in graph.initializer}
+    inputs = {i.name for i in graph.input}
+    outputs = {o.name for o in graph.output}
+    concatenated = {n.output[0] for n in graph.node if n.op_type == "Concat"}
+    targets, kept = [], []
+    for node in graph.node:
+        if node.op_type not in ("Conv", "MatMul") or len(node.input) < 2 or node.input[1] not in constants:
+            continue
+        grouped = node.op_type == "Conv" and any(a.name == "group" and a.i != 1 for a in node.attribute)
+        if node.input[0] in inputs or node.output[0] in outputs or grouped or \
+                (node.op_type == "Conv" and node.input[0] in concatenated):
+            kept.append(node.name)
+            continue
+        bias = node.input[2] if node.op_type == "Conv" and len(node.input) > 2 and node.input[2] else None
+        targets.append(QuantTarget(node.name, node.op_type, node.input[0], node.input[1], bias, node.output[0]))
+    return targets, kept
+
+
+def _calibrated_tensors(targets: list[QuantTarget]) -> list[str]:
+    names = {t.activation for t in targets} | {t.output for t in targets if t.op_type == "Conv"}
+    return sorted(names)
+
+
+# --- calibration: min/max of every quantized tensor ------------------------------------------
+
+def collect_ranges(path: Path, tensors: list[str], feeds: Iterator[dict[str, np.ndarray]]
+                   ) -> dict[str, tuple[float, float]]:
+    """Run `path` with `tensors` as extra outputs over `feeds`; per tensor (min, max) over all."""
+    import onnxruntime as ort
+
+    model = onnx.load(str(path), load_external_data=False)
+    model.graph.ClearField("value_info")
+    for name in tensors:
+        model.graph.output.append(helper.make_empty_tensor_value_info(name))
+    # Saved next to the graph so that its external-data references (weights) still resolve.
+    probe = path.with_name(f".{path.stem}.calibration.onnx")
+    onnx.save_model(model, str(probe))
+    del model
+    try:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(probe), options, providers=["CPUExecutionProvider"])
+        ranges: dict[str, tuple[float, float]] = {}
+        count = 0
+        for feed in feeds:
+            for name, value in zip(tensors, session.run(tensors, feed)):
+                lo, hi = float(value.min()), float(value.max())
+                if name in ranges:
+                    lo, hi = min(lo, ranges[name][0]), max(hi, ranges[name][1])
+                ranges[name] = (lo, hi)
+            count += 1
+        del session
+    finally:
+        probe.unlink(missing_ok=True)
+    if not count:
+        raise ExportError("int8 calibration: no calibration inputs")
+    bad = [n for n, (lo, hi) in ranges.items() if not (math.isfinite(lo) and math.isfinite(hi))]
+    if bad:
+        raise ExportError(f"int8 calibration: non-finite activations in {bad[:3]}; the fp32 graph "
+                          f"overflows on the calibration inputs")
+    return ranges
+
+
+# --- QDQ insertion -----------------------------------------------------------------------------
+
+def _activation_qparams(lo: float, hi: float) -> tuple[np.float32, np.uint8]:
+    """Asymmetric u8 scale and zero point for [lo, hi] (widened to include 0)."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = (hi - lo) / 255.0 if hi > lo else 1.0
+    zero = int(np.clip(round(-lo / scale), 0, 255))
+    return np.float32(scale), np.uint8(zero)
+
+
+def _weight_qparams(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric s8 per-channel along `axis` in [-127, 127]: (int8 weight, float32 scales)."""
+    moved = np.moveaxis(weight, axis, 0)
+    amax = np.abs(moved.reshape(moved.shape[0], -1)).max(axis=1)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    shape = [1] * weight.ndim
+    shape[axis] = -1
+    quantized = np.clip(np.round(weight / scale.reshape(shape)), -127, 127).astype(np.int8)
+    return quantized, scale
+
+
+def insert_qdq(model: onnx.ModelProto, targets: list[QuantTarget],
+               ranges: dict[str, tuple[float, float]]) -> onnx.ModelProto:
+    """Replace each target's float weight by s8 + DequantizeLinear and wrap its activations in
+    QuantizeLinear/DequantizeLinear pairs (Conv outputs too). Returns `model`, changed in place."""
+    graph = model.graph
+    weights = {i.name: i for i in graph.initializer}
+    by_node = {t.node: t for t in targets}
+    new_inits: list[onnx.TensorProto] = []
+    dequantized_input: dict[str, str] = {}     # activation -> its DQ output (for quantized nodes)
+    dequantized_output: dict[str, str] = {}    # conv output -> its DQ output (for every consumer)
+    nodes: list[onnx.NodeProto] = []
+
+    def qdq(tensor: str) -> tuple[str, list[onnx.NodeProto], np.float32]:
+        scale, zero = _activation_qparams(*ranges[tensor])
+        base = f"{tensor}.int8"
+        new_inits.extend([numpy_helper.from_array(np.array(scale), f"{base}.scale"),
+                          numpy_helper.from_array(np.array(zero), f"{base}.zero_point")])
+        pair = [helper.make_node("QuantizeLinear", [tensor, f"{base}.scale", f"{base}.zero_point"],
+                                 [f"{base}.q"], name=f"{base}.quantize"),
+                helper.make_node("DequantizeLinear", [f"{base}.q", f"{base}.scale", f"{base}.zero_point"],
+                                 [f"{base}.dq"], name=f"{base}.dequantize")]
+        return f"{base}.dq", pair, scale
+
+    scales: dict[str, np.float32] = {}
+    for node in graph.node:
+        node.input[:] = [dequantized_output.get(name, name) for name in node.input]
+        target = by_node.get(node.name)
+        if target is None:
+            nodes.append(node)
+            continue
+        activation = target.activation
+        if activation in dequantized_output:      # a quantized conv's output: reuse its pair
+            dq_name = dequantized_output[activation]
+        elif activation in dequantized_input:
+            dq_name = dequantized_input[activation]
+        else:
+            dq_name, pair, scales[activation] = qdq(activation)
+            dequantized_input[activation] = dq_name
+            nodes.extend(pair)
+        node.input[0] = dq_name
+        axis = 0 if target.op_type == "Conv" else 1
+        weight = numpy_helper.to_array(weights[target.weight]).astype(np.float32)
+        w_q, w_scale = _weight_qparams(weight, axis)
+        w_base = f"{target.weight}.int8"
+        new_inits.extend([numpy_helper.from_array(w_q, f"{w_base}.q"),
+                          numpy_helper.from_array(w_scale, f"{w_base}.scale"),
+                          numpy_helper.from_array(np.zeros_like(w_scale, dtype=np.int8), f"{w_base}.zero_point")])
+        nodes.append(helper.make_node("DequantizeLinear", [f"{w_base}.q", f"{w_base}.scale", f"{w_base}.zero_point"],
+                                      [f"{w_base}.dq"], name=f"{w_base}.dequantize", axis=axis))
+        node.input[1] = f"{w_base}.dq"
+        if target.bias is not None:
+            # int32 bias at scale x_scale * w_scale: what QLinearConv adds to its accumulator.
+            x_scale = scales.get(activation) or _activation_qparams(*ranges[activation])[0]
+            b_scale = (w_scale * x_scale).astype(np.float32)
+            bias = numpy_helper.to_array(weights[target.bias]).astype(np.float64)
+            b_q = np.clip(np.round(bias / b_scale), -2**31, 2**31 - 1).astype(np.int32)
+            b_base = f"{target.bias}.int32"
+            new_inits.extend([numpy_helper.from_array(b_q, f"{b_base}.q"),
+                              numpy_helper.from_array(b_scale, f"{b_base}.scale"),
+                              numpy_helper.from_array(np.zeros_like(b_q), f"{b_base}.zero_point")])
+            nodes.append(helper.make_node("DequantizeLinear", [f"{b_base}.q", f"{b_base}.scale", f"{b_base}.zero_point"],
+                                          [f"{b_base}.dq"], name=f"{b_base}.dequantize", axis=0))
+            node.input[2] = f"{b_base}.dq"
+        nodes.append(node)
+        if target.op_type == "Conv":
+            # A u8 output lets ONNX Runtime run DQ -> Conv -> Q as one QLinearConv.
+            dq_name, pair, scales[target.output] = qdq(target.output)
+            dequantized_output[target.output] = dq_name
+            nodes.extend(pair)
+    used = {t.weight for t in targets} | {t.bias for t in targets if t.bias}
+    still_read = {name for n in nodes for name in n.input}
+    keep = [i for i in graph.initializer if i.name not in used or i.name in still_read]
+    graph.ClearField("initializer")
+    graph.initializer.extend(keep + new_inits)
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    graph.ClearField("value_info")
+    return model
+
+
+# --- trajectories: calibration inputs and the held-out parity run ------------------------------
+
+UNetFn = Callable[[dict[str, np.ndarray]], np.ndarray]
+
+
+@dataclass
+class Trajectory:
+    """One guided denoising run: every UNet call's inputs and outputs, and the final latents."""
+    feeds: list[dict[str, np.ndarray]]
+    outputs: list[np.ndarray]
+    latents: np.ndarray
+
+
+class TrajectoryMaker:
+    """Guided DDIM runs of a UNet (any callable on spec-named feeds), conditioned like the runtime."""
+
+    def __init__(self, model, spec: ComponentSpec, latent_hw: tuple[int, int], guidance: float,
+                 tokenizer=None):
+        self.model, self.spec, self.latent_hw = model, spec, latent_hw
+        self.config = model.config
+        self.names = {t.name for t in spec.inputs}
+        self.guided = self.config.conditioner is not None and guidance != 1.0
+        self.guidance = guidance if self.guided else 1.0
+        self.tokenizer = tokenizer
+
+    def conditioning(self, prompt: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Extra UNet inputs for [uncond; cond] (guided) or one sample: text embeddings or labels."""
+        import torch
+
+        feeds: dict[str, np.ndarray] = {}
+        if "encoder_hidden_states" in self.names:
+            texts = ["", prompt] if self.guided else [prompt]
+            if self.tokenizer is not None:
+                ids = self.tokenizer.encode(texts).input_ids
+            else:
+                cond = self.config.conditioner
+                ids = rng.integers(0, cond.vocab_size, size=(len(texts), cond.max_length)).astype(np.int32)
+            with torch.no_grad():
+                embeddings = self.model.conditioner(torch.from_numpy(np.asarray(ids, np.int32)))
+            feeds["encoder_hidden_states"] = embeddings.float().numpy()
+        if "class_labels" in self.names:
+            n = getattr(self.config.conditioner, "n_classes", None) or self.config.unet.num_classes
+            label = int(rng.integers(0, n - 1))
+            feeds["class_labels"] = np.array([n - 1, label] if self.guided else [label], np.int32)
+        return feeds
+
+    def run(self, unet: UNetFn, steps: int, seed: int, prompt: str, replay: Trajectory | None = None
+            ) -> Trajectory:
+        """A DDIM run from seeded noise; with `replay`, the same conditioning as that run."""
+        from ldmrt.runtime.samplers import denoise, make_plan
+
+        rng = np.random.default_rng(seed)
+        extra = self.conditioning(prompt, rng) if replay is None else \
+            {k: v for k, v in replay.feeds[0].items() if k not in ("sample", "timestep")}
+        shape = (1, self.config.latent_channels, *self.latent_hw)
+        noise = rng.standard_normal(shape).astype(np.float32)
+        plan = make_plan("ddim", self.config.scheduler, steps)
+        feeds_log: list[dict[str, np.ndarray]] = []
+        outputs_log: list[np.ndarray] = []
+
+        def guided(x: np.ndarray, timestep: float) -> np.ndarray:
+            sample = np.concatenate([x, x]) if self.guided else x
+            feeds = {"sample": sample.astype(np.float32),
+                     "timestep": np.full((sample.shape[0],), timestep, np.float32), **extra}
+            output = unet(feeds)
+            feeds_log.append(feeds)
+            outputs_log.append(output)
+            if not self.guided:
+                return output
+            uncond, cond = output[:1], output[1:]
+            return uncond + self.guidance * (cond - uncond)
+
+        latents = denoise(plan, guided, plan.initial_latents(noise).astype(np.float32))
+        return Trajectory(feeds_log, outputs_log, latents)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Latents -> images in [0, 1], as the runtime does (float64 for the PSNR)."""
+        import torch
+
+        with torch.no_grad():
+            images = self.model.first_stage_model.decode(
+                torch.from_numpy(latents / self.config.scale_factor)).double().numpy()
+        return np.clip(images / 2.0 + 0.5, 0.0, 1.0)
+
+
+def psnr(found: np.ndarray, expected: np.ndarray) -> float:
+    """Peak signal-to-noise ratio in dB of images in [0, 1]; inf when identical, 0 for NaN."""
+    found64, expected64 = np.asarray(found, np.float64), np.asarray(expected, np.float64)
+    if not np.isfinite(found64).all():
+        return 0.0
+    mse = float(np.mean((found64 - expected64) ** 2))
+    return float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    output = session.get_outputs()[0].name
+    return lambda feeds: session.run([output], feeds)[0]
+
+
+# --- the whole step ----------------------------------------------------------------------------
+
+def quantize_unet(path: Path, model, spec: ComponentSpec, options: Int8Options = Int8Options()
+                  ) -> Int8Report:
+    """Replace the fp32 graph at `path` by its int8 version; ParityError if out of bounds.
+
+    `model` is the LatentDiffusion the graph was exported from: its conditioner encodes the
+    calibration prompts (with the bundle's tokenizer next to `path`, random tokens without one),
+    its first stage decodes the parity images."""
+    from ldmrt.export.onnx_graph import check_graph, save_graph
+    from ldmrt.export.validate import relative_l2
+    from ldmrt.manifest import TOKENIZER_DIR
+    from ldmrt.runtime.tokenizer import load_tokenizer
+
+    tokenizer = None
+    if (path.parent / TOKENIZER_DIR).is_dir() and model.config.is_text_conditioned:
+        tokenizer = load_tokenizer(path.parent / TOKENIZER_DIR, model.config.conditioner)
+
+    lo = spec.ranges["latent_height"][0], spec.ranges["latent_width"][0]
+    maker = TrajectoryMaker(model, spec, lo, options.guidance, tokenizer)
+    fp32 = _session(path)
+    calibration = [maker.run(fp32, options.calibration_steps, seed, CALIBRATION_PROMPTS[seed % len(CALIBRATION_PROMPTS)])
+                   for seed in range(options.calibration_trajectories)]
+    held_out = maker.run(fp32, options.parity_steps, PARITY_SEED, PARITY_PROMPT)
+    del fp32
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    targets, kept = select_targets(graph)
+    del graph
+    if not targets:
+        raise ExportError(f"{spec.name}: no Conv or MatMul with constant weights to quantize")
+    ranges = collect_ranges(path, _calibrated_tensors(targets),
+                            (f for run in calibration for f in run.feeds))
+    quantized = insert_qdq(onnx.load(str(path)), targets, ranges)
+    draft = path.with_name(f".{path.stem}.int8.onnx")
+    save_graph(quantized, draft)
+    try:
+        int8 = _session(draft)
+        per_call = [relative_l2(int8(feeds), expected)
+                    for feeds, expected in zip(held_out.feeds, held_out.outputs)]
+        rel, max_abs = max(r for r, _ in per_call), max(m for _, m in per_call)
+        replayed = maker.run(int8, options.parity_steps, PARITY_SEED, PARITY_PROMPT, replay=held_out)
+        del int8
+        image_psnr = psnr(maker.decode(replayed.latents), maker.decode(held_out.latents))
+    finally:
+        for leftover in (draft, draft.with_name(draft.name + ".data")):
+            leftover.unlink(missing_ok=True)
+    counts: dict[str, int] = {}
+    for t in targets:
+        counts[t.op_type] = counts.get(t.op_type, 0) + 1
+    report = Int8Report(
+        method="static QDQ: u8 activations (min/max), s8 per-channel weights; Conv -> QLinearConv, "
+               "MatMul -> MatMulIntegerToFloat",
+        quantized=counts, kept_fp32=kept,
+        calibration={"sampler": "ddim", "trajectories": options.calibration_trajectories,
+                     "steps": options.calibration_steps, "guidance": options.guidance,
+                     "parity_steps": options.parity_steps, "tensors": len(ranges)},
+        unet_rel_l2=rel, unet_max_abs=max_abs, image_psnr_db=image_psnr, bounds=asdict(options.bounds),
+        shapes={k: list(v.shape) for k, v in held_out.feeds[0].items()})
+    log.info("%s int8: %s; per-call rel L2 %.3g, image PSNR %.1f dB", spec.name, counts, rel, image_psnr)
+    report.check()
+    entry = quantized.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(asdict(report), sort_keys=True)
+    save_graph(quantized, path)
+    check_graph(path, spec)
+    return report
+
+
+def read_report(path: Path) -> Int8Report | None:
+    """The `Int8Report` stored in an int8 graph's metadata (None for other graphs)."""
+    model = onnx.load(str(path), load_external_data=False)
+    for entry in model.metadata_props:
+        if entry.key == METADATA_KEY:
+            return Int8Report(**json.loads(entry.value))
+    return None
