@@ -340,8 +340,11 @@ def test_parity_record_exists_and_passes(exported: Exported) -> None:
     for name, entry in exported.manifest.components.items():
         parity = entry.parity
         assert parity is not None, name
-        assert parity.tolerance == FP32_TOL
-        assert np.isfinite(parity.rel_l2) and 0 <= parity.rel_l2 <= parity.tolerance, name
+        # The gate is 1e-5 (the full-size VAE decoder's documented 5x), but at these sizes every
+        # component must still meet 1e-5 itself.
+        from ldmrt.export.validate import tolerance
+        assert parity.tolerance == tolerance(name, Precision.FP32) >= FP32_TOL
+        assert np.isfinite(parity.rel_l2) and 0 <= parity.rel_l2 <= FP32_TOL, name
         assert parity.passed
         assert sorted(parity.shapes) == sorted(t.name for t in entry.spec.inputs)
         # The validated shapes fit the declared ranges (bind raises ShapeError otherwise).
