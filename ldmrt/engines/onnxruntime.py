@@ -8,6 +8,7 @@ from typing import Mapping
 
 import numpy as np
 
+from ldmrt.engines.ort_cache import GraphCache, cache_folder, create_session
 from ldmrt.errors import BackendUnavailableError, ShapeError
 from ldmrt.iospec import ComponentSpec
 from ldmrt.manifest import Manifest
@@ -19,7 +20,7 @@ class OnnxRuntimeRunner:
     """One InferenceSession per component; `run` is thread-safe (ORT sessions are)."""
 
     def __init__(self, path: Path, spec: ComponentSpec, providers: list[str], threads: int | None,
-                 optimized_cache: Path | None = None):
+                 cache: GraphCache | None = None):
         import onnxruntime as ort
 
         self.spec = spec
@@ -28,10 +29,8 @@ class OnnxRuntimeRunner:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
-        if optimized_cache is not None:
-            options.optimized_model_filepath = str(optimized_cache)
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
+            self.session = create_session(path, options, providers, cache)
         except Exception as exc:
             raise BackendUnavailableError(f"onnxruntime could not load {path.name}: {exc}") from exc
         self.output = spec.outputs[0].name
@@ -47,7 +46,9 @@ class OnnxRuntimeRunner:
 
 
 def open_onnxruntime(bundle: Path, manifest: Manifest, components: tuple[str, ...], *,
-                     device: str = "cpu", threads: int | None = None) -> dict[str, OnnxRuntimeRunner]:
+                     device: str = "cpu", threads: int | None = None,
+                     cache_dir: Path | str | None = None) -> dict[str, OnnxRuntimeRunner]:
+    """`cache_dir`: where optimized CPU graphs are cached (ort_cache.py; default <bundle>/ort_cache)."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -62,8 +63,10 @@ def open_onnxruntime(bundle: Path, manifest: Manifest, components: tuple[str, ..
     else:
         providers = ["CPUExecutionProvider"]
     threads = threads or int(os.environ.get("LDMRT_THREADS", "0")) or None
+    folder = cache_folder(bundle, cache_dir) if device == "cpu" else None
     runners = {}
     for name in components:
         entry = manifest.component(name)
-        runners[name] = OnnxRuntimeRunner(bundle / entry.file, entry.spec, providers, threads)
+        cache = GraphCache.for_graph(folder, name, dict(entry.sha256)) if folder else None
+        runners[name] = OnnxRuntimeRunner(bundle / entry.file, entry.spec, providers, threads, cache)
     return runners
