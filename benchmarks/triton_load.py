@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ldmrt.bench import cpu_name  # noqa: E402
 from ldmrt.manifest import utc_now  # noqa: E402
 from ldmrt.triton.config import InstanceGroup, InstanceKind  # noqa: E402
 from ldmrt.triton.repository import PipelineModelOptions, RepositoryOptions, write_repository  # noqa: E402
@@ -113,7 +114,7 @@ def main() -> int:
         total = time.perf_counter() - start
     report = {
         "schema": "ldmrt.triton_load/1", "created": utc_now(),
-        "machine": {"cpu_count": cores, "processor": _cpu_name(), "platform": platform.platform(),
+        "machine": {"cpu_count": cores, "processor": cpu_name(), "platform": platform.platform(),
                     "accelerator": "none (CPU only)"},
         "server": {"tritonserver": "nvidia-pytriton 0.7.0 (tritonserver 2.51.0, Python backend)",
                    "environment_python": env.python_version, "address": "127.0.0.1"},
@@ -129,16 +130,6 @@ def main() -> int:
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out} ({total:.0f} s)", file=sys.stderr)
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

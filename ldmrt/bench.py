@@ -71,7 +71,7 @@ def measure(fn: Callable[[], Any], warmup: int, repeat: int, sync: Callable[[], 
 
 def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
-                            "cpu": _cpu_name(), "cores": os.cpu_count(),
+                            "cpu": cpu_name(), "cores": os.cpu_count(),
                             "load_average_1_5_15": list(os.getloadavg())}
     for module in ("numpy", "onnxruntime", "torch", "diffusers", "transformers", "tensorrt",
                    "tensorrt_rtx_bindings"):
@@ -86,7 +86,7 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -160,10 +160,10 @@ def _check_tensor(tensor: TensorSpec, triton: Any, batched: bool, dtype_name) ->
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m ldmrt.triton.check REPO", file=sys.stderr)
+        sys.stderr.write("usage: python -m ldmrt.triton.check REPO\n")
         return 2
     report = check_repository(args[0])
-    print(json.dumps(report, indent=2))
+    sys.stdout.write(json.dumps(report, indent=2) + "\n")
     return 1 if report["problems"] else 0
 
 

@@ -165,11 +165,11 @@ def main(argv: list[str] | None = None) -> int:
         images, seconds = generate({"http": args.http, "grpc": args.grpc}, args.model, requests,
                                    args.concurrency, args.timeout)
         np.savez(args.out, **{f"images_{i}": array for i, array in enumerate(images)})
-        print(json.dumps({"seconds": seconds}))
+        sys.stdout.write(json.dumps({"seconds": seconds}) + "\n")
         return 0
     report = load(args.url, args.protocol, args.model, json.loads(args.request), args.count,
                   args.concurrency, args.max_seconds, args.warmup, args.timeout)
-    print(json.dumps(report))
+    sys.stdout.write(json.dumps(report) + "\n")
     return 0 if report["errors"] == 0 else 1
 
 
