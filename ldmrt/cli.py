@@ -62,7 +62,7 @@ def _csv(value: Optional[str]) -> Optional[tuple[str, ...]]:
 def export(
     source: str = typer.Argument("tiny", help="A preset name (random weights) or a checkpoint path."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Bundle folder to create."),
-    precision: str = typer.Option("fp32", help="fp32 | fp16 | bf16 (graph precision)."),
+    precision: str = typer.Option("fp32", help="fp32 | fp16 | bf16 (graph precision) | int8 (CPU: int8 UNet)."),
     components: Optional[str] = typer.Option(None, help="Comma list, e.g. unet,vae_decoder (default: all)."),
     min_size: Optional[int] = typer.Option(None, help="Smallest image side in pixels."),
     opt_size: Optional[int] = typer.Option(None, help="Image side the engines are tuned for."),
