@@ -20,16 +20,18 @@ from onnx import TensorProto, helper, numpy_helper
 from ldmrt.errors import ParityError
 from ldmrt.export.bundle import ExportOptions, export_bundle, preset_source
 from ldmrt.export.components import ComponentGraph, example_inputs, to_torch
-from ldmrt.export.quantize import (METADATA_KEY, Int8Bounds, Int8Options, QuantTarget, _activation_qparams,
-                                   _weight_qparams, collect_ranges, insert_qdq, psnr, read_report,
-                                   select_targets)
+from ldmrt.export.quantize import (METADATA_KEY, WEIGHT_MAX, Int8Bounds, Int8Options, QuantTarget,
+                                   TrajectoryMaker, _activation_qparams, _weight_qparams, collect_ranges,
+                                   insert_qdq, psnr, read_report, select_targets)
 from ldmrt.iospec import Precision
 from ldmrt.manifest import load_manifest
 from ldmrt.models import build_model
+from ldmrt.runtime.tokenizer import load_tokenizer
 
 ort = pytest.importorskip("onnxruntime")
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 BOUNDS = Int8Bounds()
+RANDOM_INPUT_BOUND = 0.2
 
 
 def rel_l2(found: np.ndarray, expected: np.ndarray) -> float:
@@ -99,18 +101,29 @@ def test_onnxruntime_runs_integer_kernels(int8_bundle, tmp_path):
     assert int8_bytes > float_bytes    # most weights are now one byte each
 
 
-def test_unet_call_vs_torch_fp32_at_an_untraced_shape(int8_bundle):
+def test_unet_calls_vs_torch_fp32_at_untraced_shapes(int8_bundle):
+    """Every call of a guided run at a shape neither traced nor calibrated, vs the torch model."""
     manifest = load_manifest(int8_bundle)
     spec = manifest.component("unet").spec
-    reference = ComponentGraph(build_model(manifest.config, seed=0), spec).eval()
+    model = build_model(manifest.config, seed=0)
+    reference = ComponentGraph(model, spec).eval()
     session = ort.InferenceSession(str(int8_bundle / "unet.onnx"), providers=["CPUExecutionProvider"])
+
+    def torch_unet(feeds):
+        with torch.no_grad():
+            return reference(*to_torch(feeds, spec)).numpy()
+
+    tokenizer = load_tokenizer(int8_bundle / "tokenizer", manifest.config.conditioner)
+    for latent_hw, seed in (((8, 6), 7), ((6, 10), 8)):
+        run = TrajectoryMaker(model, spec, latent_hw, 7.5, tokenizer).run(torch_unet, 10, seed, "a red fox")
+        errors = [rel_l2(session.run(None, feeds)[0], expected) for feeds, expected in zip(run.feeds, run.outputs)]
+        assert max(errors) <= BOUNDS.unet_rel_l2, (latent_hw, errors)
+    # Off the sampler's distribution (N(0, 1) samples at random timesteps, random contexts) the
+    # error is larger (tiny: median 0.09, max 0.12 over 16 draws); still far from broken (~1).
     for seed, values in ((5, {"batch": 2, "latent_height": 8, "latent_width": 6}),
                          (6, {"batch": 1, "latent_height": 6, "latent_width": 10})):
         arrays = example_inputs(manifest.config, spec, values, seed)
-        with torch.no_grad():
-            expected = reference(*to_torch(arrays, spec)).numpy()
-        (found,) = session.run(None, arrays)
-        assert rel_l2(found, expected) <= BOUNDS.unet_rel_l2, values
+        assert rel_l2(session.run(None, arrays)[0], torch_unet(arrays)) <= RANDOM_INPUT_BOUND, values
 
 
 def test_whole_pipeline_vs_torch_fp32(int8_bundle):
@@ -171,7 +184,8 @@ def test_weight_and_activation_qparams():
     rng = np.random.default_rng(1)
     weight = rng.standard_normal((4, 3, 3, 3)).astype(np.float32) * np.array([1, 10, 0.1, 0])[:, None, None, None]
     q, scale = _weight_qparams(weight, axis=0)
-    assert q.dtype == np.int8 and np.abs(q).max() <= 127 and scale.shape == (4,)
+    assert q.dtype == np.int8 and np.abs(q).max() == WEIGHT_MAX and scale.shape == (4,)
+    assert 2 * 255 * WEIGHT_MAX <= 32767          # no u8 x s8 pair-sum saturation without VNNI
     assert scale[3] == 1.0 and not q[3].any()                    # all-zero channel: no division by 0
     error = np.abs(q * scale[:, None, None, None] - weight)
     assert (error <= scale[:, None, None, None] / 2 + 1e-7).all()
