@@ -109,15 +109,23 @@ def export(
                 status.update(f"[bold]{component}[/]: {stage} ({time.perf_counter() - start:.0f} s)")
             result = export_bundle(model_source, out_dir, options, progress)
         table = Table(title=f"bundle {result.path} ({time.perf_counter() - start:.1f} s)")
-        for column in ("component", "dtype", "size", "rel L2 vs torch", "tolerance", "seconds"):
+        for column in ("component", "weights", "size", "rel L2", "tolerance", "vs", "seconds"):
             table.add_column(column)
+        int8 = result.manifest.precision.value == "int8"
         for name, entry in result.manifest.components.items():
             parity = entry.parity
-            table.add_row(name, entry.dtype, _size(entry.size_bytes),
+            quantized = int8 and name == "unet"
+            table.add_row(name, "int8" if quantized else entry.dtype, _size(entry.size_bytes),
                           "not run" if parity is None else f"{parity.rel_l2:.2e}",
                           "" if parity is None else f"{parity.tolerance:g}",
+                          "" if parity is None else ("fp32 onnx" if quantized else "torch"),
                           f"{result.seconds.get(name, 0):.1f}")
         out.print(table)
+        if int8 and "unet" in result.manifest.components:
+            parity = result.manifest.component("unet").parity
+            if parity is not None:
+                out.print(f"unet int8 (static QDQ) parity, rel L2 per call vs the {parity.reference}",
+                          highlight=False)
         if engine is not None:
             from ldmrt.commands.build import build_after_export
             build_after_export(result.path, engine)

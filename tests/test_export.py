@@ -690,7 +690,7 @@ def cli_tiny(tmp_path_factory):
 def test_cli_exports_the_tiny_preset_and_prints_a_summary(cli_tiny) -> None:
     out, result, seconds = cli_tiny
     assert result.exit_code == 0, result.output
-    for column in ("component", "dtype", "size", "tolerance", "seconds"):
+    for column in ("component", "weights", "size", "tolerance", "seconds"):
         assert column in result.stdout
     for name in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
         assert name in result.stdout

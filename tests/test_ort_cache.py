@@ -112,3 +112,53 @@ def test_key_follows_graph_version_and_cpu():
     assert key.digest != ort_cache.cache_key("b" * 64).digest
     other_cpu = ort_cache.CacheKey(key.graph_sha256, key.onnxruntime, key.machine, ("avx2",))
     assert other_cpu.digest != key.digest
+
+
+def invoke(*args: str):
+    from typer.testing import CliRunner
+
+    from ldmrt.cli import app
+    return CliRunner().invoke(app, list(args))
+
+
+def test_build_onnxruntime_prepares_the_cache_the_first_load_then_hits(bundle, tmp_path, monkeypatch, sessions):
+    cache = tmp_path / "prepared"
+    monkeypatch.setenv(ort_cache.CACHE_ENV, str(cache))
+    result = invoke("build", str(bundle), "--backend", "onnxruntime")
+    assert result.exit_code == 0, result.output
+    folder = entry(cache)
+    assert "optimized graphs for this CPU" in result.output and str(folder.name)[:12] in result.output
+    assert sessions == [(bundle / "unet.onnx", ort.GraphOptimizationLevel.ORT_ENABLE_ALL)]
+    sessions.clear()
+    expected = run_unet(bundle, "off")
+    assert np.array_equal(run_unet(bundle, None), expected)                   # env cache: a hit
+    assert sessions[-1] == (folder / ort_cache.GRAPH, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+
+    from ldmrt.engines.onnxruntime import prepare_cache
+    again = prepare_cache(bundle, load_manifest(bundle), ("unet",), cache_dir=cache)
+    assert [(r.component, r.reused) for r in again] == [("unet", True)]
+    assert again[0].size_bytes == sum(p.stat().st_size for p in folder.iterdir())
+    forced = prepare_cache(bundle, load_manifest(bundle), ("unet",), cache_dir=cache, force=True)
+    assert [(r.component, r.reused) for r in forced] == [("unet", False)]
+    (folder / ort_cache.GRAPH).write_bytes(b"\x00" * (folder / ort_cache.GRAPH).stat().st_size)
+    rebuilt = prepare_cache(bundle, load_manifest(bundle), ("unet",), cache_dir=cache)
+    assert [(r.component, r.reused) for r in rebuilt] == [("unet", False)]    # a corrupt entry is rebuilt
+    assert np.array_equal(run_unet(bundle, cache), expected)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--static-size", "64"), "--static-size: TensorRT options"),
+    (("--components", "vae_decoder"), "no component 'vae_decoder'"),
+])
+def test_build_onnxruntime_refuses_tensorrt_options_and_unknown_components(bundle, tmp_path, monkeypatch,
+                                                                           args, message):
+    monkeypatch.setenv(ort_cache.CACHE_ENV, str(tmp_path / "c"))
+    result = invoke("build", str(bundle), "--backend", "onnxruntime", *args)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "c").exists()
+
+
+def test_build_onnxruntime_with_nowhere_to_cache_says_so(bundle, monkeypatch):
+    monkeypatch.setenv(ort_cache.CACHE_ENV, "off")
+    result = invoke("build", str(bundle), "--backend", "onnxruntime")
+    assert result.exit_code == 2 and "LDMRT_ORT_CACHE" in result.output, result.output

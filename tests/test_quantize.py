@@ -274,3 +274,20 @@ def test_report_round_trips_through_the_graph(int8_bundle, tmp_path):
     bad = dataclasses.replace(report, image_psnr_db=report.bounds["image_psnr_db"] - 0.1)
     with pytest.raises(ParityError, match="image PSNR"):
         bad.check()
+
+
+def test_cli_export_int8_names_the_quantized_unet_and_its_reference(tmp_path):
+    from typer.testing import CliRunner
+
+    from ldmrt.cli import app
+    out = tmp_path / "tiny-int8"
+    result = CliRunner().invoke(app, ["export", "tiny", "--precision", "int8", "--components", "text_encoder,unet",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    (unet_row,) = [line for line in result.stdout.splitlines() if "│ unet" in line]
+    (text_row,) = [line for line in result.stdout.splitlines() if "│ text_enc" in line]
+    assert "int8" in unet_row and "fp32 onnx" in unet_row
+    assert "float32" in text_row and "torch" in text_row
+    report = read_report(out / "unet.onnx")
+    assert f"{report.unet_rel_l2:.2e}" in unet_row
+    assert f"image PSNR {report.image_psnr_db:.1f} dB" in result.stdout

@@ -1,4 +1,5 @@
-"""`ldmrt build`: compile a bundle's ONNX graphs into TensorRT / TensorRT-RTX engines."""
+"""`ldmrt build`: compile a bundle's ONNX graphs into TensorRT / TensorRT-RTX engines, or store
+ONNX Runtime's optimized CPU graphs for this machine (`--backend onnxruntime`)."""
 from __future__ import annotations
 
 import time
@@ -14,7 +15,7 @@ if TYPE_CHECKING:   # the heavy modules load inside the command
 
 def build(
     bundle: Path = typer.Argument(..., help="A bundle folder written by `ldmrt export`."),
-    backend: str = typer.Option(..., "--backend", "-b", help="tensorrt | tensorrt-rtx"),
+    backend: str = typer.Option(..., "--backend", "-b", help="tensorrt | tensorrt-rtx | onnxruntime (caches the optimized CPU graphs)"),
     components: Optional[str] = typer.Option(None, help="Comma list, e.g. unet,vae_decoder (default: all)."),
     static_size: Optional[str] = typer.Option(None, "--static-size",
                                               help="One fixed image size H or HxW in pixels."),
@@ -38,6 +39,18 @@ def build(
     from ldmrt.cli import user_errors
 
     with user_errors():
+        if backend == "onnxruntime":
+            trt_only = {"--static-size": static_size, "--static-batch": static_batch, "--profile": profile,
+                        "--compute-capability": compute_capability, "--refit": refit,
+                        "--weight-streaming": weight_streaming, "--no-timing-cache": no_timing_cache,
+                        "--opt-level": opt_level != 3}
+            given = [flag for flag, value in trt_only.items() if value]
+            if given:
+                from ldmrt.errors import ConfigError
+                raise ConfigError(f"{', '.join(given)}: TensorRT options; --backend onnxruntime only "
+                                  f"caches ONNX Runtime's optimized graphs (options: --components, --force)")
+            prepare_ort_cache(bundle, _csv(components), force)
+            return
         from ldmrt.export.engines import BundleBuildOptions
 
         options = BundleBuildOptions(
@@ -98,6 +111,37 @@ def build_with_progress(bundle: Path, options: "BundleBuildOptions") -> "list[En
                       f"{record.build_seconds:.1f}", "yes" if record.key in reused else "no")
     out.print(table)
     return records
+
+
+def prepare_ort_cache(bundle: Path, components: Optional[tuple[str, ...]], force: bool) -> None:
+    """Optimize every graph with ONNX Runtime for this CPU and store the result (ort_cache.py),
+    so the first `Pipeline.load` on this machine skips graph optimization."""
+    from rich.table import Table
+
+    from ldmrt.cli import _size, console, out
+    from ldmrt.engines.onnxruntime import prepare_cache
+    from ldmrt.errors import BackendUnavailableError
+    from ldmrt.manifest import load_manifest
+
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise BackendUnavailableError("--backend onnxruntime: pip install onnxruntime") from None
+    manifest = load_manifest(bundle)
+    names = tuple(components or manifest.components)
+    for name in names:
+        manifest.component(name)            # unknown names fail before any work
+    start = time.perf_counter()
+    with console.status("onnxruntime: optimizing graphs") as status:
+        def progress(component: str, stage: str) -> None:
+            status.update(f"[bold]{component}[/]: {stage} ({time.perf_counter() - start:.0f} s)")
+        results = prepare_cache(bundle, manifest, names, force=force, progress=progress)
+    table = Table(title=f"onnxruntime optimized graphs for this CPU ({time.perf_counter() - start:.1f} s)")
+    for column in ("component", "cache entry", "size", "seconds", "reused"):
+        table.add_column(column, overflow="fold")
+    for r in results:
+        table.add_row(r.component, str(r.folder), _size(r.size_bytes), f"{r.seconds:.1f}", "yes" if r.reused else "no")
+    out.print(table)
 
 
 def _csv(value: Optional[str]) -> Optional[tuple[str, ...]]:

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
-from ldmrt.engines.ort_cache import GraphCache, cache_folder, create_session
-from ldmrt.errors import BackendUnavailableError, ShapeError
+from ldmrt.engines.ort_cache import GraphCache, cache_folder, create_session, entry_folder, lookup
+from ldmrt.errors import BackendUnavailableError, BundleError, ShapeError
 from ldmrt.iospec import ComponentSpec
 from ldmrt.manifest import Manifest
 
@@ -70,3 +73,52 @@ def open_onnxruntime(bundle: Path, manifest: Manifest, components: tuple[str, ..
         cache = GraphCache.for_graph(folder, name, dict(entry.sha256)) if folder else None
         runners[name] = OnnxRuntimeRunner(bundle / entry.file, entry.spec, providers, threads, cache)
     return runners
+
+
+@dataclass(frozen=True)
+class CachedGraph:
+    """One component's entry after `prepare_cache`."""
+    component: str
+    folder: Path
+    reused: bool
+    seconds: float
+    size_bytes: int
+
+
+def prepare_cache(bundle: Path, manifest: Manifest, components: tuple[str, ...], *,
+                  cache_dir: Path | str | None = None, force: bool = False,
+                  progress=lambda component, stage: None) -> list[CachedGraph]:
+    """Write ONNX Runtime's optimized CPU graphs for this machine ahead of the first load
+    (`ldmrt build DIR --backend onnxruntime`), so a service's first start is a warm one.
+    Entries that already match are reused unless `force`."""
+    folder = cache_folder(bundle, cache_dir)
+    if folder is None:
+        raise BundleError(f"{bundle}: no ONNX Runtime cache to write: the bundle folder is not writable "
+                          f"or LDMRT_ORT_CACHE is off (set LDMRT_ORT_CACHE=<folder> to cache elsewhere)")
+    results = []
+    for name in components:
+        entry = manifest.component(name)
+        cache = GraphCache.for_graph(folder, name, dict(entry.sha256))
+        if force:
+            shutil.rmtree(entry_folder(folder, name, cache.key), ignore_errors=True)
+        stored = entry_folder(folder, name, cache.key)
+        before = _record_stamp(stored) if lookup(folder, name, cache.key) is not None else None
+        progress(name, "checking" if before else "optimizing")
+        start = time.perf_counter()
+        OnnxRuntimeRunner(bundle / entry.file, entry.spec, ["CPUExecutionProvider"], None, cache)
+        seconds = time.perf_counter() - start
+        if lookup(folder, name, cache.key) is None:
+            raise BundleError(f"{name}: ONNX Runtime's optimized graph could not be stored in {folder} "
+                              f"(see the log; is the disk full or the folder read-only?)")
+        size = sum(p.stat().st_size for p in stored.iterdir() if p.is_file())
+        reused = before is not None and before == _record_stamp(stored)   # a broken entry is rebuilt
+        results.append(CachedGraph(name, stored, reused, seconds, size))
+    return results
+
+
+def _record_stamp(folder: Path) -> tuple[int, int] | None:
+    try:
+        stat = (folder / "record.json").stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
