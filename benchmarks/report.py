@@ -55,16 +55,16 @@ def plot(all_rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = sorted({(r["bundle"], r["size"], r["batch"]) for r in all_rows if "error" not in r})
+    groups = sorted({(r["bundle"], r["precision"], r["size"], r["batch"]) for r in all_rows if "error" not in r})
     contenders = sorted({r["contender"] for r in all_rows if "error" not in r})
     fig, ax = plt.subplots(figsize=(max(6, 2 * len(groups)), 4))
     width = 0.8 / max(1, len(contenders))
     for i, contender in enumerate(contenders):
         values = [next((r["e2e_ms"] for r in all_rows if "error" not in r and r["contender"] == contender
-                        and (r["bundle"], r["size"], r["batch"]) == g), 0) for g in groups]
+                        and (r["bundle"], r["precision"], r["size"], r["batch"]) == g), 0) for g in groups]
         ax.bar([j + i * width for j in range(len(groups))], values, width, label=contender)
     ax.set_xticks([j + width * (len(contenders) - 1) / 2 for j in range(len(groups))])
-    ax.set_xticklabels([f"{b}\n{s}px x{n}" for b, s, n in groups])
+    ax.set_xticklabels([f"{b} {p}\n{s}px x{n}" for b, p, s, n in groups])
     ax.set_ylabel("end-to-end ms per call (median)")
     ax.set_yscale("log")
     ax.legend()
