@@ -8,7 +8,11 @@ the same bundle, weights, shapes, sampler and initial noise:
     diffusers           diffusers' StableDiffusionPipeline with the same weights (CLIP models)
 
 Timings are medians (and p90) over `repeat` runs after `warmup` runs; ratios are computed
-against torch-eager measured in the same run.
+against torch-eager measured in the same run. With `rounds` > 1 every contender runs in a fresh
+process per round, rounds interleaved (A B C, A B C, ...), and a case's median is the median of
+its round medians (p90/min/max over all samples): on shared or virtual machines a process can
+land in a slower state for its whole life (docs/cpu_speed.md, "Noise"), which one process per
+contender cannot tell from a real difference.
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+from ldmrt.errors import ConfigError
 
 SCHEMA = "ldmrt-bench/1"
 
@@ -44,6 +50,7 @@ class BenchOptions:
     repeat: int = 3
     device: str = "cpu"
     threads: int | None = None
+    rounds: int = 1                # fresh processes per contender, interleaved
 
 
 def summarize(samples_s: list[float]) -> dict[str, float]:
@@ -53,7 +60,14 @@ def summarize(samples_s: list[float]) -> dict[str, float]:
     ms = sorted(s * 1e3 for s in samples_s)
     rank = max(1, int(np.ceil(0.9 * len(ms))))
     return {"median_ms": float(statistics.median(ms)), "p90_ms": float(ms[rank - 1]),
-            "min_ms": float(ms[0]), "max_ms": float(ms[-1]), "n": len(ms)}
+            "min_ms": float(ms[0]), "max_ms": float(ms[-1]), "n": len(ms), "samples_ms": ms}
+
+
+def merge_rounds(stats: list[dict]) -> dict:
+    """One statistic over rounds: the median of the round medians; p90, min, max over every sample."""
+    pooled = summarize([v / 1e3 for s in stats for v in s["samples_ms"]])
+    medians = [s["median_ms"] for s in stats]
+    return {**pooled, "median_ms": float(statistics.median(medians)), "round_medians_ms": medians}
 
 
 def measure(fn: Callable[[], Any], warmup: int, repeat: int, sync: Callable[[], None] = lambda: None) -> dict:
@@ -220,12 +234,16 @@ def run_bench(bundle: Path, options: BenchOptions, progress: Callable[[str], Non
     from ldmrt.manifest import load_manifest
 
     manifest = load_manifest(bundle)
+    if options.rounds < 1:
+        raise ConfigError(f"rounds {options.rounds}: expected >= 1")
     context = multiprocessing.get_context("spawn")
-    results = []
-    for contender in options.contenders:
-        progress(contender)
-        with context.Pool(1) as pool:
-            results.append(pool.apply(run_contender, (str(bundle), contender, options)))
+    per_round: dict[str, list[dict]] = {c: [] for c in options.contenders}
+    for round_index in range(options.rounds):
+        for contender in options.contenders:
+            progress(contender if options.rounds == 1 else f"{contender} (round {round_index + 1}/{options.rounds})")
+            with context.Pool(1) as pool:
+                per_round[contender].append(pool.apply(run_contender, (str(bundle), contender, options)))
+    results = [runs[0] if len(runs) == 1 else merge_contender(runs) for runs in per_round.values()]
     report = {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "bundle": {"path": str(bundle), "name": manifest.name, "precision": manifest.precision.value,
                          "random_weights": manifest.random_weights,
@@ -235,6 +253,36 @@ def run_bench(bundle: Path, options: BenchOptions, progress: Callable[[str], Non
               "machine": machine_info(), "options": _options_dict(options), "results": results}
     report["ratios"] = ratios(results, baseline="torch-eager")
     return report
+
+
+def merge_contender(runs: list[dict]) -> dict:
+    """A contender's rounds as one result (the first failed round's error, if any failed)."""
+    failed = next((r for r in runs if r["status"] != "ok"), None)
+    if failed is not None:
+        return {**failed, "error": f"round {runs.index(failed) + 1} of {len(runs)}: {failed['error']}"}
+    cases = []
+    for i, first in enumerate(runs[0]["cases"]):
+        rows = [r["cases"][i] for r in runs]
+        case = {"case": first["case"], "end_to_end": merge_rounds([r["end_to_end"] for r in rows])}
+        case["images_per_s"] = first["case"]["batch"] / (case["end_to_end"]["median_ms"] / 1e3)
+        if "unet" in first:
+            case["unet"] = merge_rounds([r["unet"] for r in rows])
+        if "components" in first:
+            case["components"] = {name: merge_rounds([r["components"][name] for r in rows])
+                                  for name in first["components"]}
+        for key in ("denoise_ms", "loop_overhead_ms_per_step", "loop_overhead_fraction"):
+            values = [r.get(key) for r in rows]
+            if all(v is not None for v in values) and key in first:
+                case[key] = float(statistics.median(values))
+        cases.append(case)
+    merged = {"contender": runs[0]["contender"], "status": "ok", "rounds": len(runs),
+              "load_seconds": float(statistics.median(r["load_seconds"] for r in runs)),
+              "load_seconds_per_round": [r["load_seconds"] for r in runs], "cases": cases,
+              "peak_rss_mib": max(r["peak_rss_mib"] for r in runs)}
+    peaks = [r["device_peak_mib"] for r in runs if "device_peak_mib" in r]
+    if peaks:
+        merged["device_peak_mib"] = max(peaks)
+    return merged
 
 
 def ratios(results: list[dict], baseline: str) -> list[dict]:

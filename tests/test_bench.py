@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from ldmrt.bench import (SCHEMA, BenchCase, BenchOptions, ratios, run_bench, summarize,
+from ldmrt.bench import (SCHEMA, BenchCase, BenchOptions, merge_contender, merge_rounds, ratios, run_bench, summarize,
                          validate_report, write_report)
 
 
@@ -94,3 +94,64 @@ def test_failed_contender_is_recorded_not_raised(tiny_bundle) -> None:
     report = run_bench(tiny_bundle, options)
     (result,) = report["results"]
     assert result["status"] == "error" and "no-such-backend" in result["error"]
+
+
+def test_merge_rounds_is_the_median_of_round_medians_over_pooled_samples() -> None:
+    rng = np.random.default_rng(3)
+    rounds = [rng.uniform(0.5, 1.5, 5) * scale for scale in (1.0, 1.3, 0.9)]   # one slow process
+    merged = merge_rounds([summarize(list(r)) for r in rounds])
+    medians = [float(np.median(r) * 1e3) for r in rounds]
+    pooled = np.sort(np.concatenate(rounds)) * 1e3
+    assert merged["round_medians_ms"] == pytest.approx(medians)
+    assert merged["median_ms"] == pytest.approx(np.median(medians))
+    assert merged["n"] == 15 and merged["min_ms"] == pytest.approx(pooled[0])
+    assert merged["max_ms"] == pytest.approx(pooled[-1])
+    assert merged["p90_ms"] == pytest.approx(pooled[int(np.ceil(0.9 * 15)) - 1])
+    assert merged["min_ms"] <= merged["median_ms"] <= merged["p90_ms"] <= merged["max_ms"]
+
+
+def test_merge_contender_keeps_the_first_failed_round() -> None:
+    ok = {"contender": "x", "status": "ok", "load_seconds": 1.0, "cases": [], "peak_rss_mib": 10.0}
+    failed = {"contender": "x", "status": "error", "error": "RuntimeError: boom", "peak_rss_mib": 5.0}
+    merged = merge_contender([ok, failed, ok])
+    assert merged["status"] == "error" and merged["error"] == "round 2 of 3: RuntimeError: boom"
+
+
+def test_rounds_interleave_fresh_processes(tiny_bundle) -> None:
+    import ldmrt.bench as bench
+
+    options = BenchOptions(contenders=("onnxruntime", "torch-eager"), cases=(BenchCase(size=32, batch=1, steps=2),),
+                           warmup=0, repeat=2, rounds=2)
+    order = []
+    report = run_bench(tiny_bundle, options, progress=order.append)
+    assert order == ["onnxruntime (round 1/2)", "torch-eager (round 1/2)",
+                     "onnxruntime (round 2/2)", "torch-eager (round 2/2)"]
+    assert validate_report(report) == [] and report["options"]["rounds"] == 2
+    for result in report["results"]:
+        assert result["status"] == "ok" and result["rounds"] == 2 and len(result["load_seconds_per_round"]) == 2
+        (case,) = result["cases"]
+        e2e = case["end_to_end"]
+        assert e2e["n"] == 4 and len(e2e["round_medians_ms"]) == 2
+        assert e2e["median_ms"] == pytest.approx(np.median(e2e["round_medians_ms"]))
+        assert set(case["components"]) == {"text_encoder", "unet", "vae_decoder"}
+        assert case["images_per_s"] == pytest.approx(1e3 / e2e["median_ms"])
+    with pytest.raises(bench.ConfigError, match="rounds 0"):
+        run_bench(tiny_bundle, BenchOptions(rounds=0))
+
+
+def test_cli_bench_with_rounds_writes_the_merged_report(tiny_bundle, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from ldmrt.cli import app
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", str(tiny_bundle), "--compare", "torch-eager", "--sizes", "32",
+                                      "--steps", "2", "--warmup", "0", "--repeat", "1", "--rounds", "2",
+                                      "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "x 2 rounds" in result.stdout
+    report = json.loads(out.read_text())
+    assert validate_report(report) == [] and [r["rounds"] for r in report["results"]] == [2, 2]
+    (eager,) = [r for r in report["ratios"] if r["contender"] == "torch-eager"]
+    assert eager["end_to_end_speedup"] == 1.0 and eager["unet_speedup"] == 1.0
+    bad = CliRunner().invoke(app, ["bench", str(tiny_bundle), "--rounds", "0"])
+    assert bad.exit_code == 2 and "--rounds 0" in bad.output

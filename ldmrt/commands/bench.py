@@ -18,6 +18,8 @@ def bench(
     guidance: float = typer.Option(7.5, help="Guidance scale (UNet batch doubles when != 1)."),
     warmup: int = typer.Option(1, help="Untimed runs first."),
     repeat: int = typer.Option(3, help="Timed runs; medians and p90 are reported."),
+    rounds: int = typer.Option(1, help="Fresh processes per contender, interleaved; reports the median "
+                                       "of the round medians (use >= 3 on shared or virtual machines)."),
     device: str = typer.Option("cpu", help="cpu | cuda."),
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: all cores)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the full report here."),
@@ -36,8 +38,9 @@ def bench(
         manifest = load_manifest(bundle)
         if sampler not in SAMPLERS:
             raise ConfigError(f"--sampler {sampler!r}: expected one of {list(SAMPLERS)}")
-        if warmup < 0 or repeat < 1 or steps < 1:
-            raise ConfigError(f"--warmup {warmup} / --repeat {repeat} / --steps {steps}: expected >= 0 / >= 1 / >= 1")
+        if warmup < 0 or repeat < 1 or steps < 1 or rounds < 1:
+            raise ConfigError(f"--warmup {warmup} / --repeat {repeat} / --steps {steps} / --rounds {rounds}: "
+                              f"expected >= 0 / >= 1 / >= 1 / >= 1")
         f = manifest.config.downsampling_factor
         default = manifest.component("unet").spec.ranges["latent_height"][1] * f
         size_list = [_int(v, "--sizes") for v in sizes.split(",") if v.strip()] or [default]
@@ -46,14 +49,15 @@ def bench(
         cases = tuple(BenchCase(size=s, batch=b, steps=steps, sampler=sampler, guidance=guidance)
                       for s in size_list for b in batch_list)
         options = BenchOptions(contenders=contenders, cases=cases, warmup=warmup, repeat=repeat,
-                               device=device, threads=threads)
+                               device=device, threads=threads, rounds=rounds)
         with console.status("benchmarking") as status:
             report = run_bench(bundle, options, progress=lambda c: status.update(f"measuring {c}"))
         problems = validate_report(report)
         table = Table(title=f"{manifest.name} {manifest.precision.value} — {report['machine']['cpu']} "
-                            f"({report['machine']['cores']} cores), medians of {repeat}")
+                            f"({report['machine']['cores']} cores), medians of {repeat}"
+                            + ("" if rounds == 1 else f" x {rounds} rounds (median of round medians)"))
         for column in ("contender", "size", "batch", "end-to-end ms", "p90 ms", "img/s", "UNet ms",
-                       "loop overhead", "vs torch-eager", "peak RSS MiB"):
+                       "loop overhead", "vs torch-eager (e2e / UNet)", "peak RSS MiB"):
             table.add_column(column)
         speed = {(r["contender"], r["case"]["size"], r["case"]["batch"]): r for r in report["ratios"]}
         for result in report["results"]:
@@ -69,7 +73,7 @@ def bench(
                               f"{row['end_to_end']['median_ms']:.0f}", f"{row['end_to_end']['p90_ms']:.0f}",
                               f"{row['images_per_s']:.2f}", f"{unet['median_ms']:.1f}" if unet else "",
                               "" if overhead is None else f"{overhead * 100:.2f}%",
-                              f"{ratio['end_to_end_speedup']:.2f}x" if ratio else "",
+                              _ratio(ratio),
                               f"{result['peak_rss_mib']:.0f}")
         out.print(table)
         if problems:
@@ -77,6 +81,13 @@ def bench(
         if json_path is not None:
             write_report(report, json_path)
             console.print(f"wrote {json_path}")
+
+
+def _ratio(row: dict) -> str:
+    if not row:
+        return ""
+    unet = row.get("unet_speedup")
+    return f"{row['end_to_end_speedup']:.2f}x / " + ("-" if unet is None else f"{unet:.2f}x")
 
 
 def _int(value: str, option: str) -> int:
