@@ -22,11 +22,17 @@ def rows(report: dict) -> list[dict]:
         for case in result["cases"]:
             key = (result["contender"], case["case"]["size"], case["case"]["batch"])
             unet = case.get("components", {}).get("unet") or case.get("unet") or {}
-            out.append({"bundle": report["bundle"]["name"], "precision": report["bundle"]["precision"],
+            rounds = result.get("rounds", 1)
+            precision = report["bundle"]["precision"] + ("" if rounds == 1 else f", {rounds} rounds")
+            out.append({"bundle": report["bundle"]["name"], "precision": precision,
                         "contender": result["contender"], "size": case["case"]["size"],
                         "batch": case["case"]["batch"], "steps": case["case"]["steps"],
                         "e2e_ms": case["end_to_end"]["median_ms"], "p90_ms": case["end_to_end"]["p90_ms"],
                         "unet_ms": unet.get("median_ms"), "overhead": case.get("loop_overhead_fraction"),
+                        # files written before the basis was recorded: torch's fused loop was estimated
+                        "estimated": case.get("loop_overhead_basis",
+                                              "estimated" if result["contender"].startswith("torch") else "timed")
+                        == "estimated",
                         "speedup": ratios.get(key, {}).get("end_to_end_speedup"),
                         "unet_speedup": ratios.get(key, {}).get("unet_speedup"),
                         "rss": result.get("peak_rss_mib")})
@@ -40,7 +46,7 @@ def markdown(all_rows: list[dict]) -> str:
         if "error" in r:
             lines.append(f"| {r['bundle']} | {r['contender']} | error: {r['error'][:60]} |||||||")
             continue
-        overhead = "" if r["overhead"] is None else f"{r['overhead'] * 100:.2f}%"
+        overhead = "" if r["overhead"] is None else ("~" if r["estimated"] else "") + f"{r['overhead'] * 100:.2f}%"
         speed = "" if r["speedup"] is None else f"{r['speedup']:.2f}x / " + (
             f"{r['unet_speedup']:.2f}x" if r["unet_speedup"] else "-")
         unet = "" if r["unet_ms"] is None else f"{r['unet_ms']:.1f}"

@@ -189,9 +189,12 @@ class _ContenderRunner:
         unet_ms = row["components"]["unet"]["median_ms"]
         evaluations = _evaluations(case, self.pipeline)
         denoise = statistics.median(t["denoise"] for t in measured) * 1e3
-        # Loop overhead: time in the denoising loop not spent inside the UNet.
-        inside = (statistics.median(t["unet"] for t in measured) * 1e3 if "unet" in measured[0]
-                  else unet_ms * evaluations)
+        # Loop overhead: time in the denoising loop not spent inside the UNet. The numpy loop times
+        # each UNet call; the fused torch loop does not, so there it is estimated from the separate
+        # UNet measurement (noisy: can come out negative on a loaded CPU).
+        timed = "unet" in measured[0]
+        inside = (statistics.median(t["unet"] for t in measured) * 1e3 if timed else unet_ms * evaluations)
+        row["loop_overhead_basis"] = "timed" if timed else "estimated"
         row["denoise_ms"] = denoise
         row["loop_overhead_ms_per_step"] = (denoise - inside) / evaluations
         row["loop_overhead_fraction"] = (denoise - inside) / inside if inside > 0 else None
@@ -274,6 +277,8 @@ def merge_contender(runs: list[dict]) -> dict:
             values = [r.get(key) for r in rows]
             if all(v is not None for v in values) and key in first:
                 case[key] = float(statistics.median(values))
+        if "loop_overhead_basis" in first:
+            case["loop_overhead_basis"] = first["loop_overhead_basis"]
         cases.append(case)
     merged = {"contender": runs[0]["contender"], "status": "ok", "rounds": len(runs),
               "load_seconds": float(statistics.median(r["load_seconds"] for r in runs)),
