@@ -70,6 +70,8 @@ def test_run_bench_report_on_tiny(tiny_bundle, tmp_path) -> None:
             assert row["images_per_s"] == pytest.approx(row["case"]["batch"] * 1e3 / row["end_to_end"]["median_ms"])
             assert set(row["components"]) == {"text_encoder", "unet", "vae_decoder"}
             assert row["denoise_ms"] > 0
+    assert [c["loop_overhead_basis"] for c in by_name["onnxruntime"]["cases"]] == ["timed", "timed"]
+    assert [c["loop_overhead_basis"] for c in by_name["torch-eager"]["cases"]] == ["estimated", "estimated"]
     onnx_case = by_name["onnxruntime"]["cases"][0]
     # The numpy loop measures UNet time directly: overhead is the rest of the loop, and small.
     assert onnx_case["loop_overhead_ms_per_step"] < onnx_case["denoise_ms"] / 2
