@@ -455,8 +455,22 @@ def test_symlinks_escaping_the_bundle_are_refused(bundle, tmp_path, member) -> N
 
 # --- export: interrupted, unwritable, stale leftovers --------------------------------------------
 
-def export_process(out: Path, *extra: str) -> subprocess.Popen:
-    code = "import sys; from ldmrt.cli import app; sys.argv[0] = 'ldmrt'; app()"
+# The UNet's export starts with a long pause, so a signal sent once text_encoder.onnx exists always
+# lands mid-export (without it a fast machine can finish the tiny UNet before the signal arrives).
+SLOW_UNET = """
+import time
+import ldmrt.export.bundle as bundle
+real = bundle._export_component
+def slow(model, spec, *args, **kwargs):
+    if spec.name == "unet":
+        time.sleep(60)
+    return real(model, spec, *args, **kwargs)
+bundle._export_component = slow
+"""
+
+
+def export_process(out: Path, *extra: str, slow_unet: bool = False) -> subprocess.Popen:
+    code = (SLOW_UNET if slow_unet else "") + "import sys; from ldmrt.cli import app; sys.argv[0] = 'ldmrt'; app()"
     return subprocess.Popen([sys.executable, "-c", code, "export", "tiny", "--out", str(out), "--no-validate",
                              "--components", "text_encoder,unet", *extra],
                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
@@ -465,7 +479,7 @@ def export_process(out: Path, *extra: str) -> subprocess.Popen:
 
 def interrupt_mid_export(root: Path, sig: int) -> tuple[int, str]:
     """Start `ldmrt export`, send `sig` once the work folder holds a graph, return (code, stderr)."""
-    process = export_process(root / "bundle")
+    process = export_process(root / "bundle", slow_unet=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
         if any(p.name == "text_encoder.onnx" for p in root.glob(".bundle.partial-*/*")):
