@@ -470,7 +470,10 @@ bundle._export_component = slow
 
 
 def export_process(out: Path, *extra: str, slow_unet: bool = False) -> subprocess.Popen:
-    code = (SLOW_UNET if slow_unet else "") + "import sys; from ldmrt.cli import app; sys.argv[0] = 'ldmrt'; app()"
+    # A shell starts background jobs with SIGINT ignored, and Python keeps that: give the child the
+    # default handler a foreground `ldmrt` gets, whatever way this test run was started.
+    code = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            + (SLOW_UNET if slow_unet else "") + "import sys; from ldmrt.cli import app; sys.argv[0] = 'ldmrt'; app()")
     return subprocess.Popen([sys.executable, "-c", code, "export", "tiny", "--out", str(out), "--no-validate",
                              "--components", "text_encoder,unet", *extra],
                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
