@@ -6,18 +6,17 @@ a BundleError naming the bundle, the field, what was expected and what was found
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import hashlib
 import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, NoReturn
 
+from ldmrt.atomic import atomic_write
 from ldmrt.config import Family, ModelConfig
 from ldmrt.errors import BundleError, LdmrtError
 from ldmrt.iospec import ComponentSpec, Precision, ShapeRanges
@@ -225,18 +224,7 @@ def write_manifest(bundle_dir: str | os.PathLike, manifest: Manifest) -> Path:
                           f"serialised ({type(exc).__name__}: {exc})") from None
     target = bundle / MANIFEST_NAME
     try:
-        fd, temp = tempfile.mkstemp(prefix=f".{MANIFEST_NAME}.", suffix=".tmp", dir=bundle)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(text.encode("utf-8"))
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(temp, 0o644)
-            os.replace(temp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
-            raise
+        atomic_write(target, text.encode("utf-8"))
     except OSError as exc:
         raise BundleError(f"bundle {bundle}: cannot write {MANIFEST_NAME}: {exc}") from None
     _fsync_folder(bundle)  # make the rename itself durable

@@ -537,3 +537,37 @@ def test_manifest_imports_without_torch():
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_follow_the_umask_not_mkstemp(tmp_path, umask):
+    """Images, engine plans and manifests are read by other users (Triton, web servers):
+    0666 minus the umask, as open() gives, never mkstemp's 0600 regardless of the umask."""
+    import numpy as np
+
+    from ldmrt.atomic import atomic_write
+    from ldmrt.runtime.images import write_images
+
+    old = os.umask(umask)
+    try:
+        written = [atomic_write(tmp_path / "plan.bin", b"x"),
+                   *write_images(np.zeros((2, 8, 8, 3), np.float32), tmp_path / "img.png"),
+                   *write_images(np.zeros((1, 8, 8, 3), np.float32), tmp_path / "img.npy")]
+    finally:
+        os.umask(old)
+    assert [oct(p.stat().st_mode & 0o777) for p in written] == [oct(0o666 & ~umask)] * 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img-0.png", "img-1.png", "img.npy", "plan.bin"]
+
+
+def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    from ldmrt.atomic import atomic_write
+
+    target = atomic_write(tmp_path / "a.bin", b"old")
+
+    def broken(handle):
+        handle.write(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, broken)
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["a.bin"]

@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 import warnings
 from collections import Counter
@@ -24,6 +22,7 @@ from typing import Any, Mapping
 
 import onnx
 
+from ldmrt.atomic import atomic_write
 from ldmrt.engines import trt_api
 from ldmrt.engines.tensorrt import (RECORD_SUFFIX, EngineRecord, ProfileShapes, file_sha256,
                                     onnx_digest)
@@ -258,6 +257,7 @@ def save_timing_cache(config: Any, path: Path) -> None:
         cache = config.get_timing_cache()
         data = bytes(cache.serialize()) if cache is not None else b""
     if data:
+        path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, data)
 
 
@@ -289,24 +289,10 @@ def engine_key(component: str, builder: str, builder_version: str, targets: tupl
     return f"{component}-{short}{builder_version}-{'_'.join(targets)}-{precision}-{digest}"
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_engine(out_dir: str | Path, record: EngineRecord, plan: bytes) -> Path:
     """engines/<key>/<component>.plan, then its record (last: a record means a whole plan)."""
     folder = Path(out_dir) / "engines" / record.key
+    folder.mkdir(parents=True, exist_ok=True)
     atomic_write(folder / record.file, plan)
     record_path = folder / f"{record.component}{RECORD_SUFFIX}"
     atomic_write(record_path, (json.dumps(record.to_dict(), indent=2) + "\n").encode())

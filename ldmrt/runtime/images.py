@@ -1,12 +1,11 @@
 """Image files in and out: PNG via Pillow, float32 [B, H, W, 3] in [0, 1] as .npy."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from ldmrt.atomic import atomic_write
 from ldmrt.errors import GenerationError
 
 
@@ -15,14 +14,14 @@ def write_images(images: np.ndarray, out: Path) -> list[Path]:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".npy":
-        _atomic(out, lambda f: np.save(f, images.astype(np.float32)))
+        atomic_write(out, lambda f: np.save(f, images.astype(np.float32)))
         return [out]
     from PIL import Image
 
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
     for path, image in zip(paths, images):
         pixels = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-        _atomic(path, lambda f, p=pixels: Image.fromarray(p).save(f, format="PNG"))
+        atomic_write(path, lambda f, p=pixels: Image.fromarray(p).save(f, format="PNG"))
     return paths
 
 
@@ -37,12 +36,3 @@ def read_image(path: Path) -> np.ndarray:
         raise GenerationError(f"--init-image {path}: cannot read an image ({exc})") from None
 
 
-def _atomic(path: Path, write) -> None:
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            write(f)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
