@@ -13,9 +13,11 @@ min/max is taken over them. Kept in fp32 (`select_targets`): the first and last 
 skip convs, the cross-attention K/V projections, and everything that is not a weight product
 (attention QK^T, softmax and AV, GroupNorm, LayerNorm, the timestep MLP).
 
-Parity is measured on a held-out trajectory and must meet `Int8Bounds` or the export fails:
-the per-UNet-call relative L2 against the fp32 graph on that trajectory's inputs, and the PSNR of
-the decoded image after `steps` guided steps, int8 UNet vs fp32 UNet from the same noise.
+Parity is measured on a held-out trajectory and must meet `Int8Bounds`: the per-UNet-call
+relative L2 against the fp32 graph on that trajectory's inputs, and the PSNR of the decoded image
+after `steps` guided steps, int8 UNet vs fp32 UNet from the same noise. When the convs and
+matmuls together miss a bound, the matmuls alone are tried (`LEVELS`; less speed, far less error);
+when that misses too, the export fails. The report records the level taken and every attempt.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ CALIBRATION_PROMPTS = ("a photograph of an astronaut riding a horse", "a waterco
                        "a city street at night, rain, neon lights", "a bowl of fruit on a wooden table")
 PARITY_PROMPT = "a lighthouse on a cliff above a stormy sea"     # held out from calibration
 PARITY_SEED = 1000
+LEVELS = ("conv+matmul", "matmul")   # what is quantized, tried in this order until the bounds hold
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,8 @@ class Int8Report:
     image_psnr_db: float
     bounds: dict[str, float]
     shapes: dict[str, list[int]]
+    level: str = LEVELS[0]               # which of LEVELS met the bounds
+    attempts: list[dict] = field(default_factory=list)   # per level tried: rel L2, PSNR
 
     def parity_record(self):
         """The manifest's parity entry: int8 UNet vs the fp32 graph, per call, held-out inputs."""
@@ -81,7 +86,8 @@ class Int8Report:
 
         steps = self.calibration["parity_steps"]
         reference = (f"onnxruntime-fp32 graph on a held-out {steps}-step guided ddim run (max over calls); "
-                     f"image PSNR {self.image_psnr_db:.1f} dB (bound >= {self.bounds['image_psnr_db']:g} dB)")
+                     f"image PSNR {self.image_psnr_db:.1f} dB (bound >= {self.bounds['image_psnr_db']:g} dB); "
+                     f"quantized: {self.level}")
         return ParityRecord(reference=reference,
                             rel_l2=self.unet_rel_l2, max_abs=self.unet_max_abs,
                             tolerance=self.bounds["unet_rel_l2"],
@@ -90,10 +96,13 @@ class Int8Report:
     def check(self) -> None:
         b = self.bounds
         if not (self.unet_rel_l2 <= b["unet_rel_l2"] and self.image_psnr_db >= b["image_psnr_db"]):
+            tried = "; ".join(f"{a['level']}: per-call relative L2 {a['unet_rel_l2']:.3g}, image PSNR "
+                              f"{a['image_psnr_db']:.1f} dB" for a in self.attempts) or (
+                f"per-call relative L2 {self.unet_rel_l2:.3g}, image PSNR {self.image_psnr_db:.1f} dB")
             raise ParityError(
-                f"unet int8: parity vs fp32 out of bounds: per-call relative L2 {self.unet_rel_l2:.3g} "
-                f"(bound {b['unet_rel_l2']:g}), image PSNR {self.image_psnr_db:.1f} dB (bound "
-                f">= {b['image_psnr_db']:g} dB) after {self.calibration['parity_steps']} steps; "
+                f"unet int8: parity vs fp32 out of bounds (bounds: per-call relative L2 <= "
+                f"{b['unet_rel_l2']:g}, image PSNR >= {b['image_psnr_db']:g} dB after "
+                f"{self.calibration['parity_steps']} steps); tried {tried}; "
                 f"no bundle written: export fp32, or bf16/fp16 for a GPU")
 
 
@@ -110,8 +119,11 @@ class QuantTarget:
 
 # --- which nodes -----------------------------------------------------------------------------
 
-def select_targets(graph: onnx.GraphProto) -> tuple[list[QuantTarget], list[str]]:
+def select_targets(graph: onnx.GraphProto, level: str = LEVELS[0]) -> tuple[list[QuantTarget], list[str]]:
     """Convs and MatMuls with constant weights: (targets, weight ops kept in fp32).
+
+    `level` "matmul" keeps every Conv in fp32 too: the fallback when the full set misses the
+    bounds (on sd15 the convs carry most of the int8 error: MatMul-only 0.010 per-call rel L2).
 
     Kept in fp32 (measured on sd15 and tiny, docs/cpu_speed.md): ops reading a graph input or
     writing a graph output (conv_in, conv_out; cross-attention K/V over the text embeddings,
@@ -129,7 +141,7 @@ def select_targets(graph: onnx.GraphProto) -> tuple[list[QuantTarget], list[str]
             continue
         grouped = node.op_type == "Conv" and any(a.name == "group" and a.i != 1 for a in node.attribute)
         if node.input[0] in inputs or node.output[0] in outputs or grouped or \
-                (node.op_type == "Conv" and node.input[0] in concatenated):
+                (node.op_type == "Conv" and (node.input[0] in concatenated or level == "matmul")):
             kept.append(node.name)
             continue
         bias = node.input[2] if node.op_type == "Conv" and len(node.input) > 2 and node.input[2] else None
@@ -334,11 +346,12 @@ class TrajectoryMaker:
         """A DDIM run from seeded noise; with `replay`, the same conditioning as that run."""
         from ldmrt.runtime.samplers import denoise, make_plan
 
-        rng = np.random.default_rng(seed)
-        extra = self.conditioning(prompt, rng) if replay is None else \
-            {k: v for k, v in replay.feeds[0].items() if k not in ("sample", "timestep")}
+        # The noise has its own stream: a replay (which reuses the conditioning instead of drawing
+        # labels or random tokens) must start from exactly the noise of the run it replays.
         shape = (1, self.config.latent_channels, *self.latent_hw)
-        noise = rng.standard_normal(shape).astype(np.float32)
+        noise = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+        extra = self.conditioning(prompt, np.random.default_rng((seed, 1))) if replay is None else \
+            {k: v for k, v in replay.feeds[0].items() if k not in ("sample", "timestep")}
         plan = make_plan("ddim", self.config.scheduler, steps)
         feeds_log: list[dict[str, np.ndarray]] = []
         outputs_log: list[np.ndarray] = []
@@ -414,26 +427,24 @@ def quantize_unet(path: Path, model, spec: ComponentSpec, options: Int8Options =
     del fp32
 
     graph = onnx.load(str(path), load_external_data=False).graph
-    targets, kept = select_targets(graph)
+    levels = [(level, *select_targets(graph, level)) for level in LEVELS]
     del graph
-    if not targets:
+    levels = [(level, targets, kept) for level, targets, kept in levels if targets]
+    if not levels:
         raise ExportError(f"{spec.name}: no Conv or MatMul with constant weights to quantize")
-    ranges = collect_ranges(path, _calibrated_tensors(targets),
+    # One calibration serves every level: the first level's tensors include the others'.
+    ranges = collect_ranges(path, _calibrated_tensors(levels[0][1]),
                             (f for run in calibration for f in run.feeds))
-    quantized = insert_qdq(onnx.load(str(path)), targets, ranges)
-    draft = path.with_name(f".{path.stem}.int8.onnx")
-    save_graph(quantized, draft)
-    try:
-        int8 = _session(draft)
-        per_call = [relative_l2(int8(feeds), expected)
-                    for feeds, expected in zip(held_out.feeds, held_out.outputs)]
-        rel, max_abs = max(r for r, _ in per_call), max(m for _, m in per_call)
-        replayed = maker.run(int8, options.parity_steps, PARITY_SEED, PARITY_PROMPT, replay=held_out)
-        del int8
-        image_psnr = psnr(maker.decode(replayed.latents), maker.decode(held_out.latents))
-    finally:
-        for leftover in (draft, draft.with_name(draft.name + ".data")):
-            leftover.unlink(missing_ok=True)
+    attempts: list[dict] = []
+    for level, targets, kept in levels:
+        quantized = insert_qdq(onnx.load(str(path)), targets, ranges)
+        rel, max_abs, image_psnr = _parity(quantized, path, maker, held_out, options, relative_l2)
+        attempts.append({"level": level, "unet_rel_l2": rel, "image_psnr_db": image_psnr})
+        log.info("%s int8 (%s): per-call rel L2 %.3g, image PSNR %.1f dB", spec.name, level, rel, image_psnr)
+        b = options.bounds
+        if rel <= b.unet_rel_l2 and image_psnr >= b.image_psnr_db:
+            break
+        del quantized
     counts: dict[str, int] = {}
     for t in targets:
         counts[t.op_type] = counts.get(t.op_type, 0) + 1
@@ -445,14 +456,33 @@ def quantize_unet(path: Path, model, spec: ComponentSpec, options: Int8Options =
                      "steps": options.calibration_steps, "guidance": options.guidance,
                      "parity_steps": options.parity_steps, "tensors": len(ranges)},
         unet_rel_l2=rel, unet_max_abs=max_abs, image_psnr_db=image_psnr, bounds=asdict(options.bounds),
-        shapes={k: list(v.shape) for k, v in held_out.feeds[0].items()})
-    log.info("%s int8: %s; per-call rel L2 %.3g, image PSNR %.1f dB", spec.name, counts, rel, image_psnr)
+        shapes={k: list(v.shape) for k, v in held_out.feeds[0].items()}, level=level, attempts=attempts)
     report.check()
     entry = quantized.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(asdict(report), sort_keys=True)
     save_graph(quantized, path)
     check_graph(path, spec)
     return report
+
+
+def _parity(quantized: onnx.ModelProto, path: Path, maker: TrajectoryMaker, held_out: Trajectory,
+            options: Int8Options, relative_l2) -> tuple[float, float, float]:
+    """(max per-call rel L2, max abs, image PSNR) of a quantized graph against the held-out fp32 run."""
+    from ldmrt.export.onnx_graph import save_graph
+
+    draft = path.with_name(f".{path.stem}.int8.onnx")
+    save_graph(quantized, draft)
+    try:
+        int8 = _session(draft)
+        per_call = [relative_l2(int8(feeds), expected)
+                    for feeds, expected in zip(held_out.feeds, held_out.outputs)]
+        replayed = maker.run(int8, options.parity_steps, PARITY_SEED, PARITY_PROMPT, replay=held_out)
+        del int8
+        image_psnr = psnr(maker.decode(replayed.latents), maker.decode(held_out.latents))
+    finally:
+        for leftover in (draft, draft.with_name(draft.name + ".data")):
+            leftover.unlink(missing_ok=True)
+    return max(r for r, _ in per_call), max(m for _, m in per_call), image_psnr
 
 
 def read_report(path: Path) -> Int8Report | None:
