@@ -25,39 +25,27 @@ from unittest import mock
 import numpy as np
 import torch
 
-from ldmrt.config import (AutoencoderConfig, ClipTextConfig, Family, LayerChoice, ModelConfig,
-                          PredictionType, SchedulerConfig, UNetConfig)
+from ldmrt.config import ClipTextConfig, LayerChoice, ModelConfig, SchedulerConfig
 from ldmrt.iospec import ShapeRanges
 from ldmrt.models import LatentDiffusion, build_model
 from ldmrt.models.convert import autoencoder_from_diffusers, clip_from_transformers, unet_from_diffusers
 from ldmrt.runtime.pipeline import GenerationRequest
+from tests.families import FAMILIES
 from tests.reference import (DIFFUSERS_SCHEDULERS, diffusers_autoencoder, diffusers_unet, perturb_,
                              transformers_clip)
 
-_VOCAB = 1000   # >= the 514 tokens the synthetic CLIP vocabulary needs
-_UNET = UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1, 2),
-                   num_heads=2, context_dim=32, norm_num_groups=8)
-_CLIP = ClipTextConfig(vocab_size=_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, pad_token_id=_VOCAB - 1, bos_token_id=_VOCAB - 2,
-                       eos_token_id=_VOCAB - 1)
-_KL_F4 = AutoencoderConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, norm_num_groups=8)
+def _golden(family: str) -> ModelConfig:
+    """The export tests' family config, with attention at both UNet levels (the diffusers
+    pipeline is compared at every sampler, so every attention path should be in it)."""
+    config = FAMILIES[family]
+    return dataclasses.replace(config, name=f"golden-{family}",
+                               unet=dataclasses.replace(config.unet, attention_resolutions=(1, 2)))
 
-GOLDEN_CONFIGS: dict[str, ModelConfig] = {
-    # SD 1.x at toy widths: CLIP last layer + quick_gelu, pad = eos, heads by count, conv proj-in,
-    # KL f4, epsilon prediction, the SD scheduler.
-    "sd1": ModelConfig(name="golden-sd1", family=Family.SD1, unet=_UNET, autoencoder=_KL_F4,
-                       conditioner=_CLIP, default_image_size=32),
-    # SD 2.x: CLIP penultimate layer + gelu, pad "!" (id 0), fixed head dim, linear proj-in,
-    # upcast attention, v-prediction.
-    "sd2": ModelConfig(
-        name="golden-sd2", family=Family.SD2,
-        unet=dataclasses.replace(_UNET, num_head_channels=8, use_linear_in_transformer=True,
-                                 upcast_attention=True),
-        autoencoder=_KL_F4,
-        conditioner=dataclasses.replace(_CLIP, num_hidden_layers=3, hidden_act="gelu",
-                                        layer=LayerChoice.PENULTIMATE, pad_token_id=0),
-        scheduler=SchedulerConfig(prediction_type=PredictionType.V_PREDICTION), default_image_size=32),
-}
+
+# SD 1.x at toy widths (CLIP last layer + quick_gelu, pad = eos, heads by count, conv proj-in,
+# KL f4, epsilon) and SD 2.x (CLIP penultimate + gelu, pad "!" (id 0), fixed head dim, linear
+# proj-in, upcast attention, v-prediction): tests/families.py.
+GOLDEN_CONFIGS: dict[str, ModelConfig] = {family: _golden(family) for family in ("sd1", "sd2")}
 # Image sides 16..48 px (latent 4..12; diffusers wants multiples of 8 px), two images per call.
 GOLDEN_RANGES = ShapeRanges(min_size=16, opt_size=32, max_size=48, max_batch=2, opt_batch=1)
 
