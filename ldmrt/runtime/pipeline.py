@@ -206,18 +206,14 @@ class Pipeline:
                              f"width/f), found {list(latents.shape)}")
         if latents.dtype.kind != "f":
             raise ShapeError(f"--latents: expected a float array, found dtype {latents.dtype}")
-        bad = int(np.size(latents) - np.isfinite(latents).sum())
-        if bad:
-            raise GenerationError(f"--latents: expected finite values, found {bad} NaN/Inf")
+        _check_finite(latents, "--latents", given=True)
         return latents.astype(np.float32)
 
     def _encode_image(self, image: np.ndarray, shape, rng: np.random.Generator) -> np.ndarray:
         if "vae_encoder" not in self.runners:
             raise GenerationError("img2img needs the vae_encoder component; export it too")
         image = np.asarray(image, dtype=np.float32)
-        bad = int(np.size(image) - np.isfinite(image).sum())
-        if bad:
-            raise GenerationError(f"--init-image: expected finite pixel values, found {bad} NaN/Inf")
+        _check_finite(image, "--init-image", given=True)
         batch, _, h, w = shape
         f = self.config.downsampling_factor
         if image.ndim != 4 or image.shape[1:] != (h * f, w * f, 3) or image.shape[0] not in (1, batch):
@@ -294,6 +290,11 @@ def _expand(prompt: str | Sequence[str], batch: int, name: str) -> list[str]:
     return prompts
 
 
-def _check_finite(array: np.ndarray, what: str) -> None:
-    if not np.isfinite(array).all():
-        raise GenerationError(f"non-finite values in {what}; try an fp32 export or --fp32-vae-decoder")
+def _check_finite(array: np.ndarray, what: str, given: bool = False) -> None:
+    """`given`: the caller's input (say how many values are bad); else a model output (say what helps)."""
+    finite = np.isfinite(array)
+    if finite.all():
+        return
+    if given:
+        raise GenerationError(f"{what}: expected finite values, found {int(finite.size - finite.sum())} NaN/Inf")
+    raise GenerationError(f"non-finite values in {what}; try an fp32 export or --fp32-vae-decoder")
