@@ -512,3 +512,24 @@ def test_triton_serves_the_pipeline_over_http_and_grpc(triton_env, bundle, tmp_p
         assert np.abs(served[f"images_{i}"] - expected).max() <= MAX_DIFF, f"request {i}"
     assert np.abs(served["images_0"] - served["images_1"]).max() <= MAX_DIFF       # HTTP == gRPC
     assert np.abs(served["images_0"] - served["images_4"]).max() > 0.01            # the seed matters
+
+
+def test_force_never_deletes_a_folder_that_is_not_a_repository(bundle, tmp_path):
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "holiday.jpg").write_text("keep me")
+    with pytest.raises(ConfigError, match="not a Triton model repository"):
+        write_repository(bundle, out, replace(CPU_OPTIONS, force=True))
+    assert (out / "holiday.jpg").read_text() == "keep me" and not list(tmp_path.glob(".photos.*"))
+
+
+def test_the_bundle_copy_leaves_out_the_onnxruntime_cache(bundle, tmp_path):
+    cache = bundle / "ort_cache" / "unet-0123"
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / "graph.onnx").write_text("optimized for another CPU")
+    try:
+        result = write_repository(bundle, tmp_path / "repo", CPU_OPTIONS)
+    finally:
+        shutil.rmtree(bundle / "ort_cache")
+    pipeline = result.models[0]
+    assert pipeline.files and not any("ort_cache" in name for name in pipeline.files)

@@ -24,6 +24,8 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ldmrt.atomic import work_folder
+
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "LDMRT_ORT_CACHE"          # a folder, or "off"
@@ -157,10 +159,8 @@ def create_session(source: Path, options, providers: list[str], cache: GraphCach
 
 
 def _staging(cache: GraphCache) -> Path:
-    folder = cache.folder / f".{cache.component}-{cache.key.digest}.partial-{os.getpid()}"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    return folder
+    """`.<entry>.partial-PID` next to the entry; staging folders of killed processes are removed."""
+    return work_folder(entry_folder(cache.folder, cache.component, cache.key))
 
 
 def _commit(stage: Path, cache: GraphCache) -> None:

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ldmrt.atomic import move_into_place, work_folder
 from ldmrt.config import BertConfig, ClipTextConfig
 from ldmrt.errors import ConfigError, ExportError, ParityError
 from ldmrt.export.components import TORCH_DTYPES, ComponentGraph, example_inputs, to_torch
@@ -72,11 +72,8 @@ def export_bundle(source: ModelSource, out: Path, options: ExportOptions = Expor
         raise ConfigError(f"--precision bf16 needs --opset >= 22 (bf16 Conv), found {options.opset}")
 
     report = progress or (lambda component, stage: log.info("%s: %s", component, stage))
-    _remove_dead_leftovers(out)
-    work = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
     try:
-        work.mkdir(parents=True)
+        work = work_folder(out)
     except OSError as exc:
         raise ExportError(f"--out {out}: cannot create a folder there ({exc.strerror or exc})") from None
     seconds: dict[str, float] = {}
@@ -96,7 +93,7 @@ def export_bundle(source: ModelSource, out: Path, options: ExportOptions = Expor
                             config=config, precision=options.precision, shape_ranges=ranges,
                             components=entries, tokenizer=tokenizer)
         write_manifest(work, manifest)
-        _move_into_place(work, out)
+        move_into_place(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -143,40 +140,6 @@ def _check_destination(out: Path, force: bool) -> None:
                           f"choose another folder (ldmrt never deletes them, even with --force)")
     if not force:
         raise ExportError(f"--out {out}: a bundle already exists there; pass --force to replace it")
-
-
-def _remove_dead_leftovers(out: Path) -> None:
-    """Remove `.NAME.partial-PID` / `.NAME.old-PID` folders of exports whose process is gone (killed)."""
-    if not out.parent.is_dir():
-        return
-    for kind in ("partial", "old"):
-        for folder in out.parent.glob(f".{out.name}.{kind}-*"):
-            pid = folder.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)) and folder.is_dir():
-                log.info("removing %s, left by a killed export", folder)
-                shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _move_into_place(work: Path, out: Path) -> None:
-    """Rename the finished folder into place; an old bundle is moved aside, then removed."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old) if any(out.iterdir()) else out.rmdir()
-    work.rename(out)
-    if old is not None and old.exists():
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def preset_source(name: str, seed: int = 0) -> ModelSource:

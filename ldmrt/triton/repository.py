@@ -13,17 +13,17 @@ The repository is written into a temporary sibling folder and renamed into place
 """
 from __future__ import annotations
 
-import contextlib
 import enum
 import logging
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from ldmrt.atomic import move_into_place, work_folder
+from ldmrt.engines.ort_cache import BUNDLE_CACHE_DIR
 from ldmrt.errors import BundleError, ConfigError
 from ldmrt.iospec import ComponentSpec, parse_dim
 from ldmrt.manifest import MANIFEST_NAME, ComponentEntry, Manifest, load_manifest, verify_bundle
@@ -111,16 +111,19 @@ def write_repository(bundle_dir: str | os.PathLike, out: str | os.PathLike,
     verify_bundle(bundle, manifest)
     if out.exists() and not options.force:
         raise ConfigError(f"--out {out}: already exists; pass --force to replace it")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ConfigError(f"--out {out}: exists and is not a folder; remove it")
+    if out.is_dir() and any(out.iterdir()) and not any(out.glob("*/config.pbtxt")):
+        raise ConfigError(f"--out {out}: the folder holds files that are not a Triton model repository; "
+                          f"choose another folder (ldmrt never deletes them, even with --force)")
     notes: list[str] = []
     models = [pipeline_model(bundle, manifest, options)]
     for entry in manifest.components.values():
         models.append(component_model(bundle, manifest, entry, options, notes))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    temp = work_folder(out)
     try:
-        link_notes = _write(temp, bundle, models, options.files)
-        notes += link_notes
-        _replace(temp, out)
+        notes += _write(temp, bundle, models, options.files)
+        move_into_place(temp, out)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
@@ -277,11 +280,12 @@ def _one_signature(entry: ComponentEntry, engines, notes: list[str]):
 # --- files -----------------------------------------------------------------------------------------
 
 def _bundle_files(bundle: Path) -> list[str]:
-    """Every regular file of the bundle (relative paths), leaving out hidden temporary files."""
+    """Every regular file of the bundle (relative paths), leaving out hidden temporary files and the
+    ONNX Runtime cache (optimized for the CPU that wrote it; the server's machine writes its own)."""
     files = []
     for path in sorted(bundle.rglob("*")):
         relative = path.relative_to(bundle)
-        if any(part.startswith(".") for part in relative.parts):
+        if any(part.startswith(".") for part in relative.parts) or relative.parts[0] == BUNDLE_CACHE_DIR:
             continue
         if path.is_file():
             files.append(relative.as_posix())
@@ -337,22 +341,3 @@ def _place(source: Path, target: Path, mode: FileMode, notes: list[str]) -> None
         except OSError as exc:
             notes.append(f"hard links failed ({exc.strerror}); files were copied instead")
     shutil.copy2(source, target)
-
-
-def _replace(temp: Path, out: Path) -> None:
-    """Rename the finished repository into place; an old one is removed only after that."""
-    os.chmod(temp, 0o755)
-    if not out.exists():
-        os.replace(temp, out)
-        return
-    if not out.is_dir() or out.is_symlink():
-        raise ConfigError(f"--out {out}: exists and is not a folder; remove it")
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    os.replace(out, old)
-    try:
-        os.replace(temp, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
