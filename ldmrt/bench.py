@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ldmrt.atomic import atomic_write
 from ldmrt.errors import ConfigError
 
 SCHEMA = "ldmrt-bench/1"
@@ -319,9 +320,7 @@ def _options_dict(options: BenchOptions) -> dict:
 
 def write_report(report: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(json.dumps(report, indent=2, default=str))
-    os.replace(temp, path)
+    atomic_write(path, (json.dumps(report, indent=2, default=str) + "\n").encode())
 
 
 def validate_report(report: dict) -> list[str]:

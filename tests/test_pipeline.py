@@ -750,3 +750,9 @@ def test_cli_long_error_stays_on_one_line(cli, tiny_bundle, tmp_path) -> None:
     last = [line for line in result.stderr.splitlines() if line.strip()][-1]
     assert len(last) > 80 and last.startswith("error: GenerationError: --batch 9") \
         and last.endswith("re-export with --max-batch"), result.stderr
+
+
+def test_strength_without_an_init_image_is_refused_by_the_pipeline_itself(tiny) -> None:
+    """Library and Triton callers get the same refusal as the command line, not a silently ignored value."""
+    with pytest.raises(GenerationError, match="--strength applies to img2img only"):
+        tiny.generate(GenerationRequest(prompt="a cat", steps=2, strength=0.5))

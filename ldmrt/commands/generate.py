@@ -45,14 +45,12 @@ def generate(
                 initial = np.load(latents, allow_pickle=False)
             except (OSError, ValueError) as exc:
                 raise GenerationError(f"--latents {latents}: cannot read a .npy array ({exc})") from None
-        if strength is not None and init_image is None:
-            raise GenerationError("--strength applies to img2img only: pass --init-image too")
         image = read_image(init_image)[None] if init_image is not None else None
         request = GenerationRequest(prompt=prompt if len(prompt) > 1 else prompt[0],
                                     negative_prompt=negative_prompt, steps=steps, guidance=guidance,
                                     sampler=sampler, eta=eta, seed=seed, height=height, width=width,
                                     batch=batch, latents=initial, init_image=image,
-                                    strength=0.8 if strength is None else strength,
+                                    strength=strength,
                                     class_labels=class_label)
         with console.status(f"loading {bundle} on {backend}"):
             pipeline = Pipeline.load(bundle, backend)

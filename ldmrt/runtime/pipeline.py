@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 StepCallback = Callable[[int, int], None]   # (evaluations done, total)
 
 
+IMG2IMG_STRENGTH = 0.8     # how much of the schedule img2img runs unless told
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     prompt: str | Sequence[str] = ""
@@ -41,7 +44,7 @@ class GenerationRequest:
     batch: int = 1
     latents: np.ndarray | None = None  # unit-variance initial noise [B, C, h, w] (diffusers' `latents=`)
     init_image: np.ndarray | None = None   # img2img: float [B or 1, H, W, 3] in [0, 1]
-    strength: float = 0.8
+    strength: float | None = None    # img2img only; None -> IMG2IMG_STRENGTH
     class_labels: Sequence[int] | None = None
 
 
@@ -97,8 +100,6 @@ class Pipeline:
             start = time.perf_counter()
             image_latents = self._encode_image(request.init_image, shape, rng)
             timings["vae_encoder"] = time.perf_counter() - start
-        elif plan.strength < 1.0:
-            raise GenerationError("strength < 1 needs --init-image (img2img); for text-to-image leave it at 1")
         x = plan.initial_latents(noise, image_latents).astype(np.float32)
         step_noise = [rng.standard_normal(shape).astype(np.float32) if need else None
                       for need in plan.needs_noise]
@@ -107,13 +108,12 @@ class Pipeline:
         fused = getattr(self.runners["unet"], "fused_denoise", None)
         if fused is not None:
             x = fused(plan, x, context, request.guidance if guided else 1.0, step_noise, on_step)
-            unet_seconds = None
+            timings["denoise"] = time.perf_counter() - start
+            # The on-device loop never syncs per step; the numpy loop checks every step itself.
+            _check_finite(x, "latents after the last denoising step")
         else:
-            x, unet_seconds = self._denoise(plan, x, context, request, guided, step_noise, on_step)
-        timings["denoise"] = time.perf_counter() - start
-        if unet_seconds is not None:
-            timings["unet"] = unet_seconds
-        _check_finite(x, "latents after the last denoising step")
+            x, timings["unet"] = self._denoise(plan, x, context, request, guided, step_noise, on_step)
+            timings["denoise"] = time.perf_counter() - start
 
         start = time.perf_counter()
         images = self._decode(x)
@@ -159,7 +159,12 @@ class Pipeline:
             raise GenerationError(f"--guidance {request.guidance}: expected a finite number")
         if not isinstance(request.seed, (int, np.integer)) or request.seed < 0:
             raise GenerationError(f"--seed {request.seed}: expected an integer >= 0")
-        strength = request.strength if request.init_image is not None else 1.0
+        if request.init_image is None:
+            if request.strength is not None:
+                raise GenerationError("--strength applies to img2img only: pass --init-image too")
+            strength = 1.0
+        else:
+            strength = IMG2IMG_STRENGTH if request.strength is None else request.strength
         return make_plan(request.sampler, self.config.scheduler, request.steps, eta=request.eta,
                          strength=strength)
 
