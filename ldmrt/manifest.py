@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, NoReturn
+from typing import Any, Iterable, Mapping, NoReturn, Sequence
 
 from ldmrt.atomic import atomic_write
 from ldmrt.config import Family, ModelConfig
@@ -89,6 +89,11 @@ class ComponentEntry:
     @property
     def files(self) -> tuple[str, ...]:
         return (self.file,) if self.external_data is None else (self.file, self.external_data)
+
+    @property
+    def digest(self) -> str:
+        """The graph's identity: what engine records and the ORT cache key it by."""
+        return onnx_digest([self.sha256[name] for name in self.files])
 
     def to_dict(self) -> dict[str, Any]:
         return {"file": self.file, "external_data": self.external_data,
@@ -229,6 +234,14 @@ def write_manifest(bundle_dir: str | os.PathLike, manifest: Manifest) -> Path:
         raise BundleError(f"bundle {bundle}: cannot write {MANIFEST_NAME}: {exc}") from None
     _fsync_folder(bundle)  # make the rename itself durable
     return target
+
+
+def onnx_digest(file_digests: Sequence[str]) -> str:
+    """A graph's identity from its files' sha256: the graph file's own, or, with external data,
+    the sha256 of the files' hex digests in order (graph first)."""
+    if len(file_digests) == 1:
+        return file_digests[0]
+    return hashlib.sha256("".join(file_digests).encode()).hexdigest()
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:

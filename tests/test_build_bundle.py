@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from ldmrt.engines import trt_api
-from ldmrt.engines.tensorrt import (EngineRecord, RuntimeInfo, find_engine, onnx_digest,
-                                    read_engine_record)
+from ldmrt.engines.tensorrt import EngineRecord, RuntimeInfo, find_engine, read_engine_record
+from ldmrt.manifest import onnx_digest
 from ldmrt.errors import (BackendUnavailableError, BundleError, ConfigError, CorruptEngineError,
                           EngineBuildError, StaleEngineError)
 from ldmrt.manifest import load_manifest, write_manifest

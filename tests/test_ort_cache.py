@@ -103,7 +103,7 @@ def test_damaged_entries_are_ignored_and_rebuilt(bundle, tmp_path, sessions, dam
     np.testing.assert_array_equal(found, expected)
     assert sessions[-1] == (bundle / "unet.onnx", ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
     assert ort_cache.lookup(cache, "unet", ort_cache.GraphCache.for_graph(
-        cache, "unet", dict(load_manifest(bundle).component("unet").sha256)).key) == graph  # rebuilt
+        cache, "unet", load_manifest(bundle).component("unet").digest).key) == graph  # rebuilt
 
 
 def test_key_follows_graph_version_and_cpu():

@@ -33,7 +33,7 @@ class OnnxRuntimeRunner:
         if threads:
             options.intra_op_num_threads = threads
         try:
-            self.session = create_session(path, options, providers, cache)
+            self.session, self.cache_hit = create_session(path, options, providers, cache)
         except Exception as exc:
             raise BackendUnavailableError(f"onnxruntime could not load {path.name}: {exc}") from exc
         self.output = spec.outputs[0].name
@@ -70,7 +70,7 @@ def open_onnxruntime(bundle: Path, manifest: Manifest, components: tuple[str, ..
     runners = {}
     for name in components:
         entry = manifest.component(name)
-        cache = GraphCache.for_graph(folder, name, dict(entry.sha256)) if folder else None
+        cache = GraphCache.for_graph(folder, name, entry.digest) if folder else None
         runners[name] = OnnxRuntimeRunner(bundle / entry.file, entry.spec, providers, threads, cache)
     return runners
 
@@ -98,27 +98,17 @@ def prepare_cache(bundle: Path, manifest: Manifest, components: tuple[str, ...],
     results = []
     for name in components:
         entry = manifest.component(name)
-        cache = GraphCache.for_graph(folder, name, dict(entry.sha256))
+        cache = GraphCache.for_graph(folder, name, entry.digest)
         if force:
             shutil.rmtree(entry_folder(folder, name, cache.key), ignore_errors=True)
         stored = entry_folder(folder, name, cache.key)
-        before = _record_stamp(stored) if lookup(folder, name, cache.key) is not None else None
-        progress(name, "checking" if before else "optimizing")
+        progress(name, "loading or optimizing")
         start = time.perf_counter()
-        OnnxRuntimeRunner(bundle / entry.file, entry.spec, ["CPUExecutionProvider"], None, cache)
+        runner = OnnxRuntimeRunner(bundle / entry.file, entry.spec, ["CPUExecutionProvider"], None, cache)
         seconds = time.perf_counter() - start
         if lookup(folder, name, cache.key) is None:
             raise BundleError(f"{name}: ONNX Runtime's optimized graph could not be stored in {folder} "
                               f"(see the log; is the disk full or the folder read-only?)")
         size = sum(p.stat().st_size for p in stored.iterdir() if p.is_file())
-        reused = before is not None and before == _record_stamp(stored)   # a broken entry is rebuilt
-        results.append(CachedGraph(name, stored, reused, seconds, size))
+        results.append(CachedGraph(name, stored, runner.cache_hit, seconds, size))
     return results
-
-
-def _record_stamp(folder: Path) -> tuple[int, int] | None:
-    try:
-        stat = (folder / "record.json").stat()
-    except OSError:
-        return None
-    return stat.st_ino, stat.st_mtime_ns

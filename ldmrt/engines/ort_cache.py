@@ -116,25 +116,24 @@ class GraphCache:
     key: CacheKey
 
     @classmethod
-    def for_graph(cls, folder: Path, component: str, sha256s: dict[str, str]) -> "GraphCache":
-        """`sha256s`: the manifest's digests of the graph's files (graph and external data)."""
-        combined = hashlib.sha256(json.dumps(sha256s, sort_keys=True).encode()).hexdigest()
-        return cls(folder, component, cache_key(combined))
+    def for_graph(cls, folder: Path, component: str, digest: str) -> "GraphCache":
+        """`digest`: the graph's identity from the manifest (`ComponentEntry.digest`)."""
+        return cls(folder, component, cache_key(digest))
 
 
 def create_session(source: Path, options, providers: list[str], cache: GraphCache | None):
-    """An InferenceSession for `source`: from the cached optimized graph (optimizations off) when
-    the cache has it, else from `source` with ORT_ENABLE_ALL, storing the rewrite on the way."""
+    """(InferenceSession, hit) for `source`: from the cached optimized graph (optimizations off)
+    when the cache has it (hit), else from `source` with ORT_ENABLE_ALL, storing the rewrite."""
     import onnxruntime as ort
 
     if cache is None:
-        return ort.InferenceSession(str(source), options, providers=providers)
+        return ort.InferenceSession(str(source), options, providers=providers), False
     level = options.graph_optimization_level
     cached = lookup(cache.folder, cache.component, cache.key)
     if cached is not None:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
-            return ort.InferenceSession(str(cached), options, providers=providers)
+            return ort.InferenceSession(str(cached), options, providers=providers), True
         except Exception as exc:   # a corrupt entry: rebuild it from the source graph
             log.warning("%s: ORT cache entry %s did not load (%s); rebuilding it",
                         cache.component, cached.parent, exc)
@@ -144,7 +143,7 @@ def create_session(source: Path, options, providers: list[str], cache: GraphCach
         stage = _staging(cache)
     except OSError as exc:
         log.info("%s: not caching the optimized graph (%s)", cache.component, exc)
-        return ort.InferenceSession(str(source), options, providers=providers)
+        return ort.InferenceSession(str(source), options, providers=providers), False
     options.optimized_model_filepath = str(stage / GRAPH)
     # Weights go to graph.onnx.data: graphs over 2 GB cannot be one protobuf.
     options.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{GRAPH}.data")
@@ -155,7 +154,7 @@ def create_session(source: Path, options, providers: list[str], cache: GraphCach
         shutil.rmtree(stage, ignore_errors=True)
         raise
     _commit(stage, cache)
-    return session
+    return session, False
 
 
 def _staging(cache: GraphCache) -> Path:

@@ -95,14 +95,6 @@ def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
-def onnx_digest(file_digests: Sequence[str]) -> str:
-    """The ONNX identity an engine records: the graph file's sha256, or, with external data,
-    the sha256 of the files' hex digests in order (graph first)."""
-    if len(file_digests) == 1:
-        return file_digests[0]
-    return hashlib.sha256("".join(file_digests).encode()).hexdigest()
-
-
 # --- staleness --------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -220,7 +212,7 @@ def find_engine(bundle_dir: str | Path, component: str, runtime: RuntimeInfo, *,
     bundle = Path(bundle_dir)
     manifest = load_manifest(bundle)
     entry = manifest.component(component)
-    onnx_sha = onnx_digest([entry.sha256[name] for name in entry.files])
+    onnx_sha = entry.digest
     candidates = [data for data in reversed(manifest.engines)
                   if data.get("component") == component and data.get("builder") == runtime.builder
                   and (key is None or data.get("key") == key)]

@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 
 from ldmrt.engines import trt_api
 from ldmrt.engines.tensorrt import (RECORD_SUFFIX, EngineRecord, RuntimeInfo, check_engine_record,
-                                    engine_plan_path, onnx_digest, read_engine_record)
+                                    engine_plan_path, read_engine_record)
 from ldmrt.engines.trt_api import TrtApi
 from ldmrt.errors import BundleError, ConfigError, CorruptEngineError, StaleEngineError
 from ldmrt.export.tensorrt import BuildOptions, EnginePlan, build_engine, plan_engine
@@ -233,7 +233,7 @@ def _select(manifest: Manifest, components: tuple[str, ...] | None) -> list[str]
 
 def _check_onnx_identity(bundle: Path, entry: ComponentEntry, plan: EnginePlan) -> None:
     """The graph the engine is built from must be exactly the files the manifest lists."""
-    expected = onnx_digest([entry.sha256[name] for name in entry.files])
+    expected = entry.digest
     if plan.facts.sha256 != expected:
         raise BundleError(f"bundle {bundle}: {entry.file} and its external data hash to "
                           f"{plan.facts.sha256[:12]}…, manifest.json lists {list(entry.files)} "

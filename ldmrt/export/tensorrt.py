@@ -24,10 +24,10 @@ import onnx
 
 from ldmrt.atomic import atomic_write
 from ldmrt.engines import trt_api
-from ldmrt.engines.tensorrt import (RECORD_SUFFIX, EngineRecord, ProfileShapes, file_sha256,
-                                    onnx_digest)
+from ldmrt.engines.tensorrt import RECORD_SUFFIX, EngineRecord, ProfileShapes, file_sha256
 from ldmrt.engines.trt_api import TrtApi
 from ldmrt.errors import ConfigError, EngineBuildError
+from ldmrt.manifest import onnx_digest
 from ldmrt.iospec import ComponentSpec
 
 log = logging.getLogger(__name__)

@@ -210,10 +210,10 @@ def usable_engines(bundle: Path, manifest: Manifest, entry: ComponentEntry
     """The newest `tensorrt` engine per GPU target built from this ONNX graph with an intact
     plan file, and why the others were left out (Triton's TensorRT backend cannot run
     TensorRT-RTX engines)."""
-    from ldmrt.engines.tensorrt import EngineRecord, engine_plan_path, file_sha256, onnx_digest
+    from ldmrt.engines.tensorrt import EngineRecord, engine_plan_path, file_sha256
     from ldmrt.errors import CorruptEngineError
 
-    onnx_sha = onnx_digest([entry.sha256[file] for file in entry.files])
+    onnx_sha = entry.digest
     engines: list[tuple[Mapping[str, Any], Path]] = []
     served: set[str] = set()                       # GPU targets that already have a plan
     skipped: list[str] = []
