@@ -55,6 +55,9 @@ class Int8Bounds:
     unet_rel_l2: float = 0.10      # per call, on held-out trajectory inputs (max over the steps)
     image_psnr_db: float = 30.0    # decoded images after `Int8Options.parity_steps` guided steps
 
+    def met(self, unet_rel_l2: float, image_psnr_db: float) -> bool:
+        return unet_rel_l2 <= self.unet_rel_l2 and image_psnr_db >= self.image_psnr_db
+
 
 @dataclass(frozen=True)
 class Int8Options:
@@ -95,7 +98,7 @@ class Int8Report:
 
     def check(self) -> None:
         b = self.bounds
-        if not (self.unet_rel_l2 <= b["unet_rel_l2"] and self.image_psnr_db >= b["image_psnr_db"]):
+        if not Int8Bounds(**b).met(self.unet_rel_l2, self.image_psnr_db):
             tried = "; ".join(f"{a['level']}: per-call relative L2 {a['unet_rel_l2']:.3g}, image PSNR "
                               f"{a['image_psnr_db']:.1f} dB" for a in self.attempts) or (
                 f"per-call relative L2 {self.unet_rel_l2:.3g}, image PSNR {self.image_psnr_db:.1f} dB")
@@ -159,7 +162,7 @@ def _calibrated_tensors(targets: list[QuantTarget]) -> list[str]:
 def collect_ranges(path: Path, tensors: list[str], feeds: Iterator[dict[str, np.ndarray]]
                    ) -> dict[str, tuple[float, float]]:
     """Run `path` with `tensors` as extra outputs over `feeds`; per tensor (min, max) over all."""
-    import onnxruntime as ort
+    from ldmrt.export.validate import cpu_session
 
     model = onnx.load(str(path), load_external_data=False)
     model.graph.ClearField("value_info")
@@ -170,9 +173,7 @@ def collect_ranges(path: Path, tensors: list[str], feeds: Iterator[dict[str, np.
     onnx.save_model(model, str(probe))
     del model
     try:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(probe), options, providers=["CPUExecutionProvider"])
+        session = cpu_session(probe)
         ranges: dict[str, tuple[float, float]] = {}
         count = 0
         for feed in feeds:
@@ -391,11 +392,9 @@ def psnr(found: np.ndarray, expected: np.ndarray) -> float:
 
 
 def _session(path: Path):
-    import onnxruntime as ort
+    from ldmrt.export.validate import cpu_session
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = cpu_session(path)
     output = session.get_outputs()[0].name
     return lambda feeds: session.run([output], feeds)[0]
 
@@ -410,7 +409,6 @@ def quantize_unet(path: Path, model, spec: ComponentSpec, options: Int8Options =
     calibration prompts (with the bundle's tokenizer next to `path`, random tokens without one),
     its first stage decodes the parity images."""
     from ldmrt.export.onnx_graph import check_graph, save_graph
-    from ldmrt.export.validate import relative_l2
     from ldmrt.manifest import TOKENIZER_DIR
     from ldmrt.runtime.tokenizer import load_tokenizer
 
@@ -438,11 +436,10 @@ def quantize_unet(path: Path, model, spec: ComponentSpec, options: Int8Options =
     attempts: list[dict] = []
     for level, targets, kept in levels:
         quantized = insert_qdq(onnx.load(str(path)), targets, ranges)
-        rel, max_abs, image_psnr = _parity(quantized, path, maker, held_out, options, relative_l2)
+        rel, max_abs, image_psnr = _parity(quantized, path, maker, held_out, options)
         attempts.append({"level": level, "unet_rel_l2": rel, "image_psnr_db": image_psnr})
         log.info("%s int8 (%s): per-call rel L2 %.3g, image PSNR %.1f dB", spec.name, level, rel, image_psnr)
-        b = options.bounds
-        if rel <= b.unet_rel_l2 and image_psnr >= b.image_psnr_db:
+        if options.bounds.met(rel, image_psnr):
             break
         del quantized
     counts: dict[str, int] = {}
@@ -466,9 +463,10 @@ def quantize_unet(path: Path, model, spec: ComponentSpec, options: Int8Options =
 
 
 def _parity(quantized: onnx.ModelProto, path: Path, maker: TrajectoryMaker, held_out: Trajectory,
-            options: Int8Options, relative_l2) -> tuple[float, float, float]:
+            options: Int8Options) -> tuple[float, float, float]:
     """(max per-call rel L2, max abs, image PSNR) of a quantized graph against the held-out fp32 run."""
     from ldmrt.export.onnx_graph import save_graph
+    from ldmrt.export.validate import relative_l2
 
     draft = path.with_name(f".{path.stem}.int8.onnx")
     save_graph(quantized, draft)

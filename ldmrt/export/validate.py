@@ -63,17 +63,22 @@ def relative_l2(found: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
     return rel, float(np.abs(diff).max(initial=0.0))
 
 
+def cpu_session(path: Path):
+    """A quiet ONNX Runtime CPU session for export-time checks (default graph optimizations)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 def validate_graph(path: Path, reference: torch.nn.Module, config: ModelConfig, spec: ComponentSpec,
                    precision: Precision, values: dict[str, int], seed: int = 1234) -> ParityRecord:
     """Run the graph with ONNX Runtime and the fp32 reference module on the same fresh inputs."""
-    import onnxruntime as ort
-
     arrays = example_inputs(config, spec, values, seed)
     if precision == Precision.BF16:
         return _validate_bf16_in_torch(reference, spec, arrays)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = cpu_session(path)
     (found,) = session.run([spec.outputs[0].name], arrays)
     with torch.no_grad():
         expected = reference(*to_torch(arrays, spec, torch.float32)).float().numpy()
