@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import multiprocessing
 import os
 import shutil
@@ -44,14 +43,9 @@ SCHEMA = "ldmrt-cpu-speed/1"
 CONTENDERS = ("torch-eager", "ort-fp32-plain", "ldmrt-fp32", "ldmrt-int8")
 
 
-def _stats(samples: list[float]) -> dict[str, float]:
-    ms = sorted(s * 1e3 for s in samples)
-    return {"median_ms": statistics.median(ms), "p90_ms": ms[max(0, int(np.ceil(0.9 * len(ms))) - 1)],
-            "min_ms": ms[0], "max_ms": ms[-1], "n": len(ms)}
-
-
 def measure_unet(contender: str, bundle: str, size: int, batch: int, warmup: int, repeat: int) -> dict:
     """One contender's UNet calls, in this (fresh) process."""
+    from ldmrt.bench import summarize
     from ldmrt.iospec import example_inputs
     from ldmrt.manifest import load_manifest
 
@@ -85,7 +79,7 @@ def measure_unet(contender: str, bundle: str, size: int, batch: int, warmup: int
         wall.append(time.perf_counter() - start)
         cpu.append(time.process_time() - cpu_start)
     return {"contender": contender, "bundle": bundle, "load_s": load_s, "first_call_s": first_s,
-            **_stats(wall), "cpu_s_per_call": statistics.median(cpu),
+            **summarize(wall), "cpu_s_per_call": statistics.median(cpu),
             "load_average_before": load_before, "load_average_after": os.getloadavg()[0],
             "output_finite": bool(np.isfinite(output).all())}
 
@@ -157,7 +151,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the report here")
     args = parser.parse_args()
 
-    from ldmrt.bench import machine_info
+    from ldmrt.bench import machine_info, merge_rounds, write_report
 
     contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
     bundles = {"torch-eager": args.fp32, "ort-fp32-plain": args.fp32, "ldmrt-fp32": args.fp32,
@@ -174,9 +168,8 @@ def main() -> None:
                   flush=True)
     unet = {}
     for contender, results in runs.items():
-        medians = [r["median_ms"] for r in results]
-        unet[contender] = {"median_ms": statistics.median(medians), "round_medians_ms": medians,
-                           "best_round_ms": min(medians), "rounds": results}
+        merged = merge_rounds(results)
+        unet[contender] = {**merged, "best_round_ms": min(merged["round_medians_ms"]), "rounds": results}
     ratios = {}
     if "torch-eager" in unet:
         base = unet["torch-eager"]
@@ -208,8 +201,7 @@ def main() -> None:
         print(f"{contender:15s} {unet[contender]['median_ms']:8.0f} ms  "
               + "  ".join(f"{k} {v:.2f}x" for k, v in row.items() if isinstance(v, float)))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        write_report(report, args.json)
         print(f"wrote {args.json}")
 
 

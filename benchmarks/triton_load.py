@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ldmrt.bench import cpu_name  # noqa: E402
+from ldmrt.bench import machine_info, write_report  # noqa: E402
 from ldmrt.manifest import utc_now  # noqa: E402
 from ldmrt.triton.config import InstanceGroup, InstanceKind  # noqa: E402
 from ldmrt.triton.repository import PipelineModelOptions, RepositoryOptions, write_repository  # noqa: E402
@@ -114,8 +113,7 @@ def main() -> int:
         total = time.perf_counter() - start
     report = {
         "schema": "ldmrt.triton_load/1", "created": utc_now(),
-        "machine": {"cpu_count": cores, "processor": cpu_name(), "platform": platform.platform(),
-                    "accelerator": "none (CPU only)"},
+        "machine": {**machine_info(), "accelerator": "none (CPU only)"},
         "server": {"tritonserver": "nvidia-pytriton 0.7.0 (tritonserver 2.51.0, Python backend)",
                    "environment_python": env.python_version, "address": "127.0.0.1"},
         "bundle": "tiny preset (random weights), fp32, onnxruntime CPU" if args.bundle is None else str(args.bundle),
@@ -126,8 +124,7 @@ def main() -> int:
                 "with a load above the core count the numbers are lower bounds. Instances split the "
                 "cores (onnxruntime intra-op threads = cores / instances).",
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.out)
     print(f"wrote {args.out} ({total:.0f} s)", file=sys.stderr)
     return 0
 
