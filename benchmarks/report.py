@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from ldmrt.bench import format_overhead, format_ratio  # noqa: E402
 
 
 def rows(report: dict) -> list[dict]:
@@ -22,19 +25,13 @@ def rows(report: dict) -> list[dict]:
         for case in result["cases"]:
             key = (result["contender"], case["case"]["size"], case["case"]["batch"])
             unet = case.get("components", {}).get("unet") or case.get("unet") or {}
-            rounds = result.get("rounds", 1)
-            precision = report["bundle"]["precision"] + ("" if rounds == 1 else f", {rounds} rounds")
-            out.append({"bundle": report["bundle"]["name"], "precision": precision,
+            out.append({"bundle": report["bundle"]["name"], "precision": report["bundle"]["precision"],
+                        "rounds": result.get("rounds", 1),
                         "contender": result["contender"], "size": case["case"]["size"],
                         "batch": case["case"]["batch"], "steps": case["case"]["steps"],
                         "e2e_ms": case["end_to_end"]["median_ms"], "p90_ms": case["end_to_end"]["p90_ms"],
-                        "unet_ms": unet.get("median_ms"), "overhead": case.get("loop_overhead_fraction"),
-                        # files written before the basis was recorded: torch's fused loop was estimated
-                        "estimated": case.get("loop_overhead_basis",
-                                              "estimated" if result["contender"].startswith("torch") else "timed")
-                        == "estimated",
-                        "speedup": ratios.get(key, {}).get("end_to_end_speedup"),
-                        "unet_speedup": ratios.get(key, {}).get("unet_speedup"),
+                        "unet_ms": unet.get("median_ms"), "overhead": format_overhead(case, result["contender"]),
+                        "speed": format_ratio(ratios.get(key, {})),
                         "rss": result.get("peak_rss_mib")})
     return out
 
@@ -46,14 +43,15 @@ def markdown(all_rows: list[dict]) -> str:
         if "error" in r:
             lines.append(f"| {r['bundle']} | {r['contender']} | error: {r['error'][:60]} |||||||")
             continue
-        overhead = "" if r["overhead"] is None else ("~" if r["estimated"] else "") + f"{r['overhead'] * 100:.2f}%"
-        speed = "" if r["speedup"] is None else f"{r['speedup']:.2f}x / " + (
-            f"{r['unet_speedup']:.2f}x" if r["unet_speedup"] else "-")
         unet = "" if r["unet_ms"] is None else f"{r['unet_ms']:.1f}"
-        lines.append(f"| {r['bundle']} {r['precision']} | {r['contender']} | {r['size']} | {r['batch']} | "
-                     f"{r['steps']} | {r['e2e_ms']:.0f} ({r['p90_ms']:.0f}) | {unet} | {overhead} | {speed} | "
+        lines.append(f"| {_label(r)} | {r['contender']} | {r['size']} | {r['batch']} | "
+                     f"{r['steps']} | {r['e2e_ms']:.0f} ({r['p90_ms']:.0f}) | {unet} | {r['overhead']} | {r['speed']} | "
                      f"{r['rss']:.0f} |")
     return "\n".join(lines)
+
+
+def _label(r: dict) -> str:
+    return f"{r['bundle']} {r['precision']}" + ("" if r["rounds"] == 1 else f", {r['rounds']} rounds")
 
 
 def plot(all_rows: list[dict], path: Path) -> None:
@@ -61,16 +59,16 @@ def plot(all_rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = sorted({(r["bundle"], r["precision"], r["size"], r["batch"]) for r in all_rows if "error" not in r})
+    groups = sorted({(_label(r), r["size"], r["batch"]) for r in all_rows if "error" not in r})
     contenders = sorted({r["contender"] for r in all_rows if "error" not in r})
     fig, ax = plt.subplots(figsize=(max(6, 2 * len(groups)), 4))
     width = 0.8 / max(1, len(contenders))
     for i, contender in enumerate(contenders):
         values = [next((r["e2e_ms"] for r in all_rows if "error" not in r and r["contender"] == contender
-                        and (r["bundle"], r["precision"], r["size"], r["batch"]) == g), 0) for g in groups]
+                        and (_label(r), r["size"], r["batch"]) == g), 0) for g in groups]
         ax.bar([j + i * width for j in range(len(groups))], values, width, label=contender)
     ax.set_xticks([j + width * (len(contenders) - 1) / 2 for j in range(len(groups))])
-    ax.set_xticklabels([f"{b} {p}\n{s}px x{n}" for b, p, s, n in groups])
+    ax.set_xticklabels([f"{label}\n{s}px x{n}" for label, s, n in groups])
     ax.set_ylabel("end-to-end ms per call (median)")
     ax.set_yscale("log")
     ax.legend()

@@ -323,6 +323,24 @@ def write_report(report: dict, path: Path) -> None:
     atomic_write(path, (json.dumps(report, indent=2, default=str) + "\n").encode())
 
 
+def format_overhead(case: dict, contender: str) -> str:
+    """A case's loop overhead in percent; '~' where it was estimated rather than timed inside the
+    loop (files from before the basis was recorded: the torch contenders' fused loop was estimated)."""
+    overhead = case.get("loop_overhead_fraction")
+    if overhead is None:
+        return ""
+    basis = case.get("loop_overhead_basis", "estimated" if contender.startswith("torch") else "timed")
+    return ("~" if basis == "estimated" else "") + f"{overhead * 100:.2f}%"
+
+
+def format_ratio(ratio: dict) -> str:
+    """'E2Ex / UNETx' against the baseline ('' without a ratio row, '-' without a UNet ratio)."""
+    if not ratio:
+        return ""
+    unet = ratio.get("unet_speedup")
+    return f"{ratio['end_to_end_speedup']:.2f}x / " + ("-" if unet is None else f"{unet:.2f}x")
+
+
 def validate_report(report: dict) -> list[str]:
     """Problems with a report's structure (empty when it follows the schema)."""
     problems = []

@@ -30,7 +30,8 @@ def bench(
     with user_errors():
         from rich.table import Table
 
-        from ldmrt.bench import BenchCase, BenchOptions, run_bench, validate_report, write_report
+        from ldmrt.bench import (BenchCase, BenchOptions, format_overhead, format_ratio, run_bench,
+                                 validate_report, write_report)
         from ldmrt.errors import ConfigError
         from ldmrt.manifest import load_manifest
         from ldmrt.runtime.samplers import SAMPLERS
@@ -71,8 +72,8 @@ def bench(
                 table.add_row(result["contender"], str(case["size"]), str(case["batch"]),
                               f"{row['end_to_end']['median_ms']:.0f}", f"{row['end_to_end']['p90_ms']:.0f}",
                               f"{row['images_per_s']:.2f}", f"{unet['median_ms']:.1f}" if unet else "",
-                              _overhead(row),
-                              _ratio(ratio),
+                              format_overhead(row, result["contender"]),
+                              format_ratio(ratio),
                               f"{result['peak_rss_mib']:.0f}")
         out.print(table)
         if problems:
@@ -80,21 +81,6 @@ def bench(
         if json_path is not None:
             write_report(report, json_path)
             console.print(f"wrote {json_path}")
-
-
-def _overhead(row: dict) -> str:
-    """Loop overhead in percent; '~' where it is estimated rather than timed inside the loop."""
-    overhead = row.get("loop_overhead_fraction")
-    if overhead is None:
-        return ""
-    return ("~" if row.get("loop_overhead_basis") == "estimated" else "") + f"{overhead * 100:.2f}%"
-
-
-def _ratio(row: dict) -> str:
-    if not row:
-        return ""
-    unet = row.get("unet_speedup")
-    return f"{row['end_to_end_speedup']:.2f}x / " + ("-" if unet is None else f"{unet:.2f}x")
 
 
 def _int(value: str, option: str) -> int:
