@@ -111,7 +111,7 @@ def export(
         table = Table(title=f"bundle {result.path} ({time.perf_counter() - start:.1f} s)")
         for column in ("component", "weights", "size", "rel L2", "tolerance", "vs", "seconds"):
             table.add_column(column)
-        int8 = result.manifest.precision.value == "int8"
+        int8 = result.manifest.precision == Precision.INT8
         for name, entry in result.manifest.components.items():
             parity = entry.parity
             quantized = int8 and name == "unet"

@@ -120,17 +120,10 @@ def prepare_ort_cache(bundle: Path, components: Optional[tuple[str, ...]], force
 
     from ldmrt.cli import _size, console, out
     from ldmrt.engines.onnxruntime import prepare_cache
-    from ldmrt.errors import BackendUnavailableError
     from ldmrt.manifest import load_manifest
 
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        raise BackendUnavailableError("--backend onnxruntime: pip install onnxruntime") from None
     manifest = load_manifest(bundle)
     names = tuple(components or manifest.components)
-    for name in names:
-        manifest.component(name)            # unknown names fail before any work
     start = time.perf_counter()
     with console.status("onnxruntime: optimizing graphs") as status:
         def progress(component: str, stage: str) -> None:

@@ -19,6 +19,15 @@ from ldmrt.manifest import Manifest
 log = logging.getLogger(__name__)
 
 
+def _import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise BackendUnavailableError("--backend onnxruntime: pip install onnxruntime "
+                                      "(or onnxruntime-gpu for CUDA)") from None
+    return onnxruntime
+
+
 class OnnxRuntimeRunner:
     """One InferenceSession per component; `run` is thread-safe (ORT sessions are)."""
 
@@ -52,11 +61,7 @@ def open_onnxruntime(bundle: Path, manifest: Manifest, components: tuple[str, ..
                      device: str = "cpu", threads: int | None = None,
                      cache_dir: Path | str | None = None) -> dict[str, OnnxRuntimeRunner]:
     """`cache_dir`: where optimized CPU graphs are cached (ort_cache.py; default <bundle>/ort_cache)."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise BackendUnavailableError("--backend onnxruntime: pip install onnxruntime "
-                                      "(or onnxruntime-gpu for CUDA)") from None
+    ort = _import_onnxruntime()
     available = ort.get_available_providers()
     if device == "cuda":
         if "CUDAExecutionProvider" not in available:
@@ -91,13 +96,14 @@ def prepare_cache(bundle: Path, manifest: Manifest, components: tuple[str, ...],
     """Write ONNX Runtime's optimized CPU graphs for this machine ahead of the first load
     (`ldmrt build DIR --backend onnxruntime`), so a service's first start is a warm one.
     Entries that already match are reused unless `force`."""
+    _import_onnxruntime()
+    entries = [manifest.component(name) for name in components]     # unknown names fail before any work
     folder = cache_folder(bundle, cache_dir)
     if folder is None:
         raise BundleError(f"{bundle}: no ONNX Runtime cache to write: the bundle folder is not writable "
                           f"or LDMRT_ORT_CACHE is off (set LDMRT_ORT_CACHE=<folder> to cache elsewhere)")
     results = []
-    for name in components:
-        entry = manifest.component(name)
+    for name, entry in zip(components, entries):
         cache = GraphCache.for_graph(folder, name, entry.digest)
         if force:
             shutil.rmtree(entry_folder(folder, name, cache.key), ignore_errors=True)

@@ -231,13 +231,16 @@ def usable_engines(bundle: Path, manifest: Manifest, entry: ComponentEntry
         except CorruptEngineError as exc:
             skipped.append(f"engine {key}: {exc}")
             continue
+        targets = tuple(t for t in record.targets if t not in served)
         if record.onnx_sha256 != onnx_sha:
             skipped.append(f"engine {key} was built from another ONNX graph (stale)")
+        elif not targets:
+            continue                               # newer engines serve all its targets: no hashing
         elif not plan.is_file() or plan.stat().st_size != record.size:
             skipped.append(f"engine {key}: plan {plan} is missing or has the wrong size")
         elif file_sha256(plan) != record.sha256:
             skipped.append(f"engine {key}: plan {plan} does not match the sha256 in its record (corrupt)")
-        elif targets := tuple(t for t in record.targets if t not in served):
+        else:
             served.update(targets)
             engines.append(({**record.to_dict(), "targets": targets}, plan))
     return engines, skipped
