@@ -159,40 +159,64 @@ def _calibrated_tensors(targets: list[QuantTarget]) -> list[str]:
 
 # --- calibration: min/max of every quantized tensor ------------------------------------------
 
+class RangeProbe:
+    """The fp32 graph with `tensors` as extra outputs: called like the UNet (returns its output),
+    it keeps every tensor's (min, max) over the calls, so calibration runs each input once."""
+
+    def __init__(self, path: Path, tensors: list[str]):
+        from ldmrt.export.validate import cpu_session
+
+        model = onnx.load(str(path), load_external_data=False)
+        self.names = [model.graph.output[0].name, *tensors]
+        model.graph.ClearField("value_info")
+        for name in tensors:
+            model.graph.output.append(helper.make_empty_tensor_value_info(name))
+        # Saved next to the graph so that its external-data references (weights) still resolve.
+        self.probe = path.with_name(f".{path.stem}.calibration.onnx")
+        onnx.save_model(model, str(self.probe))
+        del model
+        try:
+            self.session = cpu_session(self.probe)
+        except BaseException:
+            self.probe.unlink(missing_ok=True)
+            raise
+        self.seen: dict[str, tuple[float, float]] = {}
+        self.count = 0
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        output, *values = self.session.run(self.names, feeds)
+        for name, value in zip(self.names[1:], values):
+            lo, hi = float(value.min()), float(value.max())
+            if name in self.seen:
+                lo, hi = min(lo, self.seen[name][0]), max(hi, self.seen[name][1])
+            self.seen[name] = (lo, hi)
+        self.count += 1
+        return output
+
+    def __enter__(self) -> "RangeProbe":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.session = None
+        self.probe.unlink(missing_ok=True)
+
+    def ranges(self) -> dict[str, tuple[float, float]]:
+        if not self.count:
+            raise ExportError("int8 calibration: no calibration inputs")
+        bad = [n for n, (lo, hi) in self.seen.items() if not (math.isfinite(lo) and math.isfinite(hi))]
+        if bad:
+            raise ExportError(f"int8 calibration: non-finite activations in {bad[:3]}; the fp32 graph "
+                              f"overflows on the calibration inputs")
+        return dict(self.seen)
+
+
 def collect_ranges(path: Path, tensors: list[str], feeds: Iterator[dict[str, np.ndarray]]
                    ) -> dict[str, tuple[float, float]]:
     """Run `path` with `tensors` as extra outputs over `feeds`; per tensor (min, max) over all."""
-    from ldmrt.export.validate import cpu_session
-
-    model = onnx.load(str(path), load_external_data=False)
-    model.graph.ClearField("value_info")
-    for name in tensors:
-        model.graph.output.append(helper.make_empty_tensor_value_info(name))
-    # Saved next to the graph so that its external-data references (weights) still resolve.
-    probe = path.with_name(f".{path.stem}.calibration.onnx")
-    onnx.save_model(model, str(probe))
-    del model
-    try:
-        session = cpu_session(probe)
-        ranges: dict[str, tuple[float, float]] = {}
-        count = 0
+    with RangeProbe(path, tensors) as probe:
         for feed in feeds:
-            for name, value in zip(tensors, session.run(tensors, feed)):
-                lo, hi = float(value.min()), float(value.max())
-                if name in ranges:
-                    lo, hi = min(lo, ranges[name][0]), max(hi, ranges[name][1])
-                ranges[name] = (lo, hi)
-            count += 1
-        del session
-    finally:
-        probe.unlink(missing_ok=True)
-    if not count:
-        raise ExportError("int8 calibration: no calibration inputs")
-    bad = [n for n, (lo, hi) in ranges.items() if not (math.isfinite(lo) and math.isfinite(hi))]
-    if bad:
-        raise ExportError(f"int8 calibration: non-finite activations in {bad[:3]}; the fp32 graph "
-                          f"overflows on the calibration inputs")
-    return ranges
+            probe(feed)
+        return probe.ranges()
 
 
 # --- QDQ insertion -----------------------------------------------------------------------------
@@ -418,21 +442,21 @@ def quantize_unet(path: Path, model, spec: ComponentSpec, options: Int8Options =
 
     lo = spec.ranges["latent_height"][0], spec.ranges["latent_width"][0]
     maker = TrajectoryMaker(model, spec, lo, options.guidance, tokenizer)
-    fp32 = _session(path)
-    calibration = [maker.run(fp32, options.calibration_steps, seed, CALIBRATION_PROMPTS[seed % len(CALIBRATION_PROMPTS)])
-                   for seed in range(options.calibration_trajectories)]
-    held_out = maker.run(fp32, options.parity_steps, PARITY_SEED, PARITY_PROMPT)
-    del fp32
-
     graph = onnx.load(str(path), load_external_data=False).graph
     levels = [(level, *select_targets(graph, level)) for level in LEVELS]
     del graph
     levels = [(level, targets, kept) for level, targets, kept in levels if targets]
     if not levels:
         raise ExportError(f"{spec.name}: no Conv or MatMul with constant weights to quantize")
-    # One calibration serves every level: the first level's tensors include the others'.
-    ranges = collect_ranges(path, _calibrated_tensors(levels[0][1]),
-                            (f for run in calibration for f in run.feeds))
+    # The calibration runs go through the probe itself (each input runs once), and one
+    # calibration serves every level: the first level's tensors include the others'.
+    with RangeProbe(path, _calibrated_tensors(levels[0][1])) as probe:
+        for seed in range(options.calibration_trajectories):
+            maker.run(probe, options.calibration_steps, seed, CALIBRATION_PROMPTS[seed % len(CALIBRATION_PROMPTS)])
+        ranges = probe.ranges()
+    fp32 = _session(path)
+    held_out = maker.run(fp32, options.parity_steps, PARITY_SEED, PARITY_PROMPT)
+    del fp32
     attempts: list[dict] = []
     for level, targets, kept in levels:
         quantized = insert_qdq(onnx.load(str(path)), targets, ranges)
