@@ -208,6 +208,7 @@ class SchedulerConfig:
     steps_offset: int = 1
     clip_sample: bool = False
     set_alpha_to_one: bool = False
+    default_sampler: str = "ddim"      # the sampler of the checkpoint's own scheduler class
 
     def __post_init__(self) -> None:
         _positive(self, "num_train_timesteps")

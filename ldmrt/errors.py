@@ -3,7 +3,17 @@ from __future__ import annotations
 
 
 class LdmrtError(Exception):
-    """Base of every error ldmrt raises on purpose (the CLI turns these into exit code 2)."""
+    """Base of every error ldmrt raises on purpose (the CLI turns these into exit code 2).
+
+    `field` names the caller's input at fault (a `GenerationRequest` field such as "steps" or
+    "latents", an option of a library call) when the error is the caller's mistake: the message
+    then starts with that field's name, the CLI swaps it for its flag (`--steps`) and Triton
+    answers 400 / INVALID_ARG. None: not the caller's input (a model, a file, the machine).
+    """
+
+    def __init__(self, message: str = "", *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class ConfigError(LdmrtError, ValueError):
@@ -48,6 +58,10 @@ class BackendUnavailableError(LdmrtError):
 
 class GenerationError(LdmrtError, ValueError):
     """A generation request is invalid or produced non-finite values."""
+
+
+class GenerationCancelled(LdmrtError):
+    """A caller cancelled a generation between two denoising steps; no image was made."""
 
 
 def expect(condition: bool, error: type[LdmrtError], message: str) -> None:
