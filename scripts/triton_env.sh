@@ -17,7 +17,8 @@ set -euo pipefail
 
 DIR="${1:-${LDMRT_TRITON_ENV:-${XDG_CACHE_HOME:-$HOME/.cache}/ldmrt/triton-env}}"
 PYTHON="${LDMRT_TRITON_PYTHON:-/usr/bin/python3}"
-REQUIREMENTS=("numpy>=1.26" "onnxruntime>=1.18" "nvidia-pytriton==0.7.0" "tritonclient[grpc,http]>=2.50")
+# tokenizers: the pipeline's runtime tokenizes with it (ldmrt/runtime/tokenizer.py).
+REQUIREMENTS=("numpy>=1.26" "onnxruntime>=1.18" "tokenizers>=0.15" "nvidia-pytriton==0.7.0" "tritonclient[grpc,http]>=2.50")
 
 say() { echo "triton_env: $*" >&2; }
 
@@ -44,24 +45,32 @@ fi
 
 STAMP="$("$PYTHON" -c 'import platform, sys; print(sys.executable, platform.python_version())') ${REQUIREMENTS[*]}"
 if [ -f "$DIR/.ldmrt-triton-env" ] && [ "$(cat "$DIR/.ldmrt-triton-env")" = "$STAMP" ] \
-        && "$DIR/bin/python" -c 'import pytriton, tritonclient.grpc, onnxruntime' 2>/dev/null; then
+        && "$DIR/bin/python" -c 'import pytriton, tritonclient.grpc, onnxruntime, tokenizers' 2>/dev/null; then
     say "$DIR is up to date ($STAMP)"
     exit 0
 fi
 
-say "creating $DIR from $PYTHON ($("$PYTHON" --version 2>&1))"
 START=$SECONDS
-# The stamp is written last: an interrupted run leaves no stamp, and the next run starts over.
-rm -rf "$DIR"
-mkdir -p "$(dirname "$DIR")"
-"$PYTHON" -m venv "$DIR"
-"$DIR/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
+INTERPRETER="$("$PYTHON" -c 'import platform, sys; print(sys.executable, platform.python_version())')"
+if [ -f "$DIR/.ldmrt-triton-env" ] && [ "$(cut -d' ' -f1-2 "$DIR/.ldmrt-triton-env")" = "$INTERPRETER" ] \
+        && "$DIR/bin/python" -c 'import pytriton' 2>/dev/null; then
+    # Same interpreter, other requirements: install what changed into it (pip keeps what fits).
+    say "updating $DIR to: ${REQUIREMENTS[*]}"
+    rm -f "$DIR/.ldmrt-triton-env"
+else
+    say "creating $DIR from $PYTHON ($("$PYTHON" --version 2>&1))"
+    # The stamp is written last: an interrupted run leaves no stamp, and the next run starts over.
+    rm -rf "$DIR"
+    mkdir -p "$(dirname "$DIR")"
+    "$PYTHON" -m venv "$DIR"
+    "$DIR/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
+fi
 "$DIR/bin/python" -m pip install -q --disable-pip-version-check "${REQUIREMENTS[@]}"
 STUB="$DIR/lib/python$VERSION/site-packages/pytriton/tritonserver/python_backend_stubs/$VERSION/triton_python_backend_stub"
 if [ ! -x "$STUB" ]; then
     say "nvidia-pytriton has no Python-backend stub for Python $VERSION ($STUB)"
     exit 1
 fi
-"$DIR/bin/python" -c 'import numpy, onnxruntime, pytriton, tritonclient.http, tritonclient.grpc.model_config_pb2'
+"$DIR/bin/python" -c 'import numpy, onnxruntime, tokenizers, pytriton, tritonclient.http, tritonclient.grpc.model_config_pb2'
 echo "$STAMP" > "$DIR/.ldmrt-triton-env"
 say "ready in $((SECONDS - START)) s: $DIR"

@@ -1,6 +1,7 @@
 """`ldmrt triton`: a Triton Inference Server model repository from a bundle."""
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import List, Optional
 
@@ -30,7 +31,8 @@ def triton(
                                                                    "sha256 when they load."),
     files: str = typer.Option("hardlink", help="How bundle files enter the repository: hardlink (copy "
                                                "across file systems) | copy | symlink."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing repository at --out."),
+    force: bool = typer.Option(False, "--force", help="Replace the models ldmrt wrote in --out before "
+                                                      "(never other models or files)."),
 ) -> None:
     """Write a Triton model repository: one model per component and a Python-backend pipeline."""
     from ldmrt.cli import console, out as stdout, user_errors
@@ -68,5 +70,10 @@ def triton(
         stdout.print(table)
         for note in result.notes:
             console.print(f"[yellow]note:[/] {note}", highlight=False)
-        console.print(f"serve: tritonserver --model-repository={result.path.resolve()} "
-                      f"(see docs/triton.md)", highlight=False)
+        if result.replaced or result.removed:
+            console.print(f"replaced ldmrt's models {result.replaced}"
+                          + (f", removed ldmrt's models {result.removed} (no longer in the bundle)"
+                             if result.removed else "") + "; nothing else in the repository was touched",
+                          highlight=False)
+        repository = shlex.quote(f"--model-repository={result.path.resolve()}")
+        console.print(f"serve: tritonserver {repository} (see docs/triton.md)", highlight=False, soft_wrap=True)

@@ -9,7 +9,9 @@
 
 Files come from the bundle as hard links (copies across file systems), copies, or symlinks;
 a component model's files are links to the pipeline's bundle copy, so nothing is stored twice.
-The repository is written into a temporary sibling folder and renamed into place.
+A new repository is written into a temporary sibling folder and renamed into place; into an
+existing (shared) one, each model folder is renamed into place, and only model folders that ldmrt
+wrote (ownership.py's marker) and that hold nothing else are ever replaced.
 """
 from __future__ import annotations
 
@@ -18,17 +20,20 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ldmrt.atomic import move_into_place, work_folder
+from ldmrt.atomic import move_into_place, remove_dead_leftovers, work_folder
 from ldmrt.engines.ort_cache import BUNDLE_CACHE_DIR
 from ldmrt.errors import BundleError, ConfigError
 from ldmrt.iospec import ComponentSpec, parse_dim
 from ldmrt.manifest import MANIFEST_NAME, ComponentEntry, Manifest, load_manifest, verify_bundle
 from ldmrt.triton.config import (BATCH, DynamicBatching, InstanceGroup, InstanceKind,
                                  TritonModelConfig, TritonTensor, component_tensors)
+from ldmrt.triton.ownership import claim_models, record_model
+from ldmrt.triton.server import check_serving_path
 from ldmrt.triton.vendor import vendor_runtime
 
 log = logging.getLogger(__name__)
@@ -99,35 +104,67 @@ class RepositoryResult:
     path: Path
     models: list[ModelPlan]
     notes: list[str] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)    # ldmrt's model folders written over (--force)
+    removed: list[str] = field(default_factory=list)     # ldmrt's models of this group no longer written
 
 
 # --- the public call -------------------------------------------------------------------------------
 
 def write_repository(bundle_dir: str | os.PathLike, out: str | os.PathLike,
                      options: RepositoryOptions = RepositoryOptions()) -> RepositoryResult:
-    """Check the bundle (sha256), plan every model, write REPO atomically; returns what was written."""
+    """Check the bundle (sha256), plan every model, write its model folders into REPO; returns what
+    was written. REPO may be shared: only model folders ldmrt wrote are ever replaced or removed."""
     bundle, out = Path(bundle_dir), Path(out)
+    check_output(out)
+    group = f"{options.prefix}{PIPELINE}"
     manifest = load_manifest(bundle)
     verify_bundle(bundle, manifest)
-    if out.exists() and not options.force:
-        raise ConfigError(f"--out {out}: already exists; pass --force to replace it")
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise ConfigError(f"--out {out}: exists and is not a folder; remove it")
-    if out.is_dir() and any(out.iterdir()) and not any(out.glob("*/config.pbtxt")):
-        raise ConfigError(f"--out {out}: the folder holds files that are not a Triton model repository; "
-                          f"choose another folder (ldmrt never deletes them, even with --force)")
     notes: list[str] = []
     models = [pipeline_model(bundle, manifest, options)]
     for entry in manifest.components.values():
         models.append(component_model(bundle, manifest, entry, options, notes))
-    temp = work_folder(out)
+    names = [model.config.name for model in models]
+    for name in names:
+        remove_dead_leftovers(out / name)             # a killed run's moved-aside model folders
+    claim = claim_models(out, names, group, options.force)
+    # A new REPO is built beside it and renamed in whole; into an existing one (often a mount
+    # point) each model folder is built inside it, so every rename stays on its file system.
+    temp = work_folder(out if not out.exists() else out / group)
     try:
-        notes += _write(temp, bundle, models, options.files)
-        move_into_place(temp, out)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
-    return RepositoryResult(out, models, notes)
+        notes += _write(temp, bundle, models, options.files, group)
+        if not out.exists():
+            move_into_place(temp, out)
+        else:
+            for name in names:
+                move_into_place(temp / name, out / name)
+            for name in claim.stale:
+                shutil.rmtree(out / name)
+    finally:
+        if temp.exists():
+            shutil.rmtree(temp, ignore_errors=True)
+    return RepositoryResult(out, models, notes, replaced=list(claim.replace), removed=list(claim.stale))
+
+
+def check_output(out: Path) -> None:
+    """Before any work: REPO is a folder (or can be made) where new folders can be created, on a
+    path Triton's Python backend can start a model from."""
+    check_serving_path(out, "out")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ConfigError(f"out {out}: exists and is not a folder; choose another --out", field="out")
+    if out.is_dir() and any(out.iterdir()) and not any(out.glob("*/config.pbtxt")):
+        raise ConfigError(f"out {out}: the folder holds files that are not a Triton model repository; "
+                          f"choose another folder (ldmrt never deletes them, even with --force)",
+                          field="out")
+    place = out if out.is_dir() else out.parent
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    if not place.is_dir():
+        raise ConfigError(f"out {out}: {place} is not a folder; choose another --out", field="out")
+    try:   # access() says yes to root even where nothing can be made (/proc): try it
+        os.rmdir(tempfile.mkdtemp(prefix=".ldmrt-write-check-", dir=place))
+    except OSError as exc:
+        raise ConfigError(f"out {out}: cannot create folders in {place} ({exc.strerror}); choose a "
+                          f"writable --out", field="out") from None
 
 
 # --- models ----------------------------------------------------------------------------------------
@@ -297,7 +334,7 @@ def _bundle_files(bundle: Path) -> list[str]:
     return files
 
 
-def _write(root: Path, bundle: Path, models: list[ModelPlan], mode: FileMode) -> list[str]:
+def _write(root: Path, bundle: Path, models: list[ModelPlan], mode: FileMode, group: str) -> list[str]:
     notes: list[str] = []
     pipeline = models[0]
     pipeline_dir = root / pipeline.config.name / VERSION
@@ -324,6 +361,9 @@ def _write(root: Path, bundle: Path, models: list[ModelPlan], mode: FileMode) ->
             else:
                 _place(copy, target, FileMode.HARDLINK, notes)
         (root / model.config.name / "config.pbtxt").write_text(model.config.to_pbtxt())
+    digests: dict[tuple[int, int], str] = {}
+    for model in models:   # last: each marker lists exactly what its folder holds
+        record_model(root / model.config.name, group, digests)
     return sorted(set(notes))
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -36,6 +37,26 @@ SOURCE_ROOT = Path(__file__).resolve().parents[2]   # the folder holding the ldm
 
 class TritonServerError(LdmrtError):
     """The Triton environment is missing or broken, or tritonserver did not start or answer."""
+
+
+# Triton's Python backend starts each stub with `bash -c` and the model's path unquoted, and the
+# stub's Python decodes paths as ASCII: a space stalls the model in `loading` forever (the stub
+# dies on `stol`), a quote or `;` is shell syntax, a non-ASCII letter is a UnicodeEncodeError
+# (all three seen with tritonserver 2.51). Only these characters are known to work.
+_SERVABLE_PATH = re.compile(r"[A-Za-z0-9_./+@,=:%-]*")
+
+
+def check_serving_path(path: str | Path, field: str) -> None:
+    """LdmrtError (with `field`) unless Triton's Python backend can start a model under `path`."""
+    path = Path(path)
+    for text in dict.fromkeys((str(path.absolute()), str(path.resolve()))):
+        if not _SERVABLE_PATH.fullmatch(text):
+            bad = "".join(sorted({c for c in text if not _SERVABLE_PATH.fullmatch(c)}))
+            raise LdmrtError(f"{field} {text!r}: Triton's Python backend cannot start a model under a "
+                             f"path holding {bad!r} (it passes the path unquoted to bash and decodes "
+                             f"it as ASCII); expected letters, digits and _ . / + @ , = : % - only; "
+                             f"choose another path (or mount the repository at one, e.g. /models)",
+                             field=field)
 
 
 def default_environment() -> Path:

@@ -1,0 +1,129 @@
+"""Which model folders of a shared Triton model repository ldmrt wrote, and whether they still hold
+only that.
+
+A model repository is shared by many models and many owners, so `ldmrt triton --force` may replace
+only model folders that ldmrt itself wrote. Each one gets a marker file, MARKER, listing every file,
+folder and link ldmrt put there (files with their size and sha256, links with their target) and the
+group it belongs to (the name of its pipeline model: one `ldmrt triton` run writes one group).
+A folder is ldmrt's to replace or remove only when its marker is there and it holds nothing that
+the marker does not list, unchanged; anything else in it is named and the run is refused.
+"""
+from __future__ import annotations
+
+import json
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ldmrt.atomic import atomic_write
+from ldmrt.errors import ConfigError
+from ldmrt.manifest import sha256_file
+
+MARKER = ".ldmrt-model.json"
+FORMAT = 1
+_SHOWN = 5            # paths named in a refusal; the rest are counted
+
+
+def record_model(folder: Path, group: str, digests: dict[tuple[int, int], str]) -> None:
+    """Write `folder`'s marker: what it holds now. `digests` caches sha256 by inode, so the hard
+    links between the pipeline's bundle copy and the component models are read once."""
+    document = {"format": FORMAT, "written_by": "ldmrt triton", "group": group,
+                "contents": _contents(folder, digests)}
+    atomic_write(folder / MARKER, (json.dumps(document, indent=1, sort_keys=True) + "\n").encode())
+
+
+def read_marker(folder: Path) -> dict[str, Any] | None:
+    """The marker of a model folder ldmrt wrote; None when there is none (or it is not ldmrt's)."""
+    try:
+        document = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(document, dict) or document.get("format") != FORMAT \
+            or not isinstance(document.get("contents"), dict) or not isinstance(document.get("group"), str):
+        return None
+    return document
+
+
+def foreign_paths(folder: Path) -> list[str]:
+    """What `folder` holds that ldmrt did not write there, or that changed since (relative paths);
+    ["<no ldmrt marker>"] when ldmrt did not write the folder at all."""
+    marker = read_marker(folder)
+    if marker is None:
+        return [f"<no {MARKER}: not written by ldmrt>"]
+    recorded = marker["contents"]
+    found = []
+    for relative, entry in _contents(folder, {}, hash_files=False).items():
+        expected = recorded.get(relative)
+        if not isinstance(expected, dict) or {k: v for k, v in expected.items() if k != "sha256"} != entry:
+            found.append(relative)           # added, or another kind, size or link target
+        elif "sha256" in expected and sha256_file(folder / relative) != expected["sha256"]:
+            found.append(relative)           # same size, other bytes: the user's edit
+    return sorted(found)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Model folders a run may write: `replace` exist and are ldmrt's; `stale` are ldmrt's models of
+    the same group that the new repository no longer has (removed, so no stale model is served)."""
+    replace: tuple[str, ...]
+    stale: tuple[str, ...]
+
+
+def claim_models(repo: Path, names: list[str], group: str, force: bool) -> Claim:
+    """Check that every model folder this run would replace or remove is ldmrt's, untouched;
+    ConfigError naming what is not (nothing is written or removed before this check)."""
+    if not repo.is_dir():
+        return Claim((), ())
+    existing = [name for name in names if os.path.lexists(repo / name)]
+    stale = sorted(child.name for child in repo.iterdir()
+                   if child.name not in names and not child.is_symlink() and child.is_dir()
+                   and (read_marker(child) or {}).get("group") == group)
+    if (existing or stale) and not force:
+        raise ConfigError(f"out {repo}: models {existing + stale} already exist; pass --force to "
+                          f"replace the models ldmrt wrote (other models and files stay as they are)",
+                          field="out")
+    for name in existing + stale:
+        folder = repo / name
+        if folder.is_symlink() or not folder.is_dir():
+            raise ConfigError(f"out {repo}: {name} is not a folder ldmrt wrote; ldmrt never replaces "
+                              f"it, even with --force: remove or rename it yourself, or pass another "
+                              f"--prefix", field="out")
+        foreign = foreign_paths(folder)
+        if foreign:
+            shown = ", ".join(foreign[:_SHOWN]) + (f" and {len(foreign) - _SHOWN} more"
+                                                   if len(foreign) > _SHOWN else "")
+            raise ConfigError(f"out {repo}: model folder {name} holds what ldmrt did not write there "
+                              f"(or changed since): {shown}; ldmrt never deletes it, even with "
+                              f"--force: move it out, or pass another --prefix", field="out")
+    return Claim(tuple(existing), tuple(stale))
+
+
+def _contents(folder: Path, digests: dict[tuple[int, int], str], hash_files: bool = True
+              ) -> dict[str, dict[str, Any]]:
+    """Every entry under `folder` but the marker, without following links: files {size, sha256},
+    links {link}, folders {dir}, anything else {other}."""
+    contents: dict[str, dict[str, Any]] = {}
+    for root, dirs, files in os.walk(folder):          # links to folders are listed, not entered
+        for name in dirs + files:
+            path = Path(root) / name
+            relative = path.relative_to(folder).as_posix()
+            if relative == MARKER:
+                continue
+            info = path.lstat()
+            if stat.S_ISLNK(info.st_mode):
+                contents[relative] = {"link": os.readlink(path)}
+            elif stat.S_ISDIR(info.st_mode):
+                contents[relative] = {"dir": True}
+            elif stat.S_ISREG(info.st_mode):
+                entry: dict[str, Any] = {"size": info.st_size}
+                if hash_files:
+                    key = (info.st_dev, info.st_ino)
+                    if key not in digests:
+                        digests[key] = sha256_file(path)
+                    entry["sha256"] = digests[key]
+                contents[relative] = entry
+            else:
+                contents[relative] = {"other": stat.S_IFMT(info.st_mode)}
+    return contents
