@@ -99,9 +99,8 @@ class DiffusersContender:
         del model
         cond = self.config.conditioner
         folder = bundle / "tokenizer"
-        tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
-                                  pad_token="!" if cond.pad_token_id == 0 else "<|endoftext|>",
-                                  model_max_length=cond.max_length)
+        tokenizer = CLIPTokenizer.from_pretrained(folder, model_max_length=cond.max_length,   # tokenizer.json
+                                                  pad_token="!" if cond.pad_token_id == 0 else "<|endoftext|>")
         self.clip_skip = 1 if cond.layer == LayerChoice.PENULTIMATE else None
         self.pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
                                             scheduler=diffusers_scheduler("ddim", self.config),

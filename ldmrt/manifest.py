@@ -683,6 +683,11 @@ def _parse_tokenizer(reader: _Reader, data: Any, where: str) -> TokenizerEntry:
     for file, digest in files.items():
         reader.file_name(file, _join(where, "files"))
         reader.sha256(digest, _join(_join(where, "files"), file))
+    # what load_tokenizer reads: tokenizer.json, or the files of bundles before it
+    legacy = {"clip": {"vocab.json", "merges.txt"}, "wordpiece": {"vocab.txt"}}[kind]
+    if "tokenizer.json" not in files and not legacy <= set(files):
+        reader.fail(_join(where, "files"), f"tokenizer.json (or {' + '.join(sorted(legacy))}) for a {kind} "
+                    f"tokenizer", sorted(files))
     return TokenizerEntry(kind=kind, files=dict(files))
 
 

@@ -257,7 +257,7 @@ def test_sd1_diffusers_folder_matches_its_models(sd1, tmp_path) -> None:
     assert source.source == str(sd1.folder) and not source.random_weights
     oracle = transformers.CLIPTokenizer.from_pretrained(sd1.folder / "tokenizer")   # tokenizer.json only
     assert assert_tokenizer_matches(source, SD1.clip, oracle, tmp_path / "tok") == "clip"
-    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["merges.txt", "vocab.json"]
+    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["tokenizer.json"]
 
 
 def test_sd2_diffusers_folder_uses_the_last_of_the_layers_it_ships(sd2, tmp_path) -> None:

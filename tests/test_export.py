@@ -360,7 +360,7 @@ def test_tokenizer_assets_are_listed_hashed_and_usable(exported: Exported) -> No
     kind = {ClipTextConfig: "clip", BertConfig: "wordpiece"}[type(config.conditioner)]
     assert manifest.tokenizer.kind == kind
     assert sorted(manifest.tokenizer.files) == sorted(p.name for p in folder.iterdir())
-    assert set(manifest.tokenizer.files) == ({"vocab.json", "merges.txt"} if kind == "clip" else {"vocab.txt"})
+    assert set(manifest.tokenizer.files) == {"tokenizer.json"}
     # Prompt -> ids (bundle tokenizer) -> text_encoder.onnx matches PyTorch on the same ids.
     ids = load_tokenizer(folder, config.conditioner).encode(["a photo of a cat", "a castle at sunset"]).input_ids
     assert ids.dtype == np.int32 and ids.shape == (2, config.conditioner.max_length)

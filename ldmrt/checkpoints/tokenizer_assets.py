@@ -1,32 +1,50 @@
-"""A checkpoint's tokenizer folder -> token ids for the config, and the files the lean runtime reads.
+"""A checkpoint's tokenizer folder -> the bundle's tokenizer.json, with the ids transformers gives.
 
-Two layouts exist in the wild: the classic files (CLIP: vocab.json + merges.txt; BERT: vocab.txt)
-and transformers 5's `tokenizer.json` alone. Either is turned into the classic files, which
-`ldmrt.runtime.tokenizer.load_tokenizer` reads, and checked by loading them.
+Layouts in the wild, read as transformers 5 reads them (its `from_pretrained` is the reference):
+`tokenizer.json` (transformers' fast tokenizers, and every save of transformers 5), else the classic
+files (CLIP: vocab.json + merges.txt; BERT: vocab.txt). Added tokens (textual inversion: diffusers'
+`load_textual_inversion` calls `tokenizer.add_tokens`, then `save_pretrained` writes them) come from
+tokenizer_config.json's `added_tokens_decoder` where it has one (transformers >= 4.34), else from
+added_tokens.json (older slow tokenizers) and tokenizer.json's `added_tokens`. Special tokens are
+named by special_tokens_map.json over tokenizer_config.json. The result is rebuilt with the runtime's
+pipelines (`ldmrt.runtime.tokenizer`), written as one tokenizer.json and checked by loading it.
 """
 from __future__ import annotations
 
 import json
-import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Mapping, Union
 
 from ldmrt.config import BertConfig, ClipTextConfig
 from ldmrt.errors import CheckpointError
-from ldmrt.runtime.tokenizer import CLIP_BOS, CLIP_EOS, MERGES_HEADER, load_tokenizer
+from ldmrt.runtime.tokenizer import (
+    CLIP_BOS, CLIP_EOS, END_OF_WORD, TOKENIZER_FILE, TokenSpec, build_clip, build_wordpiece, clip_specials,
+    load_tokenizer, read_clip_vocab, read_merges, read_wordpiece_vocab)
 
 TextConfig = Union[ClipTextConfig, BertConfig]
+
+# special-token roles and transformers' defaults for them
+_SPECIAL_ROLES = {
+    "clip": {"bos_token": CLIP_BOS, "eos_token": CLIP_EOS, "unk_token": CLIP_EOS, "pad_token": CLIP_EOS},
+    "wordpiece": {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+                  "mask_token": "[MASK]"},
+}
+_FLAGS = ("special", "normalized", "lstrip", "rstrip", "single_word")
 
 
 @dataclass(frozen=True)
 class TokenizerFolder:
-    """What a tokenizer folder holds: its kind, layout and the special-token ids it defines."""
+    """What a tokenizer folder holds: its kind, layout, tokens and the special tokens it names."""
     folder: Path
     kind: str                      # "clip" | "wordpiece"
     layout: str                    # "classic" (vocab.json/merges.txt or vocab.txt) | "tokenizer.json"
-    vocab: dict[str, int]
-    pad_token: str | None          # from tokenizer_config.json / special_tokens_map.json
+    vocab: dict[str, int]          # the model's vocabulary and the added tokens
+    pad_token: str | None          # from special_tokens_map.json / tokenizer_config.json
+    merges: tuple[tuple[str, str], ...] = ()
+    added: tuple[TokenSpec, ...] = ()   # added tokens (specials included) with their matching rules
+    lowercase: bool = True         # BERT: tokenizer_config.json's do_lower_case
+    base_vocab: dict[str, int] = field(default_factory=dict)
 
     def token_id(self, token: str) -> int:
         if token not in self.vocab:
@@ -44,88 +62,154 @@ class TokenizerFolder:
 
 
 def read_tokenizer_folder(folder: Path) -> TokenizerFolder:
-    """The tokenizer in `folder`, without transformers; CheckpointError names what is missing."""
+    """The tokenizer in `folder`, without transformers; CheckpointError names what is missing or wrong."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: expected a tokenizer folder, found none")
-    pad = _special_token(folder, "pad_token")
-    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-        return TokenizerFolder(folder, "clip", "classic", _read_json(folder / "vocab.json"), pad)
-    if (folder / "vocab.txt").is_file():
-        try:
-            lines = (folder / "vocab.txt").read_text(encoding="utf-8").split("\n")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{folder / 'vocab.txt'}: unreadable as UTF-8 text ({exc})") from None
-        lines = lines[:-1] if lines and lines[-1] == "" else lines
-        return TokenizerFolder(folder, "wordpiece", "classic", {t: i for i, t in enumerate(lines)}, pad)
-    if (folder / "tokenizer.json").is_file():
-        model = _tokenizer_json_model(folder / "tokenizer.json")
-        kind = "clip" if model["type"] == "BPE" else "wordpiece"
-        return TokenizerFolder(folder, kind, "tokenizer.json", model["vocab"], pad)
-    raise CheckpointError(f"{folder}: no tokenizer files; expected vocab.json + merges.txt (CLIP), "
-                          f"vocab.txt (BERT) or tokenizer.json")
+    data: dict[str, Any] = {}
+    merges: list[tuple[str, str]] = []
+    if (folder / TOKENIZER_FILE).is_file():     # transformers 5 reads it first, as here
+        data = _read_json(folder / TOKENIZER_FILE)
+        vocab, merges = _tokenizer_json_model(folder / TOKENIZER_FILE, data)
+        kind, layout = "clip" if data["model"]["type"] == "BPE" else "wordpiece", TOKENIZER_FILE
+    elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        kind, layout = "clip", "classic"
+        vocab = read_clip_vocab(folder / "vocab.json", CheckpointError)
+        merges = read_merges(folder / "merges.txt", vocab, CheckpointError)
+    elif (folder / "vocab.txt").is_file():
+        kind, layout = "wordpiece", "classic"
+        vocab = read_wordpiece_vocab(folder / "vocab.txt", CheckpointError)
+    else:
+        raise CheckpointError(f"{folder}: no tokenizer files; expected vocab.json + merges.txt (CLIP), "
+                              f"vocab.txt (BERT) or tokenizer.json")
+    config = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    added = _added_tokens(folder, kind, vocab, config, data)
+    lowercase = config.get("do_lower_case", True) if isinstance(config, dict) else True
+    if not isinstance(lowercase, bool):
+        raise CheckpointError(f"{folder / 'tokenizer_config.json'}: do_lower_case must be true or false, "
+                              f"found {lowercase!r}")
+    pad = _special_names(folder, kind, defaults=False).get("pad_token")
+    return TokenizerFolder(folder, kind, layout, {**vocab, **{t.content: t.id for t in added}}, pad,
+                           tuple(merges), tuple(added), lowercase, dict(vocab))
 
 
 def write_runtime_assets(source: Path, dest: Path, config: TextConfig) -> str:
-    """Write the files the runtime tokenizer reads into `dest`, check them, return the kind."""
+    """Write the bundle's tokenizer.json into `dest` from the folder `source`, check it, return the kind."""
     info = read_tokenizer_folder(source)
     wanted = "clip" if isinstance(config, ClipTextConfig) else "wordpiece"
     if info.kind != wanted:
         raise CheckpointError(f"{source}: holds a {info.kind} tokenizer but the text encoder needs "
                               f"a {wanted} tokenizer")
-    dest.mkdir(parents=True, exist_ok=True)
-    if info.layout == "classic":
-        for name in (("vocab.json", "merges.txt") if wanted == "clip" else ("vocab.txt",)):
-            shutil.copyfile(source / name, dest / name)
+    where = str(source)
+    if wanted == "clip":
+        # the config's pad token is special too where the folder names none (as the runtime always did)
+        named = {t.content for t in info.added}
+        added = [*info.added, *(t for t in clip_specials(info.vocab, config.pad_token_id) if t.content not in named)]
+        backend = build_clip(info.base_vocab, info.merges, added, where, CheckpointError)
     else:
-        _convert_tokenizer_json(source / "tokenizer.json", dest, wanted)
-    load_tokenizer(dest, config, error=CheckpointError)   # the bundle must load; fail here otherwise
+        backend = build_wordpiece(info.base_vocab, info.added, where, CheckpointError, lowercase=info.lowercase)
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / TOKENIZER_FILE).write_text(backend.to_str(), encoding="utf-8")
+    load_tokenizer(dest, config, error=CheckpointError)   # ids vs the text encoder: fail here, not at run time
     return wanted
 
 
-def _convert_tokenizer_json(path: Path, dest: Path, kind: str) -> None:
-    model = _tokenizer_json_model(path)
-    vocab = model["vocab"]
-    if kind == "clip":
-        (dest / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-        (dest / "merges.txt").write_text("\n".join([MERGES_HEADER, *merges]) + "\n", encoding="utf-8")
-        return
-    ordered = sorted(vocab.items(), key=lambda item: item[1])
-    if [index for _, index in ordered] != list(range(len(ordered))):
-        raise CheckpointError(f"{path}: WordPiece ids are not 0..{len(ordered) - 1} without gaps; "
-                              f"cannot write a vocab.txt")
-    (dest / "vocab.txt").write_text("".join(token + "\n" for token, _ in ordered), encoding="utf-8")
+def _added_tokens(folder: Path, kind: str, vocab: Mapping[str, int], config: Any,
+                  data: Mapping[str, Any]) -> list[TokenSpec]:
+    """Every added token with its id and rules, as transformers 5's from_pretrained assembles them."""
+    decoder: dict[int, TokenSpec] = {}
+    names = _special_names(folder, kind)
+    if isinstance(config, dict) and "added_tokens_decoder" in config:
+        entries = config["added_tokens_decoder"]
+        if not isinstance(entries, dict):
+            raise CheckpointError(f"{folder / 'tokenizer_config.json'}: added_tokens_decoder must map ids to "
+                                  f"tokens, found {type(entries).__name__}")
+        for index, entry in entries.items():
+            decoder[_token_id(index, folder / "tokenizer_config.json")] = _spec(entry, index, folder / "tokenizer_config.json")
+    else:
+        if (folder / "added_tokens.json").is_file():
+            specials = set(names.values())
+            entries = _read_json(folder / "added_tokens.json")
+            if not isinstance(entries, dict):
+                raise CheckpointError(f"{folder / 'added_tokens.json'}: expected a token -> id map")
+            for content, index in entries.items():
+                special = content in specials
+                decoder[_token_id(index, folder / "added_tokens.json")] = TokenSpec(
+                    content, _token_id(index, folder / "added_tokens.json"), special=special, normalized=not special)
+        for entry in data.get("added_tokens") or []:
+            spec = _spec(entry, entry.get("id") if isinstance(entry, dict) else None, folder / TOKENIZER_FILE)
+            decoder[spec.id] = spec
+    for spec in decoder.values():
+        if spec.content in vocab and vocab[spec.content] != spec.id:
+            raise CheckpointError(f"{folder}: added token {spec.content!r} has id {spec.id}, but the vocabulary "
+                                  f"gives it id {vocab[spec.content]}; the tokenizer files disagree")
+    # special tokens named by the folder (or transformers' defaults) that no added entry describes:
+    # matched on the raw text whatever special_tokens_map.json says (as transformers 5 does)
+    listed = {spec.content for spec in decoder.values()}
+    for content in names.values():
+        if content not in listed and content in vocab:
+            decoder[vocab[content]] = TokenSpec(content, vocab[content], special=True)
+            listed.add(content)
+    return sorted(decoder.values(), key=lambda spec: spec.id)
 
 
-def _tokenizer_json_model(path: Path) -> dict[str, Any]:
-    data = _read_json(path)
+def _special_names(folder: Path, kind: str, defaults: bool = True) -> dict[str, str]:
+    """role (bos_token, pad_token, ...) -> content; special_tokens_map.json wins over tokenizer_config.json."""
+    names = dict(_SPECIAL_ROLES[kind]) if defaults else {}
+    for file in ("tokenizer_config.json", "special_tokens_map.json"):
+        if not (folder / file).is_file():
+            continue
+        data = _read_json(folder / file)
+        for role in _SPECIAL_ROLES[kind]:
+            value = data.get(role) if isinstance(data, dict) else None
+            if isinstance(value, dict) and isinstance(value.get("content"), str):
+                names[role] = value["content"]
+            elif isinstance(value, str):
+                names[role] = value
+    return names
+
+
+def _spec(entry: Any, index: Any, path: Path) -> TokenSpec:
+    if not isinstance(entry, dict) or not isinstance(entry.get("content"), str):
+        raise CheckpointError(f"{path}: added token {index!r} must be an object with a string content, "
+                              f"found {entry!r}")
+    special = bool(entry.get("special", False))
+    flags = {key: bool(entry[key]) for key in _FLAGS if key in entry}
+    flags.setdefault("normalized", not special)    # AddedToken's default
+    return TokenSpec(entry["content"], _token_id(index, path), **{"special": special, **flags})
+
+
+def _token_id(value: Any, path: Path) -> int:
+    try:
+        index = int(value)
+    except (TypeError, ValueError):
+        index = -1
+    if isinstance(value, bool) or index < 0 or str(index) != str(value).strip():
+        raise CheckpointError(f"{path}: token id {value!r}: expected a non-negative integer")
+    return index
+
+
+def _tokenizer_json_model(path: Path, data: Any) -> tuple[dict[str, int], list[tuple[str, str]]]:
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, dict) or not isinstance(model.get("vocab"), dict):
         raise CheckpointError(f"{path}: expected a `tokenizers` file with a model.vocab object")
     kind = model.get("type")
-    if kind == "BPE" and (model.get("end_of_word_suffix") != "</w>"
+    if kind == "BPE" and (model.get("end_of_word_suffix") != END_OF_WORD
                           or model.get("continuing_subword_prefix") not in (None, "")):
         raise CheckpointError(f"{path}: a BPE tokenizer that is not CLIP's (end_of_word_suffix "
                               f"{model.get('end_of_word_suffix')!r}); ldmrt runs CLIP and BERT tokenizers")
     if kind not in ("BPE", "WordPiece"):
         raise CheckpointError(f"{path}: tokenizer model type {kind!r}; expected BPE (CLIP) or WordPiece (BERT)")
-    vocab = dict(model["vocab"])
-    for added in data.get("added_tokens") or []:   # specials listed only here still have ids
-        if isinstance(added, dict) and isinstance(added.get("content"), str) and isinstance(added.get("id"), int):
-            vocab.setdefault(added["content"], int(added["id"]))
-    return {**model, "vocab": vocab}
-
-
-def _special_token(folder: Path, name: str) -> str | None:
-    for file in ("special_tokens_map.json", "tokenizer_config.json"):
-        if (folder / file).is_file():
-            value = _read_json(folder / file).get(name)
-            if isinstance(value, dict):
-                value = value.get("content")
-            if isinstance(value, str):
-                return value
-    return None
+    vocab = model["vocab"]
+    if not all(isinstance(index, int) and not isinstance(index, bool) and index >= 0 for index in vocab.values()):
+        raise CheckpointError(f"{path}: model.vocab must map tokens to non-negative integer ids")
+    merges = []
+    for merge in model.get("merges") or []:
+        parts = merge.split(" ") if isinstance(merge, str) else list(merge)
+        if len(parts) != 2 or not all(isinstance(part, str) and part for part in parts):
+            raise CheckpointError(f"{path}: merge {merge!r}: expected two tokens")
+        merges.append((parts[0], parts[1]))
+    return dict(vocab), merges
 
 
 def _read_json(path: Path) -> Any:

@@ -156,16 +156,8 @@ def preset_source(name: str, seed: int = 0) -> ModelSource:
 def synthetic_tokenizer_writer(conditioner) -> Callable[[Path], str] | None:
     from ldmrt.runtime import tokenizer as tok
 
-    if isinstance(conditioner, ClipTextConfig):
-        def write(folder: Path) -> str:
-            tok.write_synthetic_clip_assets(folder, conditioner.vocab_size)
-            return "clip"
-        return write
-    if isinstance(conditioner, BertConfig):
-        def write_wordpiece(folder: Path) -> str:
-            tok.write_synthetic_wordpiece_assets(folder, conditioner.vocab_size)
-            return "wordpiece"
-        return write_wordpiece
+    if isinstance(conditioner, (ClipTextConfig, BertConfig)):
+        return lambda folder: tok.write_synthetic_tokenizer(folder, conditioner)   # tokenizer.json
     return None
 
 

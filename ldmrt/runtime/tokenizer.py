@@ -1,31 +1,33 @@
 """Prompt tokenizers of the lean runtime: CLIP byte-level BPE (SD 1.x/2.x) and BERT WordPiece (LDM).
 
-Standard library + numpy only. Both reproduce the `tokenizers`-backed transformers classes the
-reference pipelines use (`CLIPTokenizer`, `BertTokenizer`) id for id: special tokens are split
-out of the raw prompt first, then each piece is normalized, pre-tokenized and split into
-subwords; `encode` adds bos/eos, truncates to the model length keeping eos last, pads to it.
-Also here: deterministic synthetic vocabularies for the random-weight presets.
+The work is done by `tokenizers` (Rust, no torch), with the pipelines that transformers'
+`CLIPTokenizer` and `BertTokenizer` build (transformers 5: the tokenizers-backed classes diffusers
+loads), so ids match them id for id, added tokens (textual inversion) included. A bundle holds its
+tokenizer as one `tokenizer.json`; bundles written before hold vocab.json + merges.txt (CLIP) or
+vocab.txt (BERT), which `load_tokenizer` converts at load with the same pipelines.
 
-Known departures, all on rare input: character classes come from this Python's `unicodedata`,
-while `tokenizers` uses newer tables for CLIP and pre-Unicode-10 ones for BERT, so characters
-assigned in between may tokenize differently. transformers 4's pure-Python CLIPTokenizer
-without ftfy also padded CJK ideographs with spaces and dropped control characters; we follow
-the `tokenizers` class (its ftfy path minus ftfy's mojibake repair), which transformers 5 and
-diffusers load. SD 2.x's "!" pad token is special as in transformers (open_clip, which SD 2.x
-was trained with, encodes "!" as "!</w>").
+Cost is bounded by the model's text length, not the prompt's: `encode` reads a prompt in growing
+windows cut at whitespace, stops as soon as the first max_length - 2 tokens are certain, and never
+reads more than READ_LIMIT_PER_TOKEN * max_length characters (what lies beyond is dropped and the
+prompt reported truncated). Also here: deterministic synthetic vocabularies for the random-weight
+presets. SD 2.x's "!" pad token is special as in transformers (open_clip, which SD 2.x was trained
+with, encodes "!" as "!</w>").
 """
 from __future__ import annotations
 
+import bisect
 import heapq
+import itertools
 import json
 import re
-import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 
 import numpy as np
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers.models import BPE, WordPiece
 
 from ldmrt.config import BertConfig, ClipTextConfig
 from ldmrt.errors import BundleError, ConfigError, GenerationError, LdmrtError
@@ -37,17 +39,25 @@ MERGES_HEADER = "#version: 0.2"
 BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 WORDPIECE_PREFIX = "##"
 MAX_WORDPIECE_CHARS = 100  # longer words become [UNK], as in BERT
+TOKENIZER_FILE = "tokenizer.json"
+TextConfig = Union[ClipTextConfig, BertConfig]
 
-# The Unicode White_Space property: what `\s` matches in the regex engine of `tokenizers`
-# (Python's str.isspace() also accepts U+001C..U+001F, which CLIP keeps as symbols).
+# CLIP's pre-tokenizer regex, as transformers' CLIPTokenizer writes it
+CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+# The Unicode White_Space property: `\s` of the Rust regex engine and char::is_whitespace (BERT).
+# A cut just before one of these changes neither normalization (NFC, BERT's) nor any word.
 WHITESPACE = frozenset(map(chr, (
     0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x20, 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B),
     0x2028, 0x2029, 0x202F, 0x205F, 0x3000)))
-# CLIP's contraction alternatives, tried in this order after a "'"
-_CONTRACTIONS = ("s", "t", "re", "ve", "m", "ll", "d")
-# CJK ideograph ranges BERT pads with spaces (those of the Rust BertNormalizer)
-_CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
-               (0x2B740, 0x2B81F), (0x2B920, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+_WHITESPACE_CHAR = re.compile("[" + re.escape("".join(sorted(WHITESPACE))) + "]")
+# encode's windows, in characters per token of max_length: the first one holds every real prompt
+# (77 tokens: 1,232 characters), each next one is 4x larger, the last one is the read limit
+# (77 tokens: 19,712 characters, ~10 ms of `tokenizers` on the worst input measured).
+FIRST_WINDOW_PER_TOKEN = 16
+READ_LIMIT_PER_TOKEN = 256
+# Tokens that end this close to a window's cut are not trusted: an added token may hold spaces,
+# and CLIP's contractions ('re, 've, 'll) look 3 characters ahead.
+_CUT_MARGIN = 4
 
 
 @dataclass(frozen=True)
@@ -57,301 +67,269 @@ class TokenizedBatch:
     truncated: list[bool]  # per prompt: True when tokens were dropped to fit L
 
 
-class _SubwordTokenizer:
-    """Special-token splitting and bos/eos/truncation/padding, shared by both tokenizers."""
+@dataclass(frozen=True)
+class TokenSpec:
+    """An added token (special, or textual inversion's) with the id it must have and its matching rules."""
+    content: str
+    id: int
+    special: bool = False
+    normalized: bool = False   # matched on the normalized text (lower-cased for CLIP) instead of the raw one
+    lstrip: bool = False
+    rstrip: bool = False
+    single_word: bool = False
 
-    def __init__(self, vocab: Mapping[str, int], special_tokens: Mapping[str, int], *,
-                 bos_token_id: int, eos_token_id: int, pad_token_id: int, max_length: int) -> None:
+    def added_token(self) -> AddedToken:
+        return AddedToken(self.content, single_word=self.single_word, lstrip=self.lstrip,
+                          rstrip=self.rstrip, normalized=self.normalized, special=self.special)
+
+
+# --- the pipelines (transformers' CLIPTokenizer / BertTokenizer) ----------------------------
+
+def build_clip(vocab: Mapping[str, int], merges: Sequence[tuple[str, str]], added: Iterable[TokenSpec],
+               where: str, error: type[LdmrtError]) -> Tokenizer:
+    """CLIP's byte-level BPE: NFC, whitespace runs -> " ", lower-case; CLIP's regex; bytes; BPE with </w>."""
+    backend = Tokenizer(BPE(vocab=dict(vocab), merges=list(merges), dropout=None, continuing_subword_prefix="",
+                            end_of_word_suffix=END_OF_WORD, fuse_unk=False, unk_token=CLIP_EOS))
+    return _add_tokens(_clip_pipeline(backend), added, where, error)
+
+
+def build_wordpiece(vocab: Mapping[str, int], added: Iterable[TokenSpec], where: str,
+                    error: type[LdmrtError], *, lowercase: bool = True) -> Tokenizer:
+    """bert-base-uncased's WordPiece: BertNormalizer (clean, CJK, accents, lower-case), BertPreTokenizer."""
+    backend = Tokenizer(WordPiece(vocab=dict(vocab), unk_token="[UNK]", continuing_subword_prefix=WORDPIECE_PREFIX,
+                                  max_input_chars_per_word=MAX_WORDPIECE_CHARS))
+    return _add_tokens(_wordpiece_pipeline(backend, lowercase), added, where, error)
+
+
+def _clip_pipeline(backend: Tokenizer) -> Tokenizer:
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(CLIP_PATTERN), behavior="removed", invert=True),
+         pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def _wordpiece_pipeline(backend: Tokenizer, lowercase: bool = True) -> Tokenizer:
+    backend.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                    strip_accents=None, lowercase=lowercase)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece(prefix=WORDPIECE_PREFIX)
+    return backend
+
+
+def _add_tokens(backend: Tokenizer, added: Iterable[TokenSpec], where: str,
+                error: type[LdmrtError]) -> Tokenizer:
+    # `tokenizers` chooses an added token's id itself (its vocabulary id, else the next free one):
+    # add in id order and refuse any token that would not get the id its file gives it.
+    for spec in sorted(added, key=lambda spec: spec.id):
+        backend.add_tokens([spec.added_token()])
+        found = backend.token_to_id(spec.content)
+        if found != spec.id:
+            raise error(f"{where}: added token {spec.content!r} is declared with id {spec.id}, but it "
+                        f"takes id {found} (added ids must follow the vocabulary without gaps or clashes); "
+                        f"fix the tokenizer files")
+    return backend
+
+
+def clip_specials(vocab: Mapping[str, int], pad_token_id: int) -> list[TokenSpec]:
+    """bos, eos and the pad token, split out of the raw prompt as transformers' defaults do."""
+    pad = next((token for token, index in vocab.items() if index == pad_token_id), CLIP_EOS)
+    return [TokenSpec(token, vocab[token], special=True) for token in dict.fromkeys((CLIP_BOS, CLIP_EOS, pad))
+            if token in vocab]
+
+
+def wordpiece_specials(vocab: Mapping[str, int]) -> list[TokenSpec]:
+    return [TokenSpec(token, vocab[token], special=True) for token in BERT_SPECIALS if token in vocab]
+
+
+# --- the runtime tokenizer ------------------------------------------------------------------
+
+class PromptTokenizer:
+    """Prompts -> int32 [B, max_length]: [bos] + tokens[:max_length - 2] + [eos], padded with pad_token_id."""
+
+    def __init__(self, backend: Tokenizer, *, bos_token_id: int, eos_token_id: int, pad_token_id: int,
+                 max_length: int, multi_vector: bool = False) -> None:
         if max_length < 2:
             raise ConfigError(f"tokenizer max_length: expected >= 2 (room for bos and eos), found {max_length}")
-        self.vocab = dict(vocab)
-        self.id_to_token = {index: token for token, index in self.vocab.items()}
-        if pad_token_id not in self.id_to_token:
-            raise ConfigError(f"{type(self).__name__}: pad_token_id {pad_token_id} is not in the vocabulary")
-        self.bos_token_id = bos_token_id
-        self.eos_token_id = eos_token_id
-        self.pad_token_id = pad_token_id
+        self.backend = backend
+        self.backend.no_truncation()
+        self.backend.no_padding()
+        self.bos_token_id, self.eos_token_id, self.pad_token_id = bos_token_id, eos_token_id, pad_token_id
         self.max_length = max_length
-        self._special_tokens = dict(special_tokens)
-        # longest first, so that the leftmost match is also the longest one
-        alternatives = sorted(self._special_tokens, key=len, reverse=True)
-        self._special_pattern = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")")
-
-    def tokenize(self, prompt: str) -> list[int]:
-        """The prompt's token ids without bos/eos, truncation or padding."""
-        ids: list[int] = []
-        # re.split with one group alternates text, special, text, ...: odd pieces are specials
-        for index, piece in enumerate(self._special_pattern.split(prompt)):
-            if index % 2:
-                ids.append(self._special_tokens[piece])
-            elif piece:
-                ids.extend(self._tokenize_text(piece))
-        return ids
+        added = [token for token in backend.get_added_tokens_decoder().values()]
+        self._margin = _CUT_MARGIN + max((len(token.content) for token in added), default=0)
+        # diffusers' TextualInversionLoaderMixin writes "<t>" as "<t> <t>_1 ... <t>_k" when the
+        # tokenizer holds "<t>_1" (one token per vector of a multi-vector embedding)
+        self._expansions: dict[int, tuple[str, str]] = {}
+        names = {token.content for token in added if not token.special}
+        for token in (token for token in added if not token.special) if multi_vector else ():
+            parts = [token.content]
+            while f"{token.content}_{len(parts)}" in names:
+                parts.append(f"{token.content}_{len(parts)}")
+            if len(parts) > 1:
+                self._expansions[backend.token_to_id(token.content)] = (token.content, " ".join(parts))
 
     def encode(self, prompts: Union[str, Sequence[str]]) -> TokenizedBatch:
-        """[bos] + tokens[:max_length - 2] + [eos], padded with pad_token_id: int32 [B, max_length]."""
         batch = [prompts] if isinstance(prompts, str) else list(prompts)
         if not batch:
             raise GenerationError("tokenizer: expected at least one prompt, found an empty batch")
         for index, prompt in enumerate(batch):
             if not isinstance(prompt, str):
-                raise GenerationError(f"tokenizer: prompt {index} must be a str, found "
-                                      f"{type(prompt).__name__}")
-        room = self.max_length - 2
+                raise GenerationError(f"tokenizer: prompt {index} must be a str, found {type(prompt).__name__}")
         input_ids = np.full((len(batch), self.max_length), self.pad_token_id, dtype=np.int32)
         truncated = []
         for row, prompt in enumerate(batch):
-            tokens = self.tokenize(prompt)
-            truncated.append(len(tokens) > room)
-            kept = [self.bos_token_id, *tokens[:room], self.eos_token_id]
+            tokens, cut = self._bounded_ids(prompt, row)
+            kept = [self.bos_token_id, *tokens, self.eos_token_id]
             input_ids[row, :len(kept)] = kept
+            truncated.append(cut)
         return TokenizedBatch(input_ids, truncated)
 
     __call__ = encode
 
-    def _tokenize_text(self, text: str) -> list[int]:
-        raise NotImplementedError
+    def tokenize(self, text: str) -> list[int]:
+        """All token ids of `text` (no bos/eos, no truncation: cost grows with the text)."""
+        return self._ids(text, 0)[0]
+
+    def _bounded_ids(self, prompt: str, row: int) -> tuple[list[int], bool]:
+        """The first max_length - 2 ids of `prompt` and whether any were dropped, reading a bounded prefix."""
+        room = self.max_length - 2
+        window = FIRST_WINDOW_PER_TOKEN * self.max_length
+        limit = READ_LIMIT_PER_TOKEN * self.max_length
+        while True:
+            if len(prompt) <= window:
+                ids = self._ids(prompt, row)[0]
+                return ids[:room], len(ids) > room
+            cut = _last_whitespace(prompt, window)
+            if window >= limit:
+                # the read limit: the rest is never read (a word crossing the limit is cut there)
+                return self._ids(prompt[:cut or limit], row)[0][:room], True
+            if cut:
+                # words before a whitespace cut tokenize as in the whole prompt; count the sure ones
+                ids, ends, length = self._ids(prompt[:cut], row)
+                if bisect.bisect_right(ends, length - self._margin) > room:
+                    return ids[:room], True
+            window = min(4 * window, limit)
+
+    def _ids(self, text: str, row: int) -> tuple[list[int], list[int], int]:
+        """Token ids of `text`, where each token ends (characters, non-decreasing) and the text's length.
+
+        Multi-vector textual-inversion tokens are expanded first, so ends and length refer to that text.
+        """
+        encoding = self._encode(text, row)
+        present = self._expansions.keys() & set(encoding.ids) if self._expansions else ()
+        if present:
+            for index in sorted(present):
+                content, replacement = self._expansions[index]
+                text = text.replace(content, replacement)
+            encoding = self._encode(text, row)
+        ends = list(itertools.accumulate((end for _, end in encoding.offsets), max))
+        return list(encoding.ids), ends, len(text)
+
+    def _encode(self, text: str, row: int):
+        try:
+            return self.backend.encode(text, add_special_tokens=False)
+        except Exception as exc:   # `tokenizers` raises TypeError for text Rust cannot hold
+            surrogate = re.search("[\ud800-\udfff]", text)
+            if surrogate:
+                raise GenerationError(f"tokenizer: prompt {row} holds a lone surrogate "
+                                      f"U+{ord(surrogate.group()):04X} at character {surrogate.start()}; "
+                                      f"expected valid Unicode text (UTF-8 on the wire)") from None
+            raise GenerationError(f"tokenizer: prompt {row} could not be tokenized ({exc})") from None
 
 
-# --- CLIP ---------------------------------------------------------------------------------
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable character map, printable bytes first (vocab order)."""
-    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    mapping = {byte: chr(byte) for byte in printable}
-    for byte in range(256):
-        if byte not in mapping:
-            mapping[byte] = chr(256 + len(mapping) - len(printable))
-    return mapping
-
-
-_BYTE_TO_CHAR = bytes_to_unicode()
-
-
-def clip_normalize(text: str) -> str:
-    """NFC, whitespace runs -> one space, lower-case per character (tokenizers' order and rules)."""
-    text = unicodedata.normalize("NFC", text)
-    chars = [" " if char in WHITESPACE else char for char in text]
-    return re.sub(" +", " ", "".join(char.lower() for char in chars))
-
-
-def clip_pre_tokenize(text: str) -> list[str]:
-    """CLIP's regex, findall-style, on normalized text:
-    <|startoftext|> | <|endoftext|> | 's|'t|'re|'ve|'m|'ll|'d | \\p{L}+ | \\p{N} | [^\\s\\p{L}\\p{N}]+
-
-    The GPT-2 split of tokenizers' ByteLevel pre-tokenizer, which follows, changes only the two
-    specials here: "<|endoftext|>" (the lower-cased "<|ENDOFTEXT|>"; the exact token was split
-    out of the raw prompt before) becomes "<|", "endoftext", "|>".
-    """
-    words = []
-    position, end = 0, len(text)
-    while position < end:
-        char = text[position]
-        if char in WHITESPACE:
-            position += 1
-            continue
-        start = position
-        special = next((s for s in (CLIP_BOS, CLIP_EOS) if text.startswith(s, position)), None)
-        if special is not None:
-            position += len(special)
-            words += ["<|", special[2:-2], "|>"]
-            continue
-        contraction = None
-        if char == "'":
-            contraction = next((c for c in _CONTRACTIONS if text.startswith(c, position + 1)), None)
-        if contraction is not None:
-            position += 1 + len(contraction)
-        elif _is_letter(char):
-            while position < end and _is_letter(text[position]):
-                position += 1
-        elif _is_number(char):
-            position += 1
-        else:
-            while position < end and not (text[position] in WHITESPACE or _is_letter(text[position])
-                                          or _is_number(text[position])):
-                position += 1
-        words.append(text[start:position])
-    return words
-
-
-def _is_letter(char: str) -> bool:
-    return unicodedata.category(char)[0] == "L"
-
-
-def _is_number(char: str) -> bool:
-    return unicodedata.category(char)[0] == "N"
-
-
-def _byte_word(word: str) -> str:
-    return "".join(_BYTE_TO_CHAR[byte] for byte in word.encode("utf-8"))
-
-
-class ClipTokenizer(_SubwordTokenizer):
-    """CLIP's byte-level BPE as transformers' CLIPTokenizer applies it for Stable Diffusion.
-
-    Special tokens split out of the raw prompt: bos, eos and the pad token (SD 2.x pads with
-    "!", id 0, so every "!" in an SD 2.x prompt becomes id 0, as in transformers).
-    """
-
-    _CACHE_LIMIT = 50_000
-
-    def __init__(self, vocab: Mapping[str, int], merges: Sequence[tuple[str, str]], *,
-                 max_length: int = 77, pad_token_id: int | None = None) -> None:
-        for token in (CLIP_BOS, CLIP_EOS):
-            if token not in vocab:
-                raise ConfigError(f"ClipTokenizer: the vocabulary has no {token!r} token")
-        pad_token_id = vocab[CLIP_EOS] if pad_token_id is None else pad_token_id
-        pad_token = next((token for token, index in vocab.items() if index == pad_token_id), CLIP_EOS)
-        specials = {CLIP_BOS: vocab[CLIP_BOS], CLIP_EOS: vocab[CLIP_EOS], pad_token: pad_token_id}
-        super().__init__(vocab, specials, bos_token_id=vocab[CLIP_BOS], eos_token_id=vocab[CLIP_EOS],
-                         pad_token_id=pad_token_id, max_length=max_length)
-        self.merge_ranks = {tuple(pair): rank for rank, pair in enumerate(merges)}
-        self.unk_token_id = vocab[CLIP_EOS]
-        self._cache: dict[str, list[int]] = {}
-
-    @classmethod
-    def from_config(cls, vocab: Mapping[str, int], merges: Sequence[tuple[str, str]],
-                    config: ClipTextConfig) -> "ClipTokenizer":
-        return cls(vocab, merges, max_length=config.max_length, pad_token_id=config.pad_token_id)
-
-    def _tokenize_text(self, text: str) -> list[int]:
-        ids: list[int] = []
-        for word in clip_pre_tokenize(clip_normalize(text)):
-            ids.extend(self._bpe(_byte_word(word)))
-        return ids
-
-    def _bpe(self, word: str) -> list[int]:
-        """Merge the lowest-ranked adjacent pair (leftmost on ties) until none is in the merges."""
-        cached = self._cache.get(word)
-        if cached is not None:
-            return cached
-        symbols = [*word[:-1], word[-1] + END_OF_WORD]
-        while len(symbols) > 1:
-            ranks = [self.merge_ranks.get(pair, -1) for pair in zip(symbols, symbols[1:])]
-            candidates = [(rank, index) for index, rank in enumerate(ranks) if rank >= 0]
-            if not candidates:
-                break
-            _, index = min(candidates)
-            symbols[index:index + 2] = [symbols[index] + symbols[index + 1]]
-        ids = [self.vocab.get(symbol, self.unk_token_id) for symbol in symbols]
-        if len(self._cache) >= self._CACHE_LIMIT:
-            self._cache.clear()
-        self._cache[word] = ids
-        return ids
-
-
-# --- BERT WordPiece -----------------------------------------------------------------------
-
-def _is_cjk(char: str) -> bool:
-    codepoint = ord(char)
-    return any(low <= codepoint <= high for low, high in _CJK_RANGES)
-
-
-def _is_punctuation(char: str) -> bool:
-    codepoint = ord(char)
-    if 33 <= codepoint <= 47 or 58 <= codepoint <= 64 or 91 <= codepoint <= 96 or 123 <= codepoint <= 126:
-        return True
-    return unicodedata.category(char)[0] == "P"
-
-
-def bert_normalize(text: str) -> str:
-    """BertNormalizer of bert-base-uncased: drop controls, spaces, pad CJK, strip accents, lower-case."""
-    out = []
-    for char in text:
-        if char in "\x00\ufffd" or (char not in "\t\n\r"
-                                    and unicodedata.category(char) in ("Cc", "Cf", "Co")):
-            continue
-        if char in WHITESPACE:
-            out.append(" ")
-        elif _is_cjk(char):
-            out.append(f" {char} ")
-        else:
-            out.append(char)
-    decomposed = unicodedata.normalize("NFD", "".join(out))
-    return "".join(char.lower() for char in decomposed if unicodedata.category(char) != "Mn")
-
-
-def bert_pre_tokenize(text: str) -> list[str]:
-    """BertPreTokenizer: split on whitespace, every punctuation character is a word of its own."""
-    words, current = [], []
-    for char in text:
-        if char in WHITESPACE or _is_punctuation(char):
-            if current:
-                words.append("".join(current))
-                current = []
-            if char not in WHITESPACE:
-                words.append(char)
-        else:
-            current.append(char)
-    if current:
-        words.append("".join(current))
-    return words
-
-
-class WordPieceTokenizer(_SubwordTokenizer):
-    """bert-base-uncased's tokenizer, as the LDM paper's BERT conditioner used it: [CLS] ... [SEP] [PAD]..."""
-
-    def __init__(self, vocab: Mapping[str, int], *, max_length: int = 77,
-                 pad_token_id: int | None = None) -> None:
-        missing = [token for token in ("[PAD]", "[UNK]", "[CLS]", "[SEP]") if token not in vocab]
-        if missing:
-            raise ConfigError(f"WordPieceTokenizer: the vocabulary lacks {missing}")
-        pad_token_id = vocab["[PAD]"] if pad_token_id is None else pad_token_id
-        specials = {token: vocab[token] for token in BERT_SPECIALS if token in vocab}
-        super().__init__(vocab, specials, bos_token_id=vocab["[CLS]"], eos_token_id=vocab["[SEP]"],
-                         pad_token_id=pad_token_id, max_length=max_length)
-        self.unk_token_id = vocab["[UNK]"]
-
-    @classmethod
-    def from_config(cls, vocab: Mapping[str, int], config: BertConfig) -> "WordPieceTokenizer":
-        return cls(vocab, max_length=config.max_length, pad_token_id=config.pad_token_id)
-
-    def _tokenize_text(self, text: str) -> list[int]:
-        ids: list[int] = []
-        for word in bert_pre_tokenize(bert_normalize(text)):
-            ids.extend(self._wordpiece(word))
-        return ids
-
-    def _wordpiece(self, word: str) -> list[int]:
-        """Greedy longest-match-first; a word with any unmatched rest is one [UNK]."""
-        if len(word) > MAX_WORDPIECE_CHARS:
-            return [self.unk_token_id]
-        ids, start = [], 0
-        while start < len(word):
-            for end in range(len(word), start, -1):
-                piece = word[start:end] if start == 0 else WORDPIECE_PREFIX + word[start:end]
-                if piece in self.vocab:
-                    ids.append(self.vocab[piece])
-                    start = end
-                    break
-            else:
-                return [self.unk_token_id]
-        return ids
+def _last_whitespace(text: str, window: int) -> int:
+    """Index of the last whitespace character in text[1:window], 0 when there is none."""
+    found = _WHITESPACE_CHAR.search(text[window - 1:0:-1])
+    return 0 if found is None else window - 1 - found.start()
 
 
 # --- loading a bundle's tokenizer/ folder ---------------------------------------------------
 
-def load_tokenizer(folder: Path, conditioner_config: Union[ClipTextConfig, BertConfig], *,
-                   error: type[LdmrtError] = BundleError) -> Union[ClipTokenizer, WordPieceTokenizer]:
-    """The tokenizer of `conditioner_config` from `folder` (vocab.json + merges.txt, or vocab.txt).
+def load_tokenizer(folder: Path, conditioner_config: TextConfig, *,
+                   error: type[LdmrtError] = BundleError) -> PromptTokenizer:
+    """The tokenizer of `conditioner_config` from `folder`: tokenizer.json, or (bundles of earlier
+    ldmrt versions) vocab.json + merges.txt / vocab.txt, converted here.
 
-    Raises `error` (BundleError for bundles; pass CheckpointError for checkpoint folders) naming
-    the missing or corrupt file, or the mismatch with the config.
+    Raises `error` (BundleError for bundles; CheckpointError for checkpoint folders) naming the
+    missing or corrupt file, or the mismatch with the config (ids, vocab_size).
     """
     folder = Path(folder)
-    if isinstance(conditioner_config, ClipTextConfig):
-        vocab = _read_clip_vocab(folder / "vocab.json", error)
-        merges = _read_merges(folder / "merges.txt", vocab, error)
-        _check_ids(folder / "vocab.json", vocab, conditioner_config, error,
-                   {CLIP_BOS: conditioner_config.bos_token_id, CLIP_EOS: conditioner_config.eos_token_id})
-        return ClipTokenizer.from_config(vocab, merges, conditioner_config)
-    if isinstance(conditioner_config, BertConfig):
-        vocab = _read_wordpiece_vocab(folder / "vocab.txt", error)
-        _check_ids(folder / "vocab.txt", vocab, conditioner_config, error,
-                   {"[PAD]": conditioner_config.pad_token_id})
-        return WordPieceTokenizer.from_config(vocab, conditioner_config)
-    raise ConfigError(f"load_tokenizer: expected a ClipTextConfig or BertConfig, found "
-                      f"{type(conditioner_config).__name__} (that conditioner takes no text)")
+    if not isinstance(conditioner_config, (ClipTextConfig, BertConfig)):
+        raise ConfigError(f"load_tokenizer: expected a ClipTextConfig or BertConfig, found "
+                          f"{type(conditioner_config).__name__} (that conditioner takes no text)")
+    clip = isinstance(conditioner_config, ClipTextConfig)
+    path = folder / TOKENIZER_FILE
+    legacy = ("vocab.json", "merges.txt") if clip else ("vocab.txt",)
+    if not path.is_file() and not any((folder / name).is_file() for name in legacy):
+        raise error(f"{path}: missing (nor {' + '.join(legacy)}, as bundles of earlier ldmrt versions hold); "
+                    f"expected the tokenizer of the bundle: re-export it")
+    if path.is_file():
+        backend = read_tokenizer_json(path, "clip" if clip else "wordpiece", error)
+    elif clip:
+        path = folder / "vocab.json"
+        vocab = read_clip_vocab(path, error)
+        merges = read_merges(folder / "merges.txt", vocab, error)
+        backend = build_clip(vocab, merges, clip_specials(vocab, conditioner_config.pad_token_id), str(path), error)
+    else:
+        path = folder / "vocab.txt"
+        vocab = read_wordpiece_vocab(path, error)
+        backend = build_wordpiece(vocab, wordpiece_specials(vocab), str(path), error)
+    return tokenizer_for(backend, conditioner_config, str(path), error)
+
+
+def tokenizer_for(backend: Tokenizer, config: TextConfig, where: str, error: type[LdmrtError]) -> PromptTokenizer:
+    """`backend` checked against the text encoder's config: special ids, and every id inside vocab_size."""
+    vocab = backend.get_vocab(with_added_tokens=True)
+    if isinstance(config, ClipTextConfig):
+        expected = {CLIP_BOS: config.bos_token_id, CLIP_EOS: config.eos_token_id}
+    else:
+        expected = {"[PAD]": config.pad_token_id, "[CLS]": vocab.get("[CLS]", -1), "[SEP]": vocab.get("[SEP]", -1)}
+    for token, index in expected.items():
+        if token not in vocab:
+            raise error(f"{where}: the vocabulary has no {token!r} token; expected the "
+                        f"{'CLIP' if isinstance(config, ClipTextConfig) else 'BERT'} special tokens")
+        if vocab[token] != index:
+            raise error(f"{where}: {token!r} has id {vocab[token]}, but the model config expects {index}; "
+                        f"the tokenizer does not belong to this model")
+    if config.pad_token_id not in set(vocab.values()):
+        raise error(f"{where}: the model config's pad_token_id={config.pad_token_id} is not in the vocabulary")
+    # The text encoder gathers row `id` of its embedding table: an id past it has no embedding.
+    token, largest = max(vocab.items(), key=lambda item: item[1])
+    if largest >= config.vocab_size:
+        added = " (an added token, e.g. textual inversion's: the text encoder needs its embedding row)" \
+            if token in {t.content for t in backend.get_added_tokens_decoder().values() if not t.special} else ""
+        raise error(f"{where}: token {token!r} has id {largest}{added}, which does not fit the text encoder's "
+                    f"vocab_size={config.vocab_size} (ids 0..{config.vocab_size - 1}); use the text encoder "
+                    f"that was saved with this tokenizer")
+    bos, eos = (vocab[CLIP_BOS], vocab[CLIP_EOS]) if isinstance(config, ClipTextConfig) else \
+        (vocab["[CLS]"], vocab["[SEP]"])
+    return PromptTokenizer(backend, bos_token_id=bos, eos_token_id=eos, pad_token_id=config.pad_token_id,
+                           max_length=config.max_length, multi_vector=isinstance(config, ClipTextConfig))
+
+
+def read_tokenizer_json(path: Path, kind: str, error: type[LdmrtError]) -> Tokenizer:
+    """A `tokenizers` file holding a CLIP BPE or a WordPiece model, its added tokens at their ids."""
+    text = _read_text(path, error, "a `tokenizers` tokenizer.json")
+    try:
+        data = json.loads(text)
+        backend = Tokenizer.from_str(text)
+    except Exception as exc:   # json.JSONDecodeError, or the Rust parser's Exception
+        raise error(f"{path}: corrupt ({str(exc)[:200]}); expected a `tokenizers` tokenizer.json") from None
+    model = data.get("model") if isinstance(data, dict) else None
+    found = model.get("type") if isinstance(model, dict) else None
+    wanted = "BPE" if kind == "clip" else "WordPiece"
+    if found != wanted or (kind == "clip" and model.get("end_of_word_suffix") != END_OF_WORD):
+        raise error(f"{path}: holds a {found} tokenizer{'' if found != 'BPE' else ' with end_of_word_suffix ' + repr(model.get('end_of_word_suffix'))}; "
+                    f"the text encoder needs a {'CLIP byte-level BPE (</w>)' if kind == 'clip' else 'WordPiece'} tokenizer")
+    for entry in data.get("added_tokens") or []:
+        content, index = entry.get("content"), entry.get("id")
+        if backend.token_to_id(content) != index:
+            raise error(f"{path}: added token {content!r} is declared with id {index}, but it takes id "
+                        f"{backend.token_to_id(content)}; the file was edited or is corrupt, re-export it")
+    return backend
 
 
 def _read_text(path: Path, error: type[LdmrtError], what: str) -> str:
@@ -364,7 +342,7 @@ def _read_text(path: Path, error: type[LdmrtError], what: str) -> str:
         raise error(f"{path}: unreadable as UTF-8 text ({exc}); expected {what}") from None
 
 
-def _read_clip_vocab(path: Path, error: type[LdmrtError]) -> dict[str, int]:
+def read_clip_vocab(path: Path, error: type[LdmrtError]) -> dict[str, int]:
     what = "the JSON token -> id map of a CLIP tokenizer"
     try:
         vocab = json.loads(_read_text(path, error, what))
@@ -383,7 +361,7 @@ def _read_clip_vocab(path: Path, error: type[LdmrtError]) -> dict[str, int]:
     return vocab
 
 
-def _read_merges(path: Path, vocab: Mapping[str, int], error: type[LdmrtError]) -> list[tuple[str, str]]:
+def read_merges(path: Path, vocab: Mapping[str, int], error: type[LdmrtError]) -> list[tuple[str, str]]:
     merges = []
     for number, line in enumerate(_read_text(path, error, "CLIP's BPE merges").splitlines(), start=1):
         if (number == 1 and line.startswith("#version")) or not line:
@@ -399,7 +377,7 @@ def _read_merges(path: Path, vocab: Mapping[str, int], error: type[LdmrtError]) 
     return merges
 
 
-def _read_wordpiece_vocab(path: Path, error: type[LdmrtError]) -> dict[str, int]:
+def read_wordpiece_vocab(path: Path, error: type[LdmrtError]) -> dict[str, int]:
     lines = _read_text(path, error, "a WordPiece vocab.txt, one token per line").split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # the final newline
@@ -414,17 +392,17 @@ def _read_wordpiece_vocab(path: Path, error: type[LdmrtError]) -> dict[str, int]
     return vocab
 
 
-def _check_ids(path: Path, vocab: Mapping[str, int], config: Union[ClipTextConfig, BertConfig],
-               error: type[LdmrtError], expected: Mapping[str, int]) -> None:
-    for token, index in expected.items():
-        if vocab[token] != index:
-            raise error(f"{path}: {token!r} has id {vocab[token]}, but the model config expects {index}; "
-                        f"the tokenizer does not belong to this model")
-    largest = max(vocab.values())
-    if largest >= config.vocab_size:
-        raise error(f"{path}: token id {largest} does not fit the model's vocab_size={config.vocab_size}")
-    if isinstance(config, ClipTextConfig) and config.pad_token_id not in set(vocab.values()):
-        raise error(f"{path}: the model config's pad_token_id={config.pad_token_id} is not in the vocabulary")
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable character map, printable bytes first (vocab order)."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    mapping = {byte: chr(byte) for byte in printable}
+    for byte in range(256):
+        if byte not in mapping:
+            mapping[byte] = chr(256 + len(mapping) - len(printable))
+    return mapping
+
+
+_BYTE_TO_CHAR = bytes_to_unicode()
 
 
 # --- synthetic assets for random-weight presets ---------------------------------------------
@@ -478,19 +456,19 @@ a vase of sunflowers on a windowsill, van gogh style, thick brush strokes, vibra
 _WORDPIECE_EXTRA_CHARS = "".join(map(chr, range(0x21, 0x7F))).lower() + "猫犬山川人大小中日月水火木金土"
 
 
-def write_synthetic_clip_assets(folder: Path, vocab_size: int) -> Path:
-    """Write a CLIP-style vocab.json + merges.txt of exactly `vocab_size` tokens to `folder`.
+def synthetic_clip_vocab(vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A CLIP-style vocabulary of exactly `vocab_size` tokens and its merges.
 
     Layout as in CLIP: 256 byte characters, the same with </w>, one token per merge, then
     <|startoftext|> = vocab_size - 2 and <|endoftext|> = vocab_size - 1 (the presets' bos/eos).
     Merges are learned by BPE on SYNTHETIC_CORPUS; when it runs out, filler merges of two base
-    tokens (in vocab order) complete the vocabulary. Deterministic: same size, same bytes.
+    tokens (in vocab order) complete the vocabulary. Deterministic: same size, same tokens.
     """
     base = [*_BYTE_TO_CHAR.values(), *(char + END_OF_WORD for char in _BYTE_TO_CHAR.values())]
     merge_count = vocab_size - len(base) - 2
     if merge_count < 0:
         raise ConfigError(f"write_synthetic_clip_assets: vocab_size must be >= {len(base) + 2}, found {vocab_size}")
-    words = (_byte_word(word) for word in clip_pre_tokenize(clip_normalize(SYNTHETIC_CORPUS)))
+    words = _corpus_words(_clip_pipeline(Tokenizer(BPE())))
     merges = _learn_merges((tuple([*word[:-1], word[-1] + END_OF_WORD]) for word in words),
                            merge_count, lambda left, right: left + right, set(base))
     known = set(base) | {left + right for left, right in merges}
@@ -503,23 +481,28 @@ def write_synthetic_clip_assets(folder: Path, vocab_size: int) -> Path:
         raise ConfigError(f"write_synthetic_clip_assets: vocab_size={vocab_size} is larger than this "
                           f"builder can fill ({len(base) + len(merges) + 2})")
     tokens = [*base, *(left + right for left, right in merges), CLIP_BOS, CLIP_EOS]
+    return {token: index for index, token in enumerate(tokens)}, merges
+
+
+def write_synthetic_clip_assets(folder: Path, vocab_size: int) -> Path:
+    """synthetic_clip_vocab as transformers' classic files: vocab.json + merges.txt in `folder`."""
+    vocab, merges = synthetic_clip_vocab(vocab_size)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = {token: index for index, token in enumerate(tokens)}
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     lines = [MERGES_HEADER, *(f"{left} {right}" for left, right in merges)]
     (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return folder
 
 
-def write_synthetic_wordpiece_assets(folder: Path, vocab_size: int) -> Path:
-    """Write a bert-style vocab.txt of exactly `vocab_size` lines to `folder`.
+def synthetic_wordpiece_vocab(vocab_size: int) -> dict[str, int]:
+    """A bert-style vocabulary of exactly `vocab_size` tokens.
 
     Layout: [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4, single characters, the same with ##,
     word pieces learned by BPE on SYNTHETIC_CORPUS (the WordPiece trainer's method), then
     [unused0], [unused1], ... to reach `vocab_size`. Deterministic.
     """
-    words = bert_pre_tokenize(bert_normalize(SYNTHETIC_CORPUS))
+    words = _corpus_words(_wordpiece_pipeline(Tokenizer(WordPiece(vocab={"[UNK]": 0}, unk_token="[UNK]"))))
     alphabet = sorted(set("".join(words)) | set(_WORDPIECE_EXTRA_CHARS))
     base = [*BERT_SPECIALS, *alphabet, *(WORDPIECE_PREFIX + char for char in alphabet)]
     merge_count = vocab_size - len(base)
@@ -531,10 +514,36 @@ def write_synthetic_wordpiece_assets(folder: Path, vocab_size: int) -> Path:
                            lambda left, right: left + right[len(WORDPIECE_PREFIX):], set(base))
     tokens = [*base, *(left + right[len(WORDPIECE_PREFIX):] for left, right in merges)]
     tokens += [f"[unused{index}]" for index in range(vocab_size - len(tokens))]
+    return {token: index for index, token in enumerate(tokens)}
+
+
+def write_synthetic_wordpiece_assets(folder: Path, vocab_size: int) -> Path:
+    """synthetic_wordpiece_vocab as a bert-style vocab.txt of exactly `vocab_size` lines in `folder`."""
+    tokens = synthetic_wordpiece_vocab(vocab_size)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.txt").write_text("\n".join(tokens) + "\n", encoding="utf-8")
+    (folder / "vocab.txt").write_text("".join(token + "\n" for token in tokens), encoding="utf-8")
     return folder
+
+
+def write_synthetic_tokenizer(folder: Path, config: TextConfig) -> str:
+    """The random-weight presets' tokenizer as a bundle holds it: `folder`/tokenizer.json; returns the kind."""
+    if isinstance(config, ClipTextConfig):
+        vocab, merges = synthetic_clip_vocab(config.vocab_size)
+        backend = build_clip(vocab, merges, clip_specials(vocab, config.pad_token_id), "synthetic", ConfigError)
+    else:
+        vocab = synthetic_wordpiece_vocab(config.vocab_size)
+        backend = build_wordpiece(vocab, wordpiece_specials(vocab), "synthetic", ConfigError)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / TOKENIZER_FILE).write_text(backend.to_str(), encoding="utf-8")
+    return "clip" if isinstance(config, ClipTextConfig) else "wordpiece"
+
+
+def _corpus_words(backend: Tokenizer) -> list[str]:
+    """SYNTHETIC_CORPUS normalized and pre-tokenized by `backend`'s pipeline (CLIP: byte characters)."""
+    normalized = backend.normalizer.normalize_str(SYNTHETIC_CORPUS)
+    return [word for word, _ in backend.pre_tokenizer.pre_tokenize_str(normalized)]
 
 
 def _learn_merges(words: Iterable[tuple[str, ...]], limit: int, join: Callable[[str, str], str],
