@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ldmrt.engines.ort_cache import GraphCache, cache_folder, create_session, entry_folder, lookup
+from ldmrt.engines.ort_cache import GraphCache, cache_folder, create_session, discard, entry_folder, lookup
 from ldmrt.errors import BackendUnavailableError, BundleError, ShapeError
 from ldmrt.iospec import ComponentSpec
 from ldmrt.manifest import Manifest
@@ -106,7 +105,7 @@ def prepare_cache(bundle: Path, manifest: Manifest, components: tuple[str, ...],
     for name, entry in zip(components, entries):
         cache = GraphCache.for_graph(folder, name, entry.digest)
         if force:
-            shutil.rmtree(entry_folder(folder, name, cache.key), ignore_errors=True)
+            discard(cache)     # only what ldmrt wrote there; a user's files are kept
         stored = entry_folder(folder, name, cache.key)
         progress(name, "loading or optimizing")
         start = time.perf_counter()

@@ -8,10 +8,15 @@ Runtime build and instruction set that made it, so an entry is keyed by (source 
 onnxruntime version, the CPU features that steer the rewrite) and a mismatch simply misses.
 
     <cache>/<component>-<key>/graph.onnx (+ graph.onnx.data)   written by ONNX Runtime
-    <cache>/<component>-<key>/record.json                     key fields, files' sizes
+    <cache>/<component>-<key>/record.json                     key fields, each file's size and sha256
 
-Entries are written to a private folder and renamed into place, so a reader never sees half
-an entry; a truncated or foreign entry is ignored (logged) and rebuilt. Torch-free.
+The key holds the source graph's identity (`ComponentEntry.digest`, which `Pipeline.load` checks
+against the bundle's files), so an entry is bound to the verified graph it was made from; the
+record holds every cached file's sha256, checked before the entry is used, so a graph of the same
+size put in its place, or a damaged disk, is rebuilt with a warning instead of run. Entries are
+written to a private folder (unique per call: threads and processes never share one) and renamed
+into place, so a reader never sees half an entry; of racing writers the first entry stays. ldmrt
+replaces an entry only when it holds nothing but what ldmrt writes there. Torch-free.
 """
 from __future__ import annotations
 
@@ -20,11 +25,13 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ldmrt.atomic import work_folder
+from ldmrt.atomic import Ownership, describe, foreign_entries, move_into_place, work_folder
+from ldmrt.manifest import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +39,9 @@ CACHE_ENV = "LDMRT_ORT_CACHE"          # a folder, or "off"
 BUNDLE_CACHE_DIR = "ort_cache"         # default: inside the bundle when it is writable
 RECORD = "record.json"
 GRAPH = "graph.onnx"
-SCHEMA = 1
+ENTRY_FILES = (RECORD, GRAPH, f"{GRAPH}.data")      # the names ldmrt writes in an entry folder
+SCHEMA = 2                                           # 2: each file's sha256 (1: sizes only)
+_ENTRY_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}-[0-9a-f]{16}$")     # <component>-<key digest>
 # CPU features that change what ORT_ENABLE_ALL writes (NCHWc block size, integer and bf16 kernels).
 _ISA_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
               "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimddp", "i8mm", "bf16", "sve")
@@ -87,25 +96,77 @@ def entry_folder(cache: Path, component: str, key: CacheKey) -> Path:
 
 
 def lookup(cache: Path, component: str, key: CacheKey) -> Path | None:
-    """The cached graph for `key`, or None when absent, foreign or incomplete."""
+    """The cached graph for `key` once every file's size and sha256 match its record; None when
+    there is no entry, or (logged as a warning) when it is foreign, stale or damaged."""
     folder = entry_folder(cache, component, key)
-    try:
-        record = json.loads((folder / RECORD).read_text())
-        files = dict(record["files"])
-        ok = (record["schema"] == SCHEMA and record["component"] == component
-              and record["key"] == json.loads(json.dumps(asdict(key))) and GRAPH in files)
-    except (OSError, ValueError, KeyError, TypeError):
+    if not os.path.lexists(folder):
         return None
-    if ok:
-        for name, size in files.items():
-            path = folder / str(name)
-            if path.parent != folder or not path.is_file() or path.stat().st_size != size:
-                ok = False
-                break
-    if not ok:
-        log.warning("%s: ignoring ORT cache entry %s (record does not match its key or files)", component, folder)
+    problem = _entry_problem(folder, component, key)
+    if problem is not None:
+        log.warning("%s: ignoring ORT cache entry %s (%s); rebuilding it", component, folder, problem)
         return None
     return folder / GRAPH
+
+
+def _entry_problem(folder: Path, component: str, key: CacheKey) -> str | None:
+    """Why `folder` is not a sound entry for (component, key), or None. Sizes are compared before
+    any hashing, so a truncated file costs nothing to find."""
+    if folder.is_symlink() or not folder.is_dir():
+        return "not a folder"
+    try:
+        record = json.loads((folder / RECORD).read_text())
+        files = {str(name): (int(facts["size"]), str(facts["sha256"]))
+                 for name, facts in dict(record["files"]).items()}
+        if record["schema"] != SCHEMA:
+            return f"record schema {record['schema']!r}, expected {SCHEMA}"
+        if record["component"] != component or record["key"] != json.loads(json.dumps(asdict(key))):
+            return "made for another graph, onnxruntime or CPU"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return f"no readable {RECORD}: {type(exc).__name__}"
+    if GRAPH not in files:
+        return f"the record lists no {GRAPH}"
+    for name, (size, _) in files.items():
+        path = folder / name
+        if path.parent != folder or path.is_symlink() or not path.is_file():
+            return f"{name}: missing or not a plain file"
+        if path.stat().st_size != size:
+            return f"{name}: {path.stat().st_size} bytes, the record says {size}"
+    for name, (_, digest) in files.items():
+        found = sha256_file(folder / name)
+        if found != digest:
+            return f"{name}: sha256 {found[:12]}... differs from the record's {digest[:12]}..."
+    return None
+
+
+def ownership(cache: Path):
+    """What ldmrt wrote in a cache folder (atomic.Judge): `<component>-<key>/` entry folders
+    holding record.json, graph.onnx, graph.onnx.data and what their record lists, and entries'
+    staging folders. Anything else there (a user's file, a folder of another name) is not ldmrt's."""
+    listed: dict[str, set[str]] = {}
+
+    def record_files(entry: str) -> set[str]:
+        if entry not in listed:
+            try:
+                names = dict(json.loads((cache / entry / RECORD).read_text())["files"])
+                listed[entry] = {str(name) for name in names if "/" not in str(name)}
+            except (OSError, ValueError, KeyError, TypeError):
+                listed[entry] = set()
+        return listed[entry]
+
+    def judge(parts: tuple[str, ...], is_dir: bool) -> Ownership:
+        if len(parts) == 1 and is_dir and _ENTRY_NAME.match(parts[0]):
+            return Ownership.FOLDER
+        if len(parts) == 2 and not is_dir and (parts[1] in ENTRY_FILES or parts[1] in record_files(parts[0])):
+            return Ownership.WHOLE
+        return Ownership.FOREIGN
+    return judge
+
+
+def _foreign_in_entry(folder: Path) -> list[str]:
+    """What the entry folder holds that ldmrt did not write there."""
+    judge = ownership(folder.parent)
+    foreign, complete = foreign_entries(folder, lambda parts, is_dir: judge((folder.name, *parts), is_dir))
+    return foreign if complete else foreign + ["..."]
 
 
 @dataclass(frozen=True)
@@ -123,7 +184,8 @@ class GraphCache:
 
 def create_session(source: Path, options, providers: list[str], cache: GraphCache | None):
     """(InferenceSession, hit) for `source`: from the cached optimized graph (optimizations off)
-    when the cache has it (hit), else from `source` with ORT_ENABLE_ALL, storing the rewrite."""
+    when the cache has a sound entry (hit), else from `source` with ORT_ENABLE_ALL, storing the
+    rewrite."""
     import onnxruntime as ort
 
     if cache is None:
@@ -134,10 +196,9 @@ def create_session(source: Path, options, providers: list[str], cache: GraphCach
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
             return ort.InferenceSession(str(cached), options, providers=providers), True
-        except Exception as exc:   # a corrupt entry: rebuild it from the source graph
+        except Exception as exc:   # rebuilt below; the new entry replaces this one
             log.warning("%s: ORT cache entry %s did not load (%s); rebuilding it",
                         cache.component, cached.parent, exc)
-            shutil.rmtree(cached.parent, ignore_errors=True)
             options.graph_optimization_level = level
     try:
         stage = _staging(cache)
@@ -150,31 +211,61 @@ def create_session(source: Path, options, providers: list[str], cache: GraphCach
     options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     try:
         session = ort.InferenceSession(str(source), options, providers=providers)
+        _commit(stage, cache)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    _commit(stage, cache)
     return session, False
 
 
+def discard(cache: GraphCache) -> None:
+    """Remove the entry for `cache.key` (a forced rebuild) when it holds only what ldmrt wrote
+    there; anything else is kept, with a warning, and the entry with it."""
+    folder = entry_folder(cache.folder, cache.component, cache.key)
+    if not os.path.lexists(folder):
+        return
+    foreign = ["(not a folder)"] if folder.is_symlink() or not folder.is_dir() else _foreign_in_entry(folder)
+    if foreign:
+        log.warning("%s: keeping ORT cache entry %s: it holds files ldmrt did not write (%s)",
+                    cache.component, folder, describe(foreign))
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+class _AlreadyCached(Exception):
+    """Another thread or process stored a sound entry first: it stays, this one is dropped."""
+
+
 def _staging(cache: GraphCache) -> Path:
-    """`.<entry>.partial-PID` next to the entry; staging folders of killed processes are removed."""
+    """A private staging folder next to the entry; staging folders of killed processes are removed."""
     return work_folder(entry_folder(cache.folder, cache.component, cache.key))
 
 
 def _commit(stage: Path, cache: GraphCache) -> None:
-    """Record the written files and rename the staging folder into place."""
-    files = {p.name: p.stat().st_size for p in stage.iterdir() if p.is_file()}
-    final = entry_folder(cache.folder, cache.component, cache.key)
-    if GRAPH not in files or lookup(cache.folder, cache.component, cache.key) is not None:
-        shutil.rmtree(stage, ignore_errors=True)    # nothing written, or another process was first
+    """Record the written files (size, sha256) and rename the staging folder into place: a new
+    entry, or in place of a damaged one that holds only ldmrt's files; a sound entry stays."""
+    files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
+             for p in sorted(stage.iterdir()) if p.is_file()}
+    if GRAPH not in files:
+        log.info("%s: ONNX Runtime wrote no optimized graph; nothing cached", cache.component)
+        shutil.rmtree(stage, ignore_errors=True)
         return
     record = {"schema": SCHEMA, "component": cache.component, "key": asdict(cache.key), "files": files}
     (stage / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    final = entry_folder(cache.folder, cache.component, cache.key)
+
+    def replaceable(folder: Path) -> None:
+        if _entry_problem(folder, cache.component, cache.key) is None:
+            raise _AlreadyCached()
+        foreign = ["(not a folder)"] if folder.is_symlink() or not folder.is_dir() else _foreign_in_entry(folder)
+        if foreign:
+            raise OSError(f"{final} holds files ldmrt did not write ({describe(foreign)}); "
+                          f"not replacing it (move them out to let ldmrt cache there)")
     try:
-        shutil.rmtree(final, ignore_errors=True)    # a broken entry under the same key
-        stage.rename(final)
+        move_into_place(stage, final, replace=True, replaceable=replaceable)
         log.info("%s: cached ONNX Runtime's optimized graph in %s", cache.component, final)
+    except _AlreadyCached:
+        shutil.rmtree(stage, ignore_errors=True)
     except OSError as exc:
-        log.info("%s: ORT cache entry not stored (%s)", cache.component, exc)
+        log.warning("%s: ORT cache entry not stored (%s)", cache.component, exc)
         shutil.rmtree(stage, ignore_errors=True)

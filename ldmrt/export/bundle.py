@@ -3,22 +3,25 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ldmrt.atomic import move_into_place, work_folder
+from ldmrt.atomic import Ownership, describe, foreign_entries, move_into_place, work_folder
 from ldmrt.config import BertConfig, ClipTextConfig
-from ldmrt.errors import ConfigError, ExportError, ParityError
+from ldmrt.engines import ort_cache
+from ldmrt.engines.tensorrt import RECORD_SUFFIX
+from ldmrt.errors import BundleError, ConfigError, ExportError, ParityError
 from ldmrt.export.components import TORCH_DTYPES, ComponentGraph, example_inputs, to_torch
 from ldmrt.export.onnx_graph import MIN_OPSET, export_graph
 from ldmrt.export.quantize import Int8Options, quantize_unet
 from ldmrt.export.validate import shape_plan, validate_graph
 from ldmrt.iospec import Precision, ShapeRanges, component_specs
 from ldmrt.manifest import (MANIFEST_NAME, TOKENIZER_DIR, ComponentEntry, Manifest, TokenizerEntry,
-                            write_manifest)
+                            load_manifest, write_manifest)
 from ldmrt.models import LatentDiffusion
 
 log = logging.getLogger(__name__)
@@ -75,7 +78,7 @@ def export_bundle(source: ModelSource, out: Path, options: ExportOptions = Expor
     try:
         work = work_folder(out)
     except OSError as exc:
-        raise ExportError(f"--out {out}: cannot create a folder there ({exc.strerror or exc})") from None
+        raise ExportError(f"out {out}: cannot create a folder there ({exc.strerror or exc})", field="out") from None
     seconds: dict[str, float] = {}
     try:
         tokenizer = None
@@ -93,7 +96,15 @@ def export_bundle(source: ModelSource, out: Path, options: ExportOptions = Expor
                             config=config, precision=options.precision, shape_ranges=ranges,
                             components=entries, tokenizer=tokenizer)
         write_manifest(work, manifest)
-        move_into_place(work, out)
+        try:
+            # Checked again at the rename: another export may have finished there meanwhile, or
+            # the user may have put files into the bundle being replaced.
+            move_into_place(work, out, replace=options.force,
+                            replaceable=lambda folder: _check_replaceable(folder, out))
+        except FileExistsError:
+            raise ExportError(f"out {out}: another export finished there while this one ran; its "
+                              f"bundle is kept and this one discarded (pass --force to replace it, "
+                              f"or choose another folder)", field="out") from None
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -128,18 +139,79 @@ def _export_component(model: LatentDiffusion, spec, work: Path, options: ExportO
 
 
 def _check_destination(out: Path, force: bool) -> None:
-    """Refuse to overwrite unless --force, and never replace a folder that is not a bundle."""
-    if not out.exists():
+    """Refuse to overwrite unless --force, and never replace a folder holding files ldmrt did not
+    write (checked here, before any work, and again right before the swap)."""
+    if not os.path.lexists(out):
         return
-    if not out.is_dir():
-        raise ExportError(f"--out {out}: expected a new folder, found an existing file")
+    if out.is_symlink() or not out.is_dir():
+        raise ExportError(f"out {out}: expected a new folder, found an existing "
+                          f"{'symbolic link' if out.is_symlink() else 'file'}; choose another path", field="out")
     if not any(out.iterdir()):
         return
-    if not (out / MANIFEST_NAME).is_file():
-        raise ExportError(f"--out {out}: the folder holds files that are not an ldmrt bundle; "
-                          f"choose another folder (ldmrt never deletes them, even with --force)")
+    _check_replaceable(out, out)
     if not force:
-        raise ExportError(f"--out {out}: a bundle already exists there; pass --force to replace it")
+        raise ExportError(f"out {out}: a bundle already exists there; pass --force to replace it", field="out")
+
+
+def _check_replaceable(folder: Path, out: Path) -> None:
+    """ExportError naming what in `folder` (the bundle at `out`, maybe moved aside) ldmrt did not
+    write: a bundle is replaced only when it holds nothing else."""
+    keep = "; choose another folder (ldmrt never deletes them, even with --force)"
+    if folder.is_symlink() or not folder.is_dir():
+        raise ExportError(f"out {out}: expected a bundle folder, found something else{keep}", field="out")
+    if not (folder / MANIFEST_NAME).is_file():
+        foreign, complete = foreign_entries(folder, lambda parts, is_dir: Ownership.FOREIGN)
+        raise ExportError(f"out {out}: the folder holds files that are not an ldmrt bundle "
+                          f"({describe(foreign, complete)}){keep}", field="out")
+    try:
+        manifest = load_manifest(folder)
+    except BundleError as exc:
+        raise ExportError(f"out {out}: its manifest.json is unreadable, so ldmrt cannot tell its "
+                          f"files from yours ({str(exc)[:200]}){keep}", field="out") from None
+    foreign, complete = foreign_entries(folder, bundle_ownership(folder, manifest))
+    if foreign:
+        raise ExportError(f"out {out}: the bundle folder holds files ldmrt did not write: "
+                          f"{describe(foreign, complete)}; move them out first, or choose another "
+                          f"folder (ldmrt never deletes them, even with --force)", field="out")
+
+
+ENGINES_DIR = "engines"        # ldmrt build's TensorRT engines (export/tensorrt.py writes there)
+
+
+def bundle_ownership(folder: Path, manifest: Manifest):
+    """What ldmrt wrote in a bundle folder, from its own records: manifest.json and the files it
+    lists; tokenizer/ files the manifest lists; engines/<component>-.../ folders of the bundle's
+    components with their <component>.plan and record (and what engine records name), the
+    engines' timing cache; ort_cache/ entries (ort_cache.ownership). Everything else is the user's."""
+    from ldmrt.export.engines import TIMING_CACHE
+
+    top = {MANIFEST_NAME, *(name for entry in manifest.components.values() for name in entry.files)}
+    tokenizer = set(manifest.tokenizer.files) if manifest.tokenizer is not None else set()
+    recorded = {(r.get("key"), r.get("file")) for r in manifest.engines}
+    cache = ort_cache.ownership(folder / ort_cache.BUNDLE_CACHE_DIR)
+    made = {ENGINES_DIR, ort_cache.BUNDLE_CACHE_DIR} | ({TOKENIZER_DIR} if tokenizer else set())
+
+    def engine_folder(key: str) -> bool:       # engine keys start with "<component>-"
+        return key.split("-", 1)[0] in manifest.components and "-" in key
+
+    def engine_file(key: str, name: str) -> bool:
+        component = key.split("-", 1)[0]
+        return name in (f"{component}.plan", f"{component}{RECORD_SUFFIX}") or (key, name) in recorded
+
+    def judge(parts: tuple[str, ...], is_dir: bool) -> Ownership:
+        head, rest = parts[0], parts[1:]
+        if head == ort_cache.BUNDLE_CACHE_DIR and rest:
+            return cache(rest, is_dir)
+        if is_dir:
+            made_here = (not rest and head in made) or (head == ENGINES_DIR and len(rest) == 1
+                                                          and engine_folder(rest[0]))
+            return Ownership.FOLDER if made_here else Ownership.FOREIGN
+        owned = ((not rest and head in top)
+                 or (head == TOKENIZER_DIR and len(rest) == 1 and rest[0] in tokenizer)
+                 or (head == ENGINES_DIR and rest == (TIMING_CACHE,))
+                 or (head == ENGINES_DIR and len(rest) == 2 and engine_file(*rest)))
+        return Ownership.WHOLE if owned else Ownership.FOREIGN
+    return judge
 
 
 def preset_source(name: str, seed: int = 0) -> ModelSource:
