@@ -52,7 +52,7 @@ WHITESPACE = frozenset(map(chr, (
 _WHITESPACE_CHAR = re.compile("[" + re.escape("".join(sorted(WHITESPACE))) + "]")
 # encode's windows, in characters per token of max_length: the first one holds every real prompt
 # (77 tokens: 1,232 characters), each next one is 4x larger, the last one is the read limit
-# (77 tokens: 19,712 characters, ~10 ms of `tokenizers` on the worst input measured).
+# (77 tokens: 19,712 characters; the worst input measured, one word of emoji, takes ~0.1 s there).
 FIRST_WINDOW_PER_TOKEN = 16
 READ_LIMIT_PER_TOKEN = 256
 # Tokens that end this close to a window's cut are not trusted: an added token may hold spaces,
