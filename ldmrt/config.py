@@ -196,9 +196,17 @@ ConditionerConfig = Union[ClipTextConfig, BertConfig, ClassEmbedderConfig]
 CONDITIONER_KINDS: dict[str, type] = {c.kind: c for c in (ClipTextConfig, BertConfig, ClassEmbedderConfig)}
 
 
+# The samplers ldmrt runs (ldmrt.runtime.samplers builds them); here so that a config can name one.
+SAMPLERS = ("ddim", "ddpm", "plms", "euler", "euler-a", "dpmpp-2m", "dpmpp-2m-karras", "lcm")
+# SchedulerConfig fields that configure sampling rather than the training schedule: where the
+# checkpoint leaves one unset, each sampler takes its own diffusers class's default for it.
+SAMPLER_FIELDS = ("timestep_spacing", "steps_offset", "clip_sample", "clip_sample_range",
+                  "set_alpha_to_one", "original_inference_steps", "timestep_scaling")
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """The training noise schedule, in diffusers' terms (what a scheduler/ config holds)."""
+    """The checkpoint's scheduler in diffusers' terms: training schedule, sampler settings, class."""
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
     beta_end: float = 0.012
@@ -208,13 +216,39 @@ class SchedulerConfig:
     steps_offset: int = 1
     clip_sample: bool = False
     set_alpha_to_one: bool = False
+    clip_sample_range: float = 1.0     # with clip_sample: the x0 estimate is clipped to [-r, r]
+    original_inference_steps: int = 50   # LCM: the schedule its steps are drawn from
+    timestep_scaling: float = 10.0     # LCM: time scale of the consistency boundary condition
     default_sampler: str = "ddim"      # the sampler of the checkpoint's own scheduler class
+    scheduler_class: str = ""          # the diffusers class the checkpoint names ("": none)
+    # SAMPLER_FIELDS the checkpoint did not set (its class's defaults filled in): another
+    # sampler takes its own class's defaults for these, as diffusers' from_config does.
+    defaulted_fields: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        _positive(self, "num_train_timesteps")
+        _positive(self, "num_train_timesteps", "original_inference_steps")
         if not 0 < self.beta_start < self.beta_end < 1:
             raise ConfigError(f"SchedulerConfig: expected 0 < beta_start < beta_end < 1, found "
                               f"beta_start={self.beta_start}, beta_end={self.beta_end}")
+        if not isinstance(self.steps_offset, int) or isinstance(self.steps_offset, bool) \
+                or not 0 <= self.steps_offset < self.num_train_timesteps:
+            raise ConfigError(f"SchedulerConfig.steps_offset: expected an integer in "
+                              f"[0, {self.num_train_timesteps}), found {self.steps_offset!r}")
+        if self.original_inference_steps > self.num_train_timesteps:
+            raise ConfigError(f"SchedulerConfig.original_inference_steps: expected at most "
+                              f"num_train_timesteps={self.num_train_timesteps}, found "
+                              f"{self.original_inference_steps}")
+        for name in ("clip_sample_range", "timestep_scaling"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ConfigError(f"SchedulerConfig.{name}: expected a finite number > 0, found {value!r}")
+        if self.default_sampler not in SAMPLERS:
+            raise ConfigError(f"SchedulerConfig.default_sampler: expected one of {list(SAMPLERS)}, "
+                              f"found {self.default_sampler!r}")
+        unknown = set(self.defaulted_fields) - set(SAMPLER_FIELDS)
+        if unknown:
+            raise ConfigError(f"SchedulerConfig.defaulted_fields: expected names from "
+                              f"{list(SAMPLER_FIELDS)}, found {sorted(unknown)}")
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from ldmrt.iospec import ShapeRanges
 from ldmrt.models import LatentDiffusion, build_model
 from ldmrt.models.convert import autoencoder_from_diffusers, clip_from_transformers, unet_from_diffusers
 from ldmrt.runtime.pipeline import GenerationRequest
+from ldmrt.runtime.samplers import scheduler_for
 from tests.families import FAMILIES
 from tests.reference import (DIFFUSERS_SCHEDULERS, diffusers_autoencoder, diffusers_unet, perturb_,
                              transformers_clip)
@@ -102,6 +103,7 @@ def diffusers_scheduler(name: str, config: SchedulerConfig):
     class_name, extra = SCHEDULERS[name]
     cls = getattr(diffusers, class_name)
     accepted = inspect.signature(cls.__init__).parameters
+    config = scheduler_for(name, config)       # the settings ldmrt's sampler runs with
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     fields = {k: (v.value if hasattr(v, "value") else v) for k, v in fields.items() if k in accepted}
     return cls(**fields, **extra)

@@ -242,13 +242,20 @@ def assert_tokenizer_matches(source, conditioner, oracle, folder: Path) -> str:
 
 # --- diffusers folders ----------------------------------------------------------------------
 
+def _unrecorded(schedule: SchedulerConfig) -> SchedulerConfig:
+    """The schedule without what records its origin (class, default sampler, unset fields)."""
+    return dataclasses.replace(schedule, scheduler_class="", default_sampler="ddim", defaulted_fields=())
+
+
 def test_sd1_diffusers_folder_matches_its_models(sd1, tmp_path) -> None:
     loaded = load_checkpoint(sd1.folder)
     assert loaded.family == Family.SD1 and loaded.format == "diffusers"
     assert "quick_gelu" in loaded.detected
     config = loaded.config
     assert config.unet == SD1.unet and config.autoencoder == SD1.ae and config.conditioner == SD1.clip
-    assert config.scheduler == SchedulerConfig()          # SD's PNDM config: scaled_linear, leading, offset 1
+    # SD's PNDM config: scaled_linear, leading, offset 1; its class's sampler is plms
+    assert _unrecorded(config.scheduler) == SchedulerConfig()
+    assert (config.scheduler.scheduler_class, config.scheduler.default_sampler) == ("PNDMScheduler", "plms")
     assert config.scale_factor == 0.18215 and config.default_image_size == 16 * 2
     assert_unet_matches(loaded.model, sd1.unet, SD1.unet)
     assert_autoencoder_matches(loaded.model, sd1.vae, SD1.ae)
@@ -266,8 +273,9 @@ def test_sd2_diffusers_folder_uses_the_last_of_the_layers_it_ships(sd2, tmp_path
     clip = loaded.config.conditioner
     assert (clip.num_hidden_layers, clip.layer, clip.pad_token_id) == (2, LayerChoice.LAST, 0)
     assert loaded.config.unet == SD2.unet
-    assert loaded.config.scheduler == SchedulerConfig(prediction_type=PredictionType.V_PREDICTION,
-                                                      timestep_spacing=TimestepSpacing.TRAILING)
+    assert _unrecorded(loaded.config.scheduler) == SchedulerConfig(
+        prediction_type=PredictionType.V_PREDICTION, timestep_spacing=TimestepSpacing.TRAILING)
+    assert loaded.config.scheduler.default_sampler == "ddim"
     assert_unet_matches(loaded.model, sd2.unet, SD2.unet)
     assert_autoencoder_matches(loaded.model, sd2.vae, SD2.ae)
     assert_text_matches(loaded.model, sd2.text_expected, SD2.clip.vocab_size)   # == penultimate of 3

@@ -10,8 +10,8 @@ One generic `step` then applies model evaluation i = 0 .. N-1:
               + C[i] * noise_i                                      noise_i ~ N(0, I)
 
 x are latents and m the (guided) model output for input `x_i * input_scale[i]` at
-`timesteps[i]`; terms before evaluation 0 are zero. `plan.history` is K: 1 for DDIM, DDPM,
-Euler, Euler ancestral and LCM, 2 for DPM++ 2M, 5 for PLMS. The P/Q/E path carries the x0
+`timesteps[i]`; terms before evaluation 0 are zero; r is `SchedulerConfig.clip_sample_range`.
+`plan.history` is K: 1 for DDIM, DDPM, Euler, Euler ancestral and LCM, 2 for DPM++ 2M, 5 for PLMS. The P/Q/E path carries the x0
 estimate when `SchedulerConfig.clip_sample` clips it (DDIM, DDPM, LCM); otherwise it is folded
 into A and B. The whole loop (`denoise` does exactly this):
 
@@ -22,18 +22,22 @@ into A and B. The whole loop (`denoise` does exactly this):
         m = unet(x * plan.input_scale[i], plan.timesteps[i], ...)   # + classifier-free guidance
         x = step(plan, i, x, m, history, rng.standard_normal(x.shape) if plan.needs_noise[i] else None)
 
+A sampler runs with `scheduler_for(name, scheduler)` (the checkpoint's settings; fields it left
+unset take the sampler's own class defaults, as diffusers' from_config) and at most
+`max_steps(name, scheduler)` steps (ldmrt.runtime.sampler_settings).
+
 Samplers and their diffusers oracle (configured from the same `SchedulerConfig`): ddim
 (DDIMScheduler, 0 <= eta <= 1), ddpm (DDPMScheduler, fixed_small), plms (PNDMScheduler with
 skip_prk_steps: steps + 1 evaluations, PNDM's warm-up evaluates the second timestep twice), euler
 (EulerDiscreteScheduler), euler-a (EulerAncestralDiscreteScheduler), dpmpp-2m
 (DPMSolverMultistepScheduler: dpmsolver++, order 2, midpoint, lower_order_final; the last update
 returns the x0 estimate), dpmpp-2m-karras (the same with Karras sigmas; timestep_spacing unused),
-lcm (LCMScheduler, original_inference_steps 50; the last update returns the denoised estimate;
-timestep_spacing unused).
+lcm (LCMScheduler with the config's original_inference_steps and timestep_scaling; the last
+update returns the denoised estimate; timestep_spacing unused).
 
 img2img follows diffusers' StableDiffusionImg2ImgPipeline: of `num_steps` steps the last
 int(num_steps * strength) run (LCM instead draws its steps from the first
-int(50 * strength) of its original schedule), and the start latents are
+int(original_inference_steps * strength) of its original schedule), and the start latents are
 `init_latent_coef * image_latents + init_noise_coef * noise` (diffusers' `add_noise` at the
 first kept timestep). txt2img starts from `noise * init_noise_sigma`.
 
@@ -41,25 +45,31 @@ Where this differs from diffusers: DDPM draws no noise where the posterior varia
 0 (diffusers clamps it to 1e-20 and adds 1e-10 * noise); scalar coefficients are evaluated in
 float64 where diffusers evaluates some in float32 (Euler and DPM also round the sample to float32
 in each step), so trajectories agree to about 1e-6 relative, not bit for bit; betas come from a
-float64 linspace rounded to float32, one ulp off torch's float32 linspace here and there.
-Not supported: thresholding, zero-terminal-SNR rescaling, learned variances, Euler churn.
+float64 linspace rounded to float32, one ulp off torch's float32 linspace here and there;
+trailing spacing has exactly num_steps timesteps (diffusers' float arange adds a timestep -1 for
+62 of the counts 1..1000). Not supported (refused at export, ldmrt/checkpoints/schedule.py):
+thresholding, zero-terminal-SNR rescaling, learned variances, Karras sigmas outside
+dpmpp-2m-karras, Euler churn.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
-from ldmrt.config import BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing
+from ldmrt.config import SAMPLERS, BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing
 from ldmrt.errors import ConfigError, GenerationError, LdmrtError, ShapeError
 
-SAMPLERS = ("ddim", "ddpm", "plms", "euler", "euler-a", "dpmpp-2m", "dpmpp-2m-karras", "lcm")
+from ldmrt.runtime.sampler_settings import (CLASS_SAMPLER_DEFAULTS, SAMPLER_CLASSES, is_integer, is_real,
+                                            max_steps, scheduler_for, step_limit)
+
+__all__ = ["SAMPLERS", "SAMPLER_CLASSES", "CLASS_SAMPLER_DEFAULTS", "SamplerPlan", "History", "make_plan",
+           "max_steps", "scheduler_for", "step", "denoise", "training_alphas_cumprod"]
+
 _CLIPPING_SAMPLERS = ("ddim", "ddpm", "lcm")   # those whose diffusers scheduler has clip_sample
-_CLIP_SAMPLE_RANGE = 1.0                      # diffusers' default clip_sample_range
-_LCM_ORIGINAL_STEPS = 50
-_LCM_TIMESTEP_SCALING = 10.0
 _LCM_SIGMA_DATA = 0.5
 _KARRAS_RHO = 7.0
 
@@ -246,8 +256,14 @@ def _spaced_timesteps(scheduler: SchedulerConfig, num_steps: int) -> np.ndarray:
     elif scheduler.timestep_spacing == TimestepSpacing.LEADING:
         timesteps = (np.arange(num_steps) * (n // num_steps))[::-1] + scheduler.steps_offset
     else:
-        timesteps = np.round(np.arange(n, 0, -n / num_steps)) - 1
+        timesteps = np.round(_trailing(n, num_steps)) - 1
     return timesteps.astype(np.int64)
+
+
+def _trailing(n: int, num_steps: int) -> np.ndarray:
+    """diffusers' trailing points n, n - n/N, ...: exactly N of them. (diffusers' float arange
+    yields an (N+1)-th point near 0, timestep -1, for 62 of the counts 1..1000 at n = 1000.)"""
+    return np.arange(n, 0, -n / num_steps)[:num_steps]
 
 
 def _vp(sigma: float) -> tuple[float, float]:
@@ -301,7 +317,6 @@ class _Context:
     num_steps: int
     eta: float
     strength: float
-    original_steps: int
     alphas_cumprod: np.ndarray     # float32 values
 
     @property
@@ -457,7 +472,7 @@ def _dpm_schedule(ctx: _Context, karras: bool) -> tuple[np.ndarray, list[float]]
     elif sched.timestep_spacing == TimestepSpacing.LEADING:
         timesteps = (np.arange(steps + 1) * (n // (steps + 1)))[::-1][:-1] + sched.steps_offset
     else:
-        timesteps = np.arange(n, 0, -n / steps).round() - 1
+        timesteps = _trailing(n, steps).round() - 1
     train_sigmas = _training_sigmas(ctx.alphas_cumprod)
     if karras:
         # Karras et al. 2022 eq. (5) between the training sigmas' ends, rho = 7.
@@ -504,17 +519,13 @@ def _dpmpp_2m(ctx: _Context, draft: _Draft, karras: bool) -> None:
 
 def _lcm(ctx: _Context, draft: _Draft) -> None:
     """Latent Consistency Model multistep sampling (Luo et al. 2023)."""
-    n, steps, original = ctx.scheduler.num_train_timesteps, ctx.num_steps, ctx.original_steps
-    available = int(original * ctx.strength)
-    if steps > original or available < steps:
-        raise GenerationError(
-            f"lcm: num_steps={steps} must be at most original_inference_steps * strength = "
-            f"{original} * {ctx.strength} (= {available}); use fewer steps or a higher strength")
+    n, steps, original = ctx.scheduler.num_train_timesteps, ctx.num_steps, ctx.scheduler.original_inference_steps
+    available = int(original * ctx.strength)         # >= steps: make_plan checked the limit
     origin = (np.arange(1, available + 1) * (n // original) - 1)[::-1]
     timesteps = origin[np.floor(np.linspace(0, len(origin), steps, endpoint=False)).astype(np.int64)]
     for i, t in enumerate(timesteps):
         a = ctx.alpha_bar(t)
-        scaled_t = t * _LCM_TIMESTEP_SCALING       # boundary conditions c_skip(0)=1, c_out(0)=0
+        scaled_t = t * ctx.scheduler.timestep_scaling     # boundary conditions c_skip(0)=1, c_out(0)=0
         c_skip = _LCM_SIGMA_DATA ** 2 / (scaled_t ** 2 + _LCM_SIGMA_DATA ** 2)
         c_out = scaled_t / math.sqrt(scaled_t ** 2 + _LCM_SIGMA_DATA ** 2)
         x0, _ = _x0_and_eps(ctx.prediction, _x(i), _m(i), math.sqrt(a), math.sqrt(1 - a))
@@ -544,33 +555,39 @@ assert tuple(_BUILDERS) == SAMPLERS
 
 def make_plan(name: str, scheduler: SchedulerConfig, num_steps: int, *, eta: float = 0.0,
               strength: float = 1.0, original_inference_steps: int | None = None) -> SamplerPlan:
-    """The coefficient tables of sampler `name` for `num_steps` steps (img2img when strength < 1)."""
-    if name not in _BUILDERS:
-        raise ConfigError(f"unknown sampler {name!r}; expected one of {list(SAMPLERS)}")
-    if not isinstance(scheduler, SchedulerConfig):
-        raise ConfigError(f"make_plan: expected a SchedulerConfig, found {type(scheduler).__name__}")
-    _check_enums(scheduler)
-    n = scheduler.num_train_timesteps
-    if not _is_count(num_steps, n):
-        raise GenerationError(f"num_steps: expected an integer in [1, {n}] (num_train_timesteps), "
-                              f"found {num_steps!r}")
-    if not _is_real(eta) or not 0.0 <= eta <= 1.0:
-        raise GenerationError(f"eta: expected a number in [0, 1] (0: DDIM, 1: DDPM-like noise), "
-                              f"found {eta!r}")
+    """The coefficient tables of sampler `name` for `num_steps` steps (img2img when strength < 1).
+
+    Runs `name` with `scheduler_for(name, scheduler)`; num_steps at most `max_steps` (else a
+    GenerationError with field "steps" that states the rule).
+    """
+    config = scheduler_for(name, scheduler)
+    n = config.num_train_timesteps
+    if not is_integer(num_steps) or num_steps < 1:
+        raise GenerationError(f"steps {num_steps!r}: expected an integer >= 1", field="steps")
+    if not is_real(eta) or not 0.0 <= eta <= 1.0:
+        raise GenerationError(f"eta {eta!r}: expected a number in [0, 1] (0: DDIM, 1: DDPM-like "
+                              f"noise)", field="eta")
     if eta and name != "ddim":
-        raise GenerationError(f"eta={eta}: only the ddim sampler has an eta; sampler {name!r} "
-                              f"takes eta=0 (use euler-a or ddpm for ancestral sampling)")
-    if not _is_real(strength) or not 0.0 < strength <= 1.0:
-        raise GenerationError(f"strength: expected a number in (0, 1], found {strength!r}")
-    if original_inference_steps is not None and name != "lcm":
-        raise GenerationError(f"original_inference_steps applies to the lcm sampler only, not {name!r}")
-    original = _LCM_ORIGINAL_STEPS if original_inference_steps is None else original_inference_steps
-    if not _is_count(original, n):
-        raise GenerationError(f"original_inference_steps: expected an integer in [1, {n}], "
-                              f"found {original!r}")
-    ctx = _Context(scheduler, int(num_steps), float(eta), float(strength), int(original),
-                   training_alphas_cumprod(scheduler))
-    draft = _Draft(clip=scheduler.clip_sample and name in _CLIPPING_SAMPLERS)
+        raise GenerationError(f"eta {eta}: only the ddim sampler has an eta; sampler {name!r} "
+                              f"takes eta=0 (use euler-a or ddpm for ancestral sampling)", field="eta")
+    if not is_real(strength) or not 0.0 < strength <= 1.0:
+        raise GenerationError(f"strength {strength!r}: expected a number in (0, 1]", field="strength")
+    if original_inference_steps is not None:
+        if name != "lcm":
+            raise GenerationError(f"original_inference_steps applies to the lcm sampler only, not "
+                                  f"{name!r}", field="original_inference_steps")
+        if not is_integer(original_inference_steps) or not 1 <= original_inference_steps <= n:
+            raise GenerationError(f"original_inference_steps {original_inference_steps!r}: expected "
+                                  f"an integer in [1, {n}] (num_train_timesteps)",
+                                  field="original_inference_steps")
+        config = dataclasses.replace(config, original_inference_steps=int(original_inference_steps))
+    limit, rule = step_limit(name, config, float(strength))
+    if num_steps > limit:
+        raise GenerationError(f"steps {num_steps}: the {name!r} sampler takes at most {limit} steps "
+                              f"here ({rule}); use at most {limit} steps", field="steps")
+    ctx = _Context(config, int(num_steps), float(eta), float(strength),
+                   training_alphas_cumprod(config))
+    draft = _Draft(clip=config.clip_sample and name in _CLIPPING_SAMPLERS)
     try:
         _BUILDERS[name](ctx, draft)
     except (ArithmeticError, ValueError) as exc:
@@ -585,24 +602,6 @@ def _degenerate(name: str, ctx: _Context) -> ConfigError:
     return ConfigError(f"sampler {name!r}: the {spacing!r} schedule for "
                        f"{ctx.num_steps} steps repeats timesteps, which leaves non-finite "
                        f"coefficients; use fewer steps or another timestep_spacing")
-
-
-def _check_enums(scheduler: SchedulerConfig) -> None:
-    for name, enum_type in (("beta_schedule", BetaSchedule), ("prediction_type", PredictionType),
-                            ("timestep_spacing", TimestepSpacing)):
-        value = getattr(scheduler, name)
-        if value not in set(enum_type):
-            raise ConfigError(f"SchedulerConfig.{name}: expected one of "
-                              f"{[e.value for e in enum_type]}, found {value!r}")
-
-
-def _is_count(value: object, most: int) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 1 <= value <= most
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
-        and not math.isnan(value)
 
 
 def _assemble(name: str, ctx: _Context, draft: _Draft) -> SamplerPlan:
@@ -635,6 +634,6 @@ def _assemble(name: str, ctx: _Context, draft: _Draft) -> SamplerPlan:
     return SamplerPlan(
         name=name, prediction_type=PredictionType(ctx.prediction), num_steps=ctx.num_steps,
         strength=ctx.strength, eta=ctx.eta, start_step=draft.start_step,
-        clip_range=_CLIP_SAMPLE_RANGE if draft.clip else None,
+        clip_range=float(ctx.scheduler.clip_sample_range) if draft.clip else None,
         init_noise_sigma=float(draft.init_noise_sigma), init_latent_coef=float(draft.init_latent_coef),
         init_noise_coef=float(draft.init_noise_coef), **tables)
