@@ -260,3 +260,16 @@ def test_invalid_unicode_is_a_typed_error(tiny_tokenizer):
     ours, _ = tiny_tokenizer
     with pytest.raises(GenerationError, match=r"prompt 1 holds a lone surrogate U\+D800 at character 2"):
         ours.encode(["fine", "ab\ud800cd"])
+
+
+def test_manifest_tokenizer_entry_must_list_what_load_tokenizer_reads():
+    from ldmrt.manifest import TokenizerEntry
+
+    digest = "a" * 64
+    assert TokenizerEntry.from_dict({"kind": "clip", "files": {"tokenizer.json": digest}}).files
+    assert TokenizerEntry.from_dict({"kind": "clip", "files": {"vocab.json": digest, "merges.txt": digest}})
+    assert TokenizerEntry.from_dict({"kind": "wordpiece", "files": {"vocab.txt": digest}})
+    for kind, files in (("clip", {"vocab.json": digest}), ("wordpiece", {"vocab.json": digest, "merges.txt": digest}),
+                        ("clip", {"notes.txt": digest})):
+        with pytest.raises(BundleError, match="tokenizer.files.*tokenizer.json"):
+            TokenizerEntry.from_dict({"kind": kind, "files": files})
