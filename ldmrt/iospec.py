@@ -9,15 +9,17 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, NoReturn, Sequence
 
 import numpy as np
 
 from ldmrt.config import AutoencoderKind, ModelConfig
-from ldmrt.errors import ConfigError, ShapeError
+from ldmrt.errors import BundleError, ConfigError, ShapeError
 
 Dim = int | str
 _DIM = re.compile(r"^(?:(\d+)\*)?([a-z_]+)$")
+TENSOR_DTYPES = ("float32", "float16", "bfloat16", "int32")   # every dtype a spec tensor may have
+_RE_EXPORT = "the manifest does not describe this graph: re-export the bundle with `ldmrt export`"
 
 
 class Precision(str, enum.Enum):
@@ -39,13 +41,21 @@ class Component(str, enum.Enum):
 
 
 def parse_dim(dim: Dim) -> tuple[int, str | None]:
-    """(factor, symbol) of a dimension; (value, None) for a fixed one."""
+    """(factor, symbol) of a dimension; (value, None) for a fixed one. Sizes and factors are >= 1:
+    a zero would make every resolved shape empty."""
     if isinstance(dim, int) and not isinstance(dim, bool):
+        if dim < 1:
+            raise ConfigError(f"dimension {dim!r}: expected a size >= 1")
         return dim, None
     match = _DIM.match(dim) if isinstance(dim, str) else None
-    if not match:
-        raise ConfigError(f"dimension {dim!r}: expected an int, 'symbol' or 'k*symbol'")
+    if not match or int(match.group(1) or 1) < 1:
+        raise ConfigError(f"dimension {dim!r}: expected an int >= 1, 'symbol' or 'k*symbol' with k >= 1")
     return int(match.group(1) or 1), match.group(2)
+
+
+def same_dim(a: Dim, b: Dim) -> bool:
+    """Whether two dims mean the same ('1*batch' is 'batch')."""
+    return parse_dim(a) == parse_dim(b)
 
 
 def resolve_dim(dim: Dim, values: Mapping[str, int]) -> int:
@@ -70,7 +80,19 @@ class TensorSpec:
         shape = tuple(data["shape"])
         for dim in shape:
             parse_dim(dim)
+        if data["dtype"] not in TENSOR_DTYPES:
+            raise ConfigError(f"{data['name']}: dtype {data['dtype']!r}: expected one of {list(TENSOR_DTYPES)}")
         return cls(name=str(data["name"]), dtype=str(data["dtype"]), shape=shape)
+
+
+@dataclass(frozen=True)
+class GraphTensor:
+    """A tensor as a loaded graph or engine declares it. A dim is an int (static), a symbol name
+    (an ONNX dim_param such as '8*latent_height') or None (dynamic, unnamed); `shape` is None
+    where the graph states no shape at all."""
+    name: str
+    dtype: str                    # numpy name, as in TensorSpec
+    shape: tuple[int | str | None, ...] | None
 
 
 @dataclass(frozen=True)
@@ -137,6 +159,58 @@ class ComponentSpec:
                 raise ShapeError(f"{self.name}: {symbol}={value} is outside the built range "
                                  f"[{lo}, {hi}]; re-export with a wider range")
         return values
+
+    def check_graph(self, inputs: Sequence[GraphTensor], outputs: Sequence[GraphTensor],
+                    graph: str) -> None:
+        """The loaded `graph`'s inputs and outputs against the spec, before any run: the same names,
+        dtypes and ranks; a static dim where the spec has one, a symbolic dim where the spec has a
+        symbol (and, where the graph names it, the same expression). BundleError on any difference.
+        Dims the graph leaves unnamed are checked on each output at run time (`check_output`)."""
+        def fail(what: str, declared: Any, found: Any) -> NoReturn:
+            raise BundleError(f"{self.name} graph {graph}: {what}: the manifest declares {declared}, "
+                              f"the graph has {found}; {_RE_EXPORT}")
+
+        for group, tensors, found in (("inputs", self.inputs, inputs), ("outputs", self.outputs, outputs)):
+            names = [t.name for t in found]
+            if sorted(names) != sorted(t.name for t in tensors):
+                fail(group, [t.name for t in tensors], names)
+            by_name = {t.name: t for t in found}
+            for tensor in tensors:
+                self._check_graph_tensor(tensor, by_name[tensor.name], f"{group[:-1]} {tensor.name}", fail)
+
+    def _check_graph_tensor(self, tensor: TensorSpec, found: GraphTensor, what: str, fail) -> None:
+        if found.dtype != tensor.dtype:
+            fail(f"{what} dtype", tensor.dtype, found.dtype)
+        if found.shape is None:
+            return
+        if len(found.shape) != len(tensor.shape):
+            fail(f"{what} rank", f"{len(tensor.shape)} dims {list(tensor.shape)}",
+                 f"{len(found.shape)} dims {list(found.shape)}")
+        for axis, (dim, graph_dim) in enumerate(zip(tensor.shape, found.shape)):
+            factor, symbol = parse_dim(dim)
+            if graph_dim is None or (isinstance(graph_dim, str) and not _DIM.match(graph_dim)):
+                continue                  # unnamed (exporters invent such names): checked at run time
+            if symbol is None:
+                declared, ok = dim, graph_dim == factor
+            else:
+                lo, _, hi = self.ranges[symbol]
+                declared = f"{dim!r} ({symbol} {lo}..{hi})"
+                # A static graph dim serves a symbol only when the symbol's range is one value.
+                ok = same_dim(dim, graph_dim) if isinstance(graph_dim, str) else lo == hi and graph_dim == factor * lo
+            if not ok:
+                fail(f"{what} axis {axis}", declared, repr(graph_dim) if isinstance(graph_dim, str) else graph_dim)
+
+    def check_output(self, name: str, array: np.ndarray, values: Mapping[str, int]) -> np.ndarray:
+        """An output as the graph returned it, against the spec resolved with the inputs' symbol
+        `values` (from `bind`): BundleError when its shape or dtype differs, never a wrong-size image."""
+        tensor = next(t for t in self.outputs if t.name == name)
+        expected = tensor.resolve(values)
+        if tuple(array.shape) != expected or str(array.dtype) != tensor.dtype:
+            raise BundleError(f"{self.name}.{name}: the graph returned shape {list(array.shape)} dtype "
+                              f"{array.dtype}; the manifest declares {list(tensor.shape)} "
+                              f"{tensor.dtype}, that is {list(expected)} for these inputs "
+                              f"({dict(values)}); {_RE_EXPORT}")
+        return array
 
     def to_dict(self) -> dict[str, Any]:
         return {"inputs": [t.to_dict() for t in self.inputs],

@@ -18,8 +18,8 @@ from typing import Any, Iterable, Mapping, NoReturn, Sequence
 
 from ldmrt.atomic import atomic_write
 from ldmrt.config import Family, ModelConfig
-from ldmrt.errors import BundleError, LdmrtError
-from ldmrt.iospec import ComponentSpec, Precision, ShapeRanges
+from ldmrt.errors import BundleError, ConfigError, LdmrtError
+from ldmrt.iospec import TENSOR_DTYPES, ComponentSpec, Precision, ShapeRanges, component_specs, parse_dim
 
 SCHEMA_VERSION = 1
 LDMRT_VERSION = "0.1.0"  # the package version written into new manifests
@@ -33,6 +33,10 @@ MAX_MANIFEST_BYTES = 16 * 2**20   # real manifests are a few kB; refuse to parse
 MAX_DEPTH = 32                    # real manifests nest < 10 levels
 MAX_INT = 2**63 - 1               # every count, size and dimension fits an int64
 MAX_STRING = 4096
+# Shape ranges bound what a default request allocates (the opt size) and what engines are built
+# for: 16384 px is 4x the largest image any supported model was trained near; 1024 images per call.
+MAX_IMAGE_SIDE = 16384
+MAX_BATCH = 1024
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _COMPONENT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
@@ -482,16 +486,17 @@ class _Reader:
             self.fail(where, "true or false", value)
         return value
 
-    def integer(self, value: Any, where: str, minimum: int = 0) -> int:
-        if type(value) is not int or not minimum <= value <= MAX_INT:
-            self.fail(where, f"an integer >= {minimum}", value)
+    def integer(self, value: Any, where: str, minimum: int = 0, maximum: int = MAX_INT) -> int:
+        if type(value) is not int or not minimum <= value <= maximum:
+            self.fail(where, f"an integer >= {minimum}" if maximum == MAX_INT else
+                      f"an integer in [{minimum}, {maximum}]", value)
         return value
 
-    def number(self, value: Any, where: str) -> float:
-        """A finite number >= 0 (integers are accepted and become floats)."""
+    def number(self, value: Any, where: str, positive: bool = False) -> float:
+        """A finite number >= 0, or > 0 if `positive` (integers are accepted and become floats)."""
         if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or not math.isfinite(value) or value < 0:
-            self.fail(where, "a finite number >= 0", value)
+                or not math.isfinite(value) or value < 0 or (positive and value == 0):
+            self.fail(where, f"a finite number {'>' if positive else '>='} 0", value)
         return float(value)
 
     def sha256(self, value: Any, where: str) -> str:
@@ -551,18 +556,25 @@ def _parse_manifest(reader: _Reader, data: Any) -> Manifest:
     reader.choice(data["family"], "family", [f.value for f in Family])
     if data["family"] != config.family.value:
         reader.fail("family", f"{config.family.value!r}, the family of config", data["family"])
-    scale = reader.number(data["latent_scale"], "latent_scale")
+    # The runtime divides the latents by it before decoding: 0 or a negative flips or blows them up.
+    scale = reader.number(data["latent_scale"], "latent_scale", positive=True)
     if scale != config.scale_factor:
         reader.fail("latent_scale", f"{config.scale_factor}, the scale_factor of config", scale)
     precision = Precision(reader.choice(data["precision"], "precision", [p.value for p in Precision]))
 
+    # The runtime applies DEFAULT_POSTPROCESS and nothing else: another expression would be ignored.
     postprocess = reader.mapping(data["postprocess"], "postprocess", minimum=1)
     for key, expression in postprocess.items():
-        reader.string(key, "postprocess", _TENSOR_NAME, "output names as keys")
-        reader.string(expression, _join("postprocess", key), expected="an expression string")
+        if key not in DEFAULT_POSTPROCESS:
+            reader.fail("postprocess", f"only the outputs {list(DEFAULT_POSTPROCESS)} as keys (the "
+                                       f"runtime post-processes nothing else)", key)
+        if expression != DEFAULT_POSTPROCESS[key]:
+            reader.fail(_join("postprocess", key), f"{DEFAULT_POSTPROCESS[key]!r}, the expression "
+                                                   f"the runtime applies", expression)
 
     ranges_data = reader.record(data["shape_ranges"], "shape_ranges", _SHAPE_RANGE_KEYS)
-    ranges = ShapeRanges(**{key: reader.integer(ranges_data[key], _join("shape_ranges", key), 1)
+    ranges = ShapeRanges(**{key: reader.integer(ranges_data[key], _join("shape_ranges", key), 1,
+                                                MAX_BATCH if key.endswith("batch") else MAX_IMAGE_SIDE)
                             for key in _SHAPE_RANGE_KEYS})
     reader.foreign(lambda: (ranges.latent_range(config.downsampling_factor),
                             ranges.batch_range(guided=False)),
@@ -582,6 +594,7 @@ def _parse_manifest(reader: _Reader, data: Any) -> Manifest:
                             f"a file no other component lists (components.{owner[file]} has it)", file)
             owner[file] = name
         components[name] = entry
+    _check_against_config(reader, config, ranges, precision, components)
 
     tokenizer = None if data["tokenizer"] is None else \
         _parse_tokenizer(reader, data["tokenizer"], "tokenizer")
@@ -640,12 +653,11 @@ def _parse_io(reader: _Reader, name: str, data: Any, where: str) -> ComponentSpe
             if tensor_name in seen:
                 reader.fail(_join(at, "name"), "a name no other tensor of this component has", tensor_name)
             seen.add(tensor_name)
-            reader.string(tensor["dtype"], _join(at, "dtype"), re.compile(r"^[a-z][a-z0-9]{0,15}$"),
-                          "a numpy dtype name such as 'float32'")
+            reader.choice(tensor["dtype"], _join(at, "dtype"), TENSOR_DTYPES)
             for axis, dim in enumerate(reader.sequence(tensor["shape"], _join(at, "shape"))):
-                if not (type(dim) is int and 0 <= dim <= MAX_INT or isinstance(dim, str)):
+                if not _is_dim(dim):
                     reader.fail(_join(_join(at, "shape"), axis),
-                                "a size >= 0 or a symbol such as 'batch' or '8*latent_height'", dim)
+                                "a size >= 1 or a symbol such as 'batch' or '8*latent_height'", dim)
     ranges = reader.mapping(data["ranges"], _join(where, "ranges"))
     for symbol, triple in ranges.items():
         reader.string(symbol, _join(where, "ranges"), _SYMBOL, "symbol names of lowercase letters and '_'")
@@ -656,6 +668,58 @@ def _parse_io(reader: _Reader, name: str, data: Any, where: str) -> ComponentSpe
             reader.integer(value, at, 1)
     return reader.foreign(lambda: ComponentSpec.from_dict(name, data), where,
                           "a consistent I/O spec")
+
+
+def _is_dim(value: Any) -> bool:
+    if not (type(value) is int and value <= MAX_INT or type(value) is str):
+        return False
+    try:
+        parse_dim(value)
+    except ConfigError:
+        return False
+    return True
+
+
+_DERIVED = "(what config and shape_ranges give at this precision)"
+
+
+def _check_against_config(reader: _Reader, config: ModelConfig, ranges: ShapeRanges,
+                          precision: Precision, components: Mapping[str, ComponentEntry]) -> None:
+    """Every component's I/O must be the spec ldmrt derives from the manifest's own config, shape
+    ranges and precision, as export wrote it: then the text width, latent channels and latent
+    factor the runtime takes from config are the ones the graphs are declared with (and the
+    graphs are checked against those declarations at load)."""
+    for name, entry in components.items():
+        if entry.dtype not in (precision.dtype, "float32"):   # float32: e.g. --fp32-vae-decoder
+            reader.fail(_join(_join("components", name), "dtype"),
+                        f"{precision.dtype!r} (precision {precision.value}) or 'float32'", entry.dtype)
+    fp32 = frozenset(name for name, entry in components.items() if entry.dtype == "float32")
+    derived = reader.foreign(lambda: component_specs(config, ranges, precision, fp32), "config",
+                             "a model configuration ldmrt can derive component I/O from")
+    for name, entry in components.items():
+        if name not in derived:
+            reader.fail("components", f"the components of this model (some of {list(derived)})", name)
+        _compare_specs(reader, derived[name], entry.spec, _join(_join("components", name), "io"))
+
+
+def _compare_specs(reader: _Reader, expected: ComponentSpec, found: ComponentSpec, where: str) -> None:
+    for group in ("inputs", "outputs"):
+        want, have, at = getattr(expected, group), getattr(found, group), _join(where, group)
+        if len(want) != len(have):
+            raise reader.error(at, f"the tensors {[t.name for t in want]} {_DERIVED}",
+                               repr([t.name for t in have]))
+        for index, (a, b) in enumerate(zip(want, have)):
+            for key in ("name", "dtype", "shape"):
+                x, y = getattr(a, key), getattr(b, key)
+                x, y = (list(x), list(y)) if key == "shape" else (x, y)
+                if x != y:
+                    raise reader.error(_join(_join(at, index), key), f"{x!r} {_DERIVED}", repr(y))
+    at = _join(where, "ranges")
+    if sorted(expected.ranges) != sorted(found.ranges):
+        raise reader.error(at, f"ranges of {sorted(expected.ranges)} {_DERIVED}", repr(sorted(found.ranges)))
+    for symbol, triple in expected.ranges.items():
+        if list(triple) != list(found.ranges[symbol]):
+            raise reader.error(_join(at, symbol), f"{list(triple)} {_DERIVED}", repr(list(found.ranges[symbol])))
 
 
 def _parse_parity(reader: _Reader, data: Any, where: str) -> ParityRecord:

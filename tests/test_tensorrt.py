@@ -457,6 +457,11 @@ class FakeEngine:
     def get_tensor_profile_shape(self, name, index):
         return [list(s) for s in self.profiles[index][name]]
 
+    def get_tensor_shape(self, name):
+        """As TensorRT: the network's declared shape, -1 where a profile lets the dim vary."""
+        lo, _, hi = self.profiles[0]["sample" if name == "model_output" else name]
+        return [a if a == b else -1 for a, b in zip(lo, hi)]
+
     def create_execution_context(self):
         context = FakeContext(self)
         self.contexts.append(context)

@@ -11,11 +11,16 @@ from typing import Mapping
 import numpy as np
 
 from ldmrt.engines.ort_cache import GraphCache, cache_folder, create_session, discard, entry_folder, lookup
-from ldmrt.errors import BackendUnavailableError, BundleError, ShapeError
-from ldmrt.iospec import ComponentSpec
+from ldmrt.errors import BackendUnavailableError, BundleError
+from ldmrt.iospec import ComponentSpec, GraphTensor
 from ldmrt.manifest import Manifest
 
 log = logging.getLogger(__name__)
+
+# ONNX Runtime's type strings -> numpy names (as in TensorSpec.dtype)
+_ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
+               "tensor(int32)": "int32", "tensor(int64)": "int64", "tensor(double)": "float64",
+               "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
 
 
 def _import_onnxruntime():
@@ -45,15 +50,22 @@ class OnnxRuntimeRunner:
         except Exception as exc:
             raise BackendUnavailableError(f"onnxruntime could not load {path.name}: {exc}") from exc
         self.output = spec.outputs[0].name
-        graph_inputs = {i.name for i in self.session.get_inputs()}
-        expected = {t.name for t in spec.inputs}
-        if graph_inputs != expected:
-            raise ShapeError(f"{path.name}: graph inputs {sorted(graph_inputs)} differ from the "
-                             f"manifest spec {sorted(expected)}")
+        # Here, not in ort_cache: every session (from the source graph or a cached rewrite) passes.
+        spec.check_graph(_graph_tensors(self.session.get_inputs()),
+                         _graph_tensors(self.session.get_outputs()), str(path))
 
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
-        self.spec.bind(inputs)
-        return self.session.run([self.output], dict(inputs))[0]
+        values = self.spec.bind(inputs)
+        output = self.session.run([self.output], dict(inputs))[0]
+        return self.spec.check_output(self.output, output, values)
+
+
+def _graph_tensors(args) -> list[GraphTensor]:
+    """A session's NodeArgs as GraphTensors: ORT gives ints, dim_param names, or None per dim.
+    An empty shape is taken as unstated: every spec tensor has at least one dim."""
+    return [GraphTensor(arg.name, _ORT_DTYPES.get(arg.type, arg.type),
+                        tuple(d if isinstance(d, (int, str)) else None for d in arg.shape) or None)
+            for arg in args]
 
 
 def open_onnxruntime(bundle: Path, manifest: Manifest, components: tuple[str, ...], *,

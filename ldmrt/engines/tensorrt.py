@@ -22,6 +22,7 @@ from ldmrt.engines import trt_api
 from ldmrt.engines.trt_api import TrtApi
 from ldmrt.errors import (BackendUnavailableError, CorruptEngineError, LdmrtError, ShapeError,
                           StaleEngineError)
+from ldmrt.iospec import ComponentSpec, GraphTensor
 
 log = logging.getLogger(__name__)
 
@@ -301,6 +302,10 @@ class TensorInfo:
     name: str
     dtype: str                                  # numpy name
     profiles: tuple[tuple[Shape, Shape, Shape], ...] = ()   # inputs: (min, opt, max) per profile
+    shape: Shape = ()                           # as the network declares it: -1 where dynamic
+
+    def graph_tensor(self) -> GraphTensor:
+        return GraphTensor(self.name, self.dtype, tuple(None if d < 0 else d for d in self.shape))
 
 
 def engine_io(engine: Any, api: TrtApi) -> tuple[list[TensorInfo], list[TensorInfo]]:
@@ -310,13 +315,14 @@ def engine_io(engine: Any, api: TrtApi) -> tuple[list[TensorInfo], list[TensorIn
     for index in range(engine.num_io_tensors):
         name = engine.get_tensor_name(index)
         dtype = trt_api.numpy_dtype_name(engine.get_tensor_dtype(name))
+        shape = tuple(int(d) for d in engine.get_tensor_shape(name))
         if engine.get_tensor_mode(name) == api.module.TensorIOMode.INPUT:
             profiles = tuple(tuple(tuple(int(d) for d in s) for s in
                                    engine.get_tensor_profile_shape(name, p))
                              for p in range(n_profiles))
-            inputs.append(TensorInfo(name, dtype, profiles))  # type: ignore[arg-type]
+            inputs.append(TensorInfo(name, dtype, profiles, shape))  # type: ignore[arg-type]
         else:
-            outputs.append(TensorInfo(name, dtype))
+            outputs.append(TensorInfo(name, dtype, shape=shape))
     return inputs, outputs
 
 
@@ -540,13 +546,15 @@ class TensorRTRunner:
 class _ComponentEngine:
     """A component's engine behind the pipeline's runner interface (first output as numpy)."""
 
-    def __init__(self, spec: Any, runner: TensorRTRunner) -> None:
+    def __init__(self, spec: ComponentSpec, runner: TensorRTRunner) -> None:
         self.spec, self.runner = spec, runner
         self.output = spec.outputs[0].name
+        spec.check_graph([t.graph_tensor() for t in runner.inputs],
+                         [t.graph_tensor() for t in runner.outputs], f"{runner.name} engine")
 
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
-        self.spec.bind(inputs)
-        return self.runner.run(inputs)[self.output]
+        values = self.spec.bind(inputs)
+        return self.spec.check_output(self.output, self.runner.run(inputs)[self.output], values)
 
 
 def open_tensorrt(bundle: Path, manifest: Any, components: Sequence[str], *, backend: str = "tensorrt",
