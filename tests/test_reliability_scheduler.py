@@ -295,3 +295,57 @@ def test_bad_scheduler_values_are_config_errors(field, value):
     from ldmrt.errors import ConfigError
     with pytest.raises(ConfigError, match=f"SchedulerConfig.{field}"):
         SchedulerConfig(**{field: value})
+
+
+# --- row 6 end to end: export a diffusers folder, generate with its own scheduler ---------------
+
+@pytest.fixture(scope="module")
+def euler_v_trailing_bundle(tmp_path_factory):
+    """A diffusers SD folder whose scheduler is Euler, v-prediction, trailing; and its ldmrt bundle."""
+    import transformers
+
+    from ldmrt.checkpoints import checkpoint_source
+    from ldmrt.export.bundle import ExportOptions, export_bundle
+    from ldmrt.runtime.tokenizer import write_synthetic_clip_assets
+    from tests.pipeline_reference import GOLDEN_CONFIGS, GOLDEN_RANGES, golden_model
+
+    root = tmp_path_factory.mktemp("euler-v-trailing")
+    config = GOLDEN_CONFIGS["sd1"]
+    model = golden_model(config, seed=3)
+    write_synthetic_clip_assets(root / "assets", config.conditioner.vocab_size)
+    scheduler = diffusers.EulerDiscreteScheduler(**FOLDERS["euler-v-trailing"][1])
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(root / "assets",
+                                                           model_max_length=config.conditioner.max_length)
+    diffusers.StableDiffusionPipeline(
+        vae=model.vae, text_encoder=model.text_encoder, unet=model.unet, scheduler=scheduler,
+        tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False).save_pretrained(root / "folder")
+    bundle = export_bundle(checkpoint_source(root / "folder"), root / "bundle",
+                           ExportOptions(shape_ranges=GOLDEN_RANGES)).path
+    return root / "folder", bundle
+
+
+def test_an_exported_folder_runs_its_own_scheduler_by_default(euler_v_trailing_bundle):
+    from ldmrt.manifest import load_manifest
+    from ldmrt.runtime.pipeline import GenerationRequest, Pipeline
+    from tests.pipeline_reference import StepNoiseRecorder, run_reference
+
+    folder, bundle = euler_v_trailing_bundle
+    recorded = load_manifest(bundle).config.scheduler
+    assert (recorded.scheduler_class, recorded.default_sampler) == ("EulerDiscreteScheduler", "euler")
+    assert (recorded.prediction_type, recorded.timestep_spacing) == (PredictionType.V_PREDICTION,
+                                                                     TimestepSpacing.TRAILING)
+    pipeline = Pipeline.load(bundle, "onnxruntime", threads=1)
+    latents = np.random.default_rng(4).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    request = GenerationRequest(prompt="a red cat", negative_prompt="blurry", steps=5, guidance=7.5,
+                                height=32, width=32, latents=latents)
+    with StepNoiseRecorder() as recorder:
+        found = pipeline.generate(request)                    # sampler=None: the bundle's default
+    own = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None,
+                                                            requires_safety_checker=False)
+    own.set_progress_bar_config(disable=True)
+    assert type(own.scheduler).__name__ == "EulerDiscreteScheduler"
+    expected = run_reference(own, request, recorder.noises)
+    assert np.abs(found.images - expected).mean() <= 1 / 255       # design.md ladder 5
+    ddim = pipeline.generate(dataclasses.replace(request, sampler="ddim"))     # what ran before
+    assert np.abs(ddim.images - expected).mean() > 4 / 255, "the default sampler made no difference"
