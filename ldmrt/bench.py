@@ -17,9 +17,11 @@ contender cannot tell from a real difference.
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
 import platform
+import re
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -29,9 +31,18 @@ from typing import Any, Callable
 import numpy as np
 
 from ldmrt.atomic import atomic_write
-from ldmrt.errors import ConfigError
+from ldmrt.engines import trt_api
+from ldmrt.engines.backend import Backend, names
+from ldmrt.errors import BackendUnavailableError, ConfigError
+from ldmrt.writable import check_folder_writable
 
 SCHEMA = "ldmrt-bench/1"
+BASELINES = ("torch-eager", "diffusers")       # contenders that are not ldmrt backends
+# A report ldmrt wrote names its schema first thing ("ldmrt-bench/1", "ldmrt-cpu-speed/1",
+# "ldmrt.triton_load/1"); only such a file is replaced. Reports are kilobytes: a bigger file is
+# not read (the check's cost stays bounded) and is not one.
+_REPORT_SCHEMA = re.compile(r"ldmrt[-.][A-Za-z0-9_.-]+/[0-9]+")
+REPORT_MAX_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,109 @@ class BenchOptions:
     device: str = "cpu"
     threads: int | None = None
     rounds: int = 1                # fresh processes per contender, interleaved
+
+
+# --- options, checked before any process starts ------------------------------------------------
+
+def parse_contenders(text: str, *, baselines: bool) -> tuple[str, ...]:
+    """A comma list of ldmrt backends (`backend`, at least one, any case) or of baselines
+    (`compare`, '' for none); ConfigError naming the field for an unknown or repeated name."""
+    field = "compare" if baselines else "backend"
+    items = [item.strip() for item in text.split(",")] if text.strip() else []
+    if not items and not baselines:
+        raise ConfigError(f"backend {text!r}: expected at least one of {names(Backend)}", field=field)
+    chosen: list[str] = []
+    for item in items:
+        if not baselines:
+            name = Backend.parse(item, field=field).value
+        elif item.lower() in BASELINES:
+            name = item.lower()
+        else:
+            raise ConfigError(f"compare {item!r}: expected a comma list of {', '.join(BASELINES)} "
+                              f"('' for none)", field=field)
+        if name in chosen:
+            raise ConfigError(f"{field} {text!r}: {name} is listed twice", field=field)
+        chosen.append(name)
+    return tuple(chosen)
+
+
+def check_options(options: BenchOptions, manifest) -> None:
+    """Every option against the bundle and this machine; ConfigError (or BackendUnavailableError)
+    naming the field, so that nothing is measured with an option that cannot work."""
+    from ldmrt.runtime.samplers import SAMPLERS, make_plan
+
+    contenders = options.contenders
+    known = [b.value for b in Backend] + list(BASELINES)
+    if not contenders or len(set(contenders)) != len(contenders) or any(c not in known for c in contenders):
+        raise ConfigError(f"contenders {list(contenders)}: expected distinct names from {', '.join(known)}",
+                          field="contenders")
+    for name in contenders:
+        if name in (Backend.TENSORRT, Backend.TENSORRT_RTX) and not trt_api.available(name):
+            raise BackendUnavailableError(f"backend {name!r}: not installed on this machine: "
+                                          f"{trt_api.INSTALL_HINT[name]}", field="backend")
+    if "diffusers" in contenders:
+        from ldmrt.bench_reference import diffusers_coverage
+        reason = diffusers_coverage(manifest.config)
+        if reason:
+            raise ConfigError(f"compare 'diffusers': {reason}; compare with torch-eager only "
+                              f"(--compare torch-eager)", field="compare")
+    for name, value, least in (("warmup", options.warmup, 0), ("repeat", options.repeat, 1),
+                               ("rounds", options.rounds, 1)):
+        if not _is_int(value) or value < least:
+            raise ConfigError(f"{name} {value!r}: expected an integer >= {least}", field=name)
+    cores = os.cpu_count() or 1
+    if options.threads is not None and (not _is_int(options.threads) or not 1 <= options.threads <= cores):
+        raise ConfigError(f"threads {options.threads!r}: expected an integer in 1..{cores} (this "
+                          f"machine's cores), or none for all of them", field="threads")
+    _check_device(options.device)
+    if not options.cases:
+        raise ConfigError("cases: expected at least one (size, batch) case", field="cases")
+    unet = manifest.component("unet").spec
+    factor = manifest.config.downsampling_factor
+    low, high = unet.ranges["latent_height"][0] * factor, unet.ranges["latent_height"][2] * factor
+    max_batch = manifest.shape_ranges.max_batch
+    for case in options.cases:
+        if not _is_int(case.size) or not low <= case.size <= high or case.size % factor:
+            raise ConfigError(f"size {case.size!r}: expected a multiple of {factor} in {low}..{high} "
+                              f"pixels (the bundle's exported range)", field="size")
+        if not _is_int(case.batch) or not 1 <= case.batch <= max_batch:
+            raise ConfigError(f"batch {case.batch!r}: expected 1..{max_batch} images per call (the "
+                              f"bundle's --max-batch)", field="batch")
+        if isinstance(case.guidance, bool) or not isinstance(case.guidance, (int, float)) \
+                or not math.isfinite(case.guidance):
+            raise ConfigError(f"guidance {case.guidance!r}: expected a finite number", field="guidance")
+        if case.sampler not in SAMPLERS:
+            raise ConfigError(f"sampler {case.sampler!r}: expected one of {', '.join(SAMPLERS)}",
+                              field="sampler")
+        if not _is_int(case.steps) or case.steps < 1:
+            raise ConfigError(f"steps {case.steps!r}: expected an integer >= 1", field="steps")
+        make_plan(case.sampler, manifest.config.scheduler, case.steps)   # the sampler's own step limits
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_device(device: object) -> None:
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r}: expected cpu or cuda", field="device")
+    if device == "cuda" and not _cuda_visible():
+        raise BackendUnavailableError("device 'cuda': no CUDA GPU is visible to torch or onnxruntime "
+                                      "on this machine; use --device cpu", field="device")
+
+
+def _cuda_visible() -> bool:
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return True
+    except ImportError:
+        pass
+    try:
+        import onnxruntime
+        return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    except ImportError:
+        return False
 
 
 def summarize(samples_s: list[float]) -> dict[str, float]:
@@ -205,7 +319,7 @@ class _ContenderRunner:
         from ldmrt.iospec import example_inputs
 
         out = {}
-        guided = case.guidance != 1.0
+        guided = case.guidance > 1.0        # diffusers' rule: no unconditional half at <= 1
         for name, runner in self.pipeline.runners.items():
             if name == "vae_encoder":
                 continue
@@ -238,8 +352,7 @@ def run_bench(bundle: Path, options: BenchOptions, progress: Callable[[str], Non
     from ldmrt.manifest import load_manifest
 
     manifest = load_manifest(bundle)
-    if options.rounds < 1:
-        raise ConfigError(f"rounds {options.rounds}: expected >= 1")
+    check_options(options, manifest)
     context = multiprocessing.get_context("spawn")
     per_round: dict[str, list[dict]] = {c: [] for c in options.contenders}
     for round_index in range(options.rounds):
@@ -256,6 +369,7 @@ def run_bench(bundle: Path, options: BenchOptions, progress: Callable[[str], Non
                          "engines": [dict(r) for r in manifest.engines]},
               "machine": machine_info(), "options": _options_dict(options), "results": results}
     report["ratios"] = ratios(results, baseline="torch-eager")
+    report["failed"] = [r["contender"] for r in results if r["status"] != "ok"]
     return report
 
 
@@ -318,9 +432,72 @@ def _options_dict(options: BenchOptions) -> dict:
     return data
 
 
-def write_report(report: dict, path: Path) -> None:
+def write_report(report: dict, path: Path, label: str = "report") -> None:
+    """`report` as strict JSON (NaN and infinities become null, each noted under "notes"),
+    written whole or not at all. Refuses (ConfigError, message starting with `label`) to replace
+    anything but a report ldmrt wrote; checked again here because the run can take hours."""
+    path = Path(path)
+    check_report_path(path, label)
+    notes: list[str] = []
+    strict = _strict(report, "", notes)
+    if notes:
+        strict["notes"] = list(strict.get("notes") or []) + notes
+    data = json.dumps(strict, indent=2, allow_nan=False) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, (json.dumps(report, indent=2, default=str) + "\n").encode())
+    atomic_write(path, data.encode())
+
+
+def check_report_path(path: Path, label: str) -> None:
+    """A report can be written at `path`: absent (its folder writable) or a report ldmrt wrote;
+    never a folder, a link or someone else's file (ldmrt does not overwrite what it did not write)."""
+    path = Path(path)
+    where = f"{label} {path}"
+    if path.is_symlink():
+        raise ConfigError(f"{where}: is a symbolic link; ldmrt writes reports as plain files and "
+                          f"does not replace links: give another path")
+    if path.is_dir():
+        raise ConfigError(f"{where}: is a folder; expected a file path, e.g. {path / 'bench.json'}")
+    if path.exists():
+        if not path.is_file():
+            raise ConfigError(f"{where}: exists and is not a plain file; give another path")
+        if not is_ldmrt_report(path):
+            raise ConfigError(f"{where}: exists and is not a report ldmrt wrote (no \"schema\": "
+                              f"\"ldmrt-...\" key); ldmrt does not overwrite files it did not "
+                              f"write: give another path or move the file away")
+    check_folder_writable(path.parent, where)
+
+
+def is_ldmrt_report(path: Path) -> bool:
+    """Whether `path` holds a JSON report ldmrt wrote (a "schema" of ldmrt's own first)."""
+    try:
+        if Path(path).stat().st_size > REPORT_MAX_BYTES:
+            return False
+        data = json.loads(Path(path).read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return False
+    schema = data.get("schema") if isinstance(data, dict) else None
+    return isinstance(schema, str) and _REPORT_SCHEMA.fullmatch(schema) is not None
+
+
+def _strict(value: Any, where: str, notes: list[str]) -> Any:
+    """A JSON-able copy of `value` with only finite numbers; non-finite ones become None and
+    `notes` says where (strict JSON has no NaN: json.dumps would write a bare NaN)."""
+    if isinstance(value, dict):
+        return {str(k): _strict(v, f"{where}.{k}" if where else str(k), notes) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v, f"{where}[{i}]", notes) for i, v in enumerate(value)]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        if math.isfinite(value):
+            return float(value)
+        notes.append(f"{where}: {float(value)} recorded as null")
+        return None
+    if value is None or isinstance(value, str):
+        return value
+    return str(value)      # paths and the like, as their text
 
 
 def format_overhead(case: dict, contender: str) -> str:

@@ -10,27 +10,40 @@ from ldmrt.config import ClipTextConfig, LayerChoice, ModelConfig
 from ldmrt.errors import BackendUnavailableError
 from ldmrt.manifest import load_manifest
 from ldmrt.models.convert import autoencoder_from_diffusers, to_diffusers, unet_from_diffusers
+from ldmrt.runtime.samplers import scheduler_for
 
 
 def diffusers_scheduler(sampler: str, config: ModelConfig):
     """The diffusers scheduler that ldmrt's `sampler` reproduces, from the same SchedulerConfig."""
     import diffusers
 
-    s = config.scheduler
+    s = scheduler_for(sampler, config.scheduler)    # the settings ldmrt's sampler runs with
     common = dict(num_train_timesteps=s.num_train_timesteps, beta_start=s.beta_start, beta_end=s.beta_end,
                   beta_schedule=s.beta_schedule.value, prediction_type=s.prediction_type.value)
     spaced = dict(common, timestep_spacing=s.timestep_spacing.value, steps_offset=s.steps_offset)
     table = {
-        "ddim": lambda: diffusers.DDIMScheduler(**spaced, clip_sample=s.clip_sample, set_alpha_to_one=s.set_alpha_to_one),
-        "ddpm": lambda: diffusers.DDPMScheduler(**spaced, clip_sample=s.clip_sample),
+        "ddim": lambda: diffusers.DDIMScheduler(**spaced, clip_sample=s.clip_sample, set_alpha_to_one=s.set_alpha_to_one,
+                                                clip_sample_range=s.clip_sample_range),
+        "ddpm": lambda: diffusers.DDPMScheduler(**spaced, clip_sample=s.clip_sample, clip_sample_range=s.clip_sample_range),
         "plms": lambda: diffusers.PNDMScheduler(**spaced, skip_prk_steps=True, set_alpha_to_one=s.set_alpha_to_one),
         "euler": lambda: diffusers.EulerDiscreteScheduler(**spaced),
         "euler-a": lambda: diffusers.EulerAncestralDiscreteScheduler(**spaced),
         "dpmpp-2m": lambda: diffusers.DPMSolverMultistepScheduler(**spaced),
         "dpmpp-2m-karras": lambda: diffusers.DPMSolverMultistepScheduler(**spaced, use_karras_sigmas=True),
-        "lcm": lambda: diffusers.LCMScheduler(**common, clip_sample=s.clip_sample),
+        "lcm": lambda: diffusers.LCMScheduler(**common, clip_sample=s.clip_sample, clip_sample_range=s.clip_sample_range,
+                                              original_inference_steps=s.original_inference_steps,
+                                              timestep_scaling=s.timestep_scaling),
     }
     return table[sampler]()
+
+
+def diffusers_coverage(config: ModelConfig) -> str:
+    """Why StableDiffusionPipeline cannot stand in for `config`'s model ('' when it can)."""
+    a, c = config.autoencoder, config.conditioner
+    if not isinstance(c, ClipTextConfig) or a.kind.value != "kl" or a.embed_dim != a.z_channels:
+        return (f"the diffusers comparison covers CLIP-conditioned KL models (SD 1.x/2.x); "
+                f"{config.name!r} is not one")
+    return ""
 
 
 def diffusers_modules(model, config: ModelConfig):
@@ -39,9 +52,9 @@ def diffusers_modules(model, config: ModelConfig):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     u, a, c = config.unet, config.autoencoder, config.conditioner
-    if not isinstance(c, ClipTextConfig) or a.kind.value != "kl" or a.embed_dim != a.z_channels:
-        raise BackendUnavailableError(f"diffusers comparison covers CLIP-conditioned KL models (SD 1.x/2.x); "
-                                      f"{config.name!r} is not one")
+    reason = diffusers_coverage(config)
+    if reason:
+        raise BackendUnavailableError(reason)
     levels = len(u.channel_mult)
     channels = [u.model_channels * m for m in u.channel_mult]
     attn = [2 ** level in u.attention_resolutions for level in range(levels)]
@@ -126,7 +139,7 @@ class DiffusersContender:
 
     def unet_call(self, case) -> torch.Tensor:
         f = self.config.downsampling_factor
-        batch = case.batch * (2 if case.guidance != 1.0 else 1)
+        batch = case.batch * (2 if case.guidance > 1.0 else 1)    # CFG only above 1, as the pipeline
         generator = torch.Generator().manual_seed(0)
         sample = torch.randn(batch, self.config.unet.in_channels, case.size // f, case.size // f, generator=generator)
         context = torch.randn(batch, self.config.conditioner.max_length, self.config.unet.context_dim, generator=generator)

@@ -91,11 +91,16 @@ def test_validate_report_catches_problems() -> None:
 
 
 def test_failed_contender_is_recorded_not_raised(tiny_bundle) -> None:
-    options = BenchOptions(contenders=("no-such-backend",), cases=(BenchCase(size=32, batch=1, steps=1),),
+    from ldmrt.engines import trt_api
+    if not trt_api.available(trt_api.TENSORRT_RTX):
+        pytest.skip("needs TensorRT-RTX installed (a contender that passes the option checks, then fails)")
+    # No engines in the bundle (and no GPU): the contender fails in its own process.
+    options = BenchOptions(contenders=("tensorrt-rtx",), cases=(BenchCase(size=32, batch=1, steps=1),),
                            warmup=0, repeat=1)
     report = run_bench(tiny_bundle, options)
     (result,) = report["results"]
-    assert result["status"] == "error" and "no-such-backend" in result["error"]
+    assert result["status"] == "error" and "tensorrt-rtx" in result["error"]
+    assert report["failed"] == ["tensorrt-rtx"] and report["ratios"] == []
 
 
 def test_merge_rounds_is_the_median_of_round_medians_over_pooled_samples() -> None:

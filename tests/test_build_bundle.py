@@ -283,10 +283,10 @@ def test_several_profiles_targets_level_and_weight_streaming_reach_the_record(bu
 
 
 @pytest.mark.parametrize("options,match", [
-    (dict(static_size=(128, 64)), "--static-size: height 128 px"),
+    (dict(static_size=(128, 64)), "static_size: height 128 px"),
     (dict(static_size=(62, 64)), "multiple of"),
-    (dict(static_batch=9), "--static-batch 9"),
-    (dict(components=("unet", "safety_checker")), "--components"),
+    (dict(static_batch=9), "static_batch 9"),
+    (dict(components=("unet", "safety_checker")), "components 'unet,safety_checker'"),
     (dict(compute_capabilities=("sm99",)), "sm99"),
 ])
 def test_bad_options_are_refused_before_anything_is_built(bundle_copy, options, match):
@@ -301,7 +301,7 @@ def test_profile_outside_the_bundle_and_conflicting_options_are_refused(built):
     from ldmrt.export.engines import BundleBuildOptions, SizeProfile, component_options
     manifest = load_manifest(built["fp32"][0])
     spec = manifest.component("unet").spec
-    with pytest.raises(ConfigError, match="--profile 32,64,128,4: expected sizes within"):
+    with pytest.raises(ConfigError, match="profiles 32,64,128,4: expected sizes within"):
         component_options(manifest, spec, BundleBuildOptions(profiles=(SizeProfile(32, 64, 128),)), None)
     with pytest.raises(ConfigError, match="1..4 images"):
         component_options(manifest, spec, BundleBuildOptions(profiles=(SizeProfile(32, 64, 96, 5),)), None)

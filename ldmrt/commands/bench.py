@@ -9,12 +9,15 @@ import typer
 
 def bench(
     bundle: Path = typer.Argument(..., help="Bundle folder written by `ldmrt export`."),
-    backend: str = typer.Option("onnxruntime", help="Comma list of ldmrt backends to measure."),
-    compare: str = typer.Option("torch-eager,diffusers", help="Comma list of baselines ('' for none)."),
+    backend: str = typer.Option("onnxruntime", help="Comma list of ldmrt backends to measure (any case)."),
+    compare: Optional[str] = typer.Option(
+        None, help="Comma list of baselines: torch-eager, diffusers ('' for none; default: both, "
+                   "diffusers only for the CLIP-conditioned KL models it covers)."),
     sizes: str = typer.Option("", help="Image sides in pixels, e.g. 256,512 (default: the bundle's optimum)."),
     batch: str = typer.Option("1", help="Images per call, e.g. 1,2."),
     steps: int = typer.Option(20, help="Denoising steps per image."),
-    sampler: str = typer.Option("ddim", help="Sampler."),
+    sampler: Optional[str] = typer.Option(None, help="Sampler (default: the bundle's own, from its "
+                                                    "checkpoint's scheduler)."),
     guidance: float = typer.Option(7.5, help="Guidance scale (UNet batch doubles when != 1)."),
     warmup: int = typer.Option(1, help="Untimed runs first."),
     repeat: int = typer.Option(3, help="Timed runs; medians and p90 are reported."),
@@ -22,35 +25,41 @@ def bench(
                                        "of the round medians (use >= 3 on shared or virtual machines)."),
     device: str = typer.Option("cpu", help="cpu | cuda."),
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: all cores)."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the full report here."),
+    json_path: Optional[Path] = typer.Option(
+        None, "--json", help="Write the full report here (strict JSON; replaces only a report ldmrt wrote)."),
 ) -> None:
-    """Measure a bundle: per-component and end-to-end latency, images/s, loop overhead, memory."""
+    """Measure a bundle: per-component and end-to-end latency, images/s, loop overhead, memory.
+
+    Exit 0 when every contender ran; 3 when one failed or none ran (the table and the report say
+    which and why); 2 for a bad option, before anything runs."""
     from ldmrt.cli import console, out, user_errors
 
     with user_errors():
         from rich.table import Table
 
-        from ldmrt.bench import (BenchCase, BenchOptions, format_overhead, format_ratio, run_bench,
+        from ldmrt.bench import (BenchCase, BenchOptions, check_options, check_report_path,
+                                 format_overhead, format_ratio, parse_contenders, run_bench,
                                  validate_report, write_report)
-        from ldmrt.errors import ConfigError
+        from ldmrt.bench_reference import diffusers_coverage
         from ldmrt.manifest import load_manifest
-        from ldmrt.runtime.samplers import SAMPLERS
 
+        # Every option is checked before the first process starts (a run can take hours).
+        size_list = _ints(sizes, "--sizes", allow_empty=True)
+        batch_list = _ints(batch, "--batch", allow_empty=False)
         manifest = load_manifest(bundle)
-        if sampler not in SAMPLERS:
-            raise ConfigError(f"--sampler {sampler!r}: expected one of {list(SAMPLERS)}")
-        if warmup < 0 or repeat < 1 or steps < 1 or rounds < 1:
-            raise ConfigError(f"--warmup {warmup} / --repeat {repeat} / --steps {steps} / --rounds {rounds}: "
-                              f"expected >= 0 / >= 1 / >= 1 / >= 1")
         f = manifest.config.downsampling_factor
-        default = manifest.component("unet").spec.ranges["latent_height"][1] * f
-        size_list = [_int(v, "--sizes") for v in sizes.split(",") if v.strip()] or [default]
-        batch_list = [_int(v, "--batch") for v in batch.split(",") if v.strip()]
-        contenders = tuple(v.strip() for v in (backend + "," + compare).split(",") if v.strip())
-        cases = tuple(BenchCase(size=s, batch=b, steps=steps, sampler=sampler, guidance=guidance)
+        size_list = size_list or [manifest.component("unet").spec.ranges["latent_height"][1] * f]
+        if compare is None:
+            compare = "torch-eager" + ("" if diffusers_coverage(manifest.config) else ",diffusers")
+        contenders = parse_contenders(backend, baselines=False) + parse_contenders(compare, baselines=True)
+        chosen_sampler = manifest.config.scheduler.default_sampler if sampler is None else sampler
+        cases = tuple(BenchCase(size=s, batch=b, steps=steps, sampler=chosen_sampler, guidance=guidance)
                       for s in size_list for b in batch_list)
         options = BenchOptions(contenders=contenders, cases=cases, warmup=warmup, repeat=repeat,
-                               device=device, threads=threads, rounds=rounds)
+                               device=device.strip().lower(), threads=threads, rounds=rounds)
+        check_options(options, manifest)
+        if json_path is not None:
+            check_report_path(json_path, "--json")
         with console.status("benchmarking") as status:
             report = run_bench(bundle, options, progress=lambda c: status.update(f"measuring {c}"))
         problems = validate_report(report)
@@ -79,16 +88,33 @@ def bench(
         if problems:
             console.print(f"[red]report problems:[/] {problems}")
         if json_path is not None:
-            write_report(report, json_path)
-            console.print(f"wrote {json_path}")
+            write_report(report, json_path, "--json")
+            console.print(f"wrote {json_path}", highlight=False)
+    if report["failed"]:
+        # Measured numbers without the contender that failed are no comparison: not a success.
+        ran = [r["contender"] for r in report["results"] if r["status"] == "ok"]
+        console.print(f"[bold red]error:[/] bench: {', '.join(report['failed'])} failed"
+                      + (f" (ran: {', '.join(ran)})" if ran else "; nothing ran")
+                      + "; the errors are in the table" + (" and the report" if json_path else ""),
+                      highlight=False, soft_wrap=True)
+        raise typer.Exit(3)
 
 
-def _int(value: str, option: str) -> int:
+def _ints(value: str, option: str, allow_empty: bool) -> list[int]:
+    """'256, 512' -> [256, 512]: distinct integers (ranges are the bundle's, checked later)."""
     from ldmrt.errors import ConfigError
-    try:
-        number = int(value)
-    except ValueError:
-        raise ConfigError(f"{option}: expected comma-separated integers, found {value!r}") from None
-    if number < 1:
-        raise ConfigError(f"{option}: expected positive integers, found {number}")
-    return number
+
+    items = [v.strip() for v in value.split(",")] if value.strip() else []
+    if not items and not allow_empty:
+        raise ConfigError(f"{option} {value!r}: expected comma-separated integers, e.g. 1,2")
+    numbers = []
+    for item in items:
+        try:
+            number = int(item)
+        except ValueError:
+            raise ConfigError(f"{option} {value!r}: expected comma-separated integers, found "
+                              f"{item!r}") from None
+        if number in numbers:
+            raise ConfigError(f"{option} {value!r}: {number} is listed twice")
+        numbers.append(number)
+    return numbers

@@ -15,7 +15,8 @@ if TYPE_CHECKING:   # the heavy modules load inside the command
 
 def build(
     bundle: Path = typer.Argument(..., help="A bundle folder written by `ldmrt export`."),
-    backend: str = typer.Option(..., "--backend", "-b", help="tensorrt | tensorrt-rtx | onnxruntime (caches the optimized CPU graphs)"),
+    backend: str = typer.Option(..., "--backend", "-b", help="tensorrt | tensorrt-rtx | onnxruntime "
+                                                             "(caches the optimized CPU graphs); any case"),
     components: Optional[str] = typer.Option(None, help="Comma list, e.g. unet,vae_decoder (default: all)."),
     static_size: Optional[str] = typer.Option(None, "--static-size",
                                               help="One fixed image size H or HxW in pixels."),
@@ -39,8 +40,12 @@ def build(
     from ldmrt.cli import user_errors
 
     with user_errors():
-        if backend == "onnxruntime":
-            trt_only = {"--static-size": static_size, "--static-batch": static_batch, "--profile": profile,
+        from ldmrt.engines.backend import BUILD_BACKENDS, Backend
+
+        chosen = Backend.parse(backend, choices=BUILD_BACKENDS)
+        if chosen == Backend.ONNXRUNTIME:
+            trt_only = {"--static-size": static_size is not None,
+                        "--static-batch": static_batch is not None, "--profile": profile,
                         "--compute-capability": compute_capability, "--refit": refit,
                         "--weight-streaming": weight_streaming, "--no-timing-cache": no_timing_cache,
                         "--opt-level": opt_level != 3}
@@ -54,7 +59,7 @@ def build(
         from ldmrt.export.engines import BundleBuildOptions
 
         options = BundleBuildOptions(
-            backend=backend, components=_csv(components), profiles=_profiles(profile or []),
+            backend=chosen.value, components=_csv(components), profiles=_profiles(profile or []),
             static_size=_static_size(static_size), static_batch=static_batch,
             optimization_level=opt_level,
             compute_capabilities=_compute_capabilities(compute_capability or []),
@@ -120,10 +125,11 @@ def prepare_ort_cache(bundle: Path, components: Optional[tuple[str, ...]], force
 
     from ldmrt.cli import _size, console, out
     from ldmrt.engines.onnxruntime import prepare_cache
+    from ldmrt.export.engines import select_components
     from ldmrt.manifest import load_manifest
 
     manifest = load_manifest(bundle)
-    names = tuple(components or manifest.components)
+    names = tuple(select_components(manifest, components))
     start = time.perf_counter()
     with console.status("onnxruntime: optimizing graphs") as status:
         def progress(component: str, stage: str) -> None:
@@ -138,7 +144,9 @@ def prepare_ort_cache(bundle: Path, components: Optional[tuple[str, ...]], force
 
 
 def _csv(value: Optional[str]) -> Optional[tuple[str, ...]]:
-    return None if not value else tuple(v.strip() for v in value.split(",") if v.strip())
+    """'unet, vae_decoder' -> ('unet', 'vae_decoder'); None (the option not given) -> None, and
+    an empty list ('', ',') -> () so that it is refused rather than read as "all"."""
+    return None if value is None else tuple(v.strip() for v in value.split(",") if v.strip())
 
 
 def _static_size(value: Optional[str]) -> Optional[tuple[int, int]]:

@@ -10,11 +10,12 @@ from typing import Mapping, Protocol
 
 import numpy as np
 
+from ldmrt.engines.backend import Backend
 from ldmrt.errors import BackendUnavailableError
 from ldmrt.iospec import ComponentSpec
 from ldmrt.manifest import Manifest
 
-BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx", "torch")
+BACKENDS = tuple(b.value for b in Backend)
 
 
 class ComponentRunner(Protocol):

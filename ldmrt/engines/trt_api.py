@@ -17,13 +17,14 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Iterator, Sequence
 
+from ldmrt.engines.backend import ENGINE_BACKENDS
 from ldmrt.errors import BackendUnavailableError, ConfigError
 
 log = logging.getLogger(__name__)
 
 TENSORRT = "tensorrt"
 TENSORRT_RTX = "tensorrt-rtx"
-BACKENDS = (TENSORRT, TENSORRT_RTX)
+BACKENDS = tuple(b.value for b in ENGINE_BACKENDS)      # (TENSORRT, TENSORRT_RTX)
 
 # Import names, first found wins. NVIDIA's SDK archive ships `tensorrt_rtx`; the PyPI wheels
 # tensorrt-rtx-cu13-bindings / -cu12-bindings ship `tensorrt_rtx_bindings`.

@@ -12,18 +12,22 @@ key matches and whose plan still has the recorded sha256 is reused, not rebuilt.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ldmrt.engines import trt_api
+from ldmrt.engines.backend import ENGINE_BACKENDS, Backend
 from ldmrt.engines.tensorrt import (RECORD_SUFFIX, EngineRecord, RuntimeInfo, check_engine_record,
                                     engine_plan_path, read_engine_record)
 from ldmrt.engines.trt_api import TrtApi
 from ldmrt.errors import BundleError, ConfigError, CorruptEngineError, StaleEngineError
-from ldmrt.export.tensorrt import BuildOptions, EnginePlan, build_engine, plan_engine
+from ldmrt.export.tensorrt import (BuildOptions, EnginePlan, build_engine, check_optimization_level,
+                                   plan_engine, resolve_profiles)
 from ldmrt.iospec import ComponentSpec, ShapeRanges, component_specs
 from ldmrt.manifest import ComponentEntry, Manifest, load_manifest, verify_bundle, write_manifest
+from ldmrt.writable import check_folder_writable
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,15 @@ class SizeProfile:
     opt_size: int
     max_size: int
     max_batch: int | None = None
+
+    def __post_init__(self) -> None:
+        sizes = (self.min_size, self.opt_size, self.max_size)
+        if not all(_is_count(v) for v in sizes) or not sizes[0] <= sizes[1] <= sizes[2] \
+                or not (self.max_batch is None or _is_count(self.max_batch)):
+            raise ConfigError(f"profiles {','.join(map(str, sizes))}"
+                              f"{'' if self.max_batch is None else f',{self.max_batch}'}: expected "
+                              f"MIN <= OPT <= MAX image sides >= 1 and MAX_BATCH >= 1",
+                              field="profiles")
 
 
 @dataclass(frozen=True)
@@ -65,11 +78,26 @@ class BundleBuildOptions:
         return self.static_size is not None or self.static_batch is not None
 
     def __post_init__(self) -> None:
-        if self.backend not in trt_api.BACKENDS:
-            raise ConfigError(f"--backend {self.backend!r}: expected one of {list(trt_api.BACKENDS)}")
+        # Every check that needs no bundle, so a bad option fails before any file is read.
+        backend = Backend.parse(self.backend, choices=ENGINE_BACKENDS)
+        object.__setattr__(self, "backend", backend.value)    # 'TensorRT-RTX' -> 'tensorrt-rtx'
+        check_optimization_level(self.optimization_level)
+        if self.static_batch is not None and not _is_count(self.static_batch):
+            raise ConfigError(f"static_batch {self.static_batch!r}: expected an integer >= 1 "
+                              f"(images per call)", field="static_batch")
+        if self.static_size is not None and not (
+                len(self.static_size) == 2 and all(_is_count(v) for v in self.static_size)):
+            shown = "x".join(map(str, self.static_size)) if isinstance(self.static_size, tuple) \
+                else repr(self.static_size)
+            raise ConfigError(f"static_size {shown}: expected (height, width) in "
+                              f"pixels, each >= 1", field="static_size")
         if self.static and self.profiles:
-            raise ConfigError("--static-size/--static-batch fix one shape; --profile adds dynamic "
-                              "profiles: give one or the other")
+            raise ConfigError("static_size/static_batch fix one shape; profiles add dynamic "
+                              "profiles: give one or the other", field="profiles")
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 @dataclass(frozen=True)
@@ -92,17 +120,23 @@ def build_bundle(bundle_dir: str | Path, options: BundleBuildOptions = BundleBui
                                                  event.stage, event.detail))
     api = trt_api.load(options.backend)        # fail fast, with the pip line, before hashing
     manifest = load_manifest(bundle)
-    names = _select(manifest, options.components)
-    report(BuildEvent("", "verifying", detail=f"sha256 of {', '.join(names)}"))
-    verify_bundle(bundle, manifest, names)
+    names = select_components(manifest, options.components)
+    # Every option error, and an unwritable bundle, before hashing the graphs (minutes for SD).
+    api.resolve_targets(options.compute_capabilities)
     engine_options = {name: component_options(manifest, manifest.component(name).spec, options,
                                               bundle / "engines" / TIMING_CACHE)
-                      for name in names}      # every option error before the first build
+                      for name in names}
+    for name in names:
+        resolve_profiles(manifest.component(name).spec, engine_options[name])
+    check_writable(bundle)
+    report(BuildEvent("", "verifying", detail=f"sha256 of {', '.join(names)}"))
+    verify_bundle(bundle, manifest, names)
     records = []
     for name in names:
         entry = manifest.component(name)
         plan = plan_engine(bundle / entry.file, entry.spec, engine_options[name], api)
         _check_onnx_identity(bundle, entry, plan)
+        _check_engine_folder(bundle / "engines" / plan.key)
         record = None if options.force else reusable_engine(bundle, manifest, plan, api)
         if record is not None:
             report(BuildEvent(name, "reused", record, f"engines/{record.key}: plan sha256 verified"))
@@ -114,6 +148,23 @@ def build_bundle(bundle_dir: str | Path, options: BundleBuildOptions = BundleBui
         manifest = record_engine(bundle, manifest, record)
         records.append(record)
     return records
+
+
+def check_writable(bundle: Path) -> None:
+    """The build writes engines/<key>/ and rewrites manifest.json: both must be possible before
+    the first (slow) build, or the engines built would be lost with a traceback."""
+    engines = bundle / "engines"
+    if os.path.lexists(engines) and not engines.is_dir():
+        raise BundleError(f"bundle {bundle}: engines is not a folder (a file or a dangling link); "
+                          f"ldmrt writes engines into {engines}/: move it away first")
+    for folder in (bundle, engines) if engines.is_dir() else (bundle,):
+        check_folder_writable(folder, f"bundle {bundle}", BundleError)
+
+
+def _check_engine_folder(folder: Path) -> None:
+    if os.path.lexists(folder) and not folder.is_dir():
+        raise BundleError(f"{folder}: expected ldmrt's engine folder of that name, found a file; "
+                          f"move it away (ldmrt does not replace files it did not write)")
 
 
 def component_options(manifest: Manifest, spec: ComponentSpec, options: BundleBuildOptions,
@@ -140,16 +191,17 @@ def profile_ranges(manifest: Manifest, spec: ComponentSpec, profile: SizeProfile
     sizes = f"{profile.min_size},{profile.opt_size},{profile.max_size},{max_batch}"
     if not (exported.min_size <= profile.min_size and profile.max_size <= exported.max_size
             and 1 <= max_batch <= exported.max_batch):
-        raise ConfigError(f"--profile {sizes}: expected sizes within the bundle's "
+        raise ConfigError(f"profiles {sizes}: expected sizes within the bundle's "
                           f"{exported.min_size}..{exported.max_size} px and 1..{exported.max_batch} "
-                          f"images; re-export with wider --min-size/--max-size/--max-batch")
+                          f"images; re-export with wider --min-size/--max-size/--max-batch",
+                          field="profiles")
     ranges = ShapeRanges(min_size=profile.min_size, opt_size=profile.opt_size,
                          max_size=profile.max_size, max_batch=max_batch,
                          opt_batch=min(exported.opt_batch, max_batch))
     try:
         derived = component_specs(manifest.config, ranges, manifest.precision)[spec.name]
     except ConfigError as exc:
-        raise ConfigError(f"--profile {sizes}: {exc}") from None
+        raise ConfigError(f"profiles {sizes}: {exc}", field="profiles") from None
     return {symbol: derived.ranges[symbol] for symbol in spec.ranges}
 
 
@@ -162,12 +214,14 @@ def static_shape(manifest: Manifest, spec: ComponentSpec, size: tuple[int, int] 
     factor = manifest.config.downsampling_factor
     for side, value in (("height", height), ("width", width)):
         if not exported.min_size <= value <= exported.max_size or value % factor:
-            raise ConfigError(f"--static-size: {side} {value} px: expected a multiple of "
+            raise ConfigError(f"static_size: {side} {value} px: expected a multiple of "
                               f"{factor} within the bundle's {exported.min_size}.."
-                              f"{exported.max_size} px; re-export with wider --min-size/--max-size")
+                              f"{exported.max_size} px; re-export with wider --min-size/--max-size",
+                              field="static_size")
     if not 1 <= images <= exported.max_batch:
-        raise ConfigError(f"--static-batch {images}: expected 1..{exported.max_batch} images "
-                          f"(the bundle's --max-batch); re-export with a larger --max-batch")
+        raise ConfigError(f"static_batch {images}: expected 1..{exported.max_batch} images "
+                          f"(the bundle's --max-batch); re-export with a larger --max-batch",
+                          field="static_batch")
     # The same derivation as at export decides which components see a doubled (CFG) batch.
     at_batch = replace(exported, max_batch=images, opt_batch=images)
     derived = component_specs(manifest.config, at_batch, manifest.precision)[spec.name]
@@ -221,13 +275,15 @@ def _parses_to(data: Mapping[str, Any], record: EngineRecord) -> bool:
         return False
 
 
-def _select(manifest: Manifest, components: tuple[str, ...] | None) -> list[str]:
-    if not components:
+def select_components(manifest: Manifest, components: tuple[str, ...] | None) -> list[str]:
+    """The bundle's components named in `components` (None: all), in the order given, once each."""
+    if components is None:
         return list(manifest.components)
     unknown = [name for name in components if name not in manifest.components]
-    if unknown:
-        raise ConfigError(f"--components: {unknown} not in this bundle; expected some of "
-                          f"{list(manifest.components)}")
+    if unknown or not components:
+        raise ConfigError(f"components {','.join(components)!r}: {unknown or 'none'} not in this "
+                          f"bundle; expected some of {', '.join(manifest.components)}",
+                          field="components")
     return list(dict.fromkeys(components))
 
 

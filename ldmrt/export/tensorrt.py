@@ -24,6 +24,7 @@ import onnx
 
 from ldmrt.atomic import atomic_write
 from ldmrt.engines import trt_api
+from ldmrt.engines.backend import ENGINE_BACKENDS, Backend
 from ldmrt.engines.tensorrt import RECORD_SUFFIX, EngineRecord, ProfileShapes, file_sha256
 from ldmrt.engines.trt_api import TrtApi
 from ldmrt.errors import ConfigError, EngineBuildError
@@ -53,14 +54,21 @@ class BuildOptions:
     workspace_bytes: int | None = None
 
     def __post_init__(self) -> None:
-        if self.backend not in trt_api.BACKENDS:
-            raise ConfigError(f"--backend {self.backend!r}: expected one of {list(trt_api.BACKENDS)}")
-        if not 0 <= self.optimization_level <= 5:
-            raise ConfigError(f"optimization level: expected 0..5, found {self.optimization_level}")
+        object.__setattr__(self, "backend", Backend.parse(self.backend, choices=ENGINE_BACKENDS).value)
+        check_optimization_level(self.optimization_level)
         if self.profiles and self.static_shape is not None:
             raise ConfigError("BuildOptions: give profiles or static_shape, not both")
-        if self.workspace_bytes is not None and self.workspace_bytes < 1:
-            raise ConfigError(f"workspace: expected a positive byte count, found {self.workspace_bytes}")
+        if self.workspace_bytes is not None and (isinstance(self.workspace_bytes, bool) or not isinstance(
+                self.workspace_bytes, int) or self.workspace_bytes < 1):
+            raise ConfigError(f"workspace_bytes {self.workspace_bytes!r}: expected a positive byte "
+                              f"count", field="workspace_bytes")
+
+
+def check_optimization_level(level: object) -> None:
+    """The builder's optimization level is an integer 0..5 (TensorRT's builder_optimization_level)."""
+    if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 5:
+        raise ConfigError(f"optimization_level {level!r}: expected an integer 0..5 (builder "
+                          f"optimization level; 3 is TensorRT's default)", field="optimization_level")
 
 
 # --- step 0: facts about the ONNX file ---------------------------------------------------------
