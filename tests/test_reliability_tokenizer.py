@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from ldmrt.checkpoints.tokenizer_assets import write_runtime_assets
-from ldmrt.config import BertConfig, ClipTextConfig, preset
+from ldmrt.config import ClipTextConfig, preset
 from ldmrt.errors import BundleError, CheckpointError, GenerationError
 from ldmrt.runtime.tokenizer import (
     READ_LIMIT_PER_TOKEN, load_tokenizer, write_synthetic_clip_assets, write_synthetic_wordpiece_assets)
@@ -244,6 +244,30 @@ def test_bounded_encoding_keeps_transformers_ids_on_long_prompts(tiny_tokenizer)
     prompts += [" " * 5000 + "a cat", "x" * 15_000 + " a cat", "a " * 38 + " " * 10_000 + "b c",
                 "word " * 300 + "e" + "\u0301" * 3000, "a's " * 1000]
     assert_same(ours, oracle, prompts)
+
+
+def test_bounded_encoding_keeps_added_tokens_across_window_cuts(clip_dir, tmp_path):
+    """Added tokens (one with a space) and multi-vector concepts next to every window cut."""
+    diffusers = pytest.importorskip("diffusers")
+    tokenizer = CLIPTokenizer.from_pretrained(clip_dir)
+    tokenizer.add_tokens([*CONCEPTS, "<mv>", "<mv>_1"])
+    tokenizer.save_pretrained(tmp_path / "ti")
+    config = ClipTextConfig(vocab_size=BASE + len(CONCEPTS) + 2)
+    write_runtime_assets(tmp_path / "ti", tmp_path / "bundle", config)
+    ours = load_tokenizer(tmp_path / "bundle", config)
+    first = 16 * ours.max_length
+    prompts = []
+    for shift in range(-14, 3):
+        for concept in (*CONCEPTS, "<mv>"):
+            for before in (73, 74, 75, 76):     # the concept is token 74..77, straddling the first cut
+                head = " " * (first + shift - 2 * before - len(concept) // 2) + "a " * before
+                prompts.append(head + concept + " a" * 80)
+                prompts.append(head + concept + " <mv>" * 40)
+    assert all(first < len(prompt) < 4 * first for prompt in prompts)
+    mixin = diffusers.loaders.TextualInversionLoaderMixin()
+    expected = tokenizer(mixin.maybe_convert_prompt(prompts, tokenizer), padding="max_length", max_length=77,
+                         truncation=True, return_tensors="np")["input_ids"]
+    np.testing.assert_array_equal(ours.encode(prompts).input_ids, expected)
 
 
 def test_text_past_the_read_limit_is_dropped_and_reported(tiny_tokenizer):
