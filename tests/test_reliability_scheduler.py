@@ -113,6 +113,9 @@ FOLDERS = {
     "dpm-karras": ("DPMSolverMultistepScheduler", dict(SD, use_karras_sigmas=True)),
     "dpm-inert-options": ("DPMSolverMultistepScheduler", dict(SD, lower_order_final=False, euler_at_final=True,
                                                               sample_max_value=3.0, timestep_spacing="trailing")),
+    "euler-inert-sigmas": ("EulerDiscreteScheduler", dict(SD, sigma_min=0.3, sigma_max=8.0)),
+    "ddim-inert-threshold-options": ("DDIMScheduler", dict(SD, dynamic_thresholding_ratio=0.9,
+                                                           sample_max_value=2.0, clip_sample=False)),
     "lcm-own-settings": ("LCMScheduler", dict(original_inference_steps=30, timestep_scaling=5.0,
                                               clip_sample=True, clip_sample_range=0.8)),
 }
