@@ -355,3 +355,23 @@ def test_cli_bench_exits_3_when_ldmrt_failed_and_when_nothing_ran(tiny, tmp_path
     assert result.exit_code == 3, result.output
     assert "error: bench: tensorrt-rtx failed; nothing ran" in " ".join(result.stderr.split())
     assert json.loads(report.read_text())["failed"] == ["tensorrt-rtx"]     # its own report: replaced
+
+
+@pytest.mark.parametrize("engine,message", [
+    ("foo", "--engine 'foo': expected one of tensorrt, tensorrt-rtx (any case)"),
+    ("onnxruntime", "--engine 'onnxruntime': expected one of tensorrt, tensorrt-rtx"),
+])
+def test_cli_export_engine_is_checked_before_the_export(tmp_path, engine, message):
+    out = tmp_path / "bundle"
+    assert message in one_error(invoke("export", "tiny", "--out", out, "--no-validate", "--engine", engine))
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_cli_export_engine_not_installed_is_refused_before_the_export(tmp_path, monkeypatch):
+    import sys
+    for name in trt_api.MODULE_NAMES[trt_api.TENSORRT]:
+        monkeypatch.setitem(sys.modules, name, None)
+    out = tmp_path / "bundle"
+    error = one_error(invoke("export", "tiny", "--out", out, "--no-validate", "--engine", "TensorRT"))
+    assert "BackendUnavailableError" in error and trt_api.INSTALL_HINT[trt_api.TENSORRT] in error
+    assert not out.exists()

@@ -68,6 +68,17 @@ def build(
         build_with_progress(bundle, options)
 
 
+def check_engine_backend(engine: str) -> str:
+    """For `ldmrt export --engine`: the engine backend's name, known and installed, checked before
+    the export (which takes minutes) rather than after it."""
+    from ldmrt.engines import trt_api
+    from ldmrt.engines.backend import ENGINE_BACKENDS, Backend
+
+    name = Backend.parse(engine, field="engine", choices=ENGINE_BACKENDS).value
+    trt_api.load(name)          # BackendUnavailableError with the pip line
+    return name
+
+
 def build_after_export(bundle_path: Path, backend: str,
                        options: "BundleBuildOptions | None" = None) -> "list[EngineRecord]":
     """For `ldmrt export --engine BACKEND`: build every engine of the fresh bundle, with the
