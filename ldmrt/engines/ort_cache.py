@@ -27,6 +27,7 @@ import os
 import platform
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -109,29 +110,39 @@ def lookup(cache: Path, component: str, key: CacheKey) -> Path | None:
 
 
 def _entry_problem(folder: Path, component: str, key: CacheKey) -> str | None:
-    """Why `folder` is not a sound entry for (component, key), or None. Sizes are compared before
-    any hashing, so a truncated file costs nothing to find."""
+    """Why `folder` is not a sound entry for (component, key), or None."""
+    problem, digests = _record_problem(folder, component, key)
+    return problem or _digest_problem(folder, digests)
+
+
+def _record_problem(folder: Path, component: str, key: CacheKey) -> tuple[str | None, dict[str, str]]:
+    """(why the entry's record, names or sizes are wrong, or None; file name -> recorded sha256).
+    Nothing is hashed here: a truncated or missing file costs nothing to find."""
     if folder.is_symlink() or not folder.is_dir():
-        return "not a folder"
+        return "not a folder", {}
     try:
         record = json.loads((folder / RECORD).read_text())
         files = {str(name): (int(facts["size"]), str(facts["sha256"]))
                  for name, facts in dict(record["files"]).items()}
         if record["schema"] != SCHEMA:
-            return f"record schema {record['schema']!r}, expected {SCHEMA}"
+            return f"record schema {record['schema']!r}, expected {SCHEMA}", {}
         if record["component"] != component or record["key"] != json.loads(json.dumps(asdict(key))):
-            return "made for another graph, onnxruntime or CPU"
+            return "made for another graph, onnxruntime or CPU", {}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        return f"no readable {RECORD}: {type(exc).__name__}"
+        return f"no readable {RECORD}: {type(exc).__name__}", {}
     if GRAPH not in files:
-        return f"the record lists no {GRAPH}"
+        return f"the record lists no {GRAPH}", {}
     for name, (size, _) in files.items():
         path = folder / name
         if path.parent != folder or path.is_symlink() or not path.is_file():
-            return f"{name}: missing or not a plain file"
+            return f"{name}: missing or not a plain file", {}
         if path.stat().st_size != size:
-            return f"{name}: {path.stat().st_size} bytes, the record says {size}"
-    for name, (_, digest) in files.items():
+            return f"{name}: {path.stat().st_size} bytes, the record says {size}", {}
+    return None, {name: digest for name, (_, digest) in files.items()}
+
+
+def _digest_problem(folder: Path, digests: dict[str, str]) -> str | None:
+    for name, digest in digests.items():
         found = sha256_file(folder / name)
         if found != digest:
             return f"{name}: sha256 {found[:12]}... differs from the record's {digest[:12]}..."
@@ -190,16 +201,15 @@ def create_session(source: Path, options, providers: list[str], cache: GraphCach
 
     if cache is None:
         return ort.InferenceSession(str(source), options, providers=providers), False
-    level = options.graph_optimization_level
-    cached = lookup(cache.folder, cache.component, cache.key)
-    if cached is not None:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        try:
-            return ort.InferenceSession(str(cached), options, providers=providers), True
-        except Exception as exc:   # rebuilt below; the new entry replaces this one
-            log.warning("%s: ORT cache entry %s did not load (%s); rebuilding it",
-                        cache.component, cached.parent, exc)
-            options.graph_optimization_level = level
+    folder = entry_folder(cache.folder, cache.component, cache.key)
+    if os.path.lexists(folder):
+        problem, digests = _record_problem(folder, cache.component, cache.key)
+        if problem is None:
+            session, problem = _load_verified(folder, digests, options, providers)
+            if session is not None:
+                return session, True
+        # Rebuilt below; the new entry replaces this one if it holds only what ldmrt wrote.
+        log.warning("%s: ignoring ORT cache entry %s (%s); rebuilding it", cache.component, folder, problem)
     try:
         stage = _staging(cache)
     except OSError as exc:
@@ -216,6 +226,28 @@ def create_session(source: Path, options, providers: list[str], cache: GraphCach
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return session, False
+
+
+def _load_verified(folder: Path, digests: dict[str, str], options, providers: list[str]):
+    """(session, None) from the entry's graph once every file's sha256 matches `digests`, else
+    (None, why). The files are hashed on a second thread while ONNX Runtime reads the graph
+    (hashlib releases the GIL), so the check costs max(hash, load) rather than their sum; a
+    session whose files do not match is dropped before anything runs on it."""
+    import onnxruntime as ort
+
+    level = options.graph_optimization_level
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ldmrt-ort-cache-sha256") as pool:
+        hashing = pool.submit(_digest_problem, folder, digests)
+        try:
+            session, failure = ort.InferenceSession(str(folder / GRAPH), options, providers=providers), None
+        except Exception as exc:
+            session, failure = None, f"did not load: {exc}"
+        problem = hashing.result() or failure
+    if problem is not None:
+        options.graph_optimization_level = level
+        return None, problem
+    return session, None
 
 
 def discard(cache: GraphCache) -> None:
