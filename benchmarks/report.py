@@ -43,11 +43,16 @@ def markdown(all_rows: list[dict]) -> str:
         if "error" in r:
             lines.append(f"| {r['bundle']} | {r['contender']} | error: {r['error'][:60]} |||||||")
             continue
-        unet = "" if r["unet_ms"] is None else f"{r['unet_ms']:.1f}"
         lines.append(f"| {_label(r)} | {r['contender']} | {r['size']} | {r['batch']} | "
-                     f"{r['steps']} | {r['e2e_ms']:.0f} ({r['p90_ms']:.0f}) | {unet} | {r['overhead']} | {r['speed']} | "
-                     f"{r['rss']:.0f} |")
+                     f"{r['steps']} | {_number(r['e2e_ms'])} ({_number(r['p90_ms'])}) | "
+                     f"{_number(r['unet_ms'], '.1f', '')} | {r['overhead']} | {r['speed']} | "
+                     f"{_number(r['rss'])} |")
     return "\n".join(lines)
+
+
+def _number(value, spec: str = ".0f", missing: str = "n/a") -> str:
+    """A measured number; reports record a non-finite one as null (strict JSON, see its notes)."""
+    return missing if value is None else format(value, spec)
 
 
 def _label(r: dict) -> str:

@@ -375,3 +375,16 @@ def test_cli_export_engine_not_installed_is_refused_before_the_export(tmp_path, 
     error = one_error(invoke("export", "tiny", "--out", out, "--no-validate", "--engine", "TensorRT"))
     assert "BackendUnavailableError" in error and trt_api.INSTALL_HINT[trt_api.TENSORRT] in error
     assert not out.exists()
+
+
+def test_the_markdown_table_reads_reports_with_nulls():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_report", Path(__file__).parent.parent / "benchmarks" / "report.py")
+    bench_report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_report)
+    stats = {"median_ms": None, "p90_ms": None}
+    data = {"bundle": {"name": "tiny", "precision": "fp32"}, "ratios": [], "results": [
+        {"contender": "onnxruntime", "status": "ok", "peak_rss_mib": None, "cases": [
+            {"case": {"size": 32, "batch": 1, "steps": 2}, "end_to_end": stats, "unet": stats}]}]}
+    table = bench_report.markdown(bench_report.rows(data))
+    assert "| tiny fp32 | onnxruntime | 32 | 1 | 2 | n/a (n/a) |  |" in table
