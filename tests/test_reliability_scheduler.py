@@ -352,3 +352,19 @@ def test_an_exported_folder_runs_its_own_scheduler_by_default(euler_v_trailing_b
     assert np.abs(found.images - expected).mean() <= 1 / 255       # design.md ladder 5
     ddim = pipeline.generate(dataclasses.replace(request, sampler="ddim"))     # what ran before
     assert np.abs(ddim.images - expected).mean() > 4 / 255, "the default sampler made no difference"
+
+
+def test_too_many_steps_fail_before_any_model_runs(euler_v_trailing_bundle):
+    from ldmrt.runtime.pipeline import GenerationRequest, Pipeline
+
+    _, bundle = euler_v_trailing_bundle
+    pipeline = Pipeline.load(bundle, "onnxruntime", threads=1)
+    calls = []       # runners replaced by recorders (without .spec: touching one fails too)
+    for name, runner in list(pipeline.runners.items()):
+        pipeline.runners[name] = lambda feeds, _run=runner, _name=name: calls.append(_name) or _run(feeds)
+    limit = max_steps("dpmpp-2m", pipeline.config.scheduler)
+    request = GenerationRequest(prompt="a cat", steps=limit + 1, sampler="dpmpp-2m", height=32, width=32)
+    with pytest.raises(GenerationError, match=rf"^steps {limit + 1}: the 'dpmpp-2m' sampler takes at most "
+                                              rf"{limit} steps") as err:
+        pipeline.generate(request)
+    assert err.value.field == "steps" and calls == []
