@@ -65,7 +65,7 @@ _RUNS_ONLY: dict[str, tuple[tuple[Any, ...], str]] = {
     "solver_order": ((2,), "another solver order (dpmpp-2m is second order)"),
     "solver_type": (("midpoint",), "the heun solver type (dpmpp-2m uses midpoint)"),
     "lambda_min_clipped": ((-math.inf,), "clipping lambda (cuts the last timesteps)"),
-    "skip_prk_steps": ((True,), "PNDM's Runge-Kutta warm-up (ldmrt's plms is PNDM with skip_prk_steps=true)"),
+    "skip_prk_steps": ((True,), "PNDM's Runge-Kutta warm-up steps"),
     "use_karras_sigmas": ((False,), "Karras sigmas, which ldmrt runs only as dpmpp-2m-karras "
                                     "(DPMSolverMultistepScheduler)"),
 }
@@ -85,6 +85,7 @@ _NEAREST: dict[str, str] = {
 _OWN_SAMPLER = {class_name: sampler for sampler, class_name in SAMPLER_CLASSES.items()
                 if sampler != "dpmpp-2m-karras"}
 _KARRAS = {"dpmpp-2m": "dpmpp-2m-karras"}
+_PLAIN = SchedulerConfig()      # values for sampler fields the default sampler's class lacks
 # CompVis `ddpm.py` names -> diffusers names ("linear" in CompVis is linear in sqrt(beta)).
 _COMPVIS_SCHEDULES = {"linear": BetaSchedule.SCALED_LINEAR, "sqrt_linear": BetaSchedule.LINEAR,
                       "cosine": BetaSchedule.SQUAREDCOS_CAP_V2}
@@ -114,16 +115,15 @@ def scheduler_from_diffusers(config: Mapping[str, Any], where: str) -> tuple[Sch
     checked = options if class_name in _OWN_SAMPLER else \
         {key: _RUNS_ONLY[key][0][0] for key in (*_EVERY_CLASS, "use_karras_sigmas")}
     for key, default in checked.items():
-        value = given.get(key, default)
-        honoured, needs = _RUNS_ONLY.get(key, ((value,), ""))
         if key in _INERT or (key == "use_karras_sigmas" and sampler in _KARRAS.values()):
             continue
+        value, (honoured, needs) = given.get(key, default), _RUNS_ONLY[key]
         if not any(type(value) is type(h) and value == h for h in honoured):
             raise CheckpointError(
                 f"{where}: {key}={json.dumps(value)} is not supported: it needs {needs}, and ldmrt's "
                 f"{sampler} sampler runs {class_name} with {key}={json.dumps(honoured[0])} only. Run "
                 f"this checkpoint with diffusers, or set {key} to {json.dumps(honoured[0])} there if "
-                f"a different sampler is acceptable")
+                f"the difference is acceptable")
     training = {**_TRAINING_DEFAULTS, **_TRAINING_OVERRIDES.get(class_name, {})}
     values = {key: given.get(key, default) for key, default in training.items()}
     sampler_defaults = CLASS_SAMPLER_DEFAULTS[SAMPLER_CLASSES[sampler]]
@@ -149,9 +149,6 @@ def scheduler_from_diffusers(config: Mapping[str, Any], where: str) -> tuple[Sch
         schedule = _from_trained_betas(values["trained_betas"], schedule, where)
         notes.append(f"{where}: trained_betas are {describe_schedule(schedule)}")
     return schedule, notes
-
-
-_PLAIN = SchedulerConfig()
 
 
 def _scheduler_config(values: Mapping[str, Any], where: str, **record: Any) -> SchedulerConfig:
