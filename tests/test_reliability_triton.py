@@ -117,6 +117,25 @@ def test_a_foreign_model_with_an_ldmrt_name_is_never_replaced(bundle, tmp_path):
     assert _snapshot(repo).items() >= before.items() and (repo / "tiny_unet" / MARKER).is_file()
 
 
+def test_a_file_added_while_the_run_writes_is_kept(bundle, tmp_path, monkeypatch):
+    import ldmrt.triton.repository as repository
+
+    repo = _shared_repository(bundle, tmp_path)
+    write = repository._write
+
+    def write_then_someone_adds_a_file(*args, **kwargs):
+        notes = write(*args, **kwargs)
+        (repo / "unet" / "1" / "late.txt").write_text("added meanwhile")
+        return notes
+
+    monkeypatch.setattr(repository, "_write", write_then_someone_adds_a_file)
+    with pytest.raises(ConfigError, match="model folder unet .*1/late.txt"):
+        write_repository(bundle, repo, replace(CPU_OPTIONS, force=True))
+    assert (repo / "unet" / "1" / "late.txt").read_text() == "added meanwhile"
+    assert (repo / "unet" / MARKER).is_file() and (repo / "resnet" / "1" / "model.onnx").is_file()
+    assert not [p.name for p in repo.iterdir() if p.name.startswith(".")]     # no work folder left
+
+
 def test_models_of_the_same_group_no_longer_written_are_removed_with_force(bundle, tmp_path):
     repo = _shared_repository(bundle, tmp_path)
     smaller = tmp_path / "smaller"
@@ -199,3 +218,350 @@ def test_the_printed_serve_command_is_quoted(bundle, tmp_path):
     line = next(line for line in result.output.splitlines() if line.startswith("serve: "))
     command = line.removeprefix("serve: ").split(" (see")[0]
     assert shlex.split(command) == ["tritonserver", f"--model-repository={out.resolve()}"]
+
+
+# --- the pipeline model in-process (no Triton): error codes, cost limit, cancellation ------------
+
+def _load_model(repo: Path, monkeypatch):
+    """REPO's model.py, run with the stand-in for Triton's pb_utils from test_triton.py."""
+    import importlib.util
+    import sys
+
+    from tests.test_triton import _fake_pb_utils
+
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
+    spec = importlib.util.spec_from_file_location("ldmrt_reliability_model", repo / "pipeline" / "1" / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.TritonPythonModel()
+    config = json.loads(json.dumps({"name": "pipeline", "parameters": {
+        k: {"string_value": v} for k, v in {"backend": "onnxruntime", "bundle": "bundle", "verify": "false",
+                                              "max_cost": "2"}.items()}}))
+    model.initialize({"model_config": json.dumps(config), "model_instance_kind": "CPU",
+                      "model_instance_name": "pipeline_0"})
+    return model
+
+
+class _CancellableRequest(dict):
+    """A request whose client goes away after `after` calls of is_cancelled."""
+
+    def __init__(self, tensors, after: int):
+        super().__init__(tensors)
+        self.after, self.calls = after, 0
+
+    def is_cancelled(self) -> bool:
+        self.calls += 1
+        return self.calls > self.after
+
+
+@pytest.fixture(scope="module")
+def served_repo(bundle, tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("served") / "repo"
+    write_repository(bundle, repo, replace(CPU_OPTIONS, pipeline=replace(CPU_OPTIONS.pipeline, max_cost=2.0)))
+    return repo
+
+
+def test_in_process_error_codes_cost_limit_and_cancellation(served_repo, monkeypatch):
+    from tests.test_triton import _Error, _request
+
+    model = _load_model(served_repo, monkeypatch)
+    steps_run = []
+    generate = model.pipeline.generate
+
+    def counting(request, on_step=None, cancel=None):
+        def step(done, total):
+            steps_run.append(done)
+            if on_step is not None:
+                on_step(done, total)
+        return generate(request, on_step=step, cancel=cancel)
+
+    model.pipeline.generate = counting
+    bad_utf8 = _request(steps=1)
+    bad_utf8["prompt"] = type(bad_utf8["steps"])("prompt", __import__("numpy").array([b"\xff\xfe"], dtype=object))
+    over_cost = _request(steps=900)                     # 900 x 1 x 0.0041 MP = 3.7 > 2
+    cancelled = _CancellableRequest(_request(steps=50), after=4)
+    responses = model.execute([_request(sampler="nope"), bad_utf8, over_cost, cancelled, _request(steps=1)])
+    codes = [None if r.error is None else r.error.code for r in responses]
+    assert codes == [_Error.INVALID_ARG, _Error.INVALID_ARG, _Error.INVALID_ARG, _Error.CANCELLED, None]
+    assert responses[0].error.startswith("sampler 'nope'")
+    assert "prompt: element 0 is not UTF-8" in responses[1].error
+    assert "over this model's limit max_cost 2" in responses[2].error
+    # Refused before any work: the over-cost request ran no step; the cancelled one stopped at once.
+    cancelled_steps = [s for s in steps_run[:-1]]
+    assert max(cancelled_steps) <= cancelled.after + 1, steps_run
+    assert steps_run[-1] == 1                          # the next request ran normally
+
+
+# --- with a real tritonserver ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def triton_env():
+    from ldmrt.triton.server import TritonEnvironment, TritonServerError
+
+    try:
+        return TritonEnvironment.locate()
+    except TritonServerError as exc:
+        if os.environ.get("LDMRT_REQUIRE_TRITON") == "1":
+            pytest.fail(f"LDMRT_REQUIRE_TRITON=1 but {exc}")
+        pytest.skip(f"no Triton environment: {exc}")
+
+
+# A server fault on demand: requests of 3 images fail inside the pipeline (not the caller's doing).
+_FAULT = '''
+
+_initialize = TritonPythonModel.initialize
+
+
+def _initialize_with_a_fault(self, args):
+    _initialize(self, args)
+    decode = self.pipeline._decode
+
+    def faulty(x):
+        if x.shape[0] == 3:
+            raise MemoryError("injected server fault")
+        return decode(x)
+    self.pipeline._decode = faulty
+
+
+TritonPythonModel.initialize = _initialize_with_a_fault
+'''
+
+
+@pytest.fixture(scope="module")
+def server(triton_env, bundle, tmp_path_factory):
+    from ldmrt.triton.server import TritonServer
+
+    root = tmp_path_factory.mktemp("server")
+    repo = root / "repo"
+    write_repository(bundle, repo, replace(CPU_OPTIONS, pipeline=replace(CPU_OPTIONS.pipeline, max_cost=2.0)))
+    with open(repo / "pipeline" / "1" / "model.py", "a") as handle:
+        handle.write(_FAULT)
+    server = TritonServer(triton_env, repo, root / "work", startup_timeout=120)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _infer(server, inputs: list[dict], outputs=("images", "warnings"), binary: bytes = b"",
+           timeout: float = 60) -> tuple[int, dict]:
+    """(HTTP status, JSON answer) of one KServe v2 request; `binary` follows the JSON header."""
+    import urllib.error
+    import urllib.request
+
+    header = json.dumps({"inputs": inputs, "outputs": [{"name": n} for n in outputs]}).encode()
+    request = urllib.request.Request(f"http://{server.http_url}/v2/models/pipeline/infer",
+                                     data=header + binary, method="POST")
+    if binary:
+        request.add_header("Inference-Header-Content-Length", str(len(header)))
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def _scalar(name: str, value, datatype: str = "INT32") -> dict:
+    return {"name": name, "datatype": datatype, "shape": [1], "data": [value]}
+
+
+def _metrics(server) -> dict[str, float]:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def test_bad_requests_are_400_server_faults_500_and_both_are_counted(server):
+    before = _metrics(server)
+    invalid_utf8 = b"\xff\xfe not utf-8"
+    cases = [
+        ([_scalar("sampler", "nope", "BYTES")], b"", 400, "sampler 'nope'"),
+        ([_scalar("steps", 1), _scalar("height", 0)], b"", 400, "height 0"),
+        ([_scalar("steps", 1), {"name": "prompt", "datatype": "BYTES", "shape": [1],
+                                "parameters": {"binary_data_size": 4 + len(invalid_utf8)}}],
+         len(invalid_utf8).to_bytes(4, "little") + invalid_utf8, 400, "prompt: element 0 is not UTF-8"),
+        ([_scalar("steps", 1), {"name": "prompt", "datatype": "BYTES", "shape": [3], "data": ["a", "b", "c"]}],
+         b"", 500, "MemoryError: injected server fault"),
+    ]
+    for inputs, binary, status, message in cases:
+        code, answer = _infer(server, inputs, binary=binary)
+        assert (code, message in answer.get("error", "")) == (status, True), (inputs, code, answer)
+    assert _infer(server, [_scalar("steps", 1)])[0] == 200                    # still serving
+    after = _metrics(server)
+    counter = 'ldmrt_pipeline_failures{model="pipeline",reason="%s"}'
+    assert after[counter % "invalid_argument"] - before.get(counter % "invalid_argument", 0) == 3
+    assert after[counter % "internal"] - before.get(counter % "internal", 0) == 1
+
+
+def test_the_truncation_warning_reaches_the_client_once(server):
+    long_prompt = " ".join(f"word{i}" for i in range(100))
+    code, answer = _infer(server, [_scalar("steps", 1), _scalar("prompt", long_prompt, "BYTES")])
+    assert code == 200, answer
+    (warnings,) = [o for o in answer["outputs"] if o["name"] == "warnings"]
+    assert warnings["shape"] == [1] and warnings["data"][0].startswith("prompt truncated to 77 tokens")
+    code, answer = _infer(server, [_scalar("steps", 1), _scalar("prompt", "short", "BYTES")])
+    assert [o["shape"] for o in answer["outputs"] if o["name"] == "warnings"] == [[0]]
+    time.sleep(0.5)                                   # the log is written by another process
+    assert server.log_tail(10 ** 6).count("word0 word1 word2") == 1          # once, not twice
+
+
+def test_an_over_cost_request_is_refused_before_any_work(server):
+    start = time.perf_counter()
+    code, answer = _infer(server, [_scalar("steps", 900)])          # 900 x 0.0041 MP = 3.7 > 2
+    seconds = time.perf_counter() - start
+    assert code == 400 and "over this model's limit max_cost 2" in answer["error"], answer
+    assert seconds < 1.0, seconds                                  # 900 steps take ~8 s here
+    config = json.loads(__import__("urllib.request").request.urlopen(
+        f"http://{server.http_url}/v2/models/pipeline/config", timeout=10).read())
+    limits = json.loads(config["parameters"]["limits"]["string_value"])
+    assert limits["max_cost"] == 2.0 and limits["steps"]["lcm"][1] == 50
+
+
+_CANCEL = '''
+import json, sys, time
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+url, steps, after = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+client = grpcclient.InferenceServerClient(url)
+
+def steps_input(n):
+    tensor = grpcclient.InferInput("steps", [1], "INT32")
+    tensor.set_data_from_numpy(np.array([n], np.int32))
+    return tensor
+
+start = time.time()
+call = client.async_infer("pipeline", [steps_input(steps)], callback=lambda result, error: None)
+time.sleep(after)
+cancelled = time.time()
+call.cancel()
+client.infer("pipeline", [steps_input(1)])          # the one instance is free again at once
+print(json.dumps({"start": start, "cancelled": cancelled, "follow_up": time.time() - cancelled}))
+'''
+
+
+def test_a_cancelled_grpc_request_stops_within_a_step_or_two(server, triton_env, tmp_path):
+    import datetime
+    import re
+    import subprocess
+
+    script = tmp_path / "cancel.py"
+    script.write_text(_CANCEL)
+    steps = 450                                                   # ~4 s here; cost 1.8 <= 2
+    result = subprocess.run([str(triton_env.python), str(script), server.grpc_url, str(steps), "1.5"],
+                            env=triton_env.environ(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    times = json.loads(result.stdout)
+    time.sleep(0.5)
+    match = re.findall(r"(\d\d):(\d\d):(\d\d\.\d+) \d+ model.py:\d+\] \"ldmrt pipeline: generation "
+                       r"cancelled by the caller after denoising step (\d+) of (\d+)", server.log_tail(10 ** 6))
+    assert match, server.log_tail()
+    hour, minute, second, done, total = match[-1]
+    assert int(total) == steps and int(done) < steps
+    cancelled = datetime.datetime.fromtimestamp(times["cancelled"])
+    stopped = cancelled.replace(hour=int(hour), minute=int(minute), second=0, microsecond=0) \
+        + datetime.timedelta(seconds=float(second))
+    step_seconds = (times["cancelled"] - times["start"]) / int(done)    # an upper bound: includes set-up
+    delay = (stopped - cancelled).total_seconds()
+    print(f"cancelled after step {done} of {total}: stopped {delay * 1e3:.1f} ms after the cancel, "
+          f"{step_seconds * 1e3:.1f} ms per step; next request answered after {times['follow_up']:.3f} s")
+    assert delay < 2 * step_seconds + 0.25, (delay, step_seconds)
+    remaining = (steps - int(done)) * step_seconds
+    assert times["follow_up"] < 0.25 * remaining, (times, remaining)     # it did not wait for the rest
+
+
+def _stub_pids(server) -> list[int]:
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == server.process.pid and b"triton_python_backend_stub" in cmdline:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _probe(server, timeout: float = 20) -> "subprocess.CompletedProcess":
+    import subprocess
+    import sys
+
+    probe = server.repository / "pipeline" / "probe.py"          # the copy the repository ships
+    return subprocess.run([sys.executable, str(probe), "--url", server.http_url, "--timeout", str(timeout)],
+                          capture_output=True, text=True, timeout=timeout + 30)
+
+
+def test_the_probe_sees_a_dead_stub_and_a_reload_cures_it(server):
+    import signal
+    import urllib.request
+
+    healthy = _probe(server)
+    assert healthy.returncode == 0 and healthy.stdout.startswith("ok: pipeline made 2 images"), healthy
+    (stub,) = _stub_pids(server)
+    os.kill(stub, signal.SIGKILL)
+    time.sleep(1.0)
+    ready = urllib.request.urlopen(f"http://{server.http_url}/v2/models/pipeline/ready", timeout=10)
+    assert ready.status == 200                                   # what readiness probes see: nothing
+    start = time.perf_counter()
+    dead = _probe(server, timeout=15)
+    assert dead.returncode == 1 and "not healthy" in dead.stderr, dead
+    assert time.perf_counter() - start < 20
+    # The recovery docs/triton.md gives for --model-control-mode=explicit: reload the model.
+    load = urllib.request.Request(f"http://{server.http_url}/v2/repository/models/pipeline/load",
+                                  data=b"", method="POST")
+    assert urllib.request.urlopen(load, timeout=120).status == 200
+    cured = _probe(server)
+    assert cured.returncode == 0, cured
+    assert _stub_pids(server) and _stub_pids(server) != [stub]
+
+
+_OWNER = '''
+import json, sys, time
+sys.path.insert(0, sys.argv[3])
+from ldmrt.triton.server import TritonEnvironment, TritonServer
+server = TritonServer(TritonEnvironment.locate(), sys.argv[1], sys.argv[2], startup_timeout=120)
+server.start()
+print(json.dumps({"server": server.process.pid}), flush=True)
+time.sleep(600)
+'''
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
+def test_the_server_helper_stops_its_server_when_its_owner_dies(triton_env, served_repo, tmp_path, signal_name):
+    import signal
+    import subprocess
+    import sys
+
+    from ldmrt.triton.server import SOURCE_ROOT
+
+    script = tmp_path / "owner.py"
+    script.write_text(_OWNER)
+    owner = subprocess.Popen([sys.executable, str(script), str(served_repo), str(tmp_path / "work"),
+                              str(SOURCE_ROOT)], stdout=subprocess.PIPE, text=True)
+    try:
+        server_pid = json.loads(owner.stdout.readline())["server"]
+        members = lambda: [p for p in Path("/proc").glob("[0-9]*/stat")          # noqa: E731
+                           if _group_of(p) == server_pid]
+        assert members()
+        owner.send_signal(getattr(signal, signal_name))
+        owner.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while members() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not members(), f"tritonserver (group {server_pid}) outlived its owner's {signal_name}"
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+
+
+def _group_of(stat: Path) -> int | None:
+    try:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[2]) if fields[0] != "Z" else None

@@ -315,6 +315,16 @@ class _Tensor:
         return self._array
 
 
+class _Error(str):
+    """pb_utils.TritonError: a message and a code (the codes as in Triton's Python backend)."""
+    UNKNOWN, INTERNAL, NOT_FOUND, INVALID_ARG, UNAVAILABLE, UNSUPPORTED, ALREADY_EXISTS, CANCELLED = range(8)
+
+    def __new__(cls, message, code=0):
+        error = super().__new__(cls, message)
+        error.code = code
+        return error
+
+
 class _Response:
     def __init__(self, output_tensors=(), error=None):
         self.output_tensors, self.error = list(output_tensors), error
@@ -324,7 +334,7 @@ def _fake_pb_utils() -> types.ModuleType:
     module = types.ModuleType("triton_python_backend_utils")
     module.Tensor = _Tensor
     module.InferenceResponse = _Response
-    module.TritonError = lambda message: message
+    module.TritonError = _Error
     module.get_input_tensor_by_name = lambda request, name: request.get(name)
     module.Logger = types.SimpleNamespace(log_info=lambda m: None, log_warn=lambda m: None,
                                           log_error=lambda m: None)
@@ -364,8 +374,9 @@ def test_pipeline_model_in_process_matches_the_pipeline_api(bundle, repo, monkey
     expected = reference.generate(GenerationRequest(
         prompt=["a red fox", "a blue bird"], negative_prompt="blurry", steps=3, seed=5, sampler="euler",
         guidance=6.0, height=64, width=96, batch=2)).images
-    (images,) = good.output_tensors
+    images, warnings = good.output_tensors
     assert images.name() == "images" and images.as_numpy().shape == (2, 64, 96, 3)
+    assert warnings.name() == "warnings" and warnings.as_numpy().shape == (0,)
     assert np.abs(images.as_numpy() - expected).max() <= MAX_DIFF
     assert bad.error is not None and "no-such-sampler" in bad.error and not bad.output_tensors
     expected = reference.generate(GenerationRequest(prompt="x", steps=2)).images

@@ -19,7 +19,8 @@ def triton(
     gpus: Optional[List[int]] = typer.Option(None, "--gpu", help="GPU index for kind gpu (repeatable)."),
     dynamic_batching: bool = typer.Option(True, "--dynamic-batching/--no-dynamic-batching",
                                           help="Triton's dynamic batcher on batched component models."),
-    max_queue_delay_us: int = typer.Option(100, help="Dynamic batching: longest wait for a fuller batch."),
+    max_queue_delay_us: int = typer.Option(100, help="Dynamic batching: longest wait for a fuller batch, "
+                                                     "0 to 1000000 microseconds."),
     preferred_batch_size: Optional[List[int]] = typer.Option(None, help="Dynamic batching (repeatable)."),
     pipeline_instances: int = typer.Option(1, help="Instances (stub processes) of the pipeline model."),
     pipeline_kind: str = typer.Option("auto", help="Pipeline instances: auto | cpu | gpu."),
@@ -27,6 +28,8 @@ def triton(
                                                              "onnxruntime | tensorrt | tensorrt-rtx."),
     pipeline_device: str = typer.Option("auto", help="onnxruntime device: auto (cuda on GPU instances) | cpu | cuda."),
     threads: int = typer.Option(0, help="onnxruntime intra-op threads per pipeline instance (0: default)."),
+    max_cost: float = typer.Option(0.0, help="Pipeline: refuse (HTTP 400) requests over steps x images x "
+                                             "megapixels, e.g. 60 (0: no limit)."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Pipeline instances check the bundle's "
                                                                    "sha256 when they load."),
     files: str = typer.Option("hardlink", help="How bundle files enter the repository: hardlink (copy "
@@ -52,6 +55,7 @@ def triton(
             batching=DynamicBatching(dynamic_batching, max_queue_delay_us, tuple(preferred_batch_size or ())),
             pipeline=PipelineModelOptions(
                 backend=pipeline_backend, device=pipeline_device, threads=threads, verify=verify,
+                max_cost=max_cost,
                 instances=InstanceGroup(pipeline_instances, _enum(InstanceKind, pipeline_kind, "--pipeline-kind"))),
             files=_enum(FileMode, files, "--files"), force=force)
         with console.status(f"checking {bundle} and writing {out}"):

@@ -23,6 +23,7 @@ VERSION = "1"
 PIPELINE_INPUTS = {"prompt": "TYPE_STRING", "negative_prompt": "TYPE_STRING", "steps": "TYPE_INT32",
                    "guidance": "TYPE_FP32", "sampler": "TYPE_STRING", "seed": "TYPE_INT64",
                    "height": "TYPE_INT32", "width": "TYPE_INT32"}
+PIPELINE_OUTPUTS = [("images", "TYPE_FP32", [-1, -1, -1, 3]), ("warnings", "TYPE_STRING", [-1])]
 _NUMPY_TO_TRITON = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16",
                     "int32": "TYPE_INT32", "int64": "TYPE_INT64", "uint8": "TYPE_UINT8",
                     "int8": "TYPE_INT8", "bool": "TYPE_BOOL", "float64": "TYPE_FP64"}
@@ -48,21 +49,36 @@ def check_repository(repo: str | Path) -> dict[str, Any]:
             configs[path.parent.name] = parse_config(path)
         except Exception as exc:  # text_format.ParseError and friends
             problems.append(f"{path}: does not parse as Triton's ModelConfig: {exc}")
-    pipelines = [name for name, c in configs.items() if c.backend == "python"]
-    if len(pipelines) != 1:
+    # A repository may be shared: ldmrt's pipelines say so in their parameters, and each one's
+    # component models share its prefix; other models are someone else's.
+    pipelines = [name for name, c in configs.items()
+                 if c.backend == "python" and "ldmrt_bundle_name" in c.parameters]
+    if not pipelines:
         return {"models": sorted(configs), "problems": problems + [
-            f"{repo}: expected one Python-backend pipeline model, found {pipelines}"]}
-    pipeline = pipelines[0]
+            f"{repo}: expected an ldmrt pipeline model (Python backend, parameter ldmrt_bundle_name), "
+            f"found none among {sorted(configs)}"]}
+    dtype_name = model_config_pb2.DataType.Name
+    summary: dict[str, Any] = {}
+    for pipeline in pipelines:
+        problems += _check_group(repo, pipeline, configs, summary, dtype_name)
+    return {"models": summary, "problems": problems}
+
+
+def _check_group(repo: Path, pipeline: str, configs: dict[str, Any], summary: dict[str, Any],
+                 dtype_name) -> list[str]:
+    """One pipeline model and the component models of its prefix, against its bundle's manifest."""
+    from ldmrt.triton.ownership import read_marker
+
     prefix = pipeline.removesuffix("pipeline")
     params = {k: v.string_value for k, v in configs[pipeline].parameters.items()}
     bundle = repo / pipeline / VERSION / params.get("bundle", "bundle")
     manifest = load_manifest(bundle)
-    dtype_name = model_config_pb2.DataType.Name
-    problems += _check_pipeline(repo, pipeline, configs[pipeline], dtype_name)
-    summary: dict[str, Any] = {pipeline: {"backend": "python", "bundle": str(bundle)}}
+    problems = _check_pipeline(repo, pipeline, configs[pipeline], dtype_name)
+    summary[pipeline] = {"backend": "python", "bundle": str(bundle)}
     expected = {f"{prefix}{name}" for name in manifest.components} | {pipeline}
     for extra in sorted(set(configs) - expected):
-        problems.append(f"{repo}/{extra}: a model the manifest does not have")
+        if (read_marker(repo / extra) or {}).get("group") == pipeline:
+            problems.append(f"{repo}/{extra}: a model of {pipeline} that its manifest does not have")
     for name, entry in manifest.components.items():
         model = f"{prefix}{name}"
         if model not in configs:
@@ -74,7 +90,7 @@ def check_repository(repo: str | Path) -> dict[str, Any]:
         summary[model] = {"platform": config.platform, "max_batch_size": config.max_batch_size,
                           "inputs": [[t.name, dtype_name(t.data_type), list(t.dims)] for t in config.input],
                           "outputs": [[t.name, dtype_name(t.data_type), list(t.dims)] for t in config.output]}
-    return {"models": summary, "problems": problems}
+    return problems
 
 
 def _check_pipeline(repo: Path, name: str, config: Any, dtype_name) -> list[str]:
@@ -85,8 +101,8 @@ def _check_pipeline(repo: Path, name: str, config: Any, dtype_name) -> list[str]
     if any(not t.optional for t in config.input):
         problems.append(f"{name}: every request input should be optional")
     outputs = [(t.name, dtype_name(t.data_type), list(t.dims)) for t in config.output]
-    if outputs != [("images", "TYPE_FP32", [-1, -1, -1, 3])]:
-        problems.append(f"{name}: outputs {outputs}, expected images TYPE_FP32 [-1, -1, -1, 3]")
+    if outputs != PIPELINE_OUTPUTS:
+        problems.append(f"{name}: outputs {outputs}, expected {PIPELINE_OUTPUTS}")
     if not (repo / name / VERSION / "model.py").is_file():
         problems.append(f"{name}: no {VERSION}/model.py")
     return problems

@@ -3,7 +3,8 @@
 Runs where tritonclient is installed (the environment of scripts/triton_env.sh):
 
     python -m ldmrt.triton.client generate --http 127.0.0.1:8000 --grpc 127.0.0.1:8001 \\
-        --requests requests.json --out images.npz          # concurrent, one file of images
+        --requests requests.json --out images.npz          # concurrent, one file of images;
+                                                           # stdout: seconds and warnings per request
     python -m ldmrt.triton.client load --url 127.0.0.1:8000 --protocol http \\
         --request '{"prompt": ["a fox"], "steps": 4}' --count 20 --concurrency 2   # bounded load
 
@@ -19,6 +20,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
@@ -29,6 +31,13 @@ INPUTS = {  # name -> (Triton datatype, numpy dtype)
     "seed": ("INT64", np.int64), "height": ("INT32", np.int32), "width": ("INT32", np.int32),
 }
 OUTPUT = "images"
+WARNINGS = "warnings"   # the pipeline's GenerationResult.warnings (e.g. a truncated prompt)
+
+
+@dataclass(frozen=True)
+class Reply:
+    images: np.ndarray          # [N, H, W, 3] in [0, 1]
+    warnings: list[str]
 
 
 def protocol_module(protocol: str):
@@ -59,8 +68,8 @@ class Clients:
         return clients[protocol]
 
 
-def infer(clients: Clients, protocol: str, model: str, request: Mapping[str, Any]) -> np.ndarray:
-    """One pipeline request; the images [N, H, W, 3] (tritonclient raises on an error response)."""
+def infer(clients: Clients, protocol: str, model: str, request: Mapping[str, Any]) -> Reply:
+    """One pipeline request: its images and warnings (tritonclient raises on an error response)."""
     module = protocol_module(protocol)
     inputs = []
     for name, value in request.items():
@@ -72,25 +81,27 @@ def infer(clients: Clients, protocol: str, model: str, request: Mapping[str, Any
         tensor = module.InferInput(name, list(array.shape), datatype)
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
-    outputs = [module.InferRequestedOutput(OUTPUT)]
+    outputs = [module.InferRequestedOutput(name) for name in (OUTPUT, WARNINGS)]
     kwargs = {"client_timeout": clients.timeout} if protocol == "grpc" else {}
     result = clients.get(protocol).infer(model, inputs, outputs=outputs, **kwargs)
-    return result.as_numpy(OUTPUT)
+    warnings = result.as_numpy(WARNINGS)
+    return Reply(result.as_numpy(OUTPUT), [] if warnings is None else
+                 [w.decode("utf-8") if isinstance(w, bytes) else str(w) for w in warnings.reshape(-1)])
 
 
 def generate(urls: Mapping[str, str], model: str, requests: list[dict], concurrency: int,
-             timeout: float) -> tuple[list[np.ndarray], list[float]]:
-    """Send `requests` (each with its "protocol") from `concurrency` threads; images and seconds."""
+             timeout: float) -> tuple[list[Reply], list[float]]:
+    """Send `requests` (each with its "protocol") from `concurrency` threads; replies and seconds."""
     clients = Clients(urls, timeout)
 
-    def one(request: dict) -> tuple[np.ndarray, float]:
+    def one(request: dict) -> tuple[Reply, float]:
         start = time.perf_counter()
-        images = infer(clients, request.get("protocol", "http"), model, request)
-        return images, time.perf_counter() - start
+        reply = infer(clients, request.get("protocol", "http"), model, request)
+        return reply, time.perf_counter() - start
 
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         results = list(pool.map(one, requests))
-    return [images for images, _ in results], [seconds for _, seconds in results]
+    return [reply for reply, _ in results], [seconds for _, seconds in results]
 
 
 def load(url: str, protocol: str, model: str, request: dict, count: int, concurrency: int,
@@ -162,10 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "generate":
         with open(args.requests) as handle:
             requests = json.load(handle)
-        images, seconds = generate({"http": args.http, "grpc": args.grpc}, args.model, requests,
-                                   args.concurrency, args.timeout)
-        np.savez(args.out, **{f"images_{i}": array for i, array in enumerate(images)})
-        sys.stdout.write(json.dumps({"seconds": seconds}) + "\n")
+        replies, seconds = generate({"http": args.http, "grpc": args.grpc}, args.model, requests,
+                                    args.concurrency, args.timeout)
+        np.savez(args.out, **{f"images_{i}": reply.images for i, reply in enumerate(replies)})
+        sys.stdout.write(json.dumps({"seconds": seconds,
+                                     "warnings": [reply.warnings for reply in replies]}) + "\n")
         return 0
     report = load(args.url, args.protocol, args.model, json.loads(args.request), args.count,
                   args.concurrency, args.max_seconds, args.warmup, args.timeout)

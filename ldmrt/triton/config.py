@@ -24,6 +24,7 @@ TRITON_DTYPES: Mapping[str, str] = {
     "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL", "string": "TYPE_STRING",
 }
 BATCH = "batch"
+MAX_QUEUE_DELAY_US = 1_000_000     # dynamic batching: the longest wait for a fuller batch
 
 
 class InstanceKind(str, enum.Enum):
@@ -60,8 +61,12 @@ class DynamicBatching:
     preferred_batch_sizes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.max_queue_delay_us < 0:
-            raise ConfigError(f"--max-queue-delay-us {self.max_queue_delay_us}: expected >= 0")
+        if isinstance(self.max_queue_delay_us, bool) or not isinstance(self.max_queue_delay_us, int) \
+                or not 0 <= self.max_queue_delay_us <= MAX_QUEUE_DELAY_US:
+            raise ConfigError(f"max_queue_delay_us {self.max_queue_delay_us!r}: expected an integer in "
+                              f"[0, {MAX_QUEUE_DELAY_US}] microseconds (at most 1 s: a request waiting "
+                              f"longer for a fuller batch has waited longer than it runs)",
+                              field="max_queue_delay_us")
         if any(size < 1 for size in self.preferred_batch_sizes):
             raise ConfigError(f"--preferred-batch-size {list(self.preferred_batch_sizes)}: expected sizes >= 1")
 

@@ -46,9 +46,10 @@ def read_marker(folder: Path) -> dict[str, Any] | None:
     return document
 
 
-def foreign_paths(folder: Path) -> list[str]:
+def foreign_paths(folder: Path, contents: bool = True) -> list[str]:
     """What `folder` holds that ldmrt did not write there, or that changed since (relative paths);
-    ["<no ldmrt marker>"] when ldmrt did not write the folder at all."""
+    ["<no ldmrt marker>"] when ldmrt did not write the folder at all. contents=False compares
+    names, kinds, sizes and links only (no hashing: the re-check at the swap)."""
     marker = read_marker(folder)
     if marker is None:
         return [f"<no {MARKER}: not written by ldmrt>"]
@@ -58,7 +59,7 @@ def foreign_paths(folder: Path) -> list[str]:
         expected = recorded.get(relative)
         if not isinstance(expected, dict) or {k: v for k, v in expected.items() if k != "sha256"} != entry:
             found.append(relative)           # added, or another kind, size or link target
-        elif "sha256" in expected and sha256_file(folder / relative) != expected["sha256"]:
+        elif contents and "sha256" in expected and sha256_file(folder / relative) != expected["sha256"]:
             found.append(relative)           # same size, other bytes: the user's edit
     return sorted(found)
 
@@ -90,14 +91,19 @@ def claim_models(repo: Path, names: list[str], group: str, force: bool) -> Claim
             raise ConfigError(f"out {repo}: {name} is not a folder ldmrt wrote; ldmrt never replaces "
                               f"it, even with --force: remove or rename it yourself, or pass another "
                               f"--prefix", field="out")
-        foreign = foreign_paths(folder)
-        if foreign:
-            shown = ", ".join(foreign[:_SHOWN]) + (f" and {len(foreign) - _SHOWN} more"
-                                                   if len(foreign) > _SHOWN else "")
-            raise ConfigError(f"out {repo}: model folder {name} holds what ldmrt did not write there "
-                              f"(or changed since): {shown}; ldmrt never deletes it, even with "
-                              f"--force: move it out, or pass another --prefix", field="out")
+        refuse_foreign(folder)
     return Claim(tuple(existing), tuple(stale))
+
+
+def refuse_foreign(folder: Path, contents: bool = True) -> None:
+    """ConfigError naming what `folder` holds that ldmrt did not write (see foreign_paths)."""
+    foreign = foreign_paths(folder, contents)
+    if foreign:
+        shown = ", ".join(foreign[:_SHOWN]) + (f" and {len(foreign) - _SHOWN} more"
+                                               if len(foreign) > _SHOWN else "")
+        raise ConfigError(f"out {folder.parent}: model folder {folder.name} holds what ldmrt did not "
+                          f"write there (or changed since): {shown}; ldmrt never deletes it, even with "
+                          f"--force: move it out, or pass another --prefix", field="out")
 
 
 def _contents(folder: Path, digests: dict[tuple[int, int], str], hash_files: bool = True

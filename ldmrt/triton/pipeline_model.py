@@ -11,10 +11,19 @@ Request tensors (all optional; one element each unless said):
   prompt           BYTES [N]  one image per prompt (default: one empty prompt)
   negative_prompt  BYTES [1 or N]
   steps INT32, guidance FP32, sampler BYTES, seed INT64, height INT32, width INT32
-Response: images FP32 [N, H, W, 3] in [0, 1], exactly GenerationResult.images.
+Response: images FP32 [N, H, W, 3] in [0, 1], exactly GenerationResult.images, and warnings
+BYTES [K] (GenerationResult.warnings, e.g. a truncated prompt; K may be 0).
+
+Errors: the caller's mistakes (an error with `field`, a tensor that does not decode, a request
+over the repository's `max_cost`) are INVALID_ARG (HTTP 400); a request its gRPC client cancelled
+is CANCELLED; anything else is INTERNAL (HTTP 500). Each failure also counts in the custom counter
+`ldmrt_pipeline_failures{model, reason}` on Triton's /metrics: this Python backend (2.51) counts
+error responses as successes in nv_inference_request_success (measured), and raising from
+`execute` instead would fail every request of the batch with a 500.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -28,10 +37,11 @@ import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 OUTPUT = "images"
-_SCALARS = {  # input name -> (GenerationRequest field, how to read one element)
-    "steps": ("steps", int), "guidance": ("guidance", float), "seed": ("seed", int),
-    "height": ("height", int), "width": ("width", int),
-    "sampler": ("sampler", lambda v: v.decode("utf-8") if isinstance(v, bytes) else str(v)),
+WARNINGS = "warnings"
+FAILURE_REASONS = ("invalid_argument", "cancelled", "internal")
+_SCALARS = {  # input name -> how to read its one element
+    "steps": int, "guidance": float, "seed": int, "height": int, "width": int,
+    "sampler": lambda v: _text(v, "sampler", 0),
 }
 
 
@@ -45,6 +55,8 @@ class TritonPythonModel:
         if gpu:
             # One stub process per instance: pin it to its GPU before any CUDA library loads.
             os.environ["CUDA_VISIBLE_DEVICES"] = str(args.get("model_instance_device_id", "0"))
+        self.logger = pb_utils.Logger
+        _log_through_triton(self.logger)
         from ldmrt.runtime.pipeline import Pipeline
 
         backend = params.get("backend", "onnxruntime")
@@ -56,9 +68,12 @@ class TritonPythonModel:
             if threads:
                 options["threads"] = threads
         bundle = HERE / params.get("bundle", "bundle")
-        self.logger = pb_utils.Logger
+        self.max_cost = float(params.get("max_cost", "0") or 0)
         self.pipeline = Pipeline.load(bundle, backend, verify=params.get("verify", "true") == "true",
                                       **options)
+        # Pipelines of before issue 14 have no `cancel`: stop them from on_step instead.
+        self.cancel_argument = "cancel" in inspect.signature(self.pipeline.generate).parameters
+        self.failures = _failure_counters(config.get("name", args.get("model_name", "pipeline")))
         self.logger.log_info(f"ldmrt pipeline {self.pipeline.manifest.name} loaded from {bundle} on "
                              f"{backend} {options} (instance {args.get('model_instance_name')})")
 
@@ -66,40 +81,96 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                result = self.pipeline.generate(self.generation_request(request))
-                for message in result.warnings:
-                    self.logger.log_warn(message)
+                generation = self.generation_request(request)
+                self.check_cost(generation)
+                result = self.pipeline.generate(generation, **self.cancel_options(request))
                 images = np.ascontiguousarray(result.images, dtype=np.float32)   # (N, H, W, 3)
-                responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(OUTPUT, images)]))
+                warnings = np.array([m.encode("utf-8") for m in result.warnings], dtype=np.object_)
+                responses.append(pb_utils.InferenceResponse(output_tensors=[
+                    pb_utils.Tensor(OUTPUT, images), pb_utils.Tensor(WARNINGS, warnings)]))
             except Exception as exc:  # one bad request must not take the instance down
-                self.logger.log_error(f"ldmrt pipeline: {type(exc).__name__}: {exc}")
-                responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[], error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}")))
+                responses.append(self.error_response(exc))
         return responses
+
+    def error_response(self, exc: Exception):
+        """INVALID_ARG for the caller's mistakes, CANCELLED, else INTERNAL; counted per reason."""
+        from ldmrt.errors import GenerationCancelled
+
+        if isinstance(exc, GenerationCancelled):
+            reason, code, message = "cancelled", pb_utils.TritonError.CANCELLED, str(exc)
+            self.logger.log_info(f"ldmrt pipeline: {exc}")
+        elif getattr(exc, "field", None) is not None:
+            reason, code, message = "invalid_argument", pb_utils.TritonError.INVALID_ARG, str(exc)
+            self.logger.log_info(f"ldmrt pipeline: bad request: {exc}")
+        else:
+            reason, code = "internal", pb_utils.TritonError.INTERNAL
+            message = f"{type(exc).__name__}: {exc}"
+            self.logger.log_error(f"ldmrt pipeline: {message}")
+        if self.failures:
+            self.failures[reason].increment(1)
+        return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
+
+    def cancel_options(self, request) -> dict:
+        """The Pipeline's cancel check: this request's is_cancelled (its gRPC client went away)."""
+        is_cancelled = getattr(request, "is_cancelled", None)     # Python backends before 23.10 lack it
+        if is_cancelled is None:
+            return {}
+        if self.cancel_argument:
+            return {"cancel": is_cancelled}
+        from ldmrt.errors import GenerationCancelled
+
+        def on_step(done: int, total: int) -> None:
+            if done < total and is_cancelled():
+                raise GenerationCancelled(f"generation cancelled by the caller after denoising step "
+                                          f"{done} of {total}; no image was made")
+        return {"on_step": on_step}
+
+    def check_cost(self, generation) -> None:
+        """Refuse, before any work, a request over the repository's limit on steps x images x
+        megapixels (`ldmrt triton --max-cost`); fields the Pipeline refuses anyway are left to it."""
+        if self.max_cost <= 0:
+            return
+        from ldmrt.errors import LdmrtError
+
+        spec = self.pipeline.manifest.component("unet").spec
+        f = self.pipeline.config.downsampling_factor
+        height = generation.height or spec.ranges["latent_height"][1] * f
+        width = generation.width or spec.ranges["latent_width"][1] * f
+        numbers = (generation.steps, generation.batch, height, width)
+        if not all(isinstance(n, int) and n > 0 for n in numbers):
+            return
+        megapixels = height * width / 1e6
+        cost = generation.steps * generation.batch * megapixels
+        if cost > self.max_cost:
+            raise LdmrtError(f"request: costs {cost:.4g} (steps {generation.steps} x {generation.batch} "
+                             f"images x {megapixels:.4g} megapixels), over this model's limit max_cost "
+                             f"{self.max_cost:g} (set by ldmrt triton --max-cost); ask for fewer steps, "
+                             f"images or pixels", field="request")
 
     def generation_request(self, request):
         """The request's tensors as a GenerationRequest (defaults where a tensor is absent)."""
-        from ldmrt.errors import GenerationError
+        from ldmrt.errors import LdmrtError
         from ldmrt.runtime.pipeline import GenerationRequest
 
         fields: dict = {}
         prompts = _strings(request, "prompt")
         if prompts is not None:
             if not prompts:
-                raise GenerationError("prompt: expected at least one string, found an empty tensor")
+                raise LdmrtError("prompt: expected at least one string, found an empty tensor", field="prompt")
             fields["prompt"] = prompts if len(prompts) > 1 else prompts[0]
             fields["batch"] = len(prompts)
         negative = _strings(request, "negative_prompt")
         if negative is not None:
             fields["negative_prompt"] = negative if len(negative) > 1 else (negative[0] if negative else "")
-        for name, (field_name, read) in _SCALARS.items():
+        for name, read in _SCALARS.items():
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is None:
                 continue
             values = tensor.as_numpy().reshape(-1)
             if values.size != 1:
-                raise GenerationError(f"{name}: expected one element, found shape {list(tensor.as_numpy().shape)}")
-            fields[field_name] = read(values[0].item() if hasattr(values[0], "item") else values[0])
+                raise LdmrtError(f"{name}: expected one element, found shape {list(tensor.as_numpy().shape)}",
+                                 field=name)
+            fields[name] = read(values[0].item() if hasattr(values[0], "item") else values[0])
         return GenerationRequest(**fields)
 
     def finalize(self) -> None:
@@ -110,4 +181,52 @@ def _strings(request, name: str) -> list[str] | None:
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:
         return None
-    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in tensor.as_numpy().reshape(-1)]
+    return [_text(v, name, i) for i, v in enumerate(tensor.as_numpy().reshape(-1))]
+
+
+def _text(value, name: str, index: int) -> str:
+    """One BYTES element as text; a caller's mistake (INVALID_ARG) when it is not UTF-8."""
+    if not isinstance(value, bytes):
+        return str(value)
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        from ldmrt.errors import LdmrtError
+
+        raise LdmrtError(f"{name}: element {index} is not UTF-8 text (byte {exc.start}: "
+                         f"{value[exc.start:exc.start + 1]!r}); send UTF-8", field=name) from None
+
+
+_FAMILIES: list = []
+
+
+def _failure_counters(model: str) -> dict | None:
+    """One counter per failure reason, shown on Triton's /metrics; None where the backend has no
+    custom metrics (before 23.05)."""
+    family_type = getattr(pb_utils, "MetricFamily", None)
+    if family_type is None:
+        return None
+    family = family_type(name="ldmrt_pipeline_failures",
+                         description="Failed ldmrt pipeline requests by reason "
+                                     "(invalid_argument: HTTP 400, cancelled, internal: HTTP 500)",
+                         kind=family_type.COUNTER)
+    counters = {reason: family.Metric(labels={"model": model, "reason": reason}) for reason in FAILURE_REASONS}
+    _FAMILIES.append(family)           # a family must outlive its metrics
+    return counters
+
+
+def _log_through_triton(logger) -> None:
+    """ldmrt's own log records (e.g. a truncated prompt) go to Triton's log once, through its
+    logger, instead of also reaching the stub's stderr through Python's last-resort handler."""
+    import logging
+
+    class TritonHandler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            write = (logger.log_error if record.levelno >= logging.ERROR else
+                     logger.log_warn if record.levelno >= logging.WARNING else logger.log_info)
+            write(f"{record.name}: {self.format(record)}")
+
+    root = logging.getLogger("ldmrt")
+    root.handlers = [TritonHandler()]
+    root.setLevel(logging.WARNING)
+    root.propagate = False

@@ -1,6 +1,7 @@
 """`ldmrt triton`: a Triton model repository generated from a bundle.
 
     REPO/<prefix>pipeline/config.pbtxt       Python backend: ldmrt's Pipeline (pipeline_model.py)
+    REPO/<prefix>pipeline/probe.py           liveness probe (probe.py): a minimal request per instance
     REPO/<prefix>pipeline/1/model.py
     REPO/<prefix>pipeline/1/ldmrt/           the torch-free runtime, vendored (vendor.py)
     REPO/<prefix>pipeline/1/bundle/          the whole bundle: manifest, graphs, tokenizer, engines
@@ -16,6 +17,7 @@ wrote (ownership.py's marker) and that hold nothing else are ever replaced.
 from __future__ import annotations
 
 import enum
+import json
 import logging
 import os
 import re
@@ -32,7 +34,7 @@ from ldmrt.iospec import ComponentSpec, parse_dim
 from ldmrt.manifest import MANIFEST_NAME, ComponentEntry, Manifest, load_manifest, verify_bundle
 from ldmrt.triton.config import (BATCH, DynamicBatching, InstanceGroup, InstanceKind,
                                  TritonModelConfig, TritonTensor, component_tensors)
-from ldmrt.triton.ownership import claim_models, record_model
+from ldmrt.triton.ownership import claim_models, record_model, refuse_foreign
 from ldmrt.triton.server import check_serving_path
 from ldmrt.triton.vendor import vendor_runtime
 
@@ -43,6 +45,7 @@ PIPELINE = "pipeline"
 BUNDLE_DIR = "bundle"                 # <pipeline>/1/bundle
 PIPELINE_BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
 MODEL_TEMPLATE = Path(__file__).with_name("pipeline_model.py")   # imports Triton's pb_utils: copy, don't import
+PROBE = Path(__file__).with_name("probe.py")        # shipped as <pipeline>/probe.py: the liveness probe
 _PREFIX = re.compile(r"^[A-Za-z0-9_.-]{0,64}$")
 
 
@@ -66,8 +69,13 @@ class PipelineModelOptions:
     threads: int = 0                   # onnxruntime intra-op threads per instance; 0: its default
     verify: bool = True                # check the bundle's sha256 when an instance loads
     instances: InstanceGroup = InstanceGroup()
+    max_cost: float = 0.0              # refuse requests over steps x images x megapixels; 0: no limit
 
     def __post_init__(self) -> None:
+        if isinstance(self.max_cost, bool) or not isinstance(self.max_cost, (int, float)) \
+                or not 0 <= self.max_cost < float("inf"):
+            raise ConfigError(f"max_cost {self.max_cost!r}: expected a finite number >= 0 "
+                              f"(steps x images x megapixels; 0: no limit)", field="max_cost")
         if self.backend not in PIPELINE_BACKENDS:
             raise ConfigError(f"--pipeline-backend {self.backend!r}: expected one of {list(PIPELINE_BACKENDS)}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -132,13 +140,20 @@ def write_repository(bundle_dir: str | os.PathLike, out: str | os.PathLike,
     temp = work_folder(out if not out.exists() else out / group)
     try:
         notes += _write(temp, bundle, models, options.files, group)
-        if not out.exists():
-            move_into_place(temp, out)
+        if temp.parent == out.parent:
+            move_into_place(temp, out, replace=False)   # another run's new REPO is never replaced
         else:
             for name in names:
-                move_into_place(temp / name, out / name)
+                # Judged again at the swap (names and sizes): a file added meanwhile is kept.
+                move_into_place(temp / name, out / name, replace=name in claim.replace,
+                                replaceable=lambda folder: refuse_foreign(folder, contents=False))
             for name in claim.stale:
+                refuse_foreign(out / name, contents=False)
                 shutil.rmtree(out / name)
+    except FileExistsError as exc:
+        raise ConfigError(f"out {out}: {exc.filename} was created by someone else while this run "
+                          f"wrote; it was left as it is: run again (with --force to replace ldmrt's "
+                          f"models)", field="out") from None
     finally:
         if temp.exists():
             shutil.rmtree(temp, ignore_errors=True)
@@ -180,16 +195,34 @@ def pipeline_model(bundle: Path, manifest: Manifest, options: RepositoryOptions)
               TritonTensor("seed", "TYPE_INT64", scalar, optional=True),
               TritonTensor("height", "TYPE_INT32", scalar, optional=True),
               TritonTensor("width", "TYPE_INT32", scalar, optional=True))
-    outputs = (TritonTensor("images", "TYPE_FP32", (-1, -1, -1, 3)),)
+    outputs = (TritonTensor("images", "TYPE_FP32", (-1, -1, -1, 3)),
+               TritonTensor("warnings", string, (-1,)))
     pipe = options.pipeline
     parameters = {"bundle": BUNDLE_DIR, "backend": pipe.backend, "device": pipe.device,
                   "threads": str(pipe.threads), "verify": "true" if pipe.verify else "false",
-                  "ldmrt_bundle_name": manifest.name}
+                  "ldmrt_bundle_name": manifest.name, "max_cost": f"{pipe.max_cost:g}",
+                  "limits": json.dumps(request_limits(manifest, pipe.max_cost), sort_keys=True)}
     config = TritonModelConfig(name=f"{options.prefix}{PIPELINE}", backend="python", max_batch_size=0,
                                inputs=inputs, outputs=outputs, instance_group=pipe.instances,
                                parameters=parameters)
     files = {f"{BUNDLE_DIR}/{relative}": bundle / relative for relative in _bundle_files(bundle)}
     return ModelPlan(config, files, note=f"ldmrt Pipeline on {pipe.backend}")
+
+
+def request_limits(manifest: Manifest, max_cost: float) -> dict[str, Any]:
+    """What the pipeline model accepts, as the library checks it (config parameter `limits`, for
+    clients and the probe): steps per sampler, image sides in pixels, images per request."""
+    from ldmrt.runtime.samplers import SAMPLERS, max_steps
+
+    spec = manifest.component("unet").spec
+    f = manifest.config.downsampling_factor
+    scheduler = manifest.config.scheduler
+    sides = {side: [spec.ranges[f"latent_{side}"][0] * f, spec.ranges[f"latent_{side}"][1] * f,
+                    spec.ranges[f"latent_{side}"][2] * f] for side in ("height", "width")}
+    return {"steps": {name: [1, max_steps(name, scheduler)] for name in SAMPLERS},
+            "default_sampler": scheduler.default_sampler,
+            "height": sides["height"], "width": sides["width"], "multiple_of": f,   # [min, default, max]
+            "images": [1, manifest.shape_ranges.max_batch], "max_cost": max_cost}
 
 
 def component_model(bundle: Path, manifest: Manifest, entry: ComponentEntry,
@@ -347,6 +380,7 @@ def _write(root: Path, bundle: Path, models: list[ModelPlan], mode: FileMode, gr
         for relative, source in pipeline.files.items():
             _place(source, pipeline_dir / relative, mode, notes)
     shutil.copyfile(MODEL_TEMPLATE, pipeline_dir / "model.py")
+    shutil.copyfile(PROBE, root / pipeline.config.name / PROBE.name)
     vendor_runtime(pipeline_dir)
     (root / pipeline.config.name / "config.pbtxt").write_text(pipeline.config.to_pbtxt())
     for model in models[1:]:

@@ -8,11 +8,16 @@ attribute '_recursion_count' from a pyenv 3.11.7 environment against Debian's li
 
 `TritonServer` binds 127.0.0.1 on free ports, loads the named models (explicit model control),
 waits for readiness with a deadline, and on stop ends its whole process group (the server and
-its Python stubs), so nothing outlives it.
+its Python stubs), so nothing outlives it: not a normal exit (atexit), not SIGTERM or SIGINT to
+its owner (handlers that stop every running server, then do what the signal did before), and not
+its owner's death by SIGKILL when it was started from the main thread (the kernel's parent-death
+signal, PR_SET_PDEATHSIG, sends the server SIGTERM).
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
+import ctypes
 import logging
 import os
 import re
@@ -20,7 +25,10 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
+import weakref
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -145,6 +153,46 @@ class TritonEnvironment:
                               capture_output=True, text=True, **kwargs)
 
 
+_RUNNING: "weakref.WeakSet[TritonServer]" = weakref.WeakSet()
+_HOOKED: set[int] = set()          # signals whose handler stops the running servers
+
+
+def _stop_running() -> None:
+    for server in list(_RUNNING):
+        server.stop()
+
+
+def _hook_owner_exit() -> None:
+    """Stop every running server at exit and on SIGTERM/SIGINT (main thread only: Python sets
+    handlers there), chaining to the handler that was there before."""
+    if not _HOOKED:
+        atexit.register(_stop_running)
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        if signum in _HOOKED:
+            continue
+        previous = signal.getsignal(signum)
+
+        def handler(number, frame, previous=previous):
+            _stop_running()
+            if callable(previous):
+                previous(number, frame)
+            elif previous != signal.SIG_IGN:        # SIG_DFL: die of the signal, as before
+                signal.signal(number, signal.SIG_DFL)
+                os.kill(os.getpid(), number)
+
+        signal.signal(signum, handler)
+        _HOOKED.add(signum)
+
+
+def _die_with_owner() -> None:
+    """In the child before exec: SIGTERM when the thread that started it exits (the main thread:
+    when the owner process dies, SIGKILL included)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)    # PR_SET_PDEATHSIG = 1
+
+
 def free_ports(count: int) -> list[int]:
     """Distinct free TCP ports on 127.0.0.1 (the OS picks; a tiny race remains until bound)."""
     sockets, ports = [], []
@@ -191,6 +239,12 @@ class TritonServer:
 
     def start(self, attempts: int = 3) -> None:
         """Start and wait until every model is ready; retries with new ports if one was taken."""
+        for path, what in ((self.repository, "repository"), (self.workdir, "workdir")):
+            try:
+                check_serving_path(path, what)
+            except LdmrtError as exc:
+                raise TritonServerError(str(exc), field=what) from None
+        _hook_owner_exit()
         self.workdir.mkdir(parents=True, exist_ok=True)
         backends = self._backend_directory()
         for attempt in range(1, attempts + 1):
@@ -266,11 +320,16 @@ class TritonServer:
                    f"--exit-timeout-secs={self.exit_timeout}",
                    "--strict-readiness=true", "--log-verbose=0"]
         log.info("starting %s", " ".join(command))
+        # The parent-death signal fires when the starting *thread* ends: only the main thread
+        # lives as long as the process.
+        main = threading.current_thread() is threading.main_thread() and sys.platform.startswith("linux")
         with open(self.log_path, "ab") as log_file:
             self.process = subprocess.Popen(command, env=self.environment.environ(), cwd=self.workdir,
                                             stdin=subprocess.DEVNULL, stdout=log_file,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+                                            stderr=subprocess.STDOUT, start_new_session=True,
+                                            preexec_fn=_die_with_owner if main else None)
         self.process_group = self.process.pid
+        _RUNNING.add(self)
 
     def _wait_ready(self) -> None:
         assert self.process is not None
