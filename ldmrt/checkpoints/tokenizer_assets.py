@@ -14,15 +14,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Mapping
 
-from ldmrt.config import BertConfig, ClipTextConfig
+from ldmrt.config import ClipTextConfig
 from ldmrt.errors import CheckpointError
 from ldmrt.runtime.tokenizer import (
-    CLIP_BOS, CLIP_EOS, END_OF_WORD, TOKENIZER_FILE, TokenSpec, build_clip, build_wordpiece, clip_specials,
-    load_tokenizer, read_clip_vocab, read_merges, read_wordpiece_vocab)
-
-TextConfig = Union[ClipTextConfig, BertConfig]
+    CLIP_BOS, CLIP_EOS, END_OF_WORD, TOKENIZER_FILE, TextConfig, TokenSpec, build_clip, build_wordpiece,
+    clip_specials, load_tokenizer, read_clip_vocab, read_merges, read_wordpiece_vocab)
 
 # special-token roles and transformers' defaults for them
 _SPECIAL_ROLES = {

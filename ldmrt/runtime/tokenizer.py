@@ -158,20 +158,21 @@ class PromptTokenizer:
         self.backend.no_padding()
         self.bos_token_id, self.eos_token_id, self.pad_token_id = bos_token_id, eos_token_id, pad_token_id
         self.max_length = max_length
-        added = [token for token in backend.get_added_tokens_decoder().values()]
+        added = list(backend.get_added_tokens_decoder().values())
         self._margin = _CUT_MARGIN + max((len(token.content) for token in added), default=0)
         # diffusers' TextualInversionLoaderMixin writes "<t>" as "<t> <t>_1 ... <t>_k" when the
         # tokenizer holds "<t>_1" (one token per vector of a multi-vector embedding)
         self._expansions: dict[int, tuple[str, str]] = {}
-        names = {token.content for token in added if not token.special}
-        for token in (token for token in added if not token.special) if multi_vector else ():
-            parts = [token.content]
-            while f"{token.content}_{len(parts)}" in names:
-                parts.append(f"{token.content}_{len(parts)}")
+        concepts = [token.content for token in added if not token.special] if multi_vector else []
+        for content in concepts:
+            parts = [content]
+            while f"{content}_{len(parts)}" in concepts:
+                parts.append(f"{content}_{len(parts)}")
             if len(parts) > 1:
-                self._expansions[backend.token_to_id(token.content)] = (token.content, " ".join(parts))
+                self._expansions[backend.token_to_id(content)] = (content, " ".join(parts))
 
     def encode(self, prompts: Union[str, Sequence[str]]) -> TokenizedBatch:
+        """One prompt or a batch -> ids int32 [B, max_length] and which prompts were truncated."""
         batch = [prompts] if isinstance(prompts, str) else list(prompts)
         if not batch:
             raise GenerationError("tokenizer: expected at least one prompt, found an empty batch")
