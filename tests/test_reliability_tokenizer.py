@@ -297,3 +297,48 @@ def test_manifest_tokenizer_entry_must_list_what_load_tokenizer_reads():
                         ("clip", {"notes.txt": digest})):
         with pytest.raises(BundleError, match="tokenizer.files.*tokenizer.json"):
             TokenizerEntry.from_dict({"kind": kind, "files": files})
+
+
+# --- row 5 end to end: a diffusers folder after load_textual_inversion -------------------------
+
+def test_textual_inversion_folder_exports_ids_and_embedding_rows_as_diffusers(tmp_path):
+    """diffusers' own load_textual_inversion (a 2-vector concept) + save_pretrained -> ldmrt's checkpoint
+    loader and tokenizer writer: same ids as the diffusers pipeline, same text embeddings for them."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from ldmrt.checkpoints import checkpoint_source, load_checkpoint
+    from ldmrt.config import AutoencoderConfig, UNetConfig
+    from tests.reference import diffusers_autoencoder, diffusers_unet, perturb_, rel_l2, transformers_clip
+
+    clip = ClipTextConfig(vocab_size=1000, hidden_size=128, intermediate_size=256, num_attention_heads=2,
+                          bos_token_id=998, eos_token_id=999, num_hidden_layers=2, pad_token_id=999)
+    unet = diffusers_unet(UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                                     attention_resolutions=(2, 1), num_heads=8, context_dim=128))
+    vae = diffusers_autoencoder(AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1))
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=vae, text_encoder=perturb_(transformers_clip(clip), seed=3),
+        tokenizer=CLIPTokenizer.from_pretrained(write_synthetic_clip_assets(tmp_path / "assets", 1000)),
+        unet=unet, scheduler=diffusers.DDIMScheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    vectors = torch.randn(2, 128, generator=torch.Generator().manual_seed(5))
+    pipe.load_textual_inversion({"<cat-toy>": vectors}, token="<cat-toy>")
+    pipe.save_pretrained(tmp_path / "ti")
+    loaded = load_checkpoint(tmp_path / "ti")
+    assert loaded.config.conditioner.vocab_size == 1002
+    kind = checkpoint_source(tmp_path / "ti").write_tokenizer(tmp_path / "tokenizer")
+    ours = load_tokenizer(tmp_path / "tokenizer", loaded.config.conditioner)
+    prompts = ["a photo of <cat-toy>", "<cat-toy> on a <cat-toy>_1 table", "no concept"]
+    expected = pipe.tokenizer(pipe.maybe_convert_prompt(prompts, pipe.tokenizer), padding="max_length",
+                              max_length=77, truncation=True, return_tensors="pt").input_ids
+    ids = ours.encode(prompts).input_ids
+    assert kind == "clip" and ids[0, 4:6].tolist() == [1000, 1001]
+    np.testing.assert_array_equal(ids, expected.numpy())
+    with torch.no_grad():
+        theirs = pipe.text_encoder(expected)[0]
+        mine = loaded.model.cond_stage_model(torch.from_numpy(ids))
+    assert rel_l2(mine, theirs) <= 1e-5
+    # the same tokenizer next to the text encoder without the concept's rows: refused at export, by name
+    pipe.text_encoder.resize_token_embeddings(1000)
+    pipe.text_encoder.save_pretrained(tmp_path / "ti" / "text_encoder")
+    with pytest.raises(CheckpointError, match=r"token '<cat-toy>_1' has id 1001 \(an added token.*vocab_size=1000"):
+        checkpoint_source(tmp_path / "ti").write_tokenizer(tmp_path / "again")
