@@ -104,7 +104,6 @@ def check_options(options: BenchOptions, manifest) -> None:
             raise BackendUnavailableError(f"backend {name!r}: not installed on this machine: "
                                           f"{trt_api.INSTALL_HINT[name]}", field="backend")
     if "diffusers" in contenders:
-        from ldmrt.bench_reference import diffusers_coverage
         reason = diffusers_coverage(manifest.config)
         if reason:
             raise ConfigError(f"compare 'diffusers': {reason}; compare with torch-eager only "
@@ -140,6 +139,18 @@ def check_options(options: BenchOptions, manifest) -> None:
         if not _is_int(case.steps) or case.steps < 1:
             raise ConfigError(f"steps {case.steps!r}: expected an integer >= 1", field="steps")
         make_plan(case.sampler, manifest.config.scheduler, case.steps)   # the sampler's own step limits
+
+
+def diffusers_coverage(config) -> str:
+    """Why diffusers' StableDiffusionPipeline cannot stand in for `config`'s model ('' when it
+    can: CLIP-conditioned KL models, SD 1.x/2.x). Torch-free, so options are checked quickly."""
+    from ldmrt.config import ClipTextConfig
+
+    a, c = config.autoencoder, config.conditioner
+    if not isinstance(c, ClipTextConfig) or a.kind.value != "kl" or a.embed_dim != a.z_channels:
+        return (f"the diffusers comparison covers CLIP-conditioned KL models (SD 1.x/2.x); "
+                f"{config.name!r} is not one")
+    return ""
 
 
 def _is_int(value: object) -> bool:

@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ldmrt.config import ClipTextConfig, LayerChoice, ModelConfig
+from ldmrt.bench import diffusers_coverage
+from ldmrt.config import LayerChoice, ModelConfig
 from ldmrt.errors import BackendUnavailableError
 from ldmrt.manifest import load_manifest
 from ldmrt.models.convert import autoencoder_from_diffusers, to_diffusers, unet_from_diffusers
@@ -35,15 +36,6 @@ def diffusers_scheduler(sampler: str, config: ModelConfig):
                                               timestep_scaling=s.timestep_scaling),
     }
     return table[sampler]()
-
-
-def diffusers_coverage(config: ModelConfig) -> str:
-    """Why StableDiffusionPipeline cannot stand in for `config`'s model ('' when it can)."""
-    a, c = config.autoencoder, config.conditioner
-    if not isinstance(c, ClipTextConfig) or a.kind.value != "kl" or a.embed_dim != a.z_channels:
-        return (f"the diffusers comparison covers CLIP-conditioned KL models (SD 1.x/2.x); "
-                f"{config.name!r} is not one")
-    return ""
 
 
 def diffusers_modules(model, config: ModelConfig):

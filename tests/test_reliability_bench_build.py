@@ -277,14 +277,14 @@ def test_bench_library_callers_get_the_same_checks(tiny, no_bench_work):
 
 
 def test_cli_bench_diffusers_on_a_model_it_does_not_cover_is_refused(tiny, no_bench_work, monkeypatch):
-    import ldmrt.bench_reference as reference
+    import ldmrt.bench as bench
     from ldmrt.config import PRESETS
-    assert reference.diffusers_coverage(PRESETS["tiny"]) == ""
-    reason = reference.diffusers_coverage(PRESETS["ldm-uncond-vq"])
+    assert bench.diffusers_coverage(PRESETS["tiny"]) == ""
+    reason = bench.diffusers_coverage(PRESETS["ldm-uncond-vq"])
     assert reason == ("the diffusers comparison covers CLIP-conditioned KL models (SD 1.x/2.x); "
                       "'ldm-uncond-vq' is not one")
     # Exporting an LDM bundle takes minutes here: the tiny bundle stands in, its coverage answer replaced.
-    monkeypatch.setattr(reference, "diffusers_coverage", lambda config: reason)
+    monkeypatch.setattr(bench, "diffusers_coverage", lambda config: reason)
     error = one_error(invoke(*bench_args(tiny, "--compare", "diffusers")))
     assert f"--compare 'diffusers': {reason}; compare with torch-eager only" in error
 

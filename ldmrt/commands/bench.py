@@ -38,9 +38,8 @@ def bench(
         from rich.table import Table
 
         from ldmrt.bench import (BenchCase, BenchOptions, check_options, check_report_path,
-                                 format_overhead, format_ratio, parse_contenders, run_bench,
-                                 validate_report, write_report)
-        from ldmrt.bench_reference import diffusers_coverage
+                                 diffusers_coverage, format_overhead, format_ratio, parse_contenders,
+                                 run_bench, validate_report, write_report)
         from ldmrt.manifest import load_manifest
 
         # Every option is checked before the first process starts (a run can take hours).
