@@ -388,3 +388,20 @@ def test_the_markdown_table_reads_reports_with_nulls():
             {"case": {"size": 32, "batch": 1, "steps": 2}, "end_to_end": stats, "unet": stats}]}]}
     table = bench_report.markdown(bench_report.rows(data))
     assert "| tiny fp32 | onnxruntime | 32 | 1 | 2 | n/a (n/a) |  |" in table
+
+
+def test_cli_bench_samples_with_the_bundles_own_sampler_by_default(bundle, monkeypatch):
+    import ldmrt.bench as bench
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["config"]["scheduler"].update(default_sampler="euler", scheduler_class="EulerDiscreteScheduler")
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    seen = []
+
+    def capture(bundle_dir, options, progress=None):
+        seen.append(options)
+        raise ConfigError("captured")
+
+    monkeypatch.setattr(bench, "run_bench", capture)
+    one_error(invoke(*bench_args(bundle, "--compare", "torch-eager")))
+    one_error(invoke(*bench_args(bundle, "--compare", "torch-eager", "--sampler", "dpmpp-2m")))
+    assert [o.cases[0].sampler for o in seen] == ["euler", "dpmpp-2m"]
