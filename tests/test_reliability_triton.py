@@ -220,6 +220,25 @@ def test_the_printed_serve_command_is_quoted(bundle, tmp_path):
     assert shlex.split(command) == ["tritonserver", f"--model-repository={out.resolve()}"]
 
 
+# --- row 21: options with bounds ------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-queue-delay-us", str(365 * 24 * 3600 * 10 ** 6)], "--max-queue-delay-us 31536000000000: "
+                                                             "expected an integer in [0, 1000000] microseconds"),
+    (["--max-queue-delay-us", "-1"], "expected an integer in [0, 1000000]"),
+    (["--max-cost", "-1"], "--max-cost -1.0: expected a finite number >= 0"),
+    (["--max-cost", "inf"], "--max-cost inf: expected a finite number >= 0"),
+])
+def test_bounded_options_are_usage_errors_before_any_work(bundle, tmp_path, args, message):
+    from typer.testing import CliRunner
+
+    from ldmrt.cli import app
+
+    result = CliRunner().invoke(app, ["triton", str(bundle), "--out", str(tmp_path / "repo"), *args])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "repo").exists()
+
+
 # --- the pipeline model in-process (no Triton): error codes, cost limit, cancellation ------------
 
 def _load_model(repo: Path, monkeypatch):
@@ -268,12 +287,12 @@ def test_in_process_error_codes_cost_limit_and_cancellation(served_repo, monkeyp
     steps_run = []
     generate = model.pipeline.generate
 
-    def counting(request, on_step=None, cancel=None):
+    def counting(request, on_step=None, **cancel):
         def step(done, total):
             steps_run.append(done)
             if on_step is not None:
                 on_step(done, total)
-        return generate(request, on_step=step, cancel=cancel)
+        return generate(request, on_step=step, **cancel)
 
     model.pipeline.generate = counting
     bad_utf8 = _request(steps=1)
