@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ldmrt.errors import LdmrtError
@@ -39,6 +40,25 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+# Library fields whose flag is not `--` + the field with dashes.
+_FLAGS = {"class_labels": "--class-label", "out": "--out", "size": "--sizes", "profiles": "--profile",
+          "optimization_level": "--opt-level", "compute_capabilities": "--compute-capability"}
+
+
+def flag_for(field: str) -> str:
+    """The command-line flag of a library field (`init_image` -> `--init-image`)."""
+    return _FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
+def _message(exc: LdmrtError) -> str:
+    """The error's message, its leading field name (see LdmrtError.field) swapped for the flag."""
+    message = str(exc)
+    field = exc.field
+    if field and message.startswith(field) and message[len(field):len(field) + 1] in (" ", ":", ""):
+        return flag_for(field) + message[len(field):]
+    return message
+
+
 @contextlib.contextmanager
 def user_errors():
     """LdmrtError -> one red line and exit 2 (traceback only with --debug)."""
@@ -47,7 +67,9 @@ def user_errors():
     except LdmrtError as exc:
         if _state["debug"]:
             raise
-        console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
+        # escaped: a path or prompt in the message may look like rich markup ("[red]")
+        console.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(_message(exc))}", highlight=False,
+                      soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]; nothing half-written was left behind")

@@ -419,7 +419,7 @@ def test_img2img_batch_broadcasts_one_init_image(tiny) -> None:
 @pytest.mark.parametrize("shape", [(1, 32, 32, 3), (1, 64, 48, 3), (64, 64, 3), (1, 64, 64, 4), (3, 64, 64, 3)])
 def test_img2img_refuses_an_init_image_of_the_wrong_shape(tiny, shape) -> None:
     image = np.full(shape, 0.5, np.float32)
-    with pytest.raises(ShapeError, match="--init-image.*64, 64, 3"):
+    with pytest.raises(ShapeError, match="^init_image.*64, 64, 3"):
         tiny.generate(GenerationRequest(prompt="a cat", steps=2, init_image=image, strength=0.5))
 
 
@@ -446,28 +446,28 @@ def _one_nan(shape: tuple[int, ...]) -> np.ndarray:
 
 
 BAD_REQUESTS = {
-    "height-not-multiple": ({"height": 30}, GenerationError, "--height 30"),
-    "width-not-multiple": ({"width": 66}, GenerationError, "--width 66"),
-    "height-below-range": ({"height": 16}, GenerationError, r"--height 16.*\[32, 96\]"),
-    "width-above-range": ({"width": 128}, GenerationError, r"--width 128.*\[32, 96\]"),
-    "height-float": ({"height": 64.0}, GenerationError, "--height"),
-    "batch-over-max": ({"batch": 5}, GenerationError, "--batch 5.*at most 4"),
-    "batch-zero": ({"batch": 0}, GenerationError, "--batch 0"),
-    "steps-zero": ({"steps": 0}, GenerationError, "--steps 0"),
-    "steps-negative": ({"steps": -3}, GenerationError, "--steps -3"),
-    "guidance-nan": ({"guidance": float("nan")}, GenerationError, "--guidance nan"),
-    "guidance-inf": ({"guidance": float("inf")}, GenerationError, "--guidance inf"),
-    "seed-negative": ({"seed": -1}, GenerationError, "--seed -1"),
-    "unknown-sampler": ({"sampler": "heun"}, GenerationError, "--sampler 'heun'.*dpmpp-2m"),
+    "height-not-multiple": ({"height": 30}, GenerationError, "^height 30"),
+    "width-not-multiple": ({"width": 66}, GenerationError, "^width 66"),
+    "height-below-range": ({"height": 16}, GenerationError, r"^height 16.*\[32, 96\]"),
+    "width-above-range": ({"width": 128}, GenerationError, r"^width 128.*\[32, 96\]"),
+    "height-float": ({"height": 64.0}, GenerationError, "^height"),
+    "batch-over-max": ({"batch": 5}, GenerationError, "^batch 5.*at most 4"),
+    "batch-zero": ({"batch": 0}, GenerationError, "^batch 0"),
+    "steps-zero": ({"steps": 0}, GenerationError, "^steps 0"),
+    "steps-negative": ({"steps": -3}, GenerationError, "^steps -3"),
+    "guidance-nan": ({"guidance": float("nan")}, GenerationError, "^guidance nan"),
+    "guidance-inf": ({"guidance": float("inf")}, GenerationError, "^guidance inf"),
+    "seed-negative": ({"seed": -1}, GenerationError, "^seed -1"),
+    "unknown-sampler": ({"sampler": "heun"}, GenerationError, "^sampler 'heun'.*dpmpp-2m"),
     "eta-not-ddim": ({"sampler": "euler", "eta": 0.5}, GenerationError, "eta"),
     "latents-wrong-shape": ({"latents": np.zeros((1, 4, 8, 8), np.float32)}, ShapeError,
-                            r"--latents.*\[1, 4, 16, 16\].*\[1, 4, 8, 8\]"),
-    "latents-wrong-batch": ({"latents": np.zeros((2, 4, 16, 16), np.float32)}, ShapeError, "--latents"),
-    "latents-int": ({"latents": np.zeros((1, 4, 16, 16), np.int64)}, ShapeError, "--latents.*int64"),
-    "latents-one-nan": ({"latents": _one_nan((1, 4, 16, 16))}, GenerationError, "--latents"),
-    "latents-inf": ({"latents": np.full((1, 4, 16, 16), np.inf, np.float32)}, GenerationError, "--latents"),
-    "prompts-vs-batch": ({"prompt": ["a", "b", "c"], "batch": 2}, GenerationError, "--prompt"),
-    "negative-vs-batch": ({"negative_prompt": ["a", "b"], "batch": 3}, GenerationError, "--negative-prompt"),
+                            r"^latents.*\[1, 4, 16, 16\].*\[1, 4, 8, 8\]"),
+    "latents-wrong-batch": ({"latents": np.zeros((2, 4, 16, 16), np.float32)}, ShapeError, "^latents"),
+    "latents-int": ({"latents": np.zeros((1, 4, 16, 16), np.int64)}, ShapeError, "^latents.*int64"),
+    "latents-one-nan": ({"latents": _one_nan((1, 4, 16, 16))}, GenerationError, "^latents"),
+    "latents-inf": ({"latents": np.full((1, 4, 16, 16), np.inf, np.float32)}, GenerationError, "^latents"),
+    "prompts-vs-batch": ({"prompt": ["a", "b", "c"], "batch": 2}, GenerationError, "^prompt"),
+    "negative-vs-batch": ({"negative_prompt": ["a", "b"], "batch": 3}, GenerationError, "^negative_prompt"),
 }
 
 
@@ -478,27 +478,29 @@ def test_bad_requests_raise_typed_errors_naming_the_input(tiny, name: str) -> No
     with pytest.raises(error, match=message) as raised:
         tiny.generate(request)
     assert isinstance(raised.value, LdmrtError)
+    assert raised.value.field is not None      # the caller's input: the message starts with the field
 
 
 
 
 @pytest.mark.parametrize("change, field", [
-    ({"prompt": None}, "--prompt"),
-    ({"prompt": 123}, "--prompt"),
-    ({"guidance": "7.5"}, "--guidance"),
-    ({"guidance": None}, "--guidance"),
-    ({"prompt": ["a cat", None], "batch": 2}, "--prompt"),
-    ({"seed": 1.5}, "--seed"),
+    ({"prompt": None}, "^prompt"),
+    ({"prompt": 123}, "^prompt"),
+    ({"guidance": "7.5"}, "^guidance"),
+    ({"guidance": None}, "^guidance"),
+    ({"prompt": ["a cat", None], "batch": 2}, "^prompt"),
+    ({"seed": 1.5}, "^seed"),
 ])
 def test_wrongly_typed_requests_raise_typed_errors(tiny, change, field: str) -> None:
-    with pytest.raises(GenerationError, match=field):
+    with pytest.raises(GenerationError, match=field) as raised:
         tiny.generate(GenerationRequest(**{"prompt": "a cat", "steps": 2, **change}))
+    assert raised.value.field == field.lstrip("^")
 
 
 def test_a_non_finite_init_image_is_named(tiny) -> None:
     image = gradient_image()
     image[0, 10, 20, 1] = np.nan
-    with pytest.raises(GenerationError, match="--init-image"):
+    with pytest.raises(GenerationError, match="^init_image"):
         tiny.generate(GenerationRequest(prompt="a cat", steps=4, init_image=image, strength=0.5))
 
 
@@ -754,5 +756,5 @@ def test_cli_long_error_stays_on_one_line(cli, tiny_bundle, tmp_path) -> None:
 
 def test_strength_without_an_init_image_is_refused_by_the_pipeline_itself(tiny) -> None:
     """Library and Triton callers get the same refusal as the command line, not a silently ignored value."""
-    with pytest.raises(GenerationError, match="--strength applies to img2img only"):
+    with pytest.raises(GenerationError, match="^strength applies to img2img only"):
         tiny.generate(GenerationRequest(prompt="a cat", steps=2, strength=0.5))

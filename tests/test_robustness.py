@@ -100,33 +100,33 @@ def one_error(result) -> str:
 NAN, INF = float("nan"), float("inf")
 BAD_REQUESTS = [   # (id, request fields, error type, fragments: input, expected, found)
     ("height-not-multiple", dict(height=30), GenerationError,
-     ["--height 30", "a positive multiple of the latent factor 4"]),
-    ("width-not-multiple", dict(width=66), GenerationError, ["--width 66", "multiple of the latent factor 4"]),
+     ["height 30", "a positive multiple of the latent factor 4"]),
+    ("width-not-multiple", dict(width=66), GenerationError, ["width 66", "multiple of the latent factor 4"]),
     ("height-above-range", dict(height=96), GenerationError,
-     ["--height 96", "outside the exported range [32, 64] pixels", "--max-size"]),
-    ("width-below-range", dict(width=16), GenerationError, ["--width 16", "exported range [32, 64]"]),
-    ("batch-over-max", dict(batch=3), GenerationError, ["--batch 3", "at most 2 images per call", "--max-batch"]),
-    ("batch-zero", dict(batch=0), GenerationError, ["--batch 0", "expected an integer >= 1"]),
-    ("steps-zero", dict(steps=0), GenerationError, ["--steps 0", "expected an integer >= 1"]),
-    ("steps-negative", dict(steps=-3), GenerationError, ["--steps -3", "expected an integer >= 1"]),
-    ("guidance-nan", dict(guidance=NAN), GenerationError, ["--guidance nan", "expected a finite number"]),
-    ("guidance-inf", dict(guidance=INF), GenerationError, ["--guidance inf", "expected a finite number"]),
-    ("guidance-minus-inf", dict(guidance=-INF), GenerationError, ["--guidance -inf", "finite"]),
+     ["height 96", "outside the exported range [32, 64] pixels", "--max-size"]),
+    ("width-below-range", dict(width=16), GenerationError, ["width 16", "exported range [32, 64]"]),
+    ("batch-over-max", dict(batch=3), GenerationError, ["batch 3", "at most 2 images per call", "--max-batch"]),
+    ("batch-zero", dict(batch=0), GenerationError, ["batch 0", "expected an integer >= 1"]),
+    ("steps-zero", dict(steps=0), GenerationError, ["steps 0", "expected an integer >= 1"]),
+    ("steps-negative", dict(steps=-3), GenerationError, ["steps -3", "expected an integer >= 1"]),
+    ("guidance-nan", dict(guidance=NAN), GenerationError, ["guidance nan", "expected a finite number"]),
+    ("guidance-inf", dict(guidance=INF), GenerationError, ["guidance inf", "expected a finite number"]),
+    ("guidance-minus-inf", dict(guidance=-INF), GenerationError, ["guidance -inf", "finite"]),
     ("unknown-sampler", dict(sampler="heun"), GenerationError,
-     ["--sampler 'heun'", "expected one of", "'dpmpp-2m-karras'"]),
-    ("eta-nan", dict(eta=NAN), GenerationError, ["eta", "expected a number in [0, 1]", "found nan"]),
+     ["sampler 'heun'", "expected one of", "'dpmpp-2m-karras'"]),
+    ("eta-nan", dict(eta=NAN), GenerationError, ["eta", "expected a number in [0, 1]", "nan"]),
     ("latents-shape", dict(latents=np.zeros((1, 4, 4, 4), np.float32)), ShapeError,
-     ["--latents", "expected shape [1, 4, 8, 8]", "found [1, 4, 4, 4]"]),
+     ["latents", "expected shape [1, 4, 8, 8]", "found [1, 4, 4, 4]"]),
     ("latents-batch", dict(latents=np.zeros((2, 4, 8, 8), np.float32)), ShapeError,
-     ["--latents", "expected shape [1, 4, 8, 8]", "found [2, 4, 8, 8]"]),
+     ["latents", "expected shape [1, 4, 8, 8]", "found [2, 4, 8, 8]"]),
     ("latents-dtype", dict(latents=np.zeros((1, 4, 8, 8), np.int32)), ShapeError,
-     ["--latents", "expected a float array", "found dtype int32"]),
+     ["latents", "expected a float array", "found dtype int32"]),
     ("latents-nan", dict(latents=np.full((1, 4, 8, 8), NAN, np.float32)), GenerationError,
-     ["--latents", "expected finite", "NaN/Inf"]),
+     ["latents", "expected finite", "NaN/Inf"]),
     ("latents-inf", dict(latents=np.full((1, 4, 8, 8), INF, np.float32)), GenerationError,
-     ["--latents", "expected finite", "NaN/Inf"]),
+     ["latents", "expected finite", "NaN/Inf"]),
     ("prompt-count", dict(prompt=["a", "b", "c"], batch=2), GenerationError,
-     ["--prompt", "expected 1 or 2 strings", "found 3"]),
+     ["prompt", "expected 1 or 2 strings", "found 3"]),
 ]
 
 
@@ -138,6 +138,7 @@ def test_bad_request_is_refused_before_any_work(pipeline, fields, error, fragmen
         pipeline.generate(GenerationRequest(**{"prompt": "a cat", "steps": 2, **fields}),
                           on_step=lambda done, total: steps_done.append(done))
     assert_names(str(info.value), *fragments)
+    assert info.value.field is not None and str(info.value).startswith(info.value.field)
     assert steps_done == []          # refused up front, not after minutes of denoising
 
 
@@ -146,7 +147,7 @@ def test_non_finite_latents_are_blamed_on_the_input(pipeline) -> None:
     latents[0, 1, 2, 3] = NAN
     with pytest.raises(GenerationError) as info:
         pipeline.generate(GenerationRequest(prompt="a cat", steps=2, latents=latents))
-    assert_names(str(info.value), "--latents", "expected finite values", "found 1")
+    assert_names(str(info.value), "latents", "expected finite values", "found 1")
     assert "fp32" not in str(info.value)
 
 
@@ -228,12 +229,18 @@ def test_non_finite_unet_output_is_caught_at_its_step(bundle, tmp_path, op) -> N
     assert not (tmp_path / "x.png").exists()
 
 
-def test_non_finite_images_suggest_the_fp32_vae_decoder(bundle, tmp_path) -> None:
-    broken = poisoned(bundle, tmp_path, "vae_decoder", times(INF))
+def test_non_finite_images_suggest_what_fits_the_decoders_precision(bundle, tmp_path, monkeypatch) -> None:
+    broken = Pipeline.load(poisoned(bundle, tmp_path, "vae_decoder", times(INF)))
     with pytest.raises(GenerationError) as info:
-        Pipeline.load(broken).generate(GenerationRequest(prompt="a cat", steps=2))
-    assert_names(str(info.value), "VAE decoder produced non-finite pixels", "precision fp32",
-                 "--fp32-vae-decoder")
+        broken.generate(GenerationRequest(prompt="a cat", steps=2))
+    assert_names(str(info.value), "non-finite values in the decoded pixels from the vae_decoder",
+                 "precision fp32", "runs in fp32")
+    assert "--fp32-vae-decoder" not in str(info.value), "the decoder is fp32 already"
+    entry = dataclasses.replace(broken.manifest.component("vae_decoder"), dtype="float16")
+    monkeypatch.setattr(broken, "manifest", dataclasses.replace(
+        broken.manifest, components={**broken.manifest.components, "vae_decoder": entry}))
+    with pytest.raises(GenerationError, match="export with --fp32-vae-decoder"):
+        broken.generate(GenerationRequest(prompt="a cat", steps=2))
 
 
 def test_non_finite_text_embeddings_are_caught_before_denoising(bundle, tmp_path) -> None:
@@ -282,7 +289,7 @@ def test_cli_generation_errors_are_one_line_exit_2(bundle, files, tmp_path, args
 def test_cli_debug_shows_the_traceback(bundle, tmp_path) -> None:
     result = invoke("--debug", "generate", bundle, "--height", "30", "--out", tmp_path / "a.png")
     assert result.exit_code != 0 and isinstance(result.exception, GenerationError)
-    assert "--height 30" in str(result.exception)
+    assert str(result.exception).startswith("height 30") and result.exception.field == "height"
 
 
 def test_cli_negative_seed_is_a_user_error(bundle, tmp_path) -> None:

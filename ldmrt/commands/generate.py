@@ -12,8 +12,9 @@ def generate(
     prompt: List[str] = typer.Option([""], "--prompt", "-p", help="Prompt (repeat for one per image)."),
     negative_prompt: str = typer.Option("", help="What to steer away from (classifier-free guidance)."),
     steps: int = typer.Option(20, help="Denoising steps."),
-    guidance: float = typer.Option(7.5, help="Guidance scale; 1 skips the unconditional half."),
-    sampler: str = typer.Option("ddim", help="ddim, ddpm, plms, euler, euler-a, dpmpp-2m, dpmpp-2m-karras, lcm."),
+    guidance: float = typer.Option(7.5, help="Guidance scale; <= 1: no classifier-free guidance (as diffusers)."),
+    sampler: Optional[str] = typer.Option(None, help="ddim, ddpm, plms, euler, euler-a, dpmpp-2m, dpmpp-2m-karras, "
+                                                     "lcm (default: the bundle's, from its checkpoint's scheduler)."),
     eta: float = typer.Option(0.0, help="DDIM eta."),
     seed: int = typer.Option(0, help="Seed of the initial noise (numpy PCG64)."),
     height: Optional[int] = typer.Option(None, help="Image height in pixels (default: the bundle's optimum)."),
@@ -24,34 +25,38 @@ def generate(
     init_image: Optional[Path] = typer.Option(None, help="img2img start image (PNG/JPEG)."),
     strength: Optional[float] = typer.Option(None, help="img2img: how much of the schedule to run (default 0.8)."),
     class_label: Optional[List[int]] = typer.Option(None, help="Class-conditional models: label(s)."),
-    out: Path = typer.Option(..., "--out", "-o", help=".png (one file per image) or .npy [B, H, W, 3]."),
+    out: Path = typer.Option(..., "--out", "-o", help=".png (one file per image) or .npy [B, H, W, 3]; "
+                             "replaces only PNG files ldmrt wrote."),
 ) -> None:
     """Generate images from a bundle: tokenizer -> text encoder -> sampler loop -> VAE decoder."""
     from ldmrt.cli import console, user_errors
 
     with user_errors():
         import numpy as np
+        from rich.markup import escape
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
         from ldmrt.errors import GenerationError
-        from ldmrt.runtime.images import read_image, write_images
-        from ldmrt.runtime.pipeline import GenerationRequest, Pipeline
+        from ldmrt.manifest import load_manifest
+        from ldmrt.runtime.images import check_out, read_image, write_images
+        from ldmrt.runtime.pipeline import GenerationRequest, Pipeline, max_image_size
 
-        if out.suffix.lower() not in (".png", ".npy"):
-            raise GenerationError(f"--out {out}: expected a .png or .npy file name")
+        check_out(out, batch)          # before any work: a long job never ends in a traceback
         initial = None
         if latents is not None:
             try:
                 initial = np.load(latents, allow_pickle=False)
             except (OSError, ValueError) as exc:
                 raise GenerationError(f"--latents {latents}: cannot read a .npy array ({exc})") from None
-        image = read_image(init_image)[None] if init_image is not None else None
+        # the bundle's largest image bounds what is decoded (refused from the file's header)
+        image = None if init_image is None else \
+            read_image(init_image, max_size=max_image_size(load_manifest(bundle)))[None]
         request = GenerationRequest(prompt=prompt if len(prompt) > 1 else prompt[0],
                                     negative_prompt=negative_prompt, steps=steps, guidance=guidance,
                                     sampler=sampler, eta=eta, seed=seed, height=height, width=width,
                                     batch=batch, latents=initial, init_image=image,
                                     strength=strength,
-                                    class_labels=class_label)
+                                    class_labels=class_label or None)
         with console.status(f"loading {bundle} on {backend}"):
             pipeline = Pipeline.load(bundle, backend)
         if pipeline.manifest.random_weights:
@@ -62,7 +67,7 @@ def generate(
             result = pipeline.generate(request, on_step=lambda done, total: progress.update(
                 task, completed=done, total=total))
         for message in result.warnings:
-            console.print(f"[yellow]warning:[/] {message}")
+            console.print(f"[yellow]warning:[/] {escape(message)}")
         written = write_images(result.images, out)
         timings = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in result.timings.items())
         console.print(f"wrote {', '.join(str(p) for p in written)} ({timings})")

@@ -36,7 +36,8 @@ class FusedDenoiser:
     """Runs a SamplerPlan's whole loop on one device, optionally as one replayed CUDA graph per step.
 
     `unet(sample, timestep, context)` is any callable module; `context` is (2B, L, D) stacked
-    [unconditional; conditional] when guided, else (B, L, D) or None.
+    [unconditional; conditional] when guided, else (B, L, D) or None. `on_step(done, total)` runs
+    between steps; an exception it raises (the pipeline's cancellation) stops the loop there.
     """
 
     def __init__(self, unet, device: torch.device, dtype: torch.dtype, use_cuda_graph: bool = True):
@@ -54,7 +55,8 @@ class FusedDenoiser:
         plan adds none), so every backend reproduces the same trajectory from the same seed.
         """
         x0 = torch.as_tensor(latents, device=self.device, dtype=torch.float32)
-        guided = guidance != 1.0 and context is not None and context.shape[0] == 2 * x0.shape[0]
+        # As diffusers: guidance <= 1 is no classifier-free guidance (the conditional half alone).
+        guided = guidance > 1.0 and context is not None and context.shape[0] == 2 * x0.shape[0]
         shape = DenoiseShape(*x0.shape, guided=guided, num_evaluations=plan.num_evaluations,
                              history=plan.history, clip_range=plan.clip_range)
         tables = _Tables.from_plan(plan, self.device)
@@ -62,7 +64,7 @@ class FusedDenoiser:
         state = _State.create(shape, self.device, noise)
         state.x.copy_(x0)
         if context is not None and guided is False and context.shape[0] == 2 * x0.shape[0]:
-            context = context[x0.shape[0]:]      # guidance 1: only the conditional half matters
+            context = context[x0.shape[0]:]      # guidance <= 1: only the conditional half matters
         if step is None:
             for i in range(plan.num_evaluations):
                 _denoise_step(self.unet, state, tables, context, guidance, self.dtype, guided)

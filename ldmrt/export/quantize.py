@@ -341,7 +341,8 @@ class TrajectoryMaker:
         self.model, self.spec, self.latent_hw = model, spec, latent_hw
         self.config = model.config
         self.names = {t.name for t in spec.inputs}
-        self.guided = self.config.conditioner is not None and guidance != 1.0
+        # As the runtime and diffusers: guidance <= 1 runs the conditional prediction alone.
+        self.guided = self.config.conditioner is not None and guidance > 1.0
         self.guidance = guidance if self.guided else 1.0
         self.tokenizer = tokenizer
 

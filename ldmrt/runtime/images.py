@@ -1,38 +1,153 @@
-"""Image files in and out: PNG via Pillow, float32 [B, H, W, 3] in [0, 1] as .npy."""
+"""Image files in and out: PNG via Pillow, float32 [B, H, W, 3] in [0, 1] as .npy.
+
+Reading checks the size the file declares before a single pixel is decoded (Pillow parses the
+header lazily), and converts every mode Pillow opens to float RGB on its own scale (16-bit
+grayscale is /65535, not clipped to 8 bits). Writing never replaces a file ldmrt did not write:
+an existing PNG is overwritten only when it carries ldmrt's marker (its `Software` text chunk).
+"""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 
 from ldmrt.atomic import atomic_write
 from ldmrt.errors import GenerationError
+from ldmrt.writable import check_folder_writable
+
+# Without a bundle's own limit: 4096 x 4096 pixels (a float32 RGB copy of it is 200 MB).
+MAX_IMAGE_PIXELS = 4096 * 4096
+MARKER_KEY = "Software"
+MARKER = "ldmrt"          # PNG text chunk value prefix: "ldmrt <version>"
+
+_EIGHT_BIT = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
+
+
+def image_paths(images: int, out: Path) -> list[Path]:
+    """The files `write_images` writes for `images` images: out itself, or name-0.png, name-1.png, ..."""
+    out = Path(out)
+    if out.suffix.lower() == ".npy" or images == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(images)]
+
+
+def check_out(out: Path, images: int) -> None:
+    """Refuse, before any work, an --out that cannot be written or would replace a file ldmrt did not write."""
+    out = Path(out)
+    if out.suffix.lower() not in (".png", ".npy"):
+        raise GenerationError(f"out {out}: expected a .png or .npy file name", field="out")
+    if out.is_dir():
+        raise GenerationError(f"out {out}: is a folder; expected a .png or .npy file name", field="out")
+    check_folder_writable(out.parent, f"out {out}", GenerationError, field="out")
+    for path in image_paths(images, out):
+        _check_replaceable(path)
 
 
 def write_images(images: np.ndarray, out: Path) -> list[Path]:
     """`.npy`: one array; `.png`: one file per image (name-0.png, name-1.png for a batch). Atomic."""
     out = Path(out)
+    paths = image_paths(len(images), out)
+    check_out(out, len(images))             # again: the folder may have changed during the job
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".npy":
         atomic_write(out, lambda f: np.save(f, images.astype(np.float32)))
         return [out]
-    from PIL import Image
+    from PIL import Image, PngImagePlugin
 
-    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
+    from ldmrt.manifest import LDMRT_VERSION
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text(MARKER_KEY, f"{MARKER} {LDMRT_VERSION}")
     for path, image in zip(paths, images):
         pixels = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-        atomic_write(path, lambda f, p=pixels: Image.fromarray(p).save(f, format="PNG"))
+        atomic_write(path, lambda f, p=pixels: Image.fromarray(p).save(f, format="PNG", pnginfo=info))
     return paths
 
 
-def read_image(path: Path) -> np.ndarray:
-    """An image file as float32 [H, W, 3] in [0, 1]."""
+def read_image(path: Path, max_size: tuple[int, int] | None = None) -> np.ndarray:
+    """An image file as float32 [H, W, 3] in [0, 1]; alpha is dropped (as diffusers' load_image does).
+
+    `max_size` (height, width): the largest image the caller can use (a bundle's exported maximum);
+    without it, MAX_IMAGE_PIXELS. Larger files are refused from their header, before decoding.
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    except (OSError, UnidentifiedImageError) as exc:
-        raise GenerationError(f"--init-image {path}: cannot read an image ({exc})") from None
+            _check_declared_size(path, image.size, max_size)
+            return _float_rgb(path, image)
+    except GenerationError:
+        raise
+    except Image.DecompressionBombError as exc:     # Pillow's own, larger limit, raised by open()
+        declared = re.search(r"\((\d+) pixels\)", str(exc))
+        found = f"{int(declared.group(1)):,} pixels" if declared else "more pixels than Pillow allows"
+        raise _too_large(path, found, max_size) from None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError) as exc:
+        raise GenerationError(f"init_image {path}: cannot read an image ({exc})", field="init_image") from None
 
 
+def _check_declared_size(path: Path, size: tuple[int, int], max_size: tuple[int, int] | None) -> None:
+    width, height = size
+    found = f"{width}x{height} pixels ({width * height:,} pixels)"
+    if max_size is None:
+        if width * height > MAX_IMAGE_PIXELS:
+            raise _too_large(path, found, None)
+    elif height > max_size[0] or width > max_size[1]:
+        raise _too_large(path, found, max_size)
+
+
+def _too_large(path: Path, found: str, max_size: tuple[int, int] | None) -> GenerationError:
+    limit = f"at most {max_size[1]}x{max_size[0]} (width x height, the bundle's exported maximum)" \
+        if max_size is not None else f"at most {MAX_IMAGE_PIXELS:,} pixels"
+    return GenerationError(f"init_image {path}: the file declares {found}: expected {limit}; "
+                           f"refused before decoding (resize the image)", field="init_image")
+
+
+def _float_rgb(path: Path, image) -> np.ndarray:
+    """Every Pillow mode on its own scale -> float32 [H, W, 3] in [0, 1]."""
+    mode = image.mode
+    if mode in _EIGHT_BIT:          # 8 bits per channel (CMYK/YCbCr/LAB/HSV by Pillow's conversion)
+        if mode in ("P", "PA"):     # through RGBA: Pillow warns when a palette's transparency goes to RGB
+            image = image.convert("RGBA")
+        return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    if mode.startswith("I;16") or mode == "I":     # 16-bit grayscale (mode I: 16-bit PNG/TIFF data)
+        gray, scale = np.asarray(image).astype(np.float64), 65535.0
+    elif mode == "F":
+        gray, scale = np.asarray(image).astype(np.float64), 1.0
+    else:
+        raise GenerationError(f"init_image {path}: mode {mode} is not supported: expected an RGB, "
+                              f"grayscale, palette or CMYK image", field="init_image")
+    with np.errstate(invalid="ignore"):
+        low, high = float(np.min(gray)), float(np.max(gray))
+    if not (np.isfinite(gray).all() and 0.0 <= low and high <= scale):
+        raise GenerationError(f"init_image {path}: mode {mode} pixels: expected values in [0, {scale:g}], "
+                              f"found values in [{low:g}, {high:g}]", field="init_image")
+    return np.repeat((gray / scale).astype(np.float32)[..., None], 3, axis=-1)
+
+
+def _check_replaceable(path: Path) -> None:
+    if path.is_symlink():
+        raise GenerationError(f"out {path}: is a symbolic link; ldmrt replaces only files it wrote: "
+                              f"remove it or choose another name", field="out")
+    if not path.exists():
+        return
+    if path.is_dir():
+        raise GenerationError(f"out {path}: is a folder; expected a .png or .npy file name", field="out")
+    if path.suffix.lower() == ".png" and _written_by_ldmrt(path):
+        return
+    why = "a .npy file cannot carry ldmrt's marker" if path.suffix.lower() == ".npy" \
+        else f"not written by ldmrt (no '{MARKER_KEY}: {MARKER}' text chunk)"
+    raise GenerationError(f"out {path}: exists and {why}; ldmrt overwrites only images it wrote: "
+                          f"remove it or choose another name", field="out")
+
+
+def _written_by_ldmrt(path: Path) -> bool:
+    """The marker is a text chunk before the pixels: read from the header, nothing decoded."""
+    from PIL import Image
+
+    try:
+        with Image.open(path, formats=["PNG"]) as image:
+            return str(image.info.get(MARKER_KEY, "")).split(" ")[0] == MARKER
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+        return False          # an unreadable file (a bomb included) is simply not ours

@@ -5,6 +5,7 @@ per-call state is local, and backends keep one session or execution context per 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -17,7 +18,8 @@ import numpy as np
 
 from ldmrt.config import ClassEmbedderConfig, ModelConfig
 from ldmrt.engines.base import ComponentRunner, open_runners
-from ldmrt.errors import GenerationError, ShapeError
+from ldmrt.errors import GenerationCancelled, GenerationError, ShapeError
+from ldmrt.iospec import Precision
 from ldmrt.manifest import Manifest, load_manifest, verify_bundle
 from ldmrt.runtime.samplers import SAMPLERS, History, make_plan, step
 from ldmrt.runtime.tokenizer import load_tokenizer
@@ -25,6 +27,7 @@ from ldmrt.runtime.tokenizer import load_tokenizer
 log = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, int], None]   # (evaluations done, total)
+CancelCheck = Callable[[], bool]             # True: stop at the next check
 
 
 IMG2IMG_STRENGTH = 0.8     # how much of the schedule img2img runs unless told
@@ -32,11 +35,13 @@ IMG2IMG_STRENGTH = 0.8     # how much of the schedule img2img runs unless told
 
 @dataclass(frozen=True)
 class GenerationRequest:
+    """One call's inputs. Numbers may be Python or numpy scalars (never bools); `Pipeline.generate`
+    checks every field before any model runs and names the field at fault (`LdmrtError.field`)."""
     prompt: str | Sequence[str] = ""
-    negative_prompt: str | Sequence[str] = ""
+    negative_prompt: str | Sequence[str] | None = ""   # None: "" (as diffusers)
     steps: int = 20
-    guidance: float = 7.5
-    sampler: str = "ddim"
+    guidance: float = 7.5     # > 1: classifier-free guidance; <= 1: the prompt's prediction only (diffusers)
+    sampler: str | None = None          # None: the bundle's default (its checkpoint's scheduler class)
     eta: float = 0.0
     seed: int = 0
     height: int | None = None          # pixels; None: the bundle's optimal size
@@ -45,7 +50,7 @@ class GenerationRequest:
     latents: np.ndarray | None = None  # unit-variance initial noise [B, C, h, w] (diffusers' `latents=`)
     init_image: np.ndarray | None = None   # img2img: float [B or 1, H, W, 3] in [0, 1]
     strength: float | None = None    # img2img only; None -> IMG2IMG_STRENGTH
-    class_labels: Sequence[int] | None = None
+    class_labels: Sequence[int] | None = None   # class-conditional models only
 
 
 @dataclass
@@ -82,14 +87,22 @@ class Pipeline:
 
     # --- the public call -------------------------------------------------------------------
 
-    def generate(self, request: GenerationRequest, on_step: StepCallback | None = None) -> GenerationResult:
+    def generate(self, request: GenerationRequest, on_step: StepCallback | None = None,
+                 cancel: CancelCheck | None = None) -> GenerationResult:
+        """Images for `request`. `on_step(done, total)` after each denoising step; `cancel()` is
+        asked before the text encoder, between steps and before the decoder: True raises
+        GenerationCancelled there (the Triton model passes its request's is_cancelled)."""
+        for name, callback in (("on_step", on_step), ("cancel", cancel)):
+            if callback is not None and not callable(callback):
+                raise GenerationError(f"{name}: expected a callable or None, found "
+                                      f"{type(callback).__name__}", field=name)
+        request, shape, plan = self.checked(request)
         timings: dict[str, float] = {}
         warnings: list[str] = []
-        shape = self._latent_shape(request)
         batch = shape[0]
-        plan = self._plan(request)
         rng = np.random.default_rng(request.seed)
 
+        _cancel_point(cancel, "before the text encoder" if self.tokenizer is not None else "before denoising")
         start = time.perf_counter()
         context, guided = self._conditioning(request, batch, warnings)
         timings["conditioning"] = time.perf_counter() - start
@@ -104,17 +117,26 @@ class Pipeline:
         step_noise = [rng.standard_normal(shape).astype(np.float32) if need else None
                       for need in plan.needs_noise]
 
+        def after_step(done: int, total: int) -> None:
+            if on_step is not None:
+                on_step(done, total)
+            if done < total:
+                _cancel_point(cancel, f"after denoising step {done} of {total}")
+
         start = time.perf_counter()
         fused = getattr(self.runners["unet"], "fused_denoise", None)
         if fused is not None:
-            x = fused(plan, x, context, request.guidance if guided else 1.0, step_noise, on_step)
+            x = fused(plan, x, context, request.guidance if guided else 1.0, step_noise, after_step)
             timings["denoise"] = time.perf_counter() - start
             # The on-device loop never syncs per step; the numpy loop checks every step itself.
-            _check_finite(x, "latents after the last denoising step")
+            if not np.isfinite(x).all():
+                raise self._non_finite_latents(plan, plan.num_evaluations, request.guidance)
         else:
-            x, timings["unet"] = self._denoise(plan, x, context, request, guided, step_noise, on_step)
+            x, timings["unet"] = self._denoise(plan, x, context, request, guided, step_noise, after_step)
             timings["denoise"] = time.perf_counter() - start
 
+        _cancel_point(cancel, f"after denoising step {plan.num_evaluations} of {plan.num_evaluations}, "
+                              f"before the VAE decoder")
         start = time.perf_counter()
         images = self._decode(x)
         timings["vae_decoder"] = time.perf_counter() - start
@@ -122,46 +144,113 @@ class Pipeline:
             log.warning("%s", message)
         return GenerationResult(images=images, latents=x, timings=timings, warnings=warnings)
 
+    # --- the request, checked field by field before any model runs -------------------------
+
+    def checked(self, request: GenerationRequest):
+        """(request with Python scalars and defaults filled in, latent shape, sampler plan)."""
+        if not isinstance(request, GenerationRequest):
+            raise GenerationError(f"request: expected a GenerationRequest, found {type(request).__name__}",
+                                  field="request")
+        config = self.config
+        sampler = config.scheduler.default_sampler if request.sampler is None else request.sampler
+        if not isinstance(sampler, str) or sampler not in SAMPLERS:
+            raise GenerationError(f"sampler {_show(sampler)}: expected one of {list(SAMPLERS)}", field="sampler")
+        negative = "" if request.negative_prompt is None else request.negative_prompt
+        request = dataclasses.replace(
+            request, sampler=sampler, negative_prompt=negative,
+            steps=_integer("steps", request.steps, 1),
+            guidance=_real("guidance", request.guidance),
+            eta=_real("eta", request.eta, finite=False),            # range: make_plan
+            strength=None if request.strength is None else _real("strength", request.strength, finite=False),
+            seed=_integer("seed", request.seed, 0, 2 ** 64),
+            batch=_integer("batch", request.batch, 1),
+            height=None if request.height is None else _integer("height", request.height),
+            width=None if request.width is None else _integer("width", request.width))
+        if abs(request.guidance) > float(np.finfo(np.float32).max):     # the loop's arithmetic is float32
+            raise GenerationError(f"guidance {request.guidance}: expected a finite number in float32 "
+                                  f"(|guidance| <= 3.4e38)", field="guidance")
+        shape = self._latent_shape(request)
+        self._check_conditioning_fields(request, shape[0])
+        if request.latents is not None:
+            _check_array("latents", request.latents, shape)
+        if request.init_image is not None:
+            if "vae_encoder" not in self.runners:
+                raise GenerationError("init_image: img2img needs the vae_encoder component; export it too",
+                                      field="init_image")
+            f = config.downsampling_factor
+            _check_array("init_image", request.init_image, (shape[0], shape[2] * f, shape[3] * f, 3),
+                         first_axis_one=True, unit_range=True)
+        return request, shape, self._plan(request)
+
+    def _check_conditioning_fields(self, request: GenerationRequest, batch: int) -> None:
+        config = self.config
+        _expand(request.prompt, batch, "prompt")
+        _expand(request.negative_prompt, batch, "negative_prompt")
+        kind = self._conditioning_kind()
+        if kind != "text-conditioned":
+            for name in ("prompt", "negative_prompt"):
+                value = getattr(request, name)
+                if any(_expand(value, batch, name)):
+                    raise GenerationError(f"{name} {_show(value)}: this bundle's model is {kind} "
+                                          f"({config.name}); it takes " +
+                                          ("class_labels, not prompts" if kind == "class-conditional"
+                                           else "no prompt"), field=name)
+        labels = request.class_labels
+        if labels is None:
+            return
+        if kind != "class-conditional":
+            raise GenerationError(f"class_labels {_show(labels)}: this bundle's model is {kind} "
+                                  f"({config.name}); it takes no class labels", field="class_labels")
+        n = self._num_classes()
+        values = list(labels) if isinstance(labels, (list, tuple, np.ndarray)) else None
+        if values is None or not all(_is_integer(c) for c in values) or len(values) not in (1, batch) \
+                or any(not 0 <= int(c) < n for c in values):
+            shown = [int(c) if _is_integer(c) else c for c in values] if values is not None else labels
+            count = "1" if batch == 1 else f"1 or {batch}"
+            raise GenerationError(f"class_labels {_show(shown)}: expected {count} integer labels in "
+                                  f"[0, {n})", field="class_labels")
+
+    def _conditioning_kind(self) -> str:
+        """How the UNet is conditioned: "text-conditioned", "class-conditional" or "unconditional"."""
+        if self.config.is_text_conditioned:
+            return "text-conditioned"
+        if isinstance(self.config.conditioner, ClassEmbedderConfig) or self.config.unet.num_classes:
+            return "class-conditional"
+        return "unconditional"
+
+    def _num_classes(self) -> int:
+        config = self.config
+        return config.conditioner.n_classes if config.conditioner else config.unet.num_classes
+
     # --- stages ----------------------------------------------------------------------------
 
     def _latent_shape(self, request: GenerationRequest) -> tuple[int, int, int, int]:
         spec = self.manifest.component("unet").spec
         f = self.config.downsampling_factor
         opt = spec.ranges["latent_height"][1] * f
-        height, width = request.height or opt, request.width or opt
+        height = opt if request.height is None else request.height
+        width = opt if request.width is None else request.width
         for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or value <= 0 or value % f:
-                raise GenerationError(f"--{name} {value}: expected a positive multiple of the latent "
-                                      f"factor {f}")
-        if not isinstance(request.batch, int) or request.batch < 1:
-            raise GenerationError(f"--batch {request.batch}: expected an integer >= 1")
+            if value <= 0 or value % f:
+                raise GenerationError(f"{name} {value}: expected a positive multiple of the latent "
+                                      f"factor {f}", field=name)
         max_batch = self.manifest.shape_ranges.max_batch
         if request.batch > max_batch:
-            raise GenerationError(f"--batch {request.batch}: the bundle was exported for at most "
-                                  f"{max_batch} images per call; re-export with --max-batch")
+            raise GenerationError(f"batch {request.batch}: the bundle was exported for at most "
+                                  f"{max_batch} images per call; re-export with --max-batch", field="batch")
         for symbol, value in (("latent_height", height // f), ("latent_width", width // f)):
             lo, _, hi = spec.ranges[symbol]
             if not lo <= value <= hi:
                 side = "height" if symbol.endswith("height") else "width"
-                raise GenerationError(f"--{side} {value * f}: outside the exported range "
-                                      f"[{lo * f}, {hi * f}] pixels; re-export with --min-size/--max-size")
+                raise GenerationError(f"{side} {value * f}: outside the exported range "
+                                      f"[{lo * f}, {hi * f}] pixels; re-export with --min-size/--max-size",
+                                      field=side)
         return request.batch, self.config.latent_channels, height // f, width // f
 
     def _plan(self, request: GenerationRequest):
-        if request.sampler not in SAMPLERS:
-            raise GenerationError(f"--sampler {request.sampler!r}: expected one of {list(SAMPLERS)}")
-        if not isinstance(request.steps, int) or request.steps < 1:
-            raise GenerationError(f"--steps {request.steps}: expected an integer >= 1")
-        if isinstance(request.guidance, bool) or not isinstance(request.guidance, (int, float)):
-            raise GenerationError(f"--guidance {request.guidance!r}: expected a number, found "
-                                  f"{type(request.guidance).__name__}")
-        if not math.isfinite(request.guidance):
-            raise GenerationError(f"--guidance {request.guidance}: expected a finite number")
-        if not isinstance(request.seed, (int, np.integer)) or request.seed < 0:
-            raise GenerationError(f"--seed {request.seed}: expected an integer >= 0")
         if request.init_image is None:
             if request.strength is not None:
-                raise GenerationError("--strength applies to img2img only: pass --init-image too")
+                raise GenerationError("strength applies to img2img only: pass init_image too", field="strength")
             strength = 1.0
         else:
             strength = IMG2IMG_STRENGTH if request.strength is None else request.strength
@@ -169,31 +258,37 @@ class Pipeline:
                          strength=strength)
 
     def _conditioning(self, request: GenerationRequest, batch: int, warnings: list[str]):
-        """Context for the UNet: (2B, L, D) [uncond; cond] when guided, else (B, L, D); or labels."""
+        """Context for the UNet: (2B, L, D) [uncond; cond] when guided, else (B, L, D); or labels.
+
+        Guidance <= 1 runs the conditional prediction alone, as diffusers does
+        (`do_classifier_free_guidance = guidance_scale > 1`): one UNet batch, half the work."""
         config = self.config
-        if config.is_text_conditioned:
-            guided = request.guidance != 1.0
+        guided = request.guidance > 1.0
+        kind = self._conditioning_kind()
+        if kind == "text-conditioned":
             prompts = _expand(request.prompt, batch, "prompt")
-            texts = (_expand(request.negative_prompt, batch, "negative_prompt") + prompts) if guided else prompts
+            texts = prompts
+            names = ["prompt"] * batch
+            if guided:
+                texts = _expand(request.negative_prompt, batch, "negative_prompt") + prompts
+                names = ["negative prompt"] * batch + names
             if self.tokenizer is None:
                 raise GenerationError("this bundle has no tokenizer/ folder; re-export it")
             tokens = self.tokenizer.encode(texts)
-            for text, cut in zip(texts, tokens.truncated):
+            for name, text, cut in zip(names, texts, tokens.truncated):
                 if cut:
-                    warnings.append(f"prompt truncated to {self.tokenizer.max_length} tokens: "
+                    warnings.append(f"{name} truncated to {self.tokenizer.max_length} tokens: "
                                     f"{text[:60]!r}...")
             runner = self.runners["text_encoder"]
             embeddings = runner({"input_ids": tokens.input_ids})
-            _check_finite(embeddings, "text embeddings")
+            self._check_model_output(embeddings, "text_encoder", "text embeddings")
             return embeddings, guided
-        if isinstance(config.conditioner, ClassEmbedderConfig) or config.unet.num_classes:
-            n = config.conditioner.n_classes if config.conditioner else config.unet.num_classes
-            labels = list(request.class_labels or [0] * batch)
+        if kind == "class-conditional":
+            n = self._num_classes()
+            labels = [int(c) for c in (request.class_labels if request.class_labels is not None else [0])]
             if len(labels) == 1:
                 labels = labels * batch
-            if len(labels) != batch or any(not 0 <= int(c) < n for c in labels):
-                raise GenerationError(f"class labels {labels}: expected {batch} labels in [0, {n})")
-            guided = request.guidance != 1.0 and config.conditioner is not None
+            guided = guided and config.conditioner is not None
             # The LDM ImageNet models learned the last class as "no class" for guidance.
             full = ([n - 1] * batch + labels) if guided else labels
             return np.asarray(full, dtype=np.int32), guided
@@ -205,24 +300,12 @@ class Pipeline:
         drawn = rng.standard_normal(shape).astype(np.float32)
         if request.latents is None:
             return drawn
-        latents = np.asarray(request.latents)
-        if latents.shape != tuple(shape):
-            raise ShapeError(f"--latents: expected shape {list(shape)} (batch, channels, height/f, "
-                             f"width/f), found {list(latents.shape)}")
-        if latents.dtype.kind != "f":
-            raise ShapeError(f"--latents: expected a float array, found dtype {latents.dtype}")
-        _check_finite(latents, "--latents", given=True)
-        return latents.astype(np.float32)
+        return np.asarray(request.latents).astype(np.float32)     # checked by `checked`
 
     def _encode_image(self, image: np.ndarray, shape, rng: np.random.Generator) -> np.ndarray:
-        if "vae_encoder" not in self.runners:
-            raise GenerationError("img2img needs the vae_encoder component; export it too")
-        image = np.asarray(image, dtype=np.float32)
-        _check_finite(image, "--init-image", given=True)
+        image = np.asarray(image, dtype=np.float32)                # checked by `checked`
         batch, _, h, w = shape
         f = self.config.downsampling_factor
-        if image.ndim != 4 or image.shape[1:] != (h * f, w * f, 3) or image.shape[0] not in (1, batch):
-            raise ShapeError(f"--init-image: expected [1 or {batch}, {h * f}, {w * f}, 3], found {list(image.shape)}")
         pixels = np.broadcast_to(image, (batch, h * f, w * f, 3)).transpose(0, 3, 1, 2) * 2.0 - 1.0
         runner = self.runners["vae_encoder"]
         moments = runner({"images": np.ascontiguousarray(pixels).astype(runner.spec.inputs[0].dtype)})
@@ -264,10 +347,7 @@ class Pipeline:
                 output = uncond + request.guidance * (cond - uncond)
             x = step(plan, i, x, output, history, step_noise[i])
             if not np.isfinite(x).all():
-                raise GenerationError(
-                    f"non-finite latents after denoising step {i + 1} of {plan.num_evaluations} "
-                    f"(sampler {plan.name}, precision {self.manifest.precision.value}); try an fp32 "
-                    f"export or --fp32-vae-decoder, or a lower --guidance")
+                raise self._non_finite_latents(plan, i + 1, request.guidance)
             if on_step is not None:
                 on_step(i + 1, plan.num_evaluations)
         return x, unet_seconds
@@ -276,30 +356,117 @@ class Pipeline:
         runner = self.runners["vae_decoder"]
         latent = (x / self.config.scale_factor).astype(runner.spec.inputs[0].dtype)
         images = runner({"latent": latent}).astype(np.float32)
-        if not np.isfinite(images).all():
-            raise GenerationError(f"the VAE decoder produced non-finite pixels "
-                                  f"(precision {self.manifest.precision.value}); export with "
-                                  f"--fp32-vae-decoder")
+        self._check_model_output(images, "vae_decoder", "the decoded pixels")
         return np.clip(images / 2.0 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
 
+    # --- model outputs: non-finite values, with advice that fits the bundle ----------------
 
-def _expand(prompt: str | Sequence[str], batch: int, name: str) -> list[str]:
+    def _reduced_precision(self, component: str) -> bool:
+        if component == "unet":
+            return self.manifest.precision != Precision.FP32
+        return self.manifest.component(component).dtype != "float32"
+
+    def _non_finite_latents(self, plan, done: int, guidance: float) -> GenerationError:
+        advice = "try an fp32 export or a lower guidance" if self._reduced_precision("unet") \
+            else "the UNet runs in fp32 already: try a lower guidance"
+        return GenerationError(
+            f"non-finite latents after denoising step {done} of {plan.num_evaluations} "
+            f"(sampler {plan.name}, precision {self.manifest.precision.value}, guidance {guidance:g}); {advice}")
+
+    def _check_model_output(self, array: np.ndarray, component: str, what: str) -> None:
+        if np.isfinite(array).all():
+            return
+        if not self._reduced_precision(component):
+            advice = (f"the {component} graph runs in fp32 and its inputs were finite: the weights "
+                      f"or the graph are faulty, or the latents far off (try a lower guidance)")
+        elif component == "vae_decoder":
+            advice = "export with --fp32-vae-decoder (or an fp32 export)"
+        else:
+            advice = "try an fp32 export"
+        raise GenerationError(f"non-finite values in {what} from the {component} "
+                              f"(precision {self.manifest.precision.value}); {advice}")
+
+
+def max_image_size(manifest: Manifest) -> tuple[int, int]:
+    """(height, width): the largest image, in pixels, the bundle was exported for."""
+    spec = manifest.component("unet").spec
+    f = manifest.config.downsampling_factor
+    return spec.ranges["latent_height"][2] * f, spec.ranges["latent_width"][2] * f
+
+
+def _cancel_point(cancel: CancelCheck | None, where: str) -> None:
+    if cancel is not None and cancel():
+        raise GenerationCancelled(f"generation cancelled by the caller {where}; no image was made")
+
+
+def _show(value) -> str:
+    """A value as a message shows it: strings quoted, numpy scalars as plain numbers."""
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, np.generic):
+        return str(value.item())
+    return str(value)
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _integer(name: str, value, least: int | None = None, below: int | None = None) -> int:
+    """A Python or numpy integer (never a bool) as int, in [least, below)."""
+    if not _is_integer(value):
+        raise GenerationError(f"{name} {_show(value)}: expected an integer, found {type(value).__name__}",
+                              field=name)
+    value = int(value)
+    if (least is not None and value < least) or (below is not None and value >= below):
+        bound = f">= {least}" + (f" and < 2**{below.bit_length() - 1}" if below is not None else "")
+        raise GenerationError(f"{name} {value}: expected an integer {bound}", field=name)
+    return value
+
+
+def _real(name: str, value, finite: bool = True) -> float:
+    """A Python or numpy real number (never a bool) as float; finite unless told."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise GenerationError(f"{name} {_show(value)}: expected a number, found {type(value).__name__}",
+                              field=name)
+    value = float(value)
+    if finite and not math.isfinite(value):
+        raise GenerationError(f"{name} {value}: expected a finite number", field=name)
+    return value
+
+
+def _check_array(name: str, array, shape: tuple[int, ...], first_axis_one: bool = False,
+                 unit_range: bool = False) -> None:
+    """A float numpy array of `shape` (first axis 1 allowed too), finite, in [0, 1] when told."""
+    if not isinstance(array, np.ndarray):
+        raise ShapeError(f"{name}: expected a numpy array, found {type(array).__name__}", field=name)
+    wanted = list(shape)
+    if first_axis_one:
+        ok = array.ndim == len(shape) and array.shape[1:] == tuple(shape[1:]) and array.shape[0] in (1, shape[0])
+        wanted = [shape[0] if shape[0] == 1 else f"1 or {shape[0]}", *shape[1:]]
+    else:
+        ok = array.shape == tuple(shape)
+    if not ok:
+        expected = "[" + ", ".join(map(str, wanted)) + "]"
+        raise ShapeError(f"{name}: expected shape {expected}, found {list(array.shape)}", field=name)
+    if array.dtype.kind != "f":
+        raise ShapeError(f"{name}: expected a float array, found dtype {array.dtype}", field=name)
+    finite = np.isfinite(array)
+    if not finite.all():
+        raise GenerationError(f"{name}: expected finite values, found {int(finite.size - finite.sum())} "
+                              f"NaN/Inf", field=name)
+    if unit_range and (array.min() < 0.0 or array.max() > 1.0):
+        raise GenerationError(f"{name}: expected values in [0, 1], found values in "
+                              f"[{float(array.min()):g}, {float(array.max()):g}]", field=name)
+
+
+def _expand(prompt, batch: int, name: str) -> list[str]:
     if not isinstance(prompt, (str, list, tuple)):
-        raise GenerationError(f"--{name.replace('_', '-')}: expected a string or a list of strings, "
-                              f"found {type(prompt).__name__}")
+        raise GenerationError(f"{name}: expected a string or a list of strings, found {type(prompt).__name__}",
+                              field=name)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if len(prompts) == 1:
         prompts = prompts * batch
     if len(prompts) != batch or not all(isinstance(p, str) for p in prompts):
-        raise GenerationError(f"--{name.replace('_', '-')}: expected 1 or {batch} strings, found {len(prompts)}")
+        raise GenerationError(f"{name}: expected 1 or {batch} strings, found {len(prompts)}", field=name)
     return prompts
-
-
-def _check_finite(array: np.ndarray, what: str, given: bool = False) -> None:
-    """`given`: the caller's input (say how many values are bad); else a model output (say what helps)."""
-    finite = np.isfinite(array)
-    if finite.all():
-        return
-    if given:
-        raise GenerationError(f"{what}: expected finite values, found {int(finite.size - finite.sum())} NaN/Inf")
-    raise GenerationError(f"non-finite values in {what}; try an fp32 export or --fp32-vae-decoder")
