@@ -148,7 +148,7 @@ def test_build_onnxruntime_prepares_the_cache_the_first_load_then_hits(bundle, t
 
 @pytest.mark.parametrize("args, message", [
     (("--static-size", "64"), "--static-size: TensorRT options"),
-    (("--components", "vae_decoder"), "no component 'vae_decoder'"),
+    (("--components", "vae_decoder"), "--components 'vae_decoder': ['vae_decoder'] not in this bundle"),
 ])
 def test_build_onnxruntime_refuses_tensorrt_options_and_unknown_components(bundle, tmp_path, monkeypatch,
                                                                            args, message):
