@@ -477,9 +477,18 @@ def test_prompts_are_refused_on_a_class_model_and_labels_accepted_as_numpy(tmp_p
     with pytest.raises(GenerationError, match="^prompt 'a cat': this bundle's model is class-conditional") as raised:
         pipeline.generate(GenerationRequest(prompt="a cat", steps=1))
     assert raised.value.field == "prompt"
+    pipeline.runners["unet"] = unet = CountingRunner(pipeline.runners["unet"])
     plain = pipeline.generate(GenerationRequest(class_labels=[2], steps=2, guidance=3.0))
     numpy = pipeline.generate(GenerationRequest(class_labels=np.array([2]), steps=2, guidance=np.float32(3.0)))
     np.testing.assert_array_equal(plain.images, numpy.images)
+    assert unet.batches == [2] * 4, "guided: [no class; class 2]"
+    # row 4 on the class-conditional path: guidance <= 1 is the label's prediction alone
+    unguided = pipeline.generate(GenerationRequest(class_labels=[2], steps=2, guidance=1.0))
+    half = pipeline.generate(GenerationRequest(class_labels=[2], steps=2, guidance=0.5))
+    assert unet.batches[4:] == [1] * 4
+    np.testing.assert_array_equal(half.images, unguided.images)
+    other = pipeline.generate(GenerationRequest(class_labels=[5], steps=2, guidance=0.0))
+    assert mean_abs(other.latents, half.latents) > 1e-4, "the label was ignored"
     with pytest.raises(GenerationError, match=r"^class_labels \[10\]: expected 1 integer labels in \[0, 10\)") as raised:
         pipeline.generate(GenerationRequest(class_labels=[10], steps=1))
     assert raised.value.field == "class_labels"
