@@ -17,6 +17,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ldmrt.errors import ConfigError, LdmrtError
@@ -281,7 +282,7 @@ def served_repo(bundle, tmp_path_factory) -> Path:
 
 
 def test_in_process_error_codes_cost_limit_and_cancellation(served_repo, monkeypatch):
-    from tests.test_triton import _Error, _request
+    from tests.test_triton import _Error, _request, _Tensor
 
     model = _load_model(served_repo, monkeypatch)
     steps_run = []
@@ -296,7 +297,7 @@ def test_in_process_error_codes_cost_limit_and_cancellation(served_repo, monkeyp
 
     model.pipeline.generate = counting
     bad_utf8 = _request(steps=1)
-    bad_utf8["prompt"] = type(bad_utf8["steps"])("prompt", __import__("numpy").array([b"\xff\xfe"], dtype=object))
+    bad_utf8["prompt"] = _Tensor("prompt", np.array([b"\xff\xfe"], dtype=object))
     over_cost = _request(steps=900)                     # 900 x 1 x 0.0041 MP = 3.7 > 2
     cancelled = _CancellableRequest(_request(steps=50), after=4)
     responses = model.execute([_request(sampler="nope"), bad_utf8, over_cost, cancelled, _request(steps=1)])
@@ -306,8 +307,7 @@ def test_in_process_error_codes_cost_limit_and_cancellation(served_repo, monkeyp
     assert "prompt: element 0 is not UTF-8" in responses[1].error
     assert "over this model's limit max_cost 2" in responses[2].error
     # Refused before any work: the over-cost request ran no step; the cancelled one stopped at once.
-    cancelled_steps = [s for s in steps_run[:-1]]
-    assert max(cancelled_steps) <= cancelled.after + 1, steps_run
+    assert max(steps_run[:-1]) <= cancelled.after + 1, steps_run
     assert steps_run[-1] == 1                          # the next request ran normally
 
 
@@ -429,13 +429,15 @@ def test_the_truncation_warning_reaches_the_client_once(server):
 
 
 def test_an_over_cost_request_is_refused_before_any_work(server):
+    import urllib.request
+
     start = time.perf_counter()
     code, answer = _infer(server, [_scalar("steps", 900)])          # 900 x 0.0041 MP = 3.7 > 2
     seconds = time.perf_counter() - start
     assert code == 400 and "over this model's limit max_cost 2" in answer["error"], answer
     assert seconds < 1.0, seconds                                  # 900 steps take ~8 s here
-    config = json.loads(__import__("urllib.request").request.urlopen(
-        f"http://{server.http_url}/v2/models/pipeline/config", timeout=10).read())
+    with urllib.request.urlopen(f"http://{server.http_url}/v2/models/pipeline/config", timeout=10) as answer:
+        config = json.loads(answer.read())
     limits = json.loads(config["parameters"]["limits"]["string_value"])
     assert limits["max_cost"] == 2.0 and limits["steps"]["lcm"][1] == 50
 
@@ -584,3 +586,17 @@ def _group_of(stat: Path) -> int | None:
     except OSError:
         return None
     return int(fields[2]) if fields[0] != "Z" else None
+
+
+def test_the_protobuf_check_accepts_a_shared_repository(triton_env, bundle, tmp_path):
+    repo = _shared_repository(bundle, tmp_path)
+    (repo / "their_python" / "1").mkdir(parents=True)
+    (repo / "their_python" / "config.pbtxt").write_text('name: "their_python"\nbackend: "python"\n')
+    write_repository(bundle, repo, replace(CPU_OPTIONS, prefix="b_"))      # a second ldmrt group
+    result = triton_env.run_module("ldmrt.triton.check", [str(repo)], timeout=120)
+    report = json.loads(result.stdout)
+    assert result.returncode == 0 and report["problems"] == [], result.stdout + result.stderr
+    assert {"pipeline", "b_pipeline", "unet", "b_unet"} <= set(report["models"])
+    assert not {"resnet", "their_python"} & set(report["models"])
+    outputs = report["models"]["unet"]["outputs"]
+    assert outputs == [["model_output", "TYPE_FP32", [4, -1, -1]]]
