@@ -35,9 +35,10 @@ def bench(
     from ldmrt.cli import console, out, user_errors
 
     with user_errors():
+        from rich.markup import escape
         from rich.table import Table
 
-        from ldmrt.bench import (BenchCase, BenchOptions, check_options, check_report_path,
+        from ldmrt.bench import (BenchCase, BenchOptions, check_report_path,
                                  diffusers_coverage, format_overhead, format_ratio, parse_contenders,
                                  run_bench, validate_report, write_report)
         from ldmrt.manifest import load_manifest
@@ -56,10 +57,9 @@ def bench(
                       for s in size_list for b in batch_list)
         options = BenchOptions(contenders=contenders, cases=cases, warmup=warmup, repeat=repeat,
                                device=device.strip().lower(), threads=threads, rounds=rounds)
-        check_options(options, manifest)
         if json_path is not None:
             check_report_path(json_path, "--json")
-        with console.status("benchmarking") as status:
+        with console.status("benchmarking") as status:    # run_bench checks the options first
             report = run_bench(bundle, options, progress=lambda c: status.update(f"measuring {c}"))
         problems = validate_report(report)
         table = Table(title=f"{manifest.name} {manifest.precision.value} — {report['machine']['cpu']} "
@@ -71,7 +71,7 @@ def bench(
         speed = {(r["contender"], r["case"]["size"], r["case"]["batch"]): r for r in report["ratios"]}
         for result in report["results"]:
             if result["status"] != "ok":
-                table.add_row(result["contender"], "", "", f"[red]{result['error'][:60]}[/]")
+                table.add_row(result["contender"], "", "", f"[red]{escape(result['error'][:60])}[/]")
                 continue
             for row in result["cases"]:
                 case = row["case"]
