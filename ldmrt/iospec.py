@@ -212,6 +212,25 @@ class ComponentSpec:
                               f"({dict(values)}); {_RE_EXPORT}")
         return array
 
+    def difference(self, other: "ComponentSpec") -> tuple[str, Any, Any] | None:
+        """The first place where `other` differs: (path such as 'inputs[0].shape', this spec's
+        value, other's value); None when both declare the same I/O and ranges."""
+        for group in ("inputs", "outputs"):
+            mine, theirs = getattr(self, group), getattr(other, group)
+            if len(mine) != len(theirs):
+                return group, [t.name for t in mine], [t.name for t in theirs]
+            for index, (a, b) in enumerate(zip(mine, theirs)):
+                for key in ("name", "dtype", "shape"):
+                    x, y = a.to_dict()[key], b.to_dict()[key]
+                    if x != y:
+                        return f"{group}[{index}].{key}", x, y
+        if sorted(self.ranges) != sorted(other.ranges):
+            return "ranges", sorted(self.ranges), sorted(other.ranges)
+        for symbol, triple in self.ranges.items():
+            if tuple(triple) != tuple(other.ranges[symbol]):
+                return f"ranges.{symbol}", list(triple), list(other.ranges[symbol])
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         return {"inputs": [t.to_dict() for t in self.inputs],
                 "outputs": [t.to_dict() for t in self.outputs],

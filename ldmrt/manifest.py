@@ -680,9 +680,6 @@ def _is_dim(value: Any) -> bool:
     return True
 
 
-_DERIVED = "(what config and shape_ranges give at this precision)"
-
-
 def _check_against_config(reader: _Reader, config: ModelConfig, ranges: ShapeRanges,
                           precision: Precision, components: Mapping[str, ComponentEntry]) -> None:
     """Every component's I/O must be the spec ldmrt derives from the manifest's own config, shape
@@ -690,36 +687,22 @@ def _check_against_config(reader: _Reader, config: ModelConfig, ranges: ShapeRan
     factor the runtime takes from config are the ones the graphs are declared with (and the
     graphs are checked against those declarations at load)."""
     for name, entry in components.items():
-        if entry.dtype not in (precision.dtype, "float32"):   # float32: e.g. --fp32-vae-decoder
+        allowed = list(dict.fromkeys((precision.dtype, "float32")))   # float32: --fp32-vae-decoder
+        if entry.dtype not in allowed:
             reader.fail(_join(_join("components", name), "dtype"),
-                        f"{precision.dtype!r} (precision {precision.value}) or 'float32'", entry.dtype)
+                        f"one of {allowed} (precision {precision.value})", entry.dtype)
     fp32 = frozenset(name for name, entry in components.items() if entry.dtype == "float32")
     derived = reader.foreign(lambda: component_specs(config, ranges, precision, fp32), "config",
                              "a model configuration ldmrt can derive component I/O from")
     for name, entry in components.items():
         if name not in derived:
             reader.fail("components", f"the components of this model (some of {list(derived)})", name)
-        _compare_specs(reader, derived[name], entry.spec, _join(_join("components", name), "io"))
-
-
-def _compare_specs(reader: _Reader, expected: ComponentSpec, found: ComponentSpec, where: str) -> None:
-    for group in ("inputs", "outputs"):
-        want, have, at = getattr(expected, group), getattr(found, group), _join(where, group)
-        if len(want) != len(have):
-            raise reader.error(at, f"the tensors {[t.name for t in want]} {_DERIVED}",
-                               repr([t.name for t in have]))
-        for index, (a, b) in enumerate(zip(want, have)):
-            for key in ("name", "dtype", "shape"):
-                x, y = getattr(a, key), getattr(b, key)
-                x, y = (list(x), list(y)) if key == "shape" else (x, y)
-                if x != y:
-                    raise reader.error(_join(_join(at, index), key), f"{x!r} {_DERIVED}", repr(y))
-    at = _join(where, "ranges")
-    if sorted(expected.ranges) != sorted(found.ranges):
-        raise reader.error(at, f"ranges of {sorted(expected.ranges)} {_DERIVED}", repr(sorted(found.ranges)))
-    for symbol, triple in expected.ranges.items():
-        if list(triple) != list(found.ranges[symbol]):
-            raise reader.error(_join(at, symbol), f"{list(triple)} {_DERIVED}", repr(list(found.ranges[symbol])))
+        difference = derived[name].difference(entry.spec)
+        if difference is not None:
+            path, expected, found = difference
+            raise reader.error(f"{_join(_join('components', name), 'io')}.{path}",
+                               f"{expected!r} (what ldmrt derives from config and shape_ranges)",
+                               f"{found!r}; the manifest contradicts its own config: re-export the bundle")
 
 
 def _parse_parity(reader: _Reader, data: Any, where: str) -> ParityRecord:

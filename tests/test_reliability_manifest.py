@@ -385,3 +385,13 @@ def test_an_engine_output_of_another_size_is_refused_when_it_runs():
     with pytest.raises(BundleError) as info:
         engine(inputs())
     assert_names(str(info.value), "unet.model_output", "[2, 4, 32, 32]", "[2, 4, 16, 16]", "re-export")
+
+
+def test_a_static_engine_dim_serves_a_symbol_whose_range_is_one_value():
+    """--static-batch style: batch pinned to its only value loads; one the range allows does not."""
+    spec = unet_spec()
+    pinned = ComponentSpec(spec.name, spec.inputs, spec.outputs, {**spec.ranges, "batch": (2, 2, 2)})
+    shapes = {"sample": [2, 4, -1, -1], "timestep": [2], "model_output": [2, 4, -1, -1]}
+    engine_for(pinned, shapes=shapes)
+    with pytest.raises(BundleError, match=r"input sample axis 0: the manifest declares 'batch' \(batch 1\.\.4\)"):
+        engine_for(spec, shapes=shapes)
