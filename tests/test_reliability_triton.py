@@ -205,6 +205,17 @@ def test_unservable_paths_are_refused_by_name(bundle, tmp_path, name):
     assert not (tmp_path / name).exists()
 
 
+def test_a_symlinked_bundle_must_be_on_a_servable_path_too(bundle, tmp_path):
+    from ldmrt.triton.repository import FileMode
+
+    spaced = tmp_path / "my bundles" / "tiny"
+    shutil.copytree(bundle, spaced)
+    with pytest.raises(LdmrtError, match="bundle '.*my bundles") as caught:
+        write_repository(spaced, tmp_path / "repo", replace(CPU_OPTIONS, files=FileMode.SYMLINK))
+    assert caught.value.field == "bundle_dir" and not (tmp_path / "repo").exists()
+    write_repository(spaced, tmp_path / "repo", CPU_OPTIONS)      # hard links: the path is not used
+
+
 def test_the_printed_serve_command_is_quoted(bundle, tmp_path):
     import shlex
 

@@ -124,6 +124,8 @@ def write_repository(bundle_dir: str | os.PathLike, out: str | os.PathLike,
     was written. REPO may be shared: only model folders ldmrt wrote are ever replaced or removed."""
     bundle, out = Path(bundle_dir), Path(out)
     check_output(out)
+    if options.files == FileMode.SYMLINK:      # the stubs then open the bundle at its own path
+        check_serving_path(bundle, "bundle_dir", "bundle")     # the CLI's BUNDLE argument
     group = f"{options.prefix}{PIPELINE}"
     manifest = load_manifest(bundle)
     verify_bundle(bundle, manifest)

@@ -54,13 +54,14 @@ class TritonServerError(LdmrtError):
 _SERVABLE_PATH = re.compile(r"[A-Za-z0-9_./+@,=:%-]*")
 
 
-def check_serving_path(path: str | Path, field: str) -> None:
-    """LdmrtError (with `field`) unless Triton's Python backend can start a model under `path`."""
+def check_serving_path(path: str | Path, field: str, what: str | None = None) -> None:
+    """LdmrtError (with `field`; the message names `what`, default the field) unless Triton's
+    Python backend can start a model under `path`."""
     path = Path(path)
     for text in dict.fromkeys((str(path.absolute()), str(path.resolve()))):
         if not _SERVABLE_PATH.fullmatch(text):
             bad = "".join(sorted({c for c in text if not _SERVABLE_PATH.fullmatch(c)}))
-            raise LdmrtError(f"{field} {text!r}: Triton's Python backend cannot start a model under a "
+            raise LdmrtError(f"{what or field} {text!r}: Triton's Python backend cannot start a model under a "
                              f"path holding {bad!r} (it passes the path unquoted to bash and decodes "
                              f"it as ASCII); expected letters, digits and _ . / + @ , = : % - only; "
                              f"choose another path (or mount the repository at one, e.g. /models)",
