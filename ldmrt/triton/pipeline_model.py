@@ -23,7 +23,6 @@ error responses as successes in nv_inference_request_success (measured), and rai
 """
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import sys
@@ -71,8 +70,6 @@ class TritonPythonModel:
         self.max_cost = float(params.get("max_cost", "0") or 0)
         self.pipeline = Pipeline.load(bundle, backend, verify=params.get("verify", "true") == "true",
                                       **options)
-        # Pipelines of before issue 14 have no `cancel`: stop them from on_step instead.
-        self.cancel_argument = "cancel" in inspect.signature(self.pipeline.generate).parameters
         self.failures = _failure_counters(config.get("name", args.get("model_name", "pipeline")))
         self.logger.log_info(f"ldmrt pipeline {self.pipeline.manifest.name} loaded from {bundle} on "
                              f"{backend} {options} (instance {args.get('model_instance_name')})")
@@ -113,37 +110,23 @@ class TritonPythonModel:
     def cancel_options(self, request) -> dict:
         """The Pipeline's cancel check: this request's is_cancelled (its gRPC client went away)."""
         is_cancelled = getattr(request, "is_cancelled", None)     # Python backends before 23.10 lack it
-        if is_cancelled is None:
-            return {}
-        if self.cancel_argument:
-            return {"cancel": is_cancelled}
-        from ldmrt.errors import GenerationCancelled
-
-        def on_step(done: int, total: int) -> None:
-            if done < total and is_cancelled():
-                raise GenerationCancelled(f"generation cancelled by the caller after denoising step "
-                                          f"{done} of {total}; no image was made")
-        return {"on_step": on_step}
+        return {} if is_cancelled is None else {"cancel": is_cancelled}
 
     def check_cost(self, generation) -> None:
         """Refuse, before any work, a request over the repository's limit on steps x images x
-        megapixels (`ldmrt triton --max-cost`); fields the Pipeline refuses anyway are left to it."""
+        megapixels (`ldmrt triton --max-cost`), sizes as the Pipeline resolves them (its checks
+        run first: a bad field is named as such)."""
         if self.max_cost <= 0:
             return
         from ldmrt.errors import LdmrtError
 
-        spec = self.pipeline.manifest.component("unet").spec
+        checked, (batch, _, latent_height, latent_width), _ = self.pipeline.checked(generation)
         f = self.pipeline.config.downsampling_factor
-        height = generation.height or spec.ranges["latent_height"][1] * f
-        width = generation.width or spec.ranges["latent_width"][1] * f
-        numbers = (generation.steps, generation.batch, height, width)
-        if not all(isinstance(n, int) and n > 0 for n in numbers):
-            return
-        megapixels = height * width / 1e6
-        cost = generation.steps * generation.batch * megapixels
+        megapixels = latent_height * f * latent_width * f / 1e6
+        cost = checked.steps * batch * megapixels
         if cost > self.max_cost:
-            raise LdmrtError(f"request: costs {cost:.4g} (steps {generation.steps} x {generation.batch} "
-                             f"images x {megapixels:.4g} megapixels), over this model's limit max_cost "
+            raise LdmrtError(f"request: costs {cost:.4g} (steps {checked.steps} x {batch} images x "
+                             f"{megapixels:.4g} megapixels), over this model's limit max_cost "
                              f"{self.max_cost:g} (set by ldmrt triton --max-cost); ask for fewer steps, "
                              f"images or pixels", field="request")
 
