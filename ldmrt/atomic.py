@@ -304,7 +304,7 @@ SCAN_LIMIT = 10_000          # entries looked at before giving up (the answer is
 def foreign_entries(root: Path, judge: Judge, limit: int = SCAN_LIMIT) -> tuple[list[str], bool]:
     """(paths under `root` that ldmrt did not write, complete): folders ldmrt did not make are
     named once ("samples/") and not looked into; atomic_write temporaries and work folders of what
-    `judge` owns are ldmrt's too. Unreadable folders count as foreign. `complete` is False when more
+    `judge` owns are ldmrt's too. Unreadable folders count as foreign, vanished ones as empty. `complete` is False when more
     than `limit` entries were looked at (the list then holds what was found so far)."""
     found: list[str] = []
     pending: list[tuple[str, ...]] = [()]
@@ -314,6 +314,8 @@ def foreign_entries(root: Path, judge: Judge, limit: int = SCAN_LIMIT) -> tuple[
         try:
             with os.scandir(root.joinpath(*parent)) as entries:
                 listing = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in entries]
+        except FileNotFoundError:
+            continue           # gone meanwhile (another writer replaced it): nothing there to keep
         except OSError:
             found.append("/".join(parent) + "/ (unreadable)")
             continue

@@ -20,8 +20,8 @@ from ldmrt.export.onnx_graph import MIN_OPSET, export_graph
 from ldmrt.export.quantize import Int8Options, quantize_unet
 from ldmrt.export.validate import shape_plan, validate_graph
 from ldmrt.iospec import Precision, ShapeRanges, component_specs
-from ldmrt.manifest import (MANIFEST_NAME, TOKENIZER_DIR, ComponentEntry, Manifest, TokenizerEntry,
-                            load_manifest, write_manifest)
+from ldmrt.manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, TOKENIZER_DIR, ComponentEntry, Manifest,
+                            TokenizerEntry, load_manifest, write_manifest)
 from ldmrt.models import LatentDiffusion
 
 log = logging.getLogger(__name__)
@@ -157,22 +157,36 @@ def _check_replaceable(folder: Path, out: Path) -> None:
     """ExportError naming what in `folder` (the bundle at `out`, maybe moved aside) ldmrt did not
     write: a bundle is replaced only when it holds nothing else."""
     keep = "; choose another folder (ldmrt never deletes them, even with --force)"
+    if not os.path.lexists(folder):
+        return                 # gone meanwhile (a racing export moved it): nothing there to keep
     if folder.is_symlink() or not folder.is_dir():
         raise ExportError(f"out {out}: expected a bundle folder, found something else{keep}", field="out")
     if not (folder / MANIFEST_NAME).is_file():
         foreign, complete = foreign_entries(folder, lambda parts, is_dir: Ownership.FOREIGN)
         raise ExportError(f"out {out}: the folder holds files that are not an ldmrt bundle "
                           f"({describe(foreign, complete)}){keep}", field="out")
-    try:
-        manifest = load_manifest(folder)
-    except BundleError as exc:
-        raise ExportError(f"out {out}: its manifest.json is unreadable, so ldmrt cannot tell its "
-                          f"files from yours ({str(exc)[:200]}){keep}", field="out") from None
-    foreign, complete = foreign_entries(folder, bundle_ownership(folder, manifest))
+    for _ in range(3):         # a racing export may swap another bundle in while this one is read
+        before = _manifest_bytes(folder)
+        try:
+            manifest = load_manifest(folder)
+        except BundleError as exc:
+            raise ExportError(f"out {out}: its manifest.json is unreadable, so ldmrt cannot tell its "
+                              f"files from yours ({str(exc)[:200]}){keep}", field="out") from None
+        foreign, complete = foreign_entries(folder, bundle_ownership(folder, manifest))
+        if _manifest_bytes(folder) == before:
+            break
     if foreign:
         raise ExportError(f"out {out}: the bundle folder holds files ldmrt did not write: "
                           f"{describe(foreign, complete)}; move them out first, or choose another "
                           f"folder (ldmrt never deletes them, even with --force)", field="out")
+
+
+def _manifest_bytes(folder: Path) -> bytes | None:
+    try:
+        with open(folder / MANIFEST_NAME, "rb") as handle:
+            return handle.read(MAX_MANIFEST_BYTES + 1)
+    except OSError:
+        return None
 
 
 ENGINES_DIR = "engines"        # ldmrt build's TensorRT engines (export/tensorrt.py writes there)
