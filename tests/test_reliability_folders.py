@@ -543,3 +543,11 @@ def test_work_folders_are_unique_per_call(tmp_path):
     for thread in threads:
         thread.join()
     assert len(set(made)) == 80 and all(p.is_dir() for p in made)
+
+
+def test_looking_for_users_files_stops_at_a_bound(tmp_path):
+    for i in range(30):
+        (tmp_path / f"f{i:02d}").write_bytes(b"")
+    found, complete = atomic.foreign_entries(tmp_path, lambda parts, is_dir: atomic.Ownership.FOREIGN, limit=10)
+    assert len(found) == 10 and not complete
+    assert atomic.describe(found, complete).endswith(f"and 5 more (more than {atomic.SCAN_LIMIT} entries looked at)")
