@@ -326,8 +326,8 @@ BUNDLE_DAMAGE = [   # (id, edit(bundle), fragments of the BundleError)
      ["file unet.onnx does not match components.unet.sha256", "expected sha256", "found"]),
     ("missing-file", lambda b: (b / "vae_decoder.onnx").unlink(), ["file vae_decoder.onnx", "is missing"]),
     ("truncated-file", lambda b: os.truncate(b / "unet.onnx", 100), ["components.unet.size_bytes", "found 100"]),
-    ("tokenizer-file", lambda b: flip_byte(b / TOKENIZER_DIR / "vocab.json"),
-     ["tokenizer/vocab.json", "tokenizer.files"]),
+    ("tokenizer-file", lambda b: flip_byte(b / TOKENIZER_DIR / "tokenizer.json"),
+     ["tokenizer/tokenizer.json", "tokenizer.files"]),
     ("no-manifest", lambda b: (b / MANIFEST_NAME).unlink(), ["expected manifest.json, found no such file"]),
     ("corrupt-manifest", lambda b: (b / MANIFEST_NAME).write_bytes(b"\x00garbage"),
      ["expected manifest.json to be UTF-8 JSON"]),
@@ -437,8 +437,7 @@ TAMPER = {
 
 
 @PROPERTY
-@given(st.sampled_from(["text_encoder.onnx", "unet.onnx", "vae_decoder.onnx", "tokenizer/vocab.json",
-                        "tokenizer/merges.txt"]),
+@given(st.sampled_from(["text_encoder.onnx", "unet.onnx", "vae_decoder.onnx", "tokenizer/tokenizer.json"]),
        st.sampled_from(sorted(TAMPER)), st.integers(0, 2**32 - 1))
 def test_any_tampered_file_is_named_by_load(bundle, member, operation, seed) -> None:
     with tempfile.TemporaryDirectory() as folder:
