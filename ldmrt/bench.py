@@ -369,8 +369,7 @@ def run_bench(bundle: Path, options: BenchOptions, progress: Callable[[str], Non
     for round_index in range(options.rounds):
         for contender in options.contenders:
             progress(contender if options.rounds == 1 else f"{contender} (round {round_index + 1}/{options.rounds})")
-            with context.Pool(1) as pool:
-                per_round[contender].append(pool.apply(run_contender, (str(bundle), contender, options)))
+            per_round[contender].append(_in_fresh_process(context, str(bundle), contender, options))
     results = [runs[0] if len(runs) == 1 else merge_contender(runs) for runs in per_round.values()]
     report = {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "bundle": {"path": str(bundle), "name": manifest.name, "precision": manifest.precision.value,
@@ -382,6 +381,21 @@ def run_bench(bundle: Path, options: BenchOptions, progress: Callable[[str], Non
     report["ratios"] = ratios(results, baseline="torch-eager")
     report["failed"] = [r["contender"] for r in results if r["status"] != "ok"]
     return report
+
+
+def _in_fresh_process(context, bundle: str, contender: str, options: BenchOptions) -> dict:
+    """run_contender in a new process. A process that dies (killed for memory, a crash in a
+    native library) is recorded as the contender's error: multiprocessing.Pool would wait for
+    its lost task forever; ProcessPoolExecutor reports it."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    with ProcessPoolExecutor(1, mp_context=context) as pool:
+        try:
+            return pool.submit(run_contender, bundle, contender, options).result()
+        except BrokenProcessPool as exc:
+            return {"contender": contender, "status": "error", "peak_rss_mib": None,
+                    "error": f"its process died before reporting (killed for memory? a crash?): {exc}"}
 
 
 def merge_contender(runs: list[dict]) -> dict:

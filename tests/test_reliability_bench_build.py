@@ -405,3 +405,39 @@ def test_cli_bench_samples_with_the_bundles_own_sampler_by_default(bundle, monke
     one_error(invoke(*bench_args(bundle, "--compare", "torch-eager")))
     one_error(invoke(*bench_args(bundle, "--compare", "torch-eager", "--sampler", "dpmpp-2m")))
     assert [o.cases[0].sampler for o in seen] == ["euler", "dpmpp-2m"]
+
+
+def test_a_contender_whose_process_is_killed_is_recorded_not_waited_for(tiny):
+    """multiprocessing.Pool waits forever for the task of a worker killed (say, for memory)."""
+    import multiprocessing
+    import os
+    import signal
+    import threading
+    import time
+
+    from ldmrt.bench import BenchCase, BenchOptions, run_bench
+
+    def kill_the_contender(name):
+        if name == "onnxruntime":
+            def kill():
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    for child in multiprocessing.active_children():
+                        time.sleep(2)           # mid-task: the contender is loading or measuring
+                        os.kill(child.pid, signal.SIGKILL)
+                        return
+                    time.sleep(0.05)
+            threading.Thread(target=kill, daemon=True).start()
+
+    options = BenchOptions(contenders=("onnxruntime", "torch-eager"), warmup=0, repeat=1,
+                           cases=(BenchCase(size=32, batch=1, steps=1),))
+    done = {}
+    runner = threading.Thread(target=lambda: done.update(report=run_bench(tiny, options, kill_the_contender)),
+                              daemon=True)
+    runner.start()
+    runner.join(timeout=240)
+    assert "report" in done, "run_bench still waits for the killed contender"
+    report = done["report"]
+    status = {r["contender"]: r for r in report["results"]}
+    assert status["onnxruntime"]["status"] == "error" and "process died" in status["onnxruntime"]["error"]
+    assert status["torch-eager"]["status"] == "ok" and report["failed"] == ["onnxruntime"]
