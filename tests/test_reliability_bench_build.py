@@ -163,21 +163,36 @@ def test_cli_build_refuses_an_engines_path_it_cannot_write_before_building(bundl
     assert (bundle / "engines").read_text() == "the user's notes, not a folder"
 
 
-# --- acceptance: build --force never deletes or overwrites what ldmrt did not write -----------
-
-@RTX
-def test_build_force_keeps_the_users_files_in_engines(bundle):
-    from ldmrt.engines.tensorrt import find_engine, RuntimeInfo
+def engine_key(bundle: Path, component: str) -> str:
+    """The key `ldmrt build --backend tensorrt-rtx --components COMPONENT` will write (no build)."""
     from ldmrt.export.engines import BundleBuildOptions, component_options
     from ldmrt.export.tensorrt import plan_engine
     from ldmrt.manifest import load_manifest
 
     manifest = load_manifest(bundle)
-    entry = manifest.component("vae_decoder")
+    entry = manifest.component(component)
+    options = component_options(manifest, entry.spec, BundleBuildOptions(components=(component,)), None)
+    return plan_engine(bundle / entry.file, entry.spec, options, trt_api.load(trt_api.TENSORRT_RTX)).key
+
+
+@RTX
+def test_cli_build_refuses_a_file_where_its_engine_folder_goes_before_building(bundle):
+    key = engine_key(bundle, "vae_decoder")
+    (bundle / "engines").mkdir()
+    (bundle / "engines" / key).write_text("not a folder")
+    error = one_error(invoke("build", bundle, "--backend", "tensorrt-rtx", "--components", "vae_decoder"))
+    assert f"{bundle / 'engines' / key}: expected ldmrt's engine folder of that name, found a file" in error
+    assert tree(bundle / "engines") == {key: b"not a folder"}
+
+
+# --- acceptance: build --force never deletes or overwrites what ldmrt did not write -----------
+
+@RTX
+def test_build_force_keeps_the_users_files_in_engines(bundle):
+    from ldmrt.engines.tensorrt import RuntimeInfo, find_engine
+
     api = trt_api.load(trt_api.TENSORRT_RTX)
-    options = BundleBuildOptions(components=("vae_decoder",), force=True)
-    key = plan_engine(bundle / entry.file, entry.spec, component_options(manifest, entry.spec, options, None),
-                      api).key
+    key = engine_key(bundle, "vae_decoder")
     engines = bundle / "engines"
     users = {engines / "notes.txt": b"mine", engines / "vae_decoder-from-my-laptop" / "vae_decoder.plan": b"x",
              engines / "vae_decoder-from-my-laptop" / "vae_decoder.engine.json": b"{}",
