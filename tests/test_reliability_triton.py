@@ -366,7 +366,9 @@ def server(triton_env, bundle, tmp_path_factory):
     write_repository(bundle, repo, replace(CPU_OPTIONS, pipeline=replace(CPU_OPTIONS.pipeline, max_cost=2.0)))
     with open(repo / "pipeline" / "1" / "model.py", "a") as handle:
         handle.write(_FAULT)
-    server = TritonServer(triton_env, repo, root / "work", startup_timeout=120)
+    # A short exit timeout: after the probe test's reload, the version with the killed stub never
+    # finishes unloading, and tritonserver waits the whole timeout for it at exit.
+    server = TritonServer(triton_env, repo, root / "work", startup_timeout=120, exit_timeout=2)
     server.start()
     try:
         yield server
