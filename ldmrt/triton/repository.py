@@ -139,10 +139,11 @@ def write_repository(bundle_dir: str | os.PathLike, out: str | os.PathLike,
     claim = claim_models(out, names, group, options.force)
     # A new REPO is built beside it and renamed in whole; into an existing one (often a mount
     # point) each model folder is built inside it, so every rename stays on its file system.
-    temp = work_folder(out if not out.exists() else out / group)
+    fresh = not out.exists()
+    temp = work_folder(out if fresh else out / group)
     try:
         notes += _write(temp, bundle, models, options.files, group)
-        if temp.parent == out.parent:
+        if fresh:
             move_into_place(temp, out, replace=False)   # another run's new REPO is never replaced
         else:
             for name in names:
