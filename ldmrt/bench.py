@@ -42,7 +42,7 @@ BASELINES = ("torch-eager", "diffusers")       # contenders that are not ldmrt b
 # "ldmrt.triton_load/1"); only such a file is replaced. Reports are kilobytes: a bigger file is
 # not read (the check's cost stays bounded) and is not one.
 _REPORT_SCHEMA = re.compile(r"ldmrt[-.][A-Za-z0-9_.-]+/[0-9]+")
-REPORT_MAX_BYTES = 64 * 2**20
+REPORT_MAX_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True)
