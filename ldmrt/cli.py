@@ -108,6 +108,8 @@ def export(
         from ldmrt.iospec import Precision, ShapeRanges
 
         precision_value = _enum(Precision, precision, "--precision")
+        from ldmrt.commands.build import check_engine_backend
+        engine = None if engine is None else check_engine_backend(engine)   # before minutes of export
         if source in PRESETS:
             model_source = preset_source(source, seed)
             console.print(f"[bold yellow]preset {source!r}: RANDOM weights (seed {seed}) — "
