@@ -42,7 +42,8 @@ def _interrupt(signum, frame) -> None:
 
 # Library fields whose flag is not `--` + the field with dashes.
 _FLAGS = {"class_labels": "--class-label", "out": "--out", "size": "--sizes", "profiles": "--profile",
-          "optimization_level": "--opt-level", "compute_capabilities": "--compute-capability"}
+          "optimization_level": "--opt-level", "compute_capabilities": "--compute-capability",
+          "gpus": "--gpu", "preferred_batch_sizes": "--preferred-batch-size"}
 
 
 def flag_for(field: str) -> str:

@@ -259,8 +259,8 @@ class ShapeRanges:
         for name in ("min_size", "opt_size", "max_size"):
             value = getattr(self, name)
             if value < factor or value % factor:
-                raise ConfigError(f"--{name.replace('_', '-')}={value}: expected a positive "
-                                  f"multiple of the latent factor {factor}")
+                raise ConfigError(f"{name} {value}: expected a positive multiple of the latent "
+                                  f"factor {factor}", field=name)
         if not self.min_size <= self.opt_size <= self.max_size:
             raise ConfigError(f"image sizes: expected min <= opt <= max, found "
                               f"{self.min_size}, {self.opt_size}, {self.max_size}")

@@ -127,9 +127,9 @@ def test_pbtxt_text_and_invalid_configs():
         InstanceGroup(0)
     with pytest.raises(ConfigError, match="needs instance kind gpu"):
         InstanceGroup(1, InstanceKind.CPU, (0,))
-    with pytest.raises(ConfigError, match="--pipeline-backend"):
+    with pytest.raises(ConfigError, match="pipeline_backend"):
         PipelineModelOptions(backend="torch")
-    with pytest.raises(ConfigError, match="--prefix"):
+    with pytest.raises(ConfigError, match="prefix"):
         RepositoryOptions(prefix="a/b")
 
 

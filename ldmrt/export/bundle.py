@@ -70,9 +70,11 @@ def export_bundle(source: ModelSource, out: Path, options: ExportOptions = Expor
     names = options.components or tuple(specs)
     unknown = [n for n in names if n not in specs]
     if unknown:
-        raise ConfigError(f"--components: {unknown} not in this model; expected some of {list(specs)}")
+        raise ConfigError(f"components {list(unknown)}: not in this model; expected some of {list(specs)}",
+                          field="components")
     if options.precision == Precision.BF16 and options.opset < 22:
-        raise ConfigError(f"--precision bf16 needs --opset >= 22 (bf16 Conv), found {options.opset}")
+        raise ConfigError(f"precision bf16: needs opset >= 22 (ONNX Conv takes bfloat16 from opset 22), "
+                          f"found opset {options.opset}", field="precision")
 
     report = progress or (lambda component, stage: log.info("%s: %s", component, stage))
     try:

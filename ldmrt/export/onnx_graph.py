@@ -27,7 +27,8 @@ def export_graph(module: torch.nn.Module, spec: ComponentSpec, inputs: tuple[tor
     there for big graphs, which are removed once the graph is re-saved.
     """
     if opset < MIN_OPSET:
-        raise ExportError(f"--opset {opset}: expected >= {MIN_OPSET} (LayerNormalization, GroupNormalization)")
+        raise ExportError(f"opset {opset}: expected >= {MIN_OPSET} (LayerNormalization, GroupNormalization)",
+                          field="opset")
     raw = path.with_suffix(".raw.onnx")
     scratch = path.parent / f"{path.stem}.trace"
     scratch.mkdir(exist_ok=True)

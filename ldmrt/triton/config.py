@@ -48,9 +48,10 @@ class InstanceGroup:
         if not isinstance(self.count, int) or self.count < 1:
             raise ConfigError(f"instance count {self.count!r}: expected an integer >= 1")
         if self.gpus and self.kind != InstanceKind.GPU:
-            raise ConfigError(f"--gpus {list(self.gpus)} needs instance kind gpu, found {self.kind.value}")
+            raise ConfigError(f"gpus {list(self.gpus)}: needs instance kind gpu, found {self.kind.value}",
+                              field="gpus")
         if any(not isinstance(g, int) or g < 0 for g in self.gpus):
-            raise ConfigError(f"--gpus {list(self.gpus)}: expected device indices >= 0")
+            raise ConfigError(f"gpus {list(self.gpus)}: expected device indices >= 0", field="gpus")
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,8 @@ class DynamicBatching:
                               f"longer for a fuller batch has waited longer than it runs)",
                               field="max_queue_delay_us")
         if any(size < 1 for size in self.preferred_batch_sizes):
-            raise ConfigError(f"--preferred-batch-size {list(self.preferred_batch_sizes)}: expected sizes >= 1")
+            raise ConfigError(f"preferred_batch_sizes {list(self.preferred_batch_sizes)}: expected sizes >= 1",
+                              field="preferred_batch_sizes")
 
 
 @dataclass(frozen=True)

@@ -77,11 +77,12 @@ class PipelineModelOptions:
             raise ConfigError(f"max_cost {self.max_cost!r}: expected a finite number >= 0 "
                               f"(steps x images x megapixels; 0: no limit)", field="max_cost")
         if self.backend not in PIPELINE_BACKENDS:
-            raise ConfigError(f"--pipeline-backend {self.backend!r}: expected one of {list(PIPELINE_BACKENDS)}")
+            raise ConfigError(f"pipeline_backend {self.backend!r}: expected one of {list(PIPELINE_BACKENDS)}",
+                              field="pipeline_backend")
         if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"--pipeline-device {self.device!r}: expected auto, cpu or cuda")
+            raise ConfigError(f"pipeline_device {self.device!r}: expected auto, cpu or cuda", field="pipeline_device")
         if self.threads < 0:
-            raise ConfigError(f"--threads {self.threads}: expected >= 0")
+            raise ConfigError(f"threads {self.threads}: expected >= 0", field="threads")
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ class RepositoryOptions:
 
     def __post_init__(self) -> None:
         if not _PREFIX.match(self.prefix):
-            raise ConfigError(f"--prefix {self.prefix!r}: expected letters, digits, '_', '.' or '-'")
+            raise ConfigError(f"prefix {self.prefix!r}: expected letters, digits, '_', '.' or '-'", field="prefix")
 
 
 @dataclass(frozen=True)
