@@ -159,24 +159,32 @@ def _check_replaceable(folder: Path, out: Path) -> None:
     """ExportError naming what in `folder` (the bundle at `out`, maybe moved aside) ldmrt did not
     write: a bundle is replaced only when it holds nothing else."""
     keep = "; choose another folder (ldmrt never deletes them, even with --force)"
-    if not os.path.lexists(folder):
-        return                 # gone meanwhile (a racing export moved it): nothing there to keep
-    if folder.is_symlink() or not folder.is_dir():
-        raise ExportError(f"out {out}: expected a bundle folder, found something else{keep}", field="out")
-    if not (folder / MANIFEST_NAME).is_file():
-        foreign, complete = foreign_entries(folder, lambda parts, is_dir: Ownership.FOREIGN)
-        raise ExportError(f"out {out}: the folder holds files that are not an ldmrt bundle "
-                          f"({describe(foreign, complete)}){keep}", field="out")
-    for _ in range(3):         # a racing export may swap another bundle in while this one is read
+    foreign, complete = [], True
+    for _ in range(3):         # a racing export may move the folder away or swap another bundle in
+        if not os.path.lexists(folder):
+            return             # gone meanwhile (a racing export moved it): nothing there to keep
+        if folder.is_symlink() or not folder.is_dir():
+            raise ExportError(f"out {out}: expected a bundle folder, found something else{keep}", field="out")
         before = _manifest_bytes(folder)
         try:
+            if before is None:
+                raise BundleError("no manifest.json")
             manifest = load_manifest(folder)
         except BundleError as exc:
+            if not os.path.lexists(folder) or _manifest_bytes(folder) != before:
+                continue       # moved or swapped while it was read: look again
+            if before is None:
+                foreign, complete = foreign_entries(folder, lambda parts, is_dir: Ownership.FOREIGN)
+                raise ExportError(f"out {out}: the folder holds files that are not an ldmrt bundle "
+                                  f"({describe(foreign, complete)}){keep}", field="out") from None
             raise ExportError(f"out {out}: its manifest.json is unreadable, so ldmrt cannot tell its "
                               f"files from yours ({str(exc)[:200]}){keep}", field="out") from None
         foreign, complete = foreign_entries(folder, bundle_ownership(folder, manifest))
         if _manifest_bytes(folder) == before:
             break
+    else:
+        raise ExportError(f"out {out}: the folder kept changing while ldmrt checked what is in it "
+                          f"(another export or a user writing there); try again", field="out")
     if foreign:
         raise ExportError(f"out {out}: the bundle folder holds files ldmrt did not write: "
                           f"{describe(foreign, complete)}; move them out first, or choose another "
@@ -184,6 +192,10 @@ def _check_replaceable(folder: Path, out: Path) -> None:
 
 
 def _manifest_bytes(folder: Path) -> bytes | None:
+    """manifest.json's bytes (bounded), or None where it is missing or not a regular file (a FIFO
+    would block the read)."""
+    if not (folder / MANIFEST_NAME).is_file():
+        return None
     try:
         with open(folder / MANIFEST_NAME, "rb") as handle:
             return handle.read(MAX_MANIFEST_BYTES + 1)
