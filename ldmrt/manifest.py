@@ -9,46 +9,37 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, NoReturn, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from ldmrt.atomic import atomic_write
 from ldmrt.config import Family, ModelConfig
-from ldmrt.errors import BundleError, ConfigError, LdmrtError
+from ldmrt.errors import BundleError, ConfigError
 from ldmrt.iospec import TENSOR_DTYPES, ComponentSpec, Precision, ShapeRanges, component_specs, parse_dim
+from ldmrt.manifest_reader import (MANIFEST_NAME, MAX_INT, MISSING, Reader, describe,
+                                   join_path, parse_json)
 
 SCHEMA_VERSION = 1
 LDMRT_VERSION = "0.1.0"  # the package version written into new manifests
-MANIFEST_NAME = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
 DEFAULT_POSTPROCESS: Mapping[str, str] = {"images": "clamp(x / 2 + 0.5, 0, 1)"}
 TOKENIZER_KINDS = ("clip", "wordpiece")
 COMPONENT_DTYPES = ("float32", "float16", "bfloat16")
 
 MAX_MANIFEST_BYTES = 16 * 2**20   # real manifests are a few kB; refuse to parse a huge file
-MAX_DEPTH = 32                    # real manifests nest < 10 levels
-MAX_INT = 2**63 - 1               # every count, size and dimension fits an int64
-MAX_STRING = 4096
 # Shape ranges bound what a default request allocates (the opt size) and what engines are built
 # for: 16384 px is 4x the largest image any supported model was trained near; 1024 images per call.
 MAX_IMAGE_SIDE = 16384
 MAX_BATCH = 1024
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _COMPONENT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _TENSOR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,127}$")
 _SYMBOL = re.compile(r"^[a-z_]+$")
 _VERSION = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+!_-]{0,63}$")
-_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_]+$")
-_MISSING = object()
 
-# What the config/iospec parsers (not written for hostile input) may raise on bad data.
-_FOREIGN_ERRORS = (LdmrtError, LookupError, TypeError, ValueError, ArithmeticError,
-                   AttributeError, RecursionError)
 
 
 def utc_now() -> str:
@@ -107,7 +98,7 @@ class ComponentEntry:
 
     @classmethod
     def from_dict(cls, name: str, data: Any, origin: str = "<in memory>") -> "ComponentEntry":
-        return _parse_component(_Reader(origin), name, data, f"components.{name}")
+        return _parse_component(Reader(origin), name, data, f"components.{name}")
 
     @classmethod
     def from_files(cls, bundle_dir: str | os.PathLike, spec: ComponentSpec, dtype: str,
@@ -134,7 +125,7 @@ class TokenizerEntry:
 
     @classmethod
     def from_dict(cls, data: Any, origin: str = "<in memory>") -> "TokenizerEntry":
-        return _parse_tokenizer(_Reader(origin), data, "tokenizer")
+        return _parse_tokenizer(Reader(origin), data, "tokenizer")
 
     @classmethod
     def from_folder(cls, bundle_dir: str | os.PathLike, kind: str) -> "TokenizerEntry":
@@ -192,7 +183,7 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: Any, origin: str = "<in memory>") -> "Manifest":
         """Validate untrusted JSON data; BundleError (naming `origin` and the field) if invalid."""
-        return _parse_manifest(_Reader(origin), data)
+        return _parse_manifest(Reader(origin), data)
 
 
 # --- files ---------------------------------------------------------------------------------
@@ -216,7 +207,7 @@ def load_manifest(bundle_dir: str | os.PathLike) -> Manifest:
     if len(raw) > MAX_MANIFEST_BYTES:
         raise BundleError(f"bundle {bundle}: expected {MANIFEST_NAME} of at most "
                           f"{MAX_MANIFEST_BYTES} bytes, found a larger file")
-    return Manifest.from_dict(_parse_json(raw, bundle), origin=str(bundle))
+    return Manifest.from_dict(parse_json(raw, bundle), origin=str(bundle))
 
 
 def write_manifest(bundle_dir: str | os.PathLike, manifest: Manifest) -> Path:
@@ -268,7 +259,7 @@ def verify_bundle(bundle_dir: str | os.PathLike, manifest: Manifest,
     bundle = _bundle_path(bundle_dir)
     names = list(manifest.components) if components is None else (
         [components] if isinstance(components, str) else list(components))
-    reader = _Reader(str(bundle))
+    reader = Reader(str(bundle))
     for name in names:
         entry = manifest.component(name)
         where = f"components.{name}.sha256"
@@ -296,7 +287,7 @@ def _bundle_path(bundle_dir: Any) -> Path:
     except TypeError:
         path = None
     if not isinstance(path, str) or "\0" in path:
-        raise BundleError(f"bundle: expected a folder path, found {_describe(bundle_dir)}")
+        raise BundleError(f"bundle: expected a folder path, found {describe(bundle_dir)}")
     return Path(path)
 
 
@@ -345,181 +336,6 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-# --- parsing untrusted JSON ----------------------------------------------------------------
-
-class _JsonRejected(ValueError):
-    pass
-
-
-def _reject_constant(name: str) -> NoReturn:
-    raise _JsonRejected(f"{name} (JSON has no non-finite numbers)")
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _JsonRejected(f"the key {key[:80]!r} twice in one object")
-        out[key] = value
-    return out
-
-
-def _parse_json(raw: bytes, bundle: Path) -> Any:
-    def fail(found: str) -> NoReturn:
-        raise BundleError(f"bundle {bundle}: expected {MANIFEST_NAME} to be UTF-8 JSON, found "
-                          f"{found}; the file is corrupt: re-export the bundle")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        fail(f"bytes that are not UTF-8 at offset {exc.start}")
-    try:
-        return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
-    except _JsonRejected as exc:
-        fail(str(exc))
-    except json.JSONDecodeError as exc:
-        fail(f"invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})")
-    except RecursionError:
-        fail(f"values nested deeper than {MAX_DEPTH} levels")
-    except ValueError as exc:   # e.g. an integer with thousands of digits
-        fail(f"an unreadable value ({str(exc)[:120]})")
-
-
-def _describe(value: Any) -> str:
-    """How a found value reads in an error message (short, whatever its size)."""
-    if value is _MISSING:
-        return "nothing (the key is missing)"
-    if isinstance(value, dict):
-        return f"an object with {len(value)} keys"
-    if isinstance(value, list):
-        return f"a list of {len(value)} items"
-    kind = {bool: "boolean", int: "integer", float: "number", str: "string",
-            type(None): "null"}.get(type(value), type(value).__name__)
-    text = repr(value)
-    return f"{kind} {text[:77] + '...' if len(text) > 80 else text}"
-
-
-def _join(where: str, key: Any) -> str:
-    if isinstance(key, int):
-        return f"{where}[{key}]"
-    key = str(key)
-    if _PLAIN_KEY.match(key):
-        return key if where == "<root>" else f"{where}.{key}"
-    return f"{where}[{json.dumps(key[:40])}]"
-
-
-class _Reader:
-    """Typed accessors over untrusted data; every failure is a BundleError naming the field."""
-
-    def __init__(self, origin: str) -> None:
-        self.origin = origin
-
-    def error(self, where: str, expected: str, found: str) -> BundleError:
-        return BundleError(f"bundle {self.origin}: {MANIFEST_NAME} field {where}: "
-                           f"expected {expected}, found {found}")
-
-    def fail(self, where: str, expected: str, value: Any) -> NoReturn:
-        raise self.error(where, expected, _describe(value))
-
-    def json_value(self, value: Any, where: str) -> None:
-        """Plain JSON only: string keys, finite numbers, int64 integers, bounded nesting."""
-        stack = [(value, where, 1)]
-        while stack:
-            item, path, depth = stack.pop()
-            if depth > MAX_DEPTH:
-                raise self.error(path, f"at most {MAX_DEPTH} levels of nesting", "deeper nesting")
-            if isinstance(item, dict):
-                for key, child in item.items():
-                    if not isinstance(key, str):
-                        self.fail(path, "an object with string keys", key)
-                    stack.append((child, _join(path, key), depth + 1))
-            elif isinstance(item, (list, tuple)):   # json.dumps writes tuples as lists
-                stack.extend((child, _join(path, i), depth + 1) for i, child in enumerate(item))
-            elif isinstance(item, float):
-                if not math.isfinite(item):
-                    self.fail(path, "a finite number", item)
-            elif isinstance(item, int) and not isinstance(item, bool):
-                if not -MAX_INT - 1 <= item <= MAX_INT:
-                    raise self.error(path, "an integer that fits in 64 bits",
-                                     f"an integer with {len(str(abs(item)))} digits")
-            elif not (item is None or isinstance(item, (str, bool))):
-                self.fail(path, "a JSON value", item)
-
-    def record(self, value: Any, where: str, required: tuple[str, ...]) -> dict[str, Any]:
-        """An object with exactly the keys `required`."""
-        if not isinstance(value, dict):
-            self.fail(where, "an object", value)
-        unknown = sorted(k for k in value if k not in required)
-        if unknown:
-            raise self.error(where, f"only the keys {list(required)}",
-                             f"the unknown key {unknown[0][:80]!r}")
-        for key in required:
-            if key not in value:
-                self.fail(_join(where, key), "a value (the key is required)", _MISSING)
-        return value
-
-    def mapping(self, value: Any, where: str, minimum: int = 0) -> dict[str, Any]:
-        """An object with free-form keys (JSON keys are strings)."""
-        if not isinstance(value, dict) or len(value) < minimum:
-            self.fail(where, "an object" + (f" with at least {minimum} keys" if minimum else ""), value)
-        return value
-
-    def sequence(self, value: Any, where: str, minimum: int = 0) -> list[Any]:
-        if not isinstance(value, list) or len(value) < minimum:
-            self.fail(where, "a list" + (f" of at least {minimum} items" if minimum else ""), value)
-        return value
-
-    def string(self, value: Any, where: str, pattern: re.Pattern[str] | None = None,
-               expected: str = "a non-empty string") -> str:
-        if not isinstance(value, str) or not 0 < len(value) <= MAX_STRING \
-                or (pattern is not None and not pattern.match(value)):
-            self.fail(where, expected, value)
-        return value
-
-    def choice(self, value: Any, where: str, choices: Iterable[str]) -> str:
-        choices = list(choices)
-        if not isinstance(value, str) or value not in choices:
-            self.fail(where, f"one of {choices}", value)
-        return value
-
-    def boolean(self, value: Any, where: str) -> bool:
-        if not isinstance(value, bool):
-            self.fail(where, "true or false", value)
-        return value
-
-    def integer(self, value: Any, where: str, minimum: int = 0, maximum: int = MAX_INT) -> int:
-        if type(value) is not int or not minimum <= value <= maximum:
-            self.fail(where, f"an integer >= {minimum}" if maximum == MAX_INT else
-                      f"an integer in [{minimum}, {maximum}]", value)
-        return value
-
-    def number(self, value: Any, where: str, positive: bool = False) -> float:
-        """A finite number >= 0, or > 0 if `positive` (integers are accepted and become floats)."""
-        if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or not math.isfinite(value) or value < 0 or (positive and value == 0):
-            self.fail(where, f"a finite number {'>' if positive else '>='} 0", value)
-        return float(value)
-
-    def sha256(self, value: Any, where: str) -> str:
-        return self.string(value, where, _SHA256, "a sha256 as 64 lowercase hex digits")
-
-    def file_name(self, value: Any, where: str) -> str:
-        """A plain file name: nothing that could point outside the bundle folder."""
-        expected = "a plain file name inside the bundle (no path separators, '..' or drive)"
-        if not isinstance(value, str) or not 0 < len(value) <= 255 or value in (".", "..") \
-                or any(c in value for c in "/\\:") or any(ord(c) < 32 or ord(c) == 127 for c in value) \
-                or value != value.strip():
-            self.fail(where, expected, value)
-        return value
-
-    def foreign(self, parse: Any, where: str, expected: str) -> Any:
-        """Run a config/iospec parser; whatever it raises becomes a BundleError for `where`."""
-        try:
-            return parse()
-        except _FOREIGN_ERRORS as exc:
-            message = str(exc) or type(exc).__name__
-            raise self.error(where, expected, message[:300]) from None
-
-
 _TOP_KEYS = ("schema_version", "ldmrt_version", "created", "name", "source", "random_weights",
              "family", "config", "precision", "latent_scale", "postprocess", "shape_ranges",
              "components", "tokenizer", "engines")
@@ -528,11 +344,11 @@ _PARITY_KEYS = ("reference", "rel_l2", "max_abs", "tolerance", "shapes")
 _SHAPE_RANGE_KEYS = ("min_size", "opt_size", "max_size", "max_batch", "opt_batch")
 
 
-def _parse_manifest(reader: _Reader, data: Any) -> Manifest:
+def _parse_manifest(reader: Reader, data: Any) -> Manifest:
     reader.json_value(data, "<root>")
     if not isinstance(data, dict):
         reader.fail("<root>", "an object", data)
-    version = data.get("schema_version", _MISSING)
+    version = data.get("schema_version", MISSING)
     if type(version) is not int:
         reader.fail("schema_version", f"the integer {SCHEMA_VERSION}", version)
     readable = f"{SCHEMA_VERSION}, the schema this ldmrt reads"
@@ -569,11 +385,11 @@ def _parse_manifest(reader: _Reader, data: Any) -> Manifest:
             reader.fail("postprocess", f"only the outputs {list(DEFAULT_POSTPROCESS)} as keys (the "
                                        f"runtime post-processes nothing else)", key)
         if expression != DEFAULT_POSTPROCESS[key]:
-            reader.fail(_join("postprocess", key), f"{DEFAULT_POSTPROCESS[key]!r}, the expression "
+            reader.fail(join_path("postprocess", key), f"{DEFAULT_POSTPROCESS[key]!r}, the expression "
                                                    f"the runtime applies", expression)
 
     ranges_data = reader.record(data["shape_ranges"], "shape_ranges", _SHAPE_RANGE_KEYS)
-    ranges = ShapeRanges(**{key: reader.integer(ranges_data[key], _join("shape_ranges", key), 1,
+    ranges = ShapeRanges(**{key: reader.integer(ranges_data[key], join_path("shape_ranges", key), 1,
                                                 MAX_BATCH if key.endswith("batch") else MAX_IMAGE_SIDE)
                             for key in _SHAPE_RANGE_KEYS})
     reader.foreign(lambda: (ranges.latent_range(config.downsampling_factor),
@@ -587,10 +403,10 @@ def _parse_manifest(reader: _Reader, data: Any) -> Manifest:
     for name, entry_data in components_data.items():
         reader.string(name, "components", _COMPONENT_NAME,
                       "component names of lowercase letters, digits and '_'")
-        entry = _parse_component(reader, name, entry_data, _join("components", name))
+        entry = _parse_component(reader, name, entry_data, join_path("components", name))
         for file in entry.files:
             if file in owner:
-                reader.fail(_join(_join("components", name), "file"),
+                reader.fail(join_path(join_path("components", name), "file"),
                             f"a file no other component lists (components.{owner[file]} has it)", file)
             owner[file] = name
         components[name] = entry
@@ -600,7 +416,7 @@ def _parse_manifest(reader: _Reader, data: Any) -> Manifest:
         _parse_tokenizer(reader, data["tokenizer"], "tokenizer")
     engines = reader.sequence(data["engines"], "engines")
     for i, record in enumerate(engines):
-        reader.mapping(record, _join("engines", i))
+        reader.mapping(record, join_path("engines", i))
 
     return Manifest(
         name=reader.string(data["name"], "name"), source=reader.string(data["source"], "source"),
@@ -610,58 +426,58 @@ def _parse_manifest(reader: _Reader, data: Any) -> Manifest:
         created=created, ldmrt_version=data["ldmrt_version"])
 
 
-def _parse_component(reader: _Reader, name: str, data: Any, where: str) -> ComponentEntry:
+def _parse_component(reader: Reader, name: str, data: Any, where: str) -> ComponentEntry:
     reader.json_value(data, where)
     reader.record(data, where, _COMPONENT_KEYS)
-    file = reader.file_name(data["file"], _join(where, "file"))
+    file = reader.file_name(data["file"], join_path(where, "file"))
     if not file.endswith(".onnx"):
-        reader.fail(_join(where, "file"), "a file name ending in '.onnx'", file)
+        reader.fail(join_path(where, "file"), "a file name ending in '.onnx'", file)
     external = data["external_data"]
     if external is not None:
-        reader.file_name(external, _join(where, "external_data"))
+        reader.file_name(external, join_path(where, "external_data"))
         if external in (file, MANIFEST_NAME):
-            reader.fail(_join(where, "external_data"), f"a file other than the graph and {MANIFEST_NAME}",
+            reader.fail(join_path(where, "external_data"), f"a file other than the graph and {MANIFEST_NAME}",
                         external)
     files = (file,) if external is None else (file, external)
 
-    hashes = reader.mapping(data["sha256"], _join(where, "sha256"))
+    hashes = reader.mapping(data["sha256"], join_path(where, "sha256"))
     if sorted(hashes) != sorted(files):
-        raise reader.error(_join(where, "sha256"), f"a sha256 for exactly {list(files)}",
+        raise reader.error(join_path(where, "sha256"), f"a sha256 for exactly {list(files)}",
                            f"keys {sorted(hashes)[:8]}")
     for file_name, digest in hashes.items():
-        reader.sha256(digest, _join(_join(where, "sha256"), file_name))
-    size = reader.integer(data["size_bytes"], _join(where, "size_bytes"))
-    spec = _parse_io(reader, name, data["io"], _join(where, "io"))
-    dtype = reader.choice(data["dtype"], _join(where, "dtype"), COMPONENT_DTYPES)
-    parity = None if data["parity"] is None else _parse_parity(reader, data["parity"], _join(where, "parity"))
+        reader.sha256(digest, join_path(join_path(where, "sha256"), file_name))
+    size = reader.integer(data["size_bytes"], join_path(where, "size_bytes"))
+    spec = _parse_io(reader, name, data["io"], join_path(where, "io"))
+    dtype = reader.choice(data["dtype"], join_path(where, "dtype"), COMPONENT_DTYPES)
+    parity = None if data["parity"] is None else _parse_parity(reader, data["parity"], join_path(where, "parity"))
     return ComponentEntry(name=name, file=file, external_data=external,
                           sha256={f: hashes[f] for f in files}, size_bytes=size, spec=spec,
                           dtype=dtype, parity=parity)
 
 
-def _parse_io(reader: _Reader, name: str, data: Any, where: str) -> ComponentSpec:
+def _parse_io(reader: Reader, name: str, data: Any, where: str) -> ComponentSpec:
     """Check the shape of the JSON first: ComponentSpec.from_dict trusts its input's types."""
     reader.record(data, where, ("inputs", "outputs", "ranges"))
     seen: set[str] = set()
     for group in ("inputs", "outputs"):
-        tensors = reader.sequence(data[group], _join(where, group), minimum=1)
+        tensors = reader.sequence(data[group], join_path(where, group), minimum=1)
         for i, tensor in enumerate(tensors):
-            at = _join(_join(where, group), i)
+            at = join_path(join_path(where, group), i)
             reader.record(tensor, at, ("name", "dtype", "shape"))
-            tensor_name = reader.string(tensor["name"], _join(at, "name"), _TENSOR_NAME,
+            tensor_name = reader.string(tensor["name"], join_path(at, "name"), _TENSOR_NAME,
                                         "a tensor name (letters, digits, '_', '.')")
             if tensor_name in seen:
-                reader.fail(_join(at, "name"), "a name no other tensor of this component has", tensor_name)
+                reader.fail(join_path(at, "name"), "a name no other tensor of this component has", tensor_name)
             seen.add(tensor_name)
-            reader.choice(tensor["dtype"], _join(at, "dtype"), TENSOR_DTYPES)
-            for axis, dim in enumerate(reader.sequence(tensor["shape"], _join(at, "shape"))):
+            reader.choice(tensor["dtype"], join_path(at, "dtype"), TENSOR_DTYPES)
+            for axis, dim in enumerate(reader.sequence(tensor["shape"], join_path(at, "shape"))):
                 if not _is_dim(dim):
-                    reader.fail(_join(_join(at, "shape"), axis),
+                    reader.fail(join_path(join_path(at, "shape"), axis),
                                 "a size >= 1 or a symbol such as 'batch' or '8*latent_height'", dim)
-    ranges = reader.mapping(data["ranges"], _join(where, "ranges"))
+    ranges = reader.mapping(data["ranges"], join_path(where, "ranges"))
     for symbol, triple in ranges.items():
-        reader.string(symbol, _join(where, "ranges"), _SYMBOL, "symbol names of lowercase letters and '_'")
-        at = _join(_join(where, "ranges"), symbol)
+        reader.string(symbol, join_path(where, "ranges"), _SYMBOL, "symbol names of lowercase letters and '_'")
+        at = join_path(join_path(where, "ranges"), symbol)
         if not isinstance(triple, list) or len(triple) != 3:
             reader.fail(at, "[min, opt, max]", triple)
         for value in triple:
@@ -680,7 +496,7 @@ def _is_dim(value: Any) -> bool:
     return True
 
 
-def _check_against_config(reader: _Reader, config: ModelConfig, ranges: ShapeRanges,
+def _check_against_config(reader: Reader, config: ModelConfig, ranges: ShapeRanges,
                           precision: Precision, components: Mapping[str, ComponentEntry]) -> None:
     """Every component's I/O must be the spec ldmrt derives from the manifest's own config, shape
     ranges and precision, as export wrote it: then the text width, latent channels and latent
@@ -689,7 +505,7 @@ def _check_against_config(reader: _Reader, config: ModelConfig, ranges: ShapeRan
     for name, entry in components.items():
         allowed = list(dict.fromkeys((precision.dtype, "float32")))   # float32: --fp32-vae-decoder
         if entry.dtype not in allowed:
-            reader.fail(_join(_join("components", name), "dtype"),
+            reader.fail(join_path(join_path("components", name), "dtype"),
                         f"one of {allowed} (precision {precision.value})", entry.dtype)
     fp32 = frozenset(name for name, entry in components.items() if entry.dtype == "float32")
     derived = reader.foreign(lambda: component_specs(config, ranges, precision, fp32), "config",
@@ -700,40 +516,40 @@ def _check_against_config(reader: _Reader, config: ModelConfig, ranges: ShapeRan
         difference = derived[name].difference(entry.spec)
         if difference is not None:
             path, expected, found = difference
-            raise reader.error(f"{_join(_join('components', name), 'io')}.{path}",
+            raise reader.error(f"{join_path(join_path('components', name), 'io')}.{path}",
                                f"{expected!r} (what ldmrt derives from config and shape_ranges)",
                                f"{found!r}; the manifest contradicts its own config: re-export the bundle")
 
 
-def _parse_parity(reader: _Reader, data: Any, where: str) -> ParityRecord:
+def _parse_parity(reader: Reader, data: Any, where: str) -> ParityRecord:
     reader.record(data, where, _PARITY_KEYS)
     shapes: dict[str, int | tuple[int, ...]] = {}
-    for key, value in reader.mapping(data["shapes"], _join(where, "shapes")).items():
-        at = _join(_join(where, "shapes"), key)
-        reader.string(key, _join(where, "shapes"), _TENSOR_NAME, "tensor or symbol names as keys")
+    for key, value in reader.mapping(data["shapes"], join_path(where, "shapes")).items():
+        at = join_path(join_path(where, "shapes"), key)
+        reader.string(key, join_path(where, "shapes"), _TENSOR_NAME, "tensor or symbol names as keys")
         if isinstance(value, list):
             shapes[key] = tuple(reader.integer(v, at) for v in value)
         else:
             shapes[key] = reader.integer(value, at)
-    return ParityRecord(reference=reader.string(data["reference"], _join(where, "reference")),
-                        rel_l2=reader.number(data["rel_l2"], _join(where, "rel_l2")),
-                        max_abs=reader.number(data["max_abs"], _join(where, "max_abs")),
-                        tolerance=reader.number(data["tolerance"], _join(where, "tolerance")),
+    return ParityRecord(reference=reader.string(data["reference"], join_path(where, "reference")),
+                        rel_l2=reader.number(data["rel_l2"], join_path(where, "rel_l2")),
+                        max_abs=reader.number(data["max_abs"], join_path(where, "max_abs")),
+                        tolerance=reader.number(data["tolerance"], join_path(where, "tolerance")),
                         shapes=shapes)
 
 
-def _parse_tokenizer(reader: _Reader, data: Any, where: str) -> TokenizerEntry:
+def _parse_tokenizer(reader: Reader, data: Any, where: str) -> TokenizerEntry:
     reader.json_value(data, where)
     reader.record(data, where, ("kind", "files"))
-    kind = reader.choice(data["kind"], _join(where, "kind"), TOKENIZER_KINDS)
-    files = reader.mapping(data["files"], _join(where, "files"), minimum=1)
+    kind = reader.choice(data["kind"], join_path(where, "kind"), TOKENIZER_KINDS)
+    files = reader.mapping(data["files"], join_path(where, "files"), minimum=1)
     for file, digest in files.items():
-        reader.file_name(file, _join(where, "files"))
-        reader.sha256(digest, _join(_join(where, "files"), file))
+        reader.file_name(file, join_path(where, "files"))
+        reader.sha256(digest, join_path(join_path(where, "files"), file))
     # what load_tokenizer reads: tokenizer.json, or the files of bundles before it
     legacy = {"clip": {"vocab.json", "merges.txt"}, "wordpiece": {"vocab.txt"}}[kind]
     if "tokenizer.json" not in files and not legacy <= set(files):
-        reader.fail(_join(where, "files"), f"tokenizer.json (or {' + '.join(sorted(legacy))}) for a {kind} "
+        reader.fail(join_path(where, "files"), f"tokenizer.json (or {' + '.join(sorted(legacy))}) for a {kind} "
                     f"tokenizer", sorted(files))
     return TokenizerEntry(kind=kind, files=dict(files))
 
