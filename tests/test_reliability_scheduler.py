@@ -309,7 +309,7 @@ def euler_v_trailing_bundle(tmp_path_factory):
 
     from ldmrt.checkpoints import checkpoint_source
     from ldmrt.export.bundle import ExportOptions, export_bundle
-    from ldmrt.runtime.tokenizer import write_synthetic_clip_assets
+    from ldmrt.synthetic_tokenizer import write_synthetic_clip_assets
     from tests.pipeline_reference import GOLDEN_CONFIGS, GOLDEN_RANGES, golden_model
 
     root = tmp_path_factory.mktemp("euler-v-trailing")

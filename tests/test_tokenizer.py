@@ -21,8 +21,8 @@ import pytest
 
 from ldmrt.config import BertConfig, ClassEmbedderConfig, ClipTextConfig, preset
 from ldmrt.errors import BundleError, CheckpointError, ConfigError, GenerationError
-from ldmrt.runtime.tokenizer import (
-    PromptTokenizer, TokenizedBatch, load_tokenizer, write_synthetic_clip_assets, write_synthetic_wordpiece_assets)
+from ldmrt.runtime.tokenizer import PromptTokenizer, TokenizedBatch, load_tokenizer
+from ldmrt.synthetic_tokenizer import write_synthetic_clip_assets, write_synthetic_wordpiece_assets
 
 transformers = pytest.importorskip("transformers")
 from transformers import BertTokenizer, CLIPTokenizer  # noqa: E402

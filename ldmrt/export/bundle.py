@@ -254,10 +254,10 @@ def preset_source(name: str, seed: int = 0) -> ModelSource:
 
 
 def synthetic_tokenizer_writer(conditioner) -> Callable[[Path], str] | None:
-    from ldmrt.runtime import tokenizer as tok
+    from ldmrt.synthetic_tokenizer import write_synthetic_tokenizer
 
     if isinstance(conditioner, (ClipTextConfig, BertConfig)):
-        return lambda folder: tok.write_synthetic_tokenizer(folder, conditioner)   # tokenizer.json
+        return lambda folder: write_synthetic_tokenizer(folder, conditioner)   # tokenizer.json
     return None
 
 
