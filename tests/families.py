@@ -80,3 +80,14 @@ def model_source(config: ModelConfig, seed: int = 0) -> ModelSource:
     model = perturb_(build_model(config, seed=seed), seed=seed, scale=0.05)
     return ModelSource(model=model, source=f"test:{config.name}", random_weights=True,
                        write_tokenizer=synthetic_tokenizer_writer(config.conditioner))
+
+
+def export_small_tiny(out):
+    """The `tiny` preset as many tests use it: text encoder, UNet, VAE decoder, 32..64 px, at most
+    2 images per call, not validated (test_export.py covers parity). Returns the bundle folder."""
+    from ldmrt.export.bundle import ExportOptions, export_bundle, preset_source
+
+    export_bundle(preset_source("tiny"), out, ExportOptions(
+        components=("text_encoder", "unet", "vae_decoder"), validate=False,
+        shape_ranges=ShapeRanges(min_size=32, opt_size=32, max_size=64, max_batch=2)))
+    return out

@@ -41,14 +41,9 @@ def tree(folder: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     """The tiny bundle (no parity run: test_export.py covers it), sides 32..64, batch <= 2."""
-    from ldmrt.export.bundle import ExportOptions, export_bundle, preset_source
-    from ldmrt.iospec import ShapeRanges
+    from tests.families import export_small_tiny
 
-    out = tmp_path_factory.mktemp("reliability") / "tiny"
-    export_bundle(preset_source("tiny"), out, ExportOptions(
-        components=("text_encoder", "unet", "vae_decoder"), validate=False,
-        shape_ranges=ShapeRanges(min_size=32, opt_size=32, max_size=64, max_batch=2)))
-    return out
+    return export_small_tiny(tmp_path_factory.mktemp("reliability") / "tiny")
 
 
 @pytest.fixture

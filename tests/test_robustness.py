@@ -45,14 +45,9 @@ PROPERTY = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow],
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
     """tiny, fp32, 32..64 px, at most 2 images per call; not validated (test_export does that)."""
-    from ldmrt.export.bundle import ExportOptions, export_bundle, preset_source
-    from ldmrt.iospec import ShapeRanges
+    from tests.families import export_small_tiny
 
-    out = tmp_path_factory.mktemp("robust") / "tiny"
-    export_bundle(preset_source("tiny"), out, ExportOptions(
-        components=("text_encoder", "unet", "vae_decoder"), validate=False,
-        shape_ranges=ShapeRanges(min_size=32, opt_size=32, max_size=64, max_batch=2)))
-    return out
+    return export_small_tiny(tmp_path_factory.mktemp("robust") / "tiny")
 
 
 @pytest.fixture(scope="module")
