@@ -300,7 +300,9 @@ class _ContenderRunner:
             return row
         from ldmrt.runtime.pipeline import GenerationRequest
 
-        request = GenerationRequest(prompt="a photograph of an astronaut riding a horse", steps=case.steps,
+        # Class-conditional and unconditional models take no prompt (the pipeline refuses one).
+        prompt = "a photograph of an astronaut riding a horse" if self.pipeline.config.is_text_conditioned else ""
+        request = GenerationRequest(prompt=prompt, steps=case.steps,
                                     guidance=case.guidance, sampler=case.sampler, seed=0,
                                     height=case.size, width=case.size, batch=case.batch)
         timings: list[dict[str, float]] = []

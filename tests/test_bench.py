@@ -162,3 +162,21 @@ def test_cli_bench_with_rounds_writes_the_merged_report(tiny_bundle, tmp_path) -
     assert eager["end_to_end_speedup"] == 1.0 and eager["unet_speedup"] == 1.0
     bad = CliRunner().invoke(app, ["bench", str(tiny_bundle), "--rounds", "0"])
     assert bad.exit_code == 2 and "--rounds 0" in bad.output
+
+
+@pytest.mark.parametrize("family", ["ldm-class", "ldm-uncond-vq"])
+def test_bench_runs_models_that_take_no_prompt(family, tmp_path) -> None:
+    """Class-conditional and unconditional bundles are benched without a prompt (they refuse one)."""
+    from ldmrt.export.bundle import ExportOptions, export_bundle
+    from tests.families import FAMILIES, model_source, shape_ranges
+
+    config = FAMILIES[family]
+    out = tmp_path / family
+    export_bundle(model_source(config), out, ExportOptions(components=("unet", "vae_decoder"), validate=False,
+                                                           shape_ranges=shape_ranges(config)))
+    size = shape_ranges(config).min_size
+    report = run_bench(out, BenchOptions(contenders=("onnxruntime",), cases=(BenchCase(size=size, batch=1, steps=1),),
+                                         warmup=0, repeat=1))
+    result = report["results"][0]
+    assert result["status"] == "ok", result
+    assert report["failed"] == []
