@@ -5,15 +5,16 @@ checks them against the spec before running, and returns the first output as num
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Mapping, Protocol
+from typing import Iterable, Mapping, Protocol
 
 import numpy as np
 
 from ldmrt.engines.backend import Backend
 from ldmrt.errors import BackendUnavailableError
 from ldmrt.iospec import ComponentSpec
-from ldmrt.manifest import Manifest
+from ldmrt.manifest import Manifest, verify_bundle
 
 BACKENDS = tuple(b.value for b in Backend)
 
@@ -24,20 +25,35 @@ class ComponentRunner(Protocol):
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray: ...
 
 
-def open_runners(backend: str, bundle: Path, manifest: Manifest, components: tuple[str, ...],
-                 **options) -> dict[str, ComponentRunner]:
-    """Runners for `components` of the bundle on `backend`; BackendUnavailableError if it cannot load."""
+def verify_graphs(bundle: Path, manifest: Manifest, components: Iterable[str]) -> None:
+    """BundleError naming the file unless every file of `components` has the manifest's size and
+    sha256. The graphs only: the tokenizer is the pipeline's to check (Pipeline.load), once."""
+    verify_bundle(bundle, dataclasses.replace(manifest, tokenizer=None), components=list(components))
+
+
+def open_runners(backend: str, bundle: Path, manifest: Manifest, components: tuple[str, ...], *,
+                 verify: bool = True, **options) -> dict[str, ComponentRunner]:
+    """Runners for `components` of the bundle on `backend`; BackendUnavailableError if it cannot load.
+
+    `verify`: each component's files are checked (verify_graphs) before the backend reads them.
+    Here is where it is decided by what: ONNX Runtime reads a source graph only when its
+    optimized-graph cache cannot serve the component, so it checks that graph right before reading
+    it (open_onnxruntime: those without an entry before any is loaded), and a cache hit is checked
+    through its own entry, whose key is the manifest's digest; every other backend reads (or
+    rebuilds from) every graph, so all are checked here first."""
+    if backend not in BACKENDS:
+        raise BackendUnavailableError(f"--backend {backend!r}: expected one of {list(BACKENDS)}")
     if backend == "onnxruntime":
         from ldmrt.engines.onnxruntime import open_onnxruntime
-        return open_onnxruntime(bundle, manifest, components, **options)
+        return open_onnxruntime(bundle, manifest, components, verify=verify, **options)
+    if verify:
+        verify_graphs(bundle, manifest, components)
     if backend in ("tensorrt", "tensorrt-rtx"):
         from ldmrt.engines.tensorrt import open_tensorrt
         return open_tensorrt(bundle, manifest, components, backend=backend, **options)
-    if backend == "torch":
-        try:
-            from ldmrt.engines.torch import open_torch
-        except ImportError as exc:
-            raise BackendUnavailableError(f"--backend torch needs PyTorch: {exc}; "
-                                          f"pip install torch==2.13.0") from None
-        return open_torch(bundle, manifest, components, **options)
-    raise BackendUnavailableError(f"--backend {backend!r}: expected one of {list(BACKENDS)}")
+    try:
+        from ldmrt.engines.torch import open_torch
+    except ImportError as exc:
+        raise BackendUnavailableError(f"--backend torch needs PyTorch: {exc}; "
+                                      f"pip install torch==2.13.0") from None
+    return open_torch(bundle, manifest, components, **options)

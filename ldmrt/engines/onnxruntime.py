@@ -5,12 +5,15 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
-from ldmrt.engines.ort_cache import GraphCache, cache_folder, create_session, discard, entry_folder, lookup
+from ldmrt.engines.base import verify_graphs
+from ldmrt.engines.ort_cache import (GraphCache, SourceCheck, SourceGraph, cache_folder, create_session,
+                                     discard, entry_folder, lookup, may_hit)
 from ldmrt.errors import BackendUnavailableError, BundleError
 from ldmrt.iospec import ComponentSpec, GraphTensor
 from ldmrt.manifest import Manifest
@@ -35,7 +38,7 @@ def _import_onnxruntime():
 class OnnxRuntimeRunner:
     """One InferenceSession per component; `run` is thread-safe (ORT sessions are)."""
 
-    def __init__(self, path: Path, spec: ComponentSpec, providers: list[str], threads: int | None,
+    def __init__(self, source: SourceGraph, spec: ComponentSpec, providers: list[str], threads: int | None,
                  cache: GraphCache | None = None):
         import onnxruntime as ort
 
@@ -46,13 +49,15 @@ class OnnxRuntimeRunner:
         if threads:
             options.intra_op_num_threads = threads
         try:
-            self.session, self.cache_hit = create_session(path, options, providers, cache)
+            self.session, self.cache_hit = create_session(source, options, providers, cache)
+        except BundleError:
+            raise          # the source graph is not the manifest's: the bundle's fault, named by file
         except Exception as exc:
-            raise BackendUnavailableError(f"onnxruntime could not load {path.name}: {exc}") from exc
+            raise BackendUnavailableError(f"onnxruntime could not load {source.path.name}: {exc}") from exc
         self.output = spec.outputs[0].name
         # Here, not in ort_cache: every session (from the source graph or a cached rewrite) passes.
         spec.check_graph(_graph_tensors(self.session.get_inputs()),
-                         _graph_tensors(self.session.get_outputs()), str(path))
+                         _graph_tensors(self.session.get_outputs()), str(source.path))
 
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
         values = self.spec.bind(inputs)
@@ -68,10 +73,17 @@ def _graph_tensors(args) -> list[GraphTensor]:
             for arg in args]
 
 
+def source_graph(bundle: Path, manifest: Manifest, component: str, check: SourceCheck) -> SourceGraph:
+    return SourceGraph(bundle / manifest.component(component).file,
+                       partial(verify_graphs, bundle, manifest, (component,)), check)
+
+
 def open_onnxruntime(bundle: Path, manifest: Manifest, components: tuple[str, ...], *,
                      device: str = "cpu", threads: int | None = None,
-                     cache_dir: Path | str | None = None) -> dict[str, OnnxRuntimeRunner]:
-    """`cache_dir`: where optimized CPU graphs are cached (ort_cache.py; default <bundle>/ort_cache)."""
+                     cache_dir: Path | str | None = None, verify: bool = True) -> dict[str, OnnxRuntimeRunner]:
+    """`cache_dir`: where optimized CPU graphs are cached (ort_cache.py; default <bundle>/ort_cache).
+    `verify`: a graph's files are sha256-checked before ONNX Runtime reads them, so only where the
+    cache cannot serve it (a hit is checked through its entry; see open_runners)."""
     ort = _import_onnxruntime()
     available = ort.get_available_providers()
     if device == "cuda":
@@ -83,11 +95,20 @@ def open_onnxruntime(bundle: Path, manifest: Manifest, components: tuple[str, ..
         providers = ["CPUExecutionProvider"]
     threads = threads or int(os.environ.get("LDMRT_THREADS", "0")) or None
     folder = cache_folder(bundle, cache_dir) if device == "cpu" else None
+    caches = {name: GraphCache.for_graph(folder, name, manifest.component(name).digest) if folder else None
+              for name in components}
+    # The graphs the cache cannot serve (all of them without a cache: off, read-only bundle, CUDA)
+    # are checked before any is loaded; one whose entry fails its own sha256 is checked once that
+    # is found, right before ONNX Runtime reads it. A hit's source is neither read nor hashed.
+    unserved = [name for name, cache in caches.items() if cache is None or not may_hit(cache)]
+    if verify and unserved:
+        verify_graphs(bundle, manifest, unserved)
     runners = {}
-    for name in components:
-        entry = manifest.component(name)
-        cache = GraphCache.for_graph(folder, name, entry.digest) if folder else None
-        runners[name] = OnnxRuntimeRunner(bundle / entry.file, entry.spec, providers, threads, cache)
+    for name, cache in caches.items():
+        check = (SourceCheck.BEFORE_STORING if not verify else
+                 SourceCheck.DONE if name in unserved else SourceCheck.BEFORE_READING)
+        runners[name] = OnnxRuntimeRunner(source_graph(bundle, manifest, name, check),
+                                          manifest.component(name).spec, providers, threads, cache)
     return runners
 
 
@@ -106,7 +127,8 @@ def prepare_cache(bundle: Path, manifest: Manifest, components: tuple[str, ...],
                   progress=lambda component, stage: None) -> list[CachedGraph]:
     """Write ONNX Runtime's optimized CPU graphs for this machine ahead of the first load
     (`ldmrt build DIR --backend onnxruntime`), so a service's first start is a warm one.
-    Entries that already match are reused unless `force`."""
+    Entries that already match are reused unless `force`; a graph is optimized only once its
+    files match the manifest (BundleError naming the file otherwise)."""
     _import_onnxruntime()
     entries = [manifest.component(name) for name in components]     # unknown names fail before any work
     folder = cache_folder(bundle, cache_dir)
@@ -121,7 +143,8 @@ def prepare_cache(bundle: Path, manifest: Manifest, components: tuple[str, ...],
         stored = entry_folder(folder, name, cache.key)
         progress(name, "loading or optimizing")
         start = time.perf_counter()
-        runner = OnnxRuntimeRunner(bundle / entry.file, entry.spec, ["CPUExecutionProvider"], None, cache)
+        runner = OnnxRuntimeRunner(source_graph(bundle, manifest, name, SourceCheck.BEFORE_READING), entry.spec,
+                                   ["CPUExecutionProvider"], None, cache)
         seconds = time.perf_counter() - start
         if lookup(folder, name, cache.key) is None:
             raise BundleError(f"{name}: ONNX Runtime's optimized graph could not be stored in {folder} "

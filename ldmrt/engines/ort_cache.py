@@ -10,16 +10,19 @@ onnxruntime version, the CPU features that steer the rewrite) and a mismatch sim
     <cache>/<component>-<key>/graph.onnx (+ graph.onnx.data)   written by ONNX Runtime
     <cache>/<component>-<key>/record.json                     key fields, each file's size and sha256
 
-The key holds the source graph's identity (`ComponentEntry.digest`, which `Pipeline.load` checks
-against the bundle's files), so an entry is bound to the verified graph it was made from; the
-record holds every cached file's sha256, checked before the entry is used, so a graph of the same
-size put in its place, or a damaged disk, is rebuilt with a warning instead of run. Entries are
-written to a private folder (unique per call: threads and processes never share one) and renamed
-into place, so a reader never sees half an entry; of racing writers the first entry stays. ldmrt
-replaces an entry only when it holds nothing but what ldmrt writes there. Torch-free.
+The key holds the source graph's identity (`ComponentEntry.digest`), and an entry is stored only
+once the source's files are proven to have that digest, so an entry is bound to the verified graph
+it was made from; the record holds every cached file's sha256, checked before the entry is used,
+so a graph of the same size put in its place, or a damaged disk, is rebuilt with a warning instead
+of run. A hit therefore never reads or hashes the source graph: the entry's own check stands in
+for it (one hash per warm load, not two). Entries are written to a private folder (unique per
+call: threads and processes never share one) and renamed into place, so a reader never sees half
+an entry; of racing writers the first entry stays. ldmrt replaces an entry only when it holds
+nothing but what ldmrt writes there. Torch-free.
 """
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import logging
@@ -30,8 +33,10 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 from ldmrt.atomic import Ownership, describe, foreign_entries, move_into_place, work_folder
+from ldmrt.errors import BundleError
 from ldmrt.manifest import sha256_file
 
 log = logging.getLogger(__name__)
@@ -193,39 +198,79 @@ class GraphCache:
         return cls(folder, component, cache_key(digest))
 
 
-def create_session(source: Path, options, providers: list[str], cache: GraphCache | None):
-    """(InferenceSession, hit) for `source`: from the cached optimized graph (optimizations off)
-    when the cache has a sound entry (hit), else from `source` with ORT_ENABLE_ALL, storing the
-    rewrite."""
+class SourceCheck(enum.Enum):
+    """When a source graph's sha256 is checked, if the cache cannot serve its component."""
+    DONE = "done"                          # checked already, before any graph was loaded
+    BEFORE_READING = "before reading"      # right before ONNX Runtime reads it
+    BEFORE_STORING = "before storing"      # unverified (Pipeline.load(verify=False)): hashed only to
+                                           # prove that its rewrite may be cached; runs either way
+
+
+@dataclass(frozen=True)
+class SourceGraph:
+    """A component's graph in the bundle and the check that its files are the manifest's (the graph
+    the cache key names). ONNX Runtime reads it only when the cache cannot serve the component."""
+    path: Path
+    verify: Callable[[], None]     # raises BundleError naming the file unless every sha256 matches
+    check: SourceCheck = SourceCheck.BEFORE_READING
+
+
+def may_hit(cache: GraphCache) -> bool:
+    """Whether an entry for `cache` is there with the right record, names and sizes. Nothing is
+    hashed: its files' sha256 are checked when it is loaded (create_session)."""
+    folder = entry_folder(cache.folder, cache.component, cache.key)
+    return os.path.lexists(folder) and _record_problem(folder, cache.component, cache.key)[0] is None
+
+
+def create_session(source: SourceGraph, options, providers: list[str], cache: GraphCache | None):
+    """(InferenceSession, hit): from the cached optimized graph (optimizations off) when the cache
+    has a sound entry (hit: the source graph is neither read nor hashed), else from the source
+    with ORT_ENABLE_ALL, storing the rewrite only once the source is proven to be the key's graph."""
     import onnxruntime as ort
 
-    if cache is None:
-        return ort.InferenceSession(str(source), options, providers=providers), False
-    folder = entry_folder(cache.folder, cache.component, cache.key)
-    if os.path.lexists(folder):
-        problem, digests = _record_problem(folder, cache.component, cache.key)
-        if problem is None:
-            session, problem = _load_verified(folder, digests, options, providers)
-            if session is not None:
-                return session, True
-        # Rebuilt below; the new entry replaces this one if it holds only what ldmrt wrote.
-        log.warning("%s: ignoring ORT cache entry %s (%s); rebuilding it", cache.component, folder, problem)
+    if cache is not None:
+        folder = entry_folder(cache.folder, cache.component, cache.key)
+        if os.path.lexists(folder):
+            problem, digests = _record_problem(folder, cache.component, cache.key)
+            if problem is None:
+                session, problem = _load_verified(folder, digests, options, providers)
+                if session is not None:
+                    return session, True
+            # Rebuilt below; the new entry replaces this one if it holds only what ldmrt wrote.
+            log.warning("%s: ignoring ORT cache entry %s (%s); rebuilding it", cache.component, folder, problem)
+    if source.check is SourceCheck.BEFORE_READING:
+        source.verify()            # BundleError before ONNX Runtime reads a byte of it
+    if cache is None or (source.check is SourceCheck.BEFORE_STORING and not _proven(source, cache)):
+        return ort.InferenceSession(str(source.path), options, providers=providers), False
     try:
         stage = _staging(cache)
     except OSError as exc:
         log.info("%s: not caching the optimized graph (%s)", cache.component, exc)
-        return ort.InferenceSession(str(source), options, providers=providers), False
+        return ort.InferenceSession(str(source.path), options, providers=providers), False
     options.optimized_model_filepath = str(stage / GRAPH)
     # Weights go to graph.onnx.data: graphs over 2 GB cannot be one protobuf.
     options.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{GRAPH}.data")
     options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     try:
-        session = ort.InferenceSession(str(source), options, providers=providers)
+        session = ort.InferenceSession(str(source.path), options, providers=providers)
         _commit(stage, cache)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return session, False
+
+
+def _proven(source: SourceGraph, cache: GraphCache) -> bool:
+    """Whether an unverified source is the key's graph, so that its rewrite may be stored. Hashed
+    before ONNX Runtime reads it, not alongside: on two busy cores a hashing thread slowed the
+    optimization by more than the hash itself costs."""
+    try:
+        source.verify()
+    except BundleError as exc:
+        log.warning("%s: not caching the optimized graph of a source that differs from the manifest "
+                    "(it runs unverified, as asked): %s", cache.component, exc)
+        return False
+    return True
 
 
 def _load_verified(folder: Path, digests: dict[str, str], options, providers: list[str]):

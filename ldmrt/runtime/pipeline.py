@@ -75,14 +75,15 @@ class Pipeline:
     @classmethod
     def load(cls, bundle: str | Path, backend: str = "onnxruntime", *, verify: bool = True,
              components: tuple[str, ...] | None = None, **backend_options) -> "Pipeline":
-        """Open a bundle: check the manifest (and files' sha256 unless verify=False), load runners."""
+        """Open a bundle: check the manifest (and files' sha256 unless verify=False), load runners.
+        The tokenizer is checked here; each graph where its backend reads it (open_runners)."""
         bundle = Path(bundle)
         manifest = load_manifest(bundle)
         wanted = components or tuple(n for n in ("text_encoder", "unet", "vae_decoder", "vae_encoder")
                                      if n in manifest.components)
         if verify:
-            verify_bundle(bundle, manifest, components=list(wanted))
-        runners = open_runners(backend, bundle, manifest, wanted, **backend_options)
+            verify_bundle(bundle, manifest, components=[])
+        runners = open_runners(backend, bundle, manifest, wanted, verify=verify, **backend_options)
         return cls(bundle, manifest, runners, backend)
 
     # --- the public call -------------------------------------------------------------------
