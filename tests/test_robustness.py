@@ -30,7 +30,7 @@ from typer.testing import CliRunner
 from ldmrt.cli import app
 from ldmrt.config import preset
 from ldmrt.engines import trt_api
-from ldmrt.errors import BundleError, CheckpointError, GenerationError, ShapeError
+from ldmrt.errors import BundleError, CheckpointError, ConfigError, GenerationError, ShapeError
 from ldmrt.manifest import (MANIFEST_NAME, TOKENIZER_DIR, ComponentEntry, load_manifest,
                             write_manifest)
 from ldmrt.runtime.pipeline import GenerationRequest, Pipeline
@@ -266,8 +266,8 @@ CLI_CASES = [   # (id, arguments after the bundle, fragments of the error line);
      ["GenerationError", "--latents {object}", "cannot read a .npy array", "allow_pickle=False"]),
     ("latents-garbage", ["--latents", "{text}"], ["GenerationError", "--latents {text}", "cannot read a .npy"]),
     ("out-suffix", ["--out", "{outjpg}"], ["GenerationError", "--out {outjpg}", "expected a .png or .npy"]),
-    ("backend", ["--backend", "cuda"], ["BackendUnavailableError", "--backend 'cuda'", "expected one of",
-                                        "'onnxruntime'"]),
+    ("backend", ["--backend", "cuda"], ["ConfigError", "--backend 'cuda'", "expected one of",
+                                        "onnxruntime, tensorrt, tensorrt-rtx, torch"]),
 ]
 
 
@@ -611,3 +611,18 @@ def test_one_pipeline_serves_many_threads_correctly_in_flat_memory(bundle, pipel
     # A per-call leak of a session or an arena (MiBs each) shows; allocator noise (~1 MiB) does not.
     assert result["growth_after_warmup_mib"] < 24, result["rss_mib"]
     assert len(result["curve"]) >= 3
+
+
+def test_backend_names_are_taken_in_any_case_and_unknown_ones_named(bundle) -> None:
+    """`ONNXRUNTIME` is onnxruntime (as `ldmrt build` takes it); an unknown name is a ConfigError
+    naming the field and every backend, before the bundle is read."""
+    request = GenerationRequest(prompt="a red fox", steps=2, seed=3)
+    reference = Pipeline.load(bundle).generate(request).images
+    loaded = Pipeline.load(bundle, " ONNXRuntime ")
+    assert loaded.backend == "onnxruntime"
+    np.testing.assert_array_equal(loaded.generate(request).images, reference)
+    with pytest.raises(ConfigError) as info:
+        Pipeline.load(bundle / "missing", "cuda")
+    assert info.value.field == "backend"
+    assert_names(str(info.value), "backend 'cuda'", "onnxruntime, tensorrt, tensorrt-rtx, torch")
+

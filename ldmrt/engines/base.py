@@ -41,8 +41,7 @@ def open_runners(backend: str, bundle: Path, manifest: Manifest, components: tup
     it (open_onnxruntime: those without an entry before any is loaded), and a cache hit is checked
     through its own entry, whose key is the manifest's digest; every other backend reads (or
     rebuilds from) every graph, so all are checked here first."""
-    if backend not in BACKENDS:
-        raise BackendUnavailableError(f"--backend {backend!r}: expected one of {list(BACKENDS)}")
+    backend = Backend.parse(backend).value          # any case; ConfigError naming `backend` otherwise
     if backend == "onnxruntime":
         from ldmrt.engines.onnxruntime import open_onnxruntime
         return open_onnxruntime(bundle, manifest, components, verify=verify, **options)
@@ -54,6 +53,6 @@ def open_runners(backend: str, bundle: Path, manifest: Manifest, components: tup
     try:
         from ldmrt.engines.torch import open_torch
     except ImportError as exc:
-        raise BackendUnavailableError(f"--backend torch needs PyTorch: {exc}; "
-                                      f"pip install torch==2.13.0") from None
+        raise BackendUnavailableError(f"backend torch: needs PyTorch ({exc}); pip install torch==2.13.0",
+                                      field="backend") from None
     return open_torch(bundle, manifest, components, **options)

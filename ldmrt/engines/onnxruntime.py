@@ -30,8 +30,8 @@ def _import_onnxruntime():
     try:
         import onnxruntime
     except ImportError:
-        raise BackendUnavailableError("--backend onnxruntime: pip install onnxruntime "
-                                      "(or onnxruntime-gpu for CUDA)") from None
+        raise BackendUnavailableError("backend onnxruntime: not installed; pip install onnxruntime "
+                                      "(or onnxruntime-gpu for CUDA)", field="backend") from None
     return onnxruntime
 
 

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ldmrt.config import ClassEmbedderConfig, ModelConfig
+from ldmrt.engines.backend import Backend
 from ldmrt.engines.base import ComponentRunner, open_runners
 from ldmrt.errors import GenerationCancelled, GenerationError, ShapeError
 from ldmrt.iospec import Precision
@@ -77,6 +78,7 @@ class Pipeline:
              components: tuple[str, ...] | None = None, **backend_options) -> "Pipeline":
         """Open a bundle: check the manifest (and files' sha256 unless verify=False), load runners.
         The tokenizer is checked here; each graph where its backend reads it (open_runners)."""
+        backend = Backend.parse(backend).value     # any case; ConfigError naming `backend` otherwise
         bundle = Path(bundle)
         manifest = load_manifest(bundle)
         wanted = components or tuple(n for n in ("text_encoder", "unet", "vae_decoder", "vae_encoder")

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ldmrt.atomic import move_into_place, remove_dead_leftovers, work_folder
+from ldmrt.engines.backend import ENGINE_BACKENDS, Backend
 from ldmrt.engines.ort_cache import BUNDLE_CACHE_DIR
 from ldmrt.errors import BundleError, ConfigError
 from ldmrt.iospec import ComponentSpec, parse_dim
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 VERSION = "1"                         # every model has one version folder
 PIPELINE = "pipeline"
 BUNDLE_DIR = "bundle"                 # <pipeline>/1/bundle
-PIPELINE_BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
+PIPELINE_BACKENDS = tuple(b.value for b in (Backend.ONNXRUNTIME,) + ENGINE_BACKENDS)   # not torch: a stub has none
 MODEL_TEMPLATE = Path(__file__).with_name("pipeline_model.py")   # imports Triton's pb_utils: copy, don't import
 PROBE = Path(__file__).with_name("probe.py")        # shipped as <pipeline>/probe.py: the liveness probe
 _PREFIX = re.compile(r"^[A-Za-z0-9_.-]{0,64}$")
