@@ -22,8 +22,9 @@ import pytest
 
 from ldmrt.errors import ConfigError, LdmrtError
 from ldmrt.triton.config import InstanceGroup, InstanceKind
-MARKER = ".ldmrt-model.json"   # ldmrt.triton.ownership.MARKER
+from ldmrt.triton.ownership import MARKER
 from ldmrt.triton.repository import PipelineModelOptions, RepositoryOptions, write_repository
+from tests.test_triton import triton_env  # noqa: F401  (the one fixture: skips, or fails under LDMRT_REQUIRE_TRITON=1)
 
 CPU = InstanceGroup(1, InstanceKind.CPU)
 CPU_OPTIONS = RepositoryOptions(instances=CPU, pipeline=PipelineModelOptions(instances=CPU, threads=1))
@@ -324,16 +325,6 @@ def test_in_process_error_codes_cost_limit_and_cancellation(served_repo, monkeyp
 
 # --- with a real tritonserver ------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def triton_env():
-    from ldmrt.triton.server import TritonEnvironment, TritonServerError
-
-    try:
-        return TritonEnvironment.locate()
-    except TritonServerError as exc:
-        if os.environ.get("LDMRT_REQUIRE_TRITON") == "1":
-            pytest.fail(f"LDMRT_REQUIRE_TRITON=1 but {exc}")
-        pytest.skip(f"no Triton environment: {exc}")
 
 
 # A server fault on demand: requests of 3 images fail inside the pipeline (not the caller's doing).
