@@ -130,7 +130,7 @@ def fake_ldmrt_leftovers(out: Path) -> None:
     key = "text_encoder-trtrtx1.0.0-default-fp32-0123456789ab"
     (out / "engines" / key).mkdir(parents=True)
     (out / "engines" / key / "text_encoder.plan").write_bytes(b"plan")
-    (out / "engines" / key / "text_encoder.engine.json").write_text("{}")
+    (out / "engines" / key / "text_encoder.engine.json").write_text(json.dumps({"key": key}))
     (out / "engines" / key / ".text_encoder.plan.a1b2c3d4.tmp").write_bytes(b"half a plan")
     (out / "engines" / "timing.cache").write_bytes(b"cache")
     (out / ".manifest.json.x9y8z7w6.tmp").write_bytes(b"{")
@@ -556,3 +556,39 @@ def test_looking_for_users_files_stops_at_a_bound(tmp_path):
     found, complete = atomic.foreign_entries(tmp_path, lambda parts, is_dir: atomic.Ownership.FOREIGN, limit=10)
     assert len(found) == 10 and not complete
     assert atomic.describe(found, complete).endswith(f"and 5 more (more than {atomic.SCAN_LIMIT} entries looked at)")
+
+
+def test_an_engine_shaped_folder_without_a_record_is_the_users(text_bundle, tmp_path):
+    """engines/<component>-<anything>/ is ldmrt's only when the manifest or its own record names
+    that key: a user's saved engine under such a name survives --force (the export is refused)."""
+    out = Path(shutil.copytree(text_bundle, tmp_path / "bundle"))
+    saved = out / "engines" / "text_encoder-my-backup"
+    saved.mkdir(parents=True)
+    (saved / "text_encoder.plan").write_bytes(b"my engine")
+    (saved / "text_encoder.engine.json").write_text(json.dumps({"key": "text_encoder-other"}))
+    before = tree(out)
+    with pytest.raises(ExportError) as caught:
+        export(out, ("vae_decoder",), force=True)
+    assert "engines/text_encoder-my-backup" in str(caught.value), str(caught.value)
+    assert tree(out) == before
+
+
+def test_a_search_stopped_at_its_bound_refuses_force(text_bundle, tmp_path, monkeypatch):
+    """Past the bound nothing is known about the rest: --force is refused, not taken as 'all ldmrt's'."""
+    import functools
+
+    from ldmrt.export import bundle as bundle_module
+
+    out = Path(shutil.copytree(text_bundle, tmp_path / "bundle"))
+    for i in range(30):                                    # ldmrt's own engine folders, each with its record
+        key = f"text_encoder-k{i:02d}"
+        (out / "engines" / key).mkdir(parents=True)
+        (out / "engines" / key / "text_encoder.engine.json").write_text(json.dumps({"key": key}))
+    (out / "engines" / "text_encoder-k29" / "mine.txt").write_bytes(b"keep me")   # found only past the bound
+    monkeypatch.setattr(bundle_module, "foreign_entries", functools.partial(atomic.foreign_entries, limit=20))
+    before = tree(out)
+    with pytest.raises(ExportError) as caught:
+        export(out, ("vae_decoder",), force=True)
+    assert "too many entries" in str(caught.value), str(caught.value)
+    assert tree(out) == before
+

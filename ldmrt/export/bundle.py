@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import dataclasses
 import logging
 import os
 import shutil
@@ -21,7 +23,7 @@ from ldmrt.export.quantize import Int8Options, quantize_unet
 from ldmrt.export.validate import shape_plan, validate_graph
 from ldmrt.iospec import Precision, ShapeRanges, component_specs
 from ldmrt.manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, TOKENIZER_DIR, ComponentEntry, Manifest,
-                            TokenizerEntry, load_manifest, write_manifest)
+                            SourceRecord, TokenizerEntry, load_manifest, write_manifest)
 from ldmrt.models import LatentDiffusion
 
 log = logging.getLogger(__name__)
@@ -46,9 +48,10 @@ class ExportOptions:
 class ModelSource:
     """What to export: the model, where it came from, and how to write its tokenizer assets."""
     model: LatentDiffusion
-    source: str                                    # "preset:tiny" or a checkpoint path
+    source: str                                    # "preset:tiny" or the absolute checkpoint path
     random_weights: bool
     write_tokenizer: Callable[[Path], str] | None = None   # folder -> tokenizer kind
+    record: SourceRecord | None = None             # how to load the weights again (the torch backend)
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,7 @@ def export_bundle(source: ModelSource, out: Path, options: ExportOptions = Expor
             seconds[name] = time.perf_counter() - start
         manifest = Manifest(name=config.name, source=source.source, random_weights=source.random_weights,
                             config=config, precision=options.precision, shape_ranges=ranges,
-                            components=entries, tokenizer=tokenizer)
+                            components=entries, tokenizer=tokenizer, model_source=_source_record(source))
         write_manifest(work, manifest)
         try:
             # Checked again at the rename: another export may have finished there meanwhile, or
@@ -111,6 +114,15 @@ def export_bundle(source: ModelSource, out: Path, options: ExportOptions = Expor
         shutil.rmtree(work, ignore_errors=True)
         raise
     return ExportResult(manifest=manifest, path=out, seconds=seconds)
+
+
+def _source_record(source: ModelSource) -> SourceRecord | None:
+    """The source record with the digest of the weights as exported; None for a model ldmrt
+    cannot load again (a test's in-memory model): the torch backend then refuses the bundle."""
+    if source.record is None:
+        return None
+    from ldmrt.checkpoints.source import weights_digest
+    return dataclasses.replace(source.record, weights_sha256=weights_digest(source.model))
 
 
 def _export_component(model: LatentDiffusion, spec, work: Path, options: ExportOptions,
@@ -185,6 +197,11 @@ def _check_replaceable(folder: Path, out: Path) -> None:
     else:
         raise ExportError(f"out {out}: the folder kept changing while ldmrt checked what is in it "
                           f"(another export or a user writing there); try again", field="out")
+    if not complete:           # the search stopped at its bound: what lies beyond may be the user's
+        raise ExportError(f"out {out}: the bundle folder holds too many entries to check that ldmrt "
+                          f"wrote them all ({describe(foreign, complete)}); move what is yours out "
+                          f"first, or choose another folder (ldmrt never deletes them, even with --force)",
+                          field="out")
     if foreign:
         raise ExportError(f"out {out}: the bundle folder holds files ldmrt did not write: "
                           f"{describe(foreign, complete)}; move them out first, or choose another "
@@ -216,11 +233,17 @@ def bundle_ownership(folder: Path, manifest: Manifest):
     top = {MANIFEST_NAME, *(name for entry in manifest.components.values() for name in entry.files)}
     tokenizer = set(manifest.tokenizer.files) if manifest.tokenizer is not None else set()
     recorded = {(r.get("key"), r.get("file")) for r in manifest.engines}
+    recorded_keys = {r.get("key") for r in manifest.engines}
     cache = ort_cache.ownership(folder / ort_cache.BUNDLE_CACHE_DIR)
     made = {ENGINES_DIR, ort_cache.BUNDLE_CACHE_DIR} | ({TOKENIZER_DIR} if tokenizer else set())
 
-    def engine_folder(key: str) -> bool:       # engine keys start with "<component>-"
-        return key.split("-", 1)[0] in manifest.components and "-" in key
+    def engine_folder(key: str) -> bool:
+        """An engine folder of the manifest's, or one whose own record names it (a build that
+        stopped before the manifest was updated); a folder of that form without either is the user's."""
+        component = key.split("-", 1)[0]           # engine keys start with "<component>-"
+        if "-" not in key or component not in manifest.components:
+            return False
+        return key in recorded_keys or _record_key(folder / ENGINES_DIR / key / f"{component}{RECORD_SUFFIX}") == key
 
     def engine_file(key: str, name: str) -> bool:
         component = key.split("-", 1)[0]
@@ -242,6 +265,17 @@ def bundle_ownership(folder: Path, manifest: Manifest):
     return judge
 
 
+def _record_key(path: Path) -> str | None:
+    """The "key" of an engine record file (bounded read), or None when it is not one."""
+    try:
+        if not path.is_file() or path.stat().st_size > MAX_MANIFEST_BYTES:
+            return None
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return data.get("key") if isinstance(data, dict) and isinstance(data.get("key"), str) else None
+
+
 def preset_source(name: str, seed: int = 0) -> ModelSource:
     """A preset with random weights from `seed` and synthetic tokenizer assets."""
     from ldmrt.config import preset
@@ -250,7 +284,8 @@ def preset_source(name: str, seed: int = 0) -> ModelSource:
     config = preset(name)
     log.info("preset %r: the weights are RANDOM (seed %d); images will be noise", name, seed)
     return ModelSource(model=build_model(config, seed=seed), source=f"preset:{name}", random_weights=True,
-                       write_tokenizer=synthetic_tokenizer_writer(config.conditioner))
+                       write_tokenizer=synthetic_tokenizer_writer(config.conditioner),
+                       record=SourceRecord(kind="preset", location=name, seed=seed))
 
 
 def synthetic_tokenizer_writer(conditioner) -> Callable[[Path], str] | None:
