@@ -97,11 +97,13 @@ def load_checkpoint(path: Path, *, preset: str | None = None, yaml: Path | None 
 def checkpoint_source(path: Path, *, preset: str | None = None, yaml: Path | None = None,
                       strict: bool = True, tokenizer: Path | None = None):
     """What `ldmrt export PATH` exports: the loaded model and a writer for its tokenizer assets."""
+    from ldmrt.checkpoints.source import checkpoint_record
     from ldmrt.export.bundle import ModelSource
 
     loaded = load_checkpoint(path, preset=preset, yaml=yaml, strict=strict, tokenizer=tokenizer)
-    return ModelSource(model=loaded.model, source=str(path), random_weights=loaded.partially_random,
-                       write_tokenizer=tokenizer_writer(loaded))
+    record = checkpoint_record(path, preset=preset, yaml=yaml, strict=strict, tokenizer=tokenizer)
+    return ModelSource(model=loaded.model, source=record.location, random_weights=loaded.partially_random,
+                       write_tokenizer=tokenizer_writer(loaded), record=record)
 
 
 def tokenizer_writer(loaded: LoadedCheckpoint) -> Callable[[Path], str] | None:

@@ -8,7 +8,6 @@ too, so one captured CUDA graph serves every step and the loop has no host round
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
@@ -257,19 +256,13 @@ class TorchUNetRunner(TorchRunner):
             return self.denoiser(plan, latents, context, guidance, noise, on_step).cpu().numpy()
 
 
-def load_reference_model(manifest, device: torch.device, dtype: torch.dtype):
-    """The PyTorch model a bundle was exported from: a seeded preset or the checkpoint it names."""
-    from ldmrt.models import build_model
+def load_reference_model(manifest, device: torch.device, dtype: torch.dtype, bundle=None):
+    """The PyTorch model a bundle was exported from, rebuilt from its recorded source (a seeded
+    preset or a checkpoint with its loading options) and refused unless its weights digest is the
+    manifest's (ldmrt.checkpoints.source.rebuild_model)."""
+    from ldmrt.checkpoints.source import rebuild_model
 
-    source = manifest.source
-    if source.startswith("preset:"):
-        parts = source.split(":")
-        seed = int(parts[2].removeprefix("seed=")) if len(parts) > 2 else 0
-        model = build_model(manifest.config, seed=seed)
-    else:
-        from ldmrt.checkpoints import load_checkpoint
-        model = load_checkpoint(Path(source)).model
-    return model.to(device=device, dtype=dtype).eval()
+    return rebuild_model(manifest, bundle).to(device=device, dtype=dtype).eval()
 
 
 def open_torch(bundle, manifest, components, *, device: str | None = None, dtype: str | None = None,
@@ -278,7 +271,7 @@ def open_torch(bundle, manifest, components, *, device: str | None = None, dtype
 
     device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     graph_dtype = TORCH_DTYPES[dtype or (manifest.component("unet").dtype if device_.type == "cuda" else "float32")]
-    model = load_reference_model(manifest, device_, graph_dtype)
+    model = load_reference_model(manifest, device_, graph_dtype, bundle)
     runners = {}
     for name in components:
         spec = manifest.component(name).spec

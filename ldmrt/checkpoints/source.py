@@ -1,0 +1,100 @@
+"""A bundle's model source: the digest of its weights, and the rebuild the torch backend runs on it.
+
+Export records where the weights came from and how they were loaded (a SourceRecord in the
+manifest) with the digest of the weights as exported; the torch backend rebuilds the model from
+that record and refuses it unless the digest agrees, so it never runs other weights than the
+bundle's ONNX graphs hold. Bundles written before the record are refused on the torch backend:
+their `source` string ("preset:tiny", a relative path) lost the seed and the loading options,
+so nothing proves which weights a rebuild would give.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from ldmrt.errors import BackendUnavailableError, BundleError, LdmrtError
+from ldmrt.manifest import Manifest, SourceRecord
+from ldmrt.models import LatentDiffusion, build_model
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 over the state dict in key order: each tensor's name, dtype and shape, then its bytes."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        value = tensor.detach().to("cpu").contiguous().reshape(-1)
+        header = json.dumps([name, str(value.dtype).removeprefix("torch."), list(tensor.shape)])
+        digest.update(header.encode() + b"\0")
+        digest.update(value.view(torch.uint8).numpy())     # the raw bytes, any dtype (bf16 too)
+    return digest.hexdigest()
+
+
+def checkpoint_record(path: Path, *, preset: str | None, yaml: Path | None, strict: bool,
+                      tokenizer: Path | None) -> SourceRecord:
+    """What `ldmrt export PATH` loaded, with every path absolute (the export's working directory
+    is not the runtime's); the digest is filled in at export."""
+    def absolute(value: Path | None) -> str | None:
+        return None if value is None else str(Path(value).absolute())
+    return SourceRecord(kind="checkpoint", location=absolute(path), preset=preset, yaml=absolute(yaml),
+                        tokenizer=absolute(tokenizer), strict=strict)
+
+
+def rebuild_model(manifest: Manifest, bundle: Path | str | None = None) -> LatentDiffusion:
+    """The fp32 model of the bundle's recorded source, proven by its weights digest.
+
+    BundleError when the manifest has no record or the weights found differ from the exported
+    ones; BackendUnavailableError when the recorded checkpoint cannot be loaded here.
+    """
+    where = f"bundle {bundle if bundle is not None else repr(manifest.name)}"
+    record = manifest.model_source
+    if record is None:
+        raise BundleError(
+            f"{where}: the torch backend cannot prove which weights to run: the manifest names its "
+            f"source only as {manifest.source!r} (written by an ldmrt before model_source records, "
+            f"without the seed or loading options); re-export the bundle with this ldmrt, or use "
+            f"the onnxruntime backend")
+    if record.kind == "preset":
+        model = build_model(manifest.config, seed=record.seed)
+    else:
+        model = _load_checkpoint(record, where)
+        if model.config != manifest.config:
+            raise BundleError(
+                f"{where}: the torch backend loaded {record.describe()} as another model "
+                f"configuration than the bundle's ({_first_difference(model.config, manifest.config)}); "
+                f"the checkpoint or its YAML changed since export: re-export the bundle, or use the "
+                f"onnxruntime backend")
+    found = weights_digest(model)
+    changed = ("the checkpoint changed since export" if record.kind == "checkpoint" else
+               "this PyTorch draws other random weights from that seed than the exporting one did")
+    if found != record.weights_sha256:
+        raise BundleError(
+            f"{where}: model_source.weights_sha256: the weights the torch backend rebuilt from "
+            f"{record.describe()} are not the ones the bundle was exported from: expected sha256 "
+            f"{record.weights_sha256}, found {found}; {changed}: re-export the bundle from it, or use "
+            f"the onnxruntime backend")
+    return model
+
+
+def _load_checkpoint(record: SourceRecord, where: str) -> LatentDiffusion:
+    from ldmrt.checkpoints.loading import load_checkpoint
+
+    def path(value: str | None) -> Path | None:
+        return None if value is None else Path(value)
+    try:
+        return load_checkpoint(Path(record.location), preset=record.preset, yaml=path(record.yaml),
+                               strict=record.strict, tokenizer=path(record.tokenizer)).model
+    except LdmrtError as exc:
+        raise BackendUnavailableError(
+            f"{where}: the torch backend rebuilds the model from {record.describe()}, the source the "
+            f"bundle was exported from, and could not load it: {str(exc)[:400]}; put the checkpoint "
+            f"back where it was, or use the onnxruntime backend") from None
+
+
+def _first_difference(found, expected) -> str:
+    found_dict, expected_dict = found.to_dict(), expected.to_dict()
+    for key in expected_dict:
+        if found_dict.get(key) != expected_dict[key]:
+            return f"config.{key} differs"
+    return "the configurations differ"
