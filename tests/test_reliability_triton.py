@@ -105,6 +105,34 @@ def test_an_edited_file_of_an_ldmrt_model_is_named_and_kept(bundle, tmp_path):
     assert _snapshot(repo) == before
 
 
+def test_what_the_pipeline_writes_while_serving_does_not_block_force(bundle, tmp_path):
+    """Serving writes ONNX Runtime's cache next to the bundle copy and Python's bytecode caches into
+    the pipeline's folder: ldmrt's own runtime wrote them, so --force replaces the folder; a user's
+    file in that cache is still named and kept."""
+    from ldmrt.runtime.pipeline import Pipeline
+    from ldmrt.triton import ownership
+    from ldmrt.triton.repository import BUNDLE_DIR, VERSION
+
+    repo = tmp_path / "repo"
+    write_repository(bundle, repo, CPU_OPTIONS)
+    served = repo / "pipeline" / VERSION / BUNDLE_DIR
+    assert ownership._SERVING_CACHE == f"{VERSION}/{BUNDLE_DIR}/ort_cache"
+    Pipeline.load(served)                                          # what a CPU stub's load writes
+    assert any((served / "ort_cache").iterdir())
+    pycache = repo / "pipeline" / VERSION / "ldmrt" / "__pycache__"
+    pycache.mkdir()
+    (pycache / "__init__.cpython-311.pyc").write_bytes(b"bytecode")
+    write_repository(bundle, repo, replace(CPU_OPTIONS, force=True))          # no refusal
+    assert not (repo / "pipeline" / VERSION / "ldmrt" / "__pycache__").exists()
+
+    Pipeline.load(served)
+    (served / "ort_cache" / "notes.txt").write_text("mine")
+    before = _snapshot(repo)
+    with pytest.raises(ConfigError, match=r"model folder pipeline holds what ldmrt did not write.*ort_cache/notes.txt"):
+        write_repository(bundle, repo, replace(CPU_OPTIONS, force=True))
+    assert _snapshot(repo) == before
+
+
 def test_a_foreign_model_with_an_ldmrt_name_is_never_replaced(bundle, tmp_path):
     repo = tmp_path / "repo"
     (repo / "unet" / "1").mkdir(parents=True)
@@ -606,3 +634,21 @@ def test_the_protobuf_check_accepts_a_shared_repository(triton_env, bundle, tmp_
     assert not {"resnet", "their_python"} & set(report["models"])
     outputs = report["models"]["unet"]["outputs"]
     assert outputs == [["model_output", "TYPE_FP32", [4, -1, -1]]]
+
+
+def test_the_probe_counts_every_instance_on_every_gpu():
+    """Triton puts a group's `count` instances on each GPU it lists: the probe must reach them all."""
+    from ldmrt.triton.probe import instance_count
+
+    assert instance_count({"instance_group": [{"count": 2, "kind": "KIND_GPU", "gpus": [0, 1]},
+                                              {"count": 1, "kind": "KIND_CPU"}]}) == 5
+    assert instance_count({"instance_group": [{"count": 3, "kind": "KIND_CPU"}]}) == 3
+    assert instance_count({}) == 1
+
+
+def test_the_pipeline_backend_is_taken_in_any_case():
+    assert PipelineModelOptions(backend=" ONNXRuntime ").backend == "onnxruntime"
+    with pytest.raises(ConfigError) as info:
+        PipelineModelOptions(backend="torch")                   # a Triton stub has no torch
+    assert info.value.field == "pipeline_backend" and "onnxruntime, tensorrt, tensorrt-rtx" in str(info.value)
+

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ldmrt.atomic import atomic_write
+from ldmrt.atomic import Ownership, atomic_write
+from ldmrt.engines.ort_cache import BUNDLE_CACHE_DIR
+from ldmrt.engines.ort_cache import ownership as ort_cache_ownership
 from ldmrt.errors import ConfigError
 from ldmrt.manifest import sha256_file
 
@@ -54,9 +56,12 @@ def foreign_paths(folder: Path, contents: bool = True) -> list[str]:
     if marker is None:
         return [f"<no {MARKER}: not written by ldmrt>"]
     recorded = marker["contents"]
+    served = _written_by_serving(folder)
     found = []
     for relative, entry in _contents(folder, {}, hash_files=False).items():
         expected = recorded.get(relative)
+        if expected is None and served(relative, "dir" in entry):
+            continue                         # ldmrt's runtime wrote it while the model served
         if not isinstance(expected, dict) or {k: v for k, v in expected.items() if k != "sha256"} != entry:
             found.append(relative)           # added, or another kind, size or link target
         elif contents and "sha256" in expected and sha256_file(folder / relative) != expected["sha256"]:
@@ -104,6 +109,30 @@ def refuse_foreign(folder: Path, contents: bool = True) -> None:
         raise ConfigError(f"out {folder.parent}: model folder {folder.name} holds what ldmrt did not "
                           f"write there (or changed since): {shown}; ldmrt never deletes it, even with "
                           f"--force: move it out, or pass another --prefix", field="out")
+
+
+# What the pipeline model writes into its own folder while it serves: Python's bytecode caches of
+# model.py and the vendored runtime, and ONNX Runtime's optimized-graph cache next to the bundle copy.
+_SERVING_CACHE = f"1/bundle/{BUNDLE_CACHE_DIR}"
+
+
+def _written_by_serving(folder: Path):
+    """(relative path, is_dir) -> whether ldmrt's own runtime wrote it there while serving: a
+    `__pycache__/` folder and the `.pyc` files in it, or what ort_cache.ownership judges its own in
+    1/bundle/ort_cache/. Anything else a marker does not list is the user's."""
+    cache = ort_cache_ownership(folder / _SERVING_CACHE)
+
+    def judge(relative: str, is_dir: bool) -> bool:
+        parts = relative.split("/")
+        if "__pycache__" in parts:
+            rest = parts[parts.index("__pycache__") + 1:]
+            return (not rest and is_dir) or (len(rest) == 1 and not is_dir and rest[0].endswith(".pyc"))
+        if relative == _SERVING_CACHE:
+            return is_dir
+        if relative.startswith(_SERVING_CACHE + "/"):
+            return cache(tuple(relative[len(_SERVING_CACHE) + 1:].split("/")), is_dir) != Ownership.FOREIGN
+        return False
+    return judge
 
 
 def _contents(folder: Path, digests: dict[tuple[int, int], str], hash_files: bool = True

@@ -38,6 +38,13 @@ class ProbeResult:
     seconds: float
 
 
+def instance_count(config: dict) -> int:
+    """Execution instances a model config declares: each group's `count` on each GPU it lists
+    (Triton puts `count` instances on every GPU of `gpus`), at least 1."""
+    return sum(int(group.get("count", 1)) * max(1, len(group.get("gpus") or ()))
+               for group in config.get("instance_group", [])) or 1
+
+
 def probe(url: str, model: str = "pipeline", timeout: float = 20.0, rounds: int = 2) -> ProbeResult:
     """Send `rounds` x (instances) minimal requests, one per instance at a time; ProbeFailure
     naming the first failure unless every one returns an image, within `timeout` seconds."""
@@ -47,7 +54,7 @@ def probe(url: str, model: str = "pipeline", timeout: float = 20.0, rounds: int 
         config = _call(url, "GET", f"/v2/models/{model}/config", None, deadline)[0]
     except (OSError, ValueError) as exc:
         raise ProbeFailure(f"{model}: no model configuration from {url}: {type(exc).__name__}: {exc}") from None
-    instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", [])) or 1
+    instances = instance_count(config)
     limits = json.loads(config.get("parameters", {}).get("limits", {}).get("string_value", "{}") or "{}")
     height = (limits.get("height") or [None])[0]
     width = (limits.get("width") or [None])[0]

@@ -77,9 +77,9 @@ class PipelineModelOptions:
                 or not 0 <= self.max_cost < float("inf"):
             raise ConfigError(f"max_cost {self.max_cost!r}: expected a finite number >= 0 "
                               f"(steps x images x megapixels; 0: no limit)", field="max_cost")
-        if self.backend not in PIPELINE_BACKENDS:
-            raise ConfigError(f"pipeline_backend {self.backend!r}: expected one of {list(PIPELINE_BACKENDS)}",
-                              field="pipeline_backend")
+        backend = Backend.parse(self.backend, field="pipeline_backend",     # any case, as everywhere
+                                choices=[Backend(name) for name in PIPELINE_BACKENDS])
+        object.__setattr__(self, "backend", backend.value)
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"pipeline_device {self.device!r}: expected auto, cpu or cuda", field="pipeline_device")
         if self.threads < 0:
