@@ -21,6 +21,7 @@ from ldmrt.errors import BundleError, ConfigError
 from ldmrt.iospec import TENSOR_DTYPES, ComponentSpec, Precision, ShapeRanges, component_specs, parse_dim
 from ldmrt.manifest_reader import (MANIFEST_NAME, MAX_INT, MISSING, Reader, describe,
                                    join_path, parse_json)
+from ldmrt.source_record import SourceRecord, parse_source
 
 SCHEMA_VERSION = 1
 LDMRT_VERSION = "0.1.0"  # the package version written into new manifests
@@ -133,45 +134,6 @@ class TokenizerEntry:
         folder = Path(bundle_dir) / TOKENIZER_DIR
         return cls(kind=kind, files={p.name: sha256_file(p)
                                      for p in sorted(folder.iterdir()) if p.is_file()})
-
-
-SOURCE_KINDS = ("preset", "checkpoint")
-
-
-@dataclass(frozen=True)
-class SourceRecord:
-    """Where a bundle's weights came from and how they were loaded: what the torch backend rebuilds.
-
-    `weights_sha256` is the digest of the weights as exported (ldmrt.checkpoints.source
-    .weights_digest); the torch backend refuses a rebuild whose digest differs. None only before
-    export fills it in; a manifest always has it.
-    """
-    kind: str                          # "preset" (random weights from `seed`) or "checkpoint"
-    location: str                      # the preset's name, or the checkpoint's absolute path
-    weights_sha256: str | None = None
-    seed: int | None = None            # preset: the seed of its random weights
-    preset: str | None = None          # checkpoint: the preset it follows (--preset)
-    yaml: str | None = None            # checkpoint: its inference YAML, absolute (--yaml)
-    tokenizer: str | None = None       # checkpoint: its tokenizer folder, absolute (--tokenizer)
-    strict: bool = True                # checkpoint: False = loaded with --no-strict
-
-    def describe(self) -> str:
-        """'preset 'tiny' (seed 5)' or 'checkpoint /x.safetensors (preset 'tiny', ...)', for messages."""
-        if self.kind == "preset":
-            return f"preset {self.location!r} (seed {self.seed})"
-        options = [f"preset {self.preset!r}" if self.preset else "", f"yaml {self.yaml}" if self.yaml else "",
-                   f"tokenizer {self.tokenizer}" if self.tokenizer else "", "" if self.strict else "no-strict"]
-        shown = ", ".join(o for o in options if o)
-        return f"checkpoint {self.location}" + (f" ({shown})" if shown else "")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "location": self.location, "seed": self.seed, "preset": self.preset,
-                "yaml": self.yaml, "tokenizer": self.tokenizer, "strict": self.strict,
-                "weights_sha256": self.weights_sha256}
-
-    @classmethod
-    def from_dict(cls, data: Any, origin: str = "<in memory>") -> "SourceRecord":
-        return _parse_source(Reader(origin), data, "model_source")
 
 
 @dataclass(frozen=True)
@@ -381,8 +343,6 @@ _TOP_KEYS = ("schema_version", "ldmrt_version", "created", "name", "source", "ra
              "family", "config", "precision", "latent_scale", "postprocess", "shape_ranges",
              "components", "tokenizer", "engines")
 _OPTIONAL_TOP_KEYS = ("model_source",)       # absent in bundles written before it
-_SOURCE_KEYS = ("kind", "location", "seed", "preset", "yaml", "tokenizer", "strict", "weights_sha256")
-_PRESET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _COMPONENT_KEYS = ("file", "external_data", "sha256", "size_bytes", "io", "dtype", "parity")
 _PARITY_KEYS = ("reference", "rel_l2", "max_abs", "tolerance", "shapes")
 _SHAPE_RANGE_KEYS = ("min_size", "opt_size", "max_size", "max_batch", "opt_batch")
@@ -469,7 +429,7 @@ def _parse_manifest(reader: Reader, data: Any) -> Manifest:
     random_weights = reader.boolean(data["random_weights"], "random_weights")
     model_source = data.get("model_source")
     if model_source is not None:
-        model_source = _parse_source(reader, model_source, "model_source")
+        model_source = parse_source(reader, model_source, "model_source")
         if model_source.kind == "preset" and not random_weights:
             reader.fail("random_weights", "true (model_source is a preset: random weights)", random_weights)
 
@@ -479,47 +439,6 @@ def _parse_manifest(reader: Reader, data: Any) -> Manifest:
         precision=precision, shape_ranges=ranges, components=components, tokenizer=tokenizer,
         engines=tuple(dict(record) for record in engines), postprocess=dict(postprocess),
         created=created, ldmrt_version=data["ldmrt_version"], model_source=model_source)
-
-
-def _parse_source(reader: Reader, data: Any, where: str) -> SourceRecord:
-    """The model source: a preset (name, seed) or a checkpoint (absolute paths, loading options)."""
-    reader.json_value(data, where)
-    reader.record(data, where, _SOURCE_KEYS)
-    kind = reader.choice(data["kind"], join_path(where, "kind"), SOURCE_KINDS)
-    digest = reader.sha256(data["weights_sha256"], join_path(where, "weights_sha256"))
-    strict = reader.boolean(data["strict"], join_path(where, "strict"))
-
-    def absent(key: str) -> None:
-        if data[key] is not None:
-            reader.fail(join_path(where, key), f"null (a {kind} source has no {key})", data[key])
-
-    def path(key: str, required: bool = False) -> str | None:
-        value = data[key]
-        if value is None and not required:
-            return None
-        text = reader.string(value, join_path(where, key))
-        if not os.path.isabs(text) or any(ord(c) < 32 or ord(c) == 127 for c in text):
-            reader.fail(join_path(where, key), "an absolute path", value)
-        return text
-
-    if kind == "preset":
-        location = reader.string(data["location"], join_path(where, "location"), _PRESET_NAME,
-                                 "a preset name such as 'tiny'")
-        seed = reader.integer(data["seed"], join_path(where, "seed"))
-        for key in ("preset", "yaml", "tokenizer"):
-            absent(key)
-        if not strict:
-            reader.fail(join_path(where, "strict"), "true (a preset is built, not loaded)", strict)
-        return SourceRecord(kind=kind, location=location, weights_sha256=digest, seed=seed)
-    location = path("location", required=True)
-    absent("seed")
-    preset = None if data["preset"] is None else reader.string(
-        data["preset"], join_path(where, "preset"), _PRESET_NAME, "null or a preset name such as 'sd15'")
-    yaml = path("yaml")
-    if preset is not None and yaml is not None:
-        reader.fail(join_path(where, "yaml"), "null when a preset is given (one or the other)", yaml)
-    return SourceRecord(kind=kind, location=location, weights_sha256=digest, preset=preset, yaml=yaml,
-                        tokenizer=path("tokenizer"), strict=strict)
 
 
 def _parse_component(reader: Reader, name: str, data: Any, where: str) -> ComponentEntry:

@@ -174,7 +174,7 @@ def test_the_parser_checks_the_record_and_reads_bundles_without_one(base, change
         data["model_source"] = {k: v for k, v in {**base, **change}.items() if v is not ...}
     with pytest.raises(BundleError, match=message):
         Manifest.from_dict(data, origin="b")
-    from ldmrt.manifest import SourceRecord
+    from ldmrt.source_record import SourceRecord
     assert SourceRecord.from_dict(PRESET).describe() == "preset 'tiny' (seed 5)"
     assert SourceRecord.from_dict(CHECKPOINT).describe() == \
         "checkpoint /models/x.safetensors (preset 'tiny', tokenizer /models/tokenizer, no-strict)"

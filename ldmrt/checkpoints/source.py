@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from ldmrt.errors import BackendUnavailableError, BundleError, LdmrtError
-from ldmrt.manifest import Manifest, SourceRecord
+from ldmrt.manifest import Manifest
+from ldmrt.source_record import SourceRecord
 from ldmrt.models import LatentDiffusion, build_model
 
 
