@@ -373,6 +373,27 @@ def test_a_same_size_cached_graph_that_differs_is_rebuilt_not_run(unet_bundle, t
     assert_sound(unet_bundle, cache)
 
 
+def test_a_damaged_entry_is_never_parsed(unet_bundle, tmp_path, monkeypatch):
+    """The entry's sha256 is checked before ONNX Runtime reads it: a damaged graph is never opened."""
+    import onnxruntime
+
+    cache = tmp_path / "c"
+    run_unet(unet_bundle, cache)
+    entry = entry_of(unet_bundle, cache)
+    flip_a_byte(entry / ort_cache.GRAPH)
+    opened = []
+    real = onnxruntime.InferenceSession
+
+    def recording(path, *args, **kwargs):
+        opened.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", recording)
+    run_unet(unet_bundle, cache)
+    assert str(entry / ort_cache.GRAPH) not in opened, opened
+    assert opened                                              # the source was read instead
+
+
 def test_an_entry_recorded_for_another_graph_is_not_used(unet_bundle, tmp_path, caplog):
     cache = tmp_path / "c"
     expected = run_unet(unet_bundle, "off")

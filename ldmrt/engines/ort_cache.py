@@ -30,7 +30,6 @@ import os
 import platform
 import re
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -275,24 +274,22 @@ def _proven(source: SourceGraph, cache: GraphCache) -> bool:
 
 def _load_verified(folder: Path, digests: dict[str, str], options, providers: list[str]):
     """(session, None) from the entry's graph once every file's sha256 matches `digests`, else
-    (None, why). The files are hashed on a second thread while ONNX Runtime reads the graph
-    (hashlib releases the GIL), so the check costs max(hash, load) rather than their sum; a
-    session whose files do not match is dropped before anything runs on it."""
+    (None, why). The files are hashed before ONNX Runtime reads them: a damaged or foreign entry is
+    never parsed (its protobuf and external data could cost memory or trip a parser bug). Hashing
+    on a second thread during the read was measured and gained nothing on two cores
+    (docs/cpu_speed.md)."""
     import onnxruntime as ort
 
+    problem = _digest_problem(folder, digests)
+    if problem is not None:
+        return None, problem
     level = options.graph_optimization_level
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ldmrt-ort-cache-sha256") as pool:
-        hashing = pool.submit(_digest_problem, folder, digests)
-        try:
-            session, failure = ort.InferenceSession(str(folder / GRAPH), options, providers=providers), None
-        except Exception as exc:
-            session, failure = None, f"did not load: {exc}"
-        problem = hashing.result() or failure
-    if problem is not None:
+    try:
+        return ort.InferenceSession(str(folder / GRAPH), options, providers=providers), None
+    except Exception as exc:
         options.graph_optimization_level = level
-        return None, problem
-    return session, None
+        return None, f"did not load: {exc}"
 
 
 def discard(cache: GraphCache) -> None:
