@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
@@ -264,6 +265,10 @@ class ModelConfig:
     default_image_size: int = 512
 
     def __post_init__(self) -> None:
+        if isinstance(self.scale_factor, bool) or not isinstance(self.scale_factor, (int, float)) \
+                or not math.isfinite(self.scale_factor) or self.scale_factor <= 0:
+            raise ConfigError(f"ModelConfig {self.name!r}: scale_factor {self.scale_factor!r}: expected a "
+                              f"finite number > 0 (latents are divided by it before decoding)")
         if self.unet.in_channels < self.latent_channels:
             raise ConfigError(f"ModelConfig {self.name!r}: UNet in_channels={self.unet.in_channels} "
                               f"is fewer than the autoencoder's {self.latent_channels} latent channels")

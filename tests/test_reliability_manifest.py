@@ -115,9 +115,9 @@ def parity(**changes):
 FACTOR_8 = [1, 1, 1, 2]
 
 PARSE_LIES = [  # (id, manifest edit, field named, fragments of the message)
-    ("latent_scale-0", edits((("latent_scale",), 0), (("config", "scale_factor"), 0)),
+    ("latent_scale-0", edits((("latent_scale",), 0)),
      "latent_scale", ["> 0", "found integer 0"]),
-    ("latent_scale-negative", edits((("latent_scale",), -0.5), (("config", "scale_factor"), -0.5)),
+    ("latent_scale-negative", edits((("latent_scale",), -0.5)),
      "latent_scale", ["> 0"]),
     ("dtype-float99", edits((io("unet", "inputs", 0, "dtype"), "float99")),
      "components.unet.io.inputs[0].dtype", ["float32", "float99"]),
@@ -395,3 +395,14 @@ def test_a_static_engine_dim_serves_a_symbol_whose_range_is_one_value():
     engine_for(pinned, shapes=shapes)
     with pytest.raises(BundleError, match=r"input sample axis 0: the manifest declares 'batch' \(batch 1\.\.4\)"):
         engine_for(spec, shapes=shapes)
+
+
+@pytest.mark.parametrize("value", [0, -0.18, float("nan")])
+def test_a_bad_config_scale_factor_is_blamed_on_the_config(value):
+    """config.scale_factor 0 is the config's fault, not latent_scale's ("expected 0.0" is no value)."""
+    from ldmrt.config import PRESETS, ConfigError, ModelConfig
+
+    data = PRESETS["tiny"].to_dict()
+    data["scale_factor"] = value
+    with pytest.raises(ConfigError, match="scale_factor"):
+        ModelConfig.from_dict(data)

@@ -368,3 +368,18 @@ def test_too_many_steps_fail_before_any_model_runs(euler_v_trailing_bundle):
                                               rf"{limit} steps") as err:
         pipeline.generate(request)
     assert err.value.field == "steps" and calls == []
+
+
+def test_a_strength_that_leaves_no_step_is_blamed_on_strength():
+    """img2img with too small a strength keeps no step: the error names `strength` (CLI --strength,
+    Triton 400), not an internal field, and lcm says to raise it rather than 'use at most 0 steps'."""
+    from ldmrt.config import SchedulerConfig
+    from ldmrt.errors import GenerationError
+    from ldmrt.runtime.samplers import make_plan
+
+    for name, steps, strength in (("ddim", 10, 0.05), ("lcm", 1, 0.01)):
+        with pytest.raises(GenerationError) as info:
+            make_plan(name, SchedulerConfig(), steps, strength=strength)
+        assert info.value.field == "strength", (name, str(info.value))
+        assert str(info.value).startswith("strength "), str(info.value)
+        assert "at most 0" not in str(info.value)

@@ -333,8 +333,9 @@ class _Context:
         """StableDiffusionImg2ImgPipeline.get_timesteps: the last int(steps * strength) steps run."""
         kept = min(int(self.num_steps * self.strength), self.num_steps)
         if kept < 1:
-            raise GenerationError(f"strength={self.strength} with num_steps={self.num_steps} keeps no "
-                                  f"step; use strength >= 1/num_steps or more steps")
+            raise GenerationError(f"strength {self.strength}: with {self.num_steps} steps it keeps no "
+                                  f"step (img2img runs the last int(steps * strength)); use strength >= "
+                                  f"1/steps or more steps", field="strength")
         return self.num_steps - kept
 
     def vp_start(self, draft: "_Draft", t: int) -> None:
@@ -582,6 +583,9 @@ def make_plan(name: str, scheduler: SchedulerConfig, num_steps: int, *, eta: flo
                                   field="original_inference_steps")
         config = dataclasses.replace(config, original_inference_steps=int(original_inference_steps))
     limit, rule = step_limit(name, config, float(strength))
+    if limit < 1:              # lcm img2img: original_inference_steps * strength is below one step
+        raise GenerationError(f"strength {strength:g}: the {name!r} sampler has no step to run here "
+                              f"({rule}); raise strength", field="strength")
     if num_steps > limit:
         raise GenerationError(f"steps {num_steps}: the {name!r} sampler takes at most {limit} steps "
                               f"here ({rule}); use at most {limit} steps", field="steps")
