@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
 
+from ldmrt.errors import LdmrtError
+
 log = logging.getLogger(__name__)
 
 
@@ -100,18 +102,21 @@ def _fresh_folder(out: Path, kind: str) -> Path:
 
 # --- whole folders ----------------------------------------------------------------------------------
 
-def work_folder(out: Path) -> Path:
+def work_folder(out: Path, replaceable: "Replaceable | None" = None) -> Path:
     """A fresh private `.NAME.partial-PID-HOST-RANDOM` next to `out` (created with its parents;
-    leftovers of killed processes removed first)."""
+    leftovers of killed processes removed first: see remove_dead_leftovers)."""
     out = Path(out)
-    remove_dead_leftovers(out)
+    remove_dead_leftovers(out, replaceable)
     out.parent.mkdir(parents=True, exist_ok=True)
     return _fresh_folder(out, "partial")
 
 
-def remove_dead_leftovers(out: Path) -> None:
-    """Remove the work and moved-aside folders of `out` whose process is gone (killed), on this
-    machine; a moved-aside folder whose replacement never arrived is put back instead."""
+def remove_dead_leftovers(out: Path, replaceable: "Replaceable | None" = None) -> None:
+    """Remove the work folders of `out` whose process is gone (killed), on this machine. A
+    moved-aside folder (`.NAME.old-…`, the folder a killed run replaced) is put back when its
+    replacement never arrived; else it is removed only when `replaceable` approves it (the same
+    check the replace made: a user may have added files in between), and kept with a warning when
+    there is no such check or it refuses."""
     out = Path(out)
     try:
         names = os.listdir(out.parent)
@@ -130,6 +135,15 @@ def remove_dead_leftovers(out: Path) -> None:
             with contextlib.suppress(OSError):
                 _rename_noreplace(folder, out)
                 log.warning("%s: put back, a killed process had moved it aside", out)
+                continue
+        if leftover.kind == "old":
+            try:
+                if replaceable is None:
+                    raise LookupError("nothing here can tell whether it holds only what ldmrt wrote")
+                replaceable(folder)
+            except (LdmrtError, LookupError) as exc:
+                log.warning("keeping %s, which a killed process moved aside from %s (%s); look through "
+                            "it and remove it yourself", folder, out, exc)
                 continue
         log.info("removing %s, left by a killed process", folder)
         shutil.rmtree(folder, ignore_errors=True)

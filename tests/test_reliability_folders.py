@@ -555,6 +555,29 @@ def test_leftovers_are_removed_only_when_their_process_is_gone(tmp_path):
     assert (out / "x").read_text() == "moved aside, then killed"           # put back, not removed
 
 
+def test_a_moved_aside_folder_is_removed_only_when_its_check_approves(tmp_path):
+    """A killed run's `.NAME.old-…` (the folder it replaced; a user may have added files before the
+    kill) goes only when the replace's own check approves it; without a check, or refused, it stays."""
+    out = tmp_path / "bundle"
+    out.mkdir()
+    old = tmp_path / f".bundle.old-{dead_pid()}-{atomic._HOST}-00000007"
+
+    def make():
+        old.mkdir(exist_ok=True)
+        (old / "mine.txt").write_text("added while the swap ran")
+
+    def refuse(folder):
+        raise ExportError(f"{folder} holds mine.txt")
+
+    make()
+    atomic.remove_dead_leftovers(out)                                    # no check: kept
+    assert (old / "mine.txt").is_file()
+    atomic.remove_dead_leftovers(out, refuse)                            # refused: kept
+    assert (old / "mine.txt").is_file()
+    atomic.remove_dead_leftovers(out, lambda folder: None)               # approved: removed
+    assert not old.exists()
+
+
 def test_work_folders_are_unique_per_call(tmp_path):
     out = tmp_path / "bundle"
     made: list[Path] = []

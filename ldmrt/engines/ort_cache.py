@@ -312,7 +312,11 @@ class _AlreadyCached(Exception):
 
 def _staging(cache: GraphCache) -> Path:
     """A private staging folder next to the entry; staging folders of killed processes are removed."""
-    return work_folder(entry_folder(cache.folder, cache.component, cache.key))
+    def replaceable(folder: Path) -> None:      # a moved-aside entry is removed only if all ldmrt's
+        foreign = _foreign_in_entry(folder)
+        if foreign:
+            raise LookupError(f"it holds {foreign[:3]}")
+    return work_folder(entry_folder(cache.folder, cache.component, cache.key), replaceable)
 
 
 def _commit(stage: Path, cache: GraphCache) -> None:

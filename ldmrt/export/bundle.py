@@ -81,7 +81,7 @@ def export_bundle(source: ModelSource, out: Path, options: ExportOptions = Expor
 
     report = progress or (lambda component, stage: log.info("%s: %s", component, stage))
     try:
-        work = work_folder(out)
+        work = work_folder(out, replaceable=lambda folder: _check_replaceable(folder, out))
     except OSError as exc:
         raise ExportError(f"out {out}: cannot create a folder there ({exc.strerror or exc})", field="out") from None
     seconds: dict[str, float] = {}

@@ -137,7 +137,7 @@ def write_repository(bundle_dir: str | os.PathLike, out: str | os.PathLike,
         models.append(component_model(bundle, manifest, entry, options, notes))
     names = [model.config.name for model in models]
     for name in names:
-        remove_dead_leftovers(out / name)             # a killed run's moved-aside model folders
+        remove_dead_leftovers(out / name, refuse_foreign)   # a killed run's moved-aside model folders
     claim = claim_models(out, names, group, options.force)
     # A new REPO is built beside it and renamed in whole; into an existing one (often a mount
     # point) each model folder is built inside it, so every rename stays on its file system.
