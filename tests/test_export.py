@@ -803,3 +803,41 @@ def test_sd15_full_export(tmp_path) -> None:
     target = REPO / "benchmarks" / "results" / "sd15_export_cpu.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def test_export_tolerances_hold_at_their_stated_values():
+    """The gates as numbers (design.md ladder 2), not compared with themselves: fp32 1e-5 (the VAE
+    decoder 5e-5), fp16 1e-2, bf16 5e-2."""
+    assert validate_module.tolerance("unet", Precision.FP32) == 1e-5
+    assert validate_module.tolerance("text_encoder", Precision.FP32) == 1e-5
+    assert validate_module.tolerance("vae_decoder", Precision.FP32) == 5e-5
+    assert validate_module.tolerance("unet", Precision.FP16) == 1e-2
+    assert validate_module.tolerance("vae_decoder", Precision.FP16) == 1e-2
+    assert validate_module.tolerance("unet", Precision.BF16) == 5e-2
+
+
+@pytest.mark.parametrize("offset, fails", [(3e-5, True), (3e-6, False)])
+def test_a_reference_off_by_3e_5_fails_an_fp32_export(tmp_path, monkeypatch, offset, fails):
+    """A PyTorch reference whose output is off by a relative 3e-5 must fail the fp32 gate (1e-5);
+    3e-6 passes: the gate is tested where it stands."""
+    real = validate_module.validate_graph
+
+    class Off(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *inputs):
+            return self.module(*inputs) * (1.0 + offset)
+
+    monkeypatch.setattr(bundle_module, "validate_graph",
+                        lambda path, reference, *args, **kwargs: real(path, Off(reference), *args, **kwargs))
+    out = tmp_path / "bundle"
+    options = ExportOptions(components=("text_encoder",), shape_ranges=ShapeRanges(32, 32, 64, 2))
+    if fails:
+        with pytest.raises(ParityError, match="text_encoder"):
+            export_bundle(preset_source("tiny"), out, options)
+        assert not out.exists()
+    else:
+        parity = export_bundle(preset_source("tiny"), out, options).manifest.component("text_encoder").parity
+        assert 2e-6 < parity.rel_l2 < 1e-5, parity

@@ -220,6 +220,24 @@ def test_verify_catches_a_flipped_byte(tmp_path):
     verify_bundle(tmp_path, manifest, components=["vae_decoder", "text_encoder"])  # others intact
 
 
+def test_verify_catches_a_flipped_byte_in_every_file_of_every_component(tmp_path):
+    """Not only the second file of one component: a byte flipped anywhere in any listed file is named."""
+    manifest = make_bundle(tmp_path)
+    for name, entry in manifest.components.items():
+        for file in entry.sha256:
+            path = tmp_path / file
+            original = path.read_bytes()
+            for offset in (0, len(original) // 2, len(original) - 1):
+                blob = bytearray(original)
+                blob[offset] ^= 0x80
+                path.write_bytes(bytes(blob))
+                with pytest.raises(BundleError) as info:
+                    verify_bundle(tmp_path, manifest, components=[name])
+                assert file in str(info.value) and entry.sha256[file] in str(info.value), (file, offset)
+            path.write_bytes(original)
+    verify_bundle(tmp_path, manifest)                                            # restored: sound
+
+
 def test_verify_catches_a_missing_file_and_a_truncated_file(tmp_path):
     manifest = make_bundle(tmp_path)
     (tmp_path / "vae_decoder.onnx").unlink()
