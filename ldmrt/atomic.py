@@ -152,15 +152,15 @@ def remove_dead_leftovers(out: Path, replaceable: "Replaceable | None" = None) -
 Replaceable = Callable[[Path], None]   # raises to refuse replacing the folder it is given
 
 
-def move_into_place(work: Path, out: Path, *, replace: bool = True,
-                    replaceable: Replaceable | None = None) -> None:
+def move_into_place(work: Path, out: Path, replaceable: Replaceable | None) -> None:
     """Rename the finished `work` folder to `out` (an empty folder at `out` is replaced).
 
-    replace=False: FileExistsError when `out` exists, decided atomically at the rename, so a
-    folder another writer put there meanwhile is never replaced.
-    replace=True: an existing `out` is first given to `replaceable` (which raises to refuse), then
+    replaceable=None: never replace; FileExistsError when `out` exists, decided atomically at the
+    rename, so a folder another writer put there meanwhile is never replaced.
+    Otherwise an existing `out` is first given to `replaceable` (which raises to refuse), then
     swapped with `work` in one step and given to `replaceable` again: a folder that changed in
-    between is swapped back and the error re-raised; only an approved old folder is removed.
+    between is swapped back and the error re-raised; only an approved old folder is removed, so
+    nothing is ever replaced without the caller's own check of what it holds.
     On failure `work` is still the caller's to remove and `out` is what it was."""
     work, out = Path(work), Path(out)
     for _ in range(8):         # concurrent writers may remove or create `out` between two steps
@@ -170,17 +170,15 @@ def move_into_place(work: Path, out: Path, *, replace: bool = True,
             _rename_noreplace(work, out)
             return
         except FileExistsError:
-            if not replace:
+            if replaceable is None:
                 raise
-        if replaceable is not None:
-            replaceable(out)
+        replaceable(out)
         try:
             old, put_back = _swap(work, out, replaceable)
         except (FileNotFoundError, FileExistsError):
             continue
         try:
-            if replaceable is not None:
-                replaceable(old)
+            replaceable(old)
         except BaseException:
             try:
                 put_back()
@@ -192,7 +190,7 @@ def move_into_place(work: Path, out: Path, *, replace: bool = True,
     raise FileExistsError(errno.EEXIST, "other writers kept replacing it", str(out))
 
 
-def _swap(work: Path, out: Path, replaceable: Replaceable | None) -> tuple[Path, Callable[[], None]]:
+def _swap(work: Path, out: Path, replaceable: Replaceable) -> tuple[Path, Callable[[], None]]:
     """Put `work` at `out`; returns where the old `out` is now and how to undo the swap.
     FileNotFoundError when `out` is gone (another writer moved it)."""
     if _renameat2(work, out, _RENAME_EXCHANGE):
@@ -225,10 +223,9 @@ def _swap(work: Path, out: Path, replaceable: Replaceable | None) -> tuple[Path,
     return old, move_back
 
 
-def _approved(replaceable: Replaceable | None, folder: Path) -> bool:
+def _approved(replaceable: Replaceable, folder: Path) -> bool:
     try:
-        if replaceable is not None:
-            replaceable(folder)
+        replaceable(folder)
     except Exception:
         return False
     return True

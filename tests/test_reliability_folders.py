@@ -636,3 +636,15 @@ def test_a_search_stopped_at_its_bound_refuses_force(text_bundle, tmp_path, monk
     assert "too many entries" in str(caught.value), str(caught.value)
     assert tree(out) == before
 
+
+
+def test_nothing_is_replaced_without_the_callers_check(tmp_path):
+    """move_into_place has no unchecked replace: without a `replaceable` check an existing folder stays."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    (work / "new.txt").write_text("new")
+    out.mkdir()
+    (out / "mine.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        atomic.move_into_place(work, out, None)
+    assert tree(out) == {"mine.txt": b"mine"} and tree(work) == {"new.txt": b"new"}

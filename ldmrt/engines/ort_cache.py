@@ -340,7 +340,7 @@ def _commit(stage: Path, cache: GraphCache) -> None:
             raise OSError(f"{final} holds files ldmrt did not write ({describe(foreign)}); "
                           f"not replacing it (move them out to let ldmrt cache there)")
     try:
-        move_into_place(stage, final, replace=True, replaceable=replaceable)
+        move_into_place(stage, final, replaceable)
         log.info("%s: cached ONNX Runtime's optimized graph in %s", cache.component, final)
     except _AlreadyCached:
         shutil.rmtree(stage, ignore_errors=True)

@@ -104,8 +104,7 @@ def export_bundle(source: ModelSource, out: Path, options: ExportOptions = Expor
         try:
             # Checked again at the rename: another export may have finished there meanwhile, or
             # the user may have put files into the bundle being replaced.
-            move_into_place(work, out, replace=options.force,
-                            replaceable=lambda folder: _check_replaceable(folder, out))
+            move_into_place(work, out, (lambda folder: _check_replaceable(folder, out)) if options.force else None)
         except FileExistsError:
             raise ExportError(f"out {out}: another export finished there while this one ran; its "
                               f"bundle is kept and this one discarded (pass --force to replace it, "

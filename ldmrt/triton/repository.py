@@ -146,12 +146,13 @@ def write_repository(bundle_dir: str | os.PathLike, out: str | os.PathLike,
     try:
         notes += _write(temp, bundle, models, options.files, group)
         if fresh:
-            move_into_place(temp, out, replace=False)   # another run's new REPO is never replaced
+            move_into_place(temp, out, None)            # another run's new REPO is never replaced
         else:
             for name in names:
                 # Judged again at the swap (names and sizes): a file added meanwhile is kept.
-                move_into_place(temp / name, out / name, replace=name in claim.replace,
-                                replaceable=lambda folder: refuse_foreign(folder, contents=False))
+                move_into_place(temp / name, out / name,
+                                (lambda folder: refuse_foreign(folder, contents=False))
+                                if name in claim.replace else None)
             for name in claim.stale:
                 refuse_foreign(out / name, contents=False)
                 shutil.rmtree(out / name)
