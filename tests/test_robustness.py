@@ -626,3 +626,18 @@ def test_backend_names_are_taken_in_any_case_and_unknown_ones_named(bundle) -> N
     assert info.value.field == "backend"
     assert_names(str(info.value), "backend 'cuda'", "onnxruntime, tensorrt, tensorrt-rtx, torch")
 
+
+
+def test_a_request_over_max_cost_is_refused_before_any_work(bundle) -> None:
+    """Pipeline.load(max_cost=…) bounds steps x images x megapixels per request (what `ldmrt triton
+    --max-cost` sets), checked with the other fields, before any model runs."""
+    pipeline = Pipeline.load(bundle, max_cost=0.01)
+    with pytest.raises(GenerationError) as info:
+        pipeline.generate(GenerationRequest(prompt="a cat", steps=20, height=32, width=32))   # 0.0205
+    assert info.value.field == "request"
+    assert_names(str(info.value), "costs 0.02048", "20 x 1 images", "max_cost 0.01")
+    assert pipeline.generate(GenerationRequest(prompt="a cat", steps=9, height=32, width=32)).images.shape \
+        == (1, 32, 32, 3)                                                                       # 0.0092
+    with pytest.raises(ConfigError) as info:
+        Pipeline.load(bundle, max_cost=float("inf"))
+    assert info.value.field == "max_cost"

@@ -19,7 +19,7 @@ import numpy as np
 from ldmrt.config import ClassEmbedderConfig, ModelConfig
 from ldmrt.engines.backend import Backend
 from ldmrt.engines.base import ComponentRunner, open_runners
-from ldmrt.errors import GenerationCancelled, GenerationError, ShapeError
+from ldmrt.errors import ConfigError, GenerationCancelled, GenerationError, ShapeError
 from ldmrt.iospec import Precision
 from ldmrt.manifest import Manifest, load_manifest, verify_bundle
 from ldmrt.runtime.samplers import SAMPLERS, History, make_plan, step
@@ -65,8 +65,14 @@ class GenerationResult:
 class Pipeline:
     """A loaded bundle on one backend."""
 
-    def __init__(self, bundle: Path, manifest: Manifest, runners: dict[str, ComponentRunner], backend: str):
+    def __init__(self, bundle: Path, manifest: Manifest, runners: dict[str, ComponentRunner], backend: str,
+                 max_cost: float = 0.0):
+        if isinstance(max_cost, bool) or not isinstance(max_cost, (int, float)) \
+                or not 0 <= max_cost < float("inf"):
+            raise ConfigError(f"max_cost {max_cost!r}: expected a finite number >= 0 (steps x images x "
+                              f"megapixels; 0: no limit)", field="max_cost")
         self.bundle, self.manifest, self.runners, self.backend = bundle, manifest, runners, backend
+        self.max_cost = float(max_cost)     # per-request limit on steps x images x megapixels; 0: none
         self.config: ModelConfig = manifest.config
         self.tokenizer = None
         if self.config.is_text_conditioned and manifest.tokenizer is not None:
@@ -75,7 +81,8 @@ class Pipeline:
 
     @classmethod
     def load(cls, bundle: str | Path, backend: str = "onnxruntime", *, verify: bool = True,
-             components: tuple[str, ...] | None = None, **backend_options) -> "Pipeline":
+             components: tuple[str, ...] | None = None, max_cost: float = 0.0,
+             **backend_options) -> "Pipeline":
         """Open a bundle: check the manifest (and files' sha256 unless verify=False), load runners.
         The tokenizer is checked here; each graph where its backend reads it (open_runners)."""
         backend = Backend.parse(backend).value     # any case; ConfigError naming `backend` otherwise
@@ -86,7 +93,7 @@ class Pipeline:
         if verify:
             verify_bundle(bundle, manifest, components=[])
         runners = open_runners(backend, bundle, manifest, wanted, verify=verify, **backend_options)
-        return cls(bundle, manifest, runners, backend)
+        return cls(bundle, manifest, runners, backend, max_cost)
 
     # --- the public call -------------------------------------------------------------------
 
@@ -173,6 +180,7 @@ class Pipeline:
             raise GenerationError(f"guidance {request.guidance}: expected a finite number in float32 "
                                   f"(|guidance| <= 3.4e38)", field="guidance")
         shape = self._latent_shape(request)
+        self._check_cost(request.steps, shape)
         self._check_conditioning_fields(request, shape[0])
         if request.latents is not None:
             _check_array("latents", request.latents, shape)
@@ -184,6 +192,20 @@ class Pipeline:
             _check_array("init_image", request.init_image, (shape[0], shape[2] * f, shape[3] * f, 3),
                          first_axis_one=True, unit_range=True)
         return request, shape, self._plan(request)
+
+    def _check_cost(self, steps: int, shape: tuple[int, int, int, int]) -> None:
+        """Refuse a request over `max_cost` (steps x images x megapixels) before any work: what a
+        server sets so that no single request can hold an instance for long."""
+        if self.max_cost <= 0:
+            return
+        batch, _, latent_height, latent_width = shape
+        f = self.config.downsampling_factor
+        megapixels = latent_height * f * latent_width * f / 1e6
+        cost = steps * batch * megapixels
+        if cost > self.max_cost:
+            raise GenerationError(f"request: costs {cost:.4g} (steps {steps} x {batch} images x "
+                                  f"{megapixels:.4g} megapixels), over this model's limit max_cost "
+                                  f"{self.max_cost:g}; ask for fewer steps, images or pixels", field="request")
 
     def _check_conditioning_fields(self, request: GenerationRequest, batch: int) -> None:
         config = self.config

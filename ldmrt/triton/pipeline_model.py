@@ -67,9 +67,8 @@ class TritonPythonModel:
             if threads:
                 options["threads"] = threads
         bundle = HERE / params.get("bundle", "bundle")
-        self.max_cost = float(params.get("max_cost", "0") or 0)
         self.pipeline = Pipeline.load(bundle, backend, verify=params.get("verify", "true") == "true",
-                                      **options)
+                                      max_cost=float(params.get("max_cost", "0") or 0), **options)
         self.failures = _failure_counters(config.get("name", args.get("model_name", "pipeline")))
         self.logger.log_info(f"ldmrt pipeline {self.pipeline.manifest.name} loaded from {bundle} on "
                              f"{backend} {options} (instance {args.get('model_instance_name')})")
@@ -79,7 +78,6 @@ class TritonPythonModel:
         for request in requests:
             try:
                 generation = self.generation_request(request)
-                self.check_cost(generation)
                 result = self.pipeline.generate(generation, **self.cancel_options(request))
                 images = np.ascontiguousarray(result.images, dtype=np.float32)   # (N, H, W, 3)
                 warnings = np.array([m.encode("utf-8") for m in result.warnings], dtype=np.object_)
@@ -111,24 +109,6 @@ class TritonPythonModel:
         """The Pipeline's cancel check: this request's is_cancelled (its gRPC client went away)."""
         is_cancelled = getattr(request, "is_cancelled", None)     # Python backends before 23.10 lack it
         return {} if is_cancelled is None else {"cancel": is_cancelled}
-
-    def check_cost(self, generation) -> None:
-        """Refuse, before any work, a request over the repository's limit on steps x images x
-        megapixels (`ldmrt triton --max-cost`), sizes as the Pipeline resolves them (its checks
-        run first: a bad field is named as such)."""
-        if self.max_cost <= 0:
-            return
-        from ldmrt.errors import LdmrtError
-
-        checked, (batch, _, latent_height, latent_width), _ = self.pipeline.checked(generation)
-        f = self.pipeline.config.downsampling_factor
-        megapixels = latent_height * f * latent_width * f / 1e6
-        cost = checked.steps * batch * megapixels
-        if cost > self.max_cost:
-            raise LdmrtError(f"request: costs {cost:.4g} (steps {checked.steps} x {batch} images x "
-                             f"{megapixels:.4g} megapixels), over this model's limit max_cost "
-                             f"{self.max_cost:g} (set by ldmrt triton --max-cost); ask for fewer steps, "
-                             f"images or pixels", field="request")
 
     def generation_request(self, request):
         """The request's tensors as a GenerationRequest (defaults where a tensor is absent)."""
