@@ -22,7 +22,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -38,6 +37,7 @@ from ldmrt.triton.config import (BATCH, DynamicBatching, InstanceGroup, Instance
 from ldmrt.triton.ownership import claim_models, record_model, refuse_foreign
 from ldmrt.triton.server import check_serving_path
 from ldmrt.triton.vendor import vendor_runtime
+from ldmrt.writable import check_folder_writable
 
 log = logging.getLogger(__name__)
 
@@ -176,16 +176,7 @@ def check_output(out: Path) -> None:
         raise ConfigError(f"out {out}: the folder holds files that are not a Triton model repository; "
                           f"choose another folder (ldmrt never deletes them, even with --force)",
                           field="out")
-    place = out if out.is_dir() else out.parent
-    while not place.exists() and place != place.parent:
-        place = place.parent
-    if not place.is_dir():
-        raise ConfigError(f"out {out}: {place} is not a folder; choose another --out", field="out")
-    try:   # access() says yes to root even where nothing can be made (/proc): try it
-        os.rmdir(tempfile.mkdtemp(prefix=".ldmrt-write-check-", dir=place))
-    except OSError as exc:
-        raise ConfigError(f"out {out}: cannot create folders in {place} ({exc.strerror}); choose a "
-                          f"writable --out", field="out") from None
+    check_folder_writable(out, f"out {out}", ConfigError, field="out")
 
 
 # --- models ----------------------------------------------------------------------------------------
