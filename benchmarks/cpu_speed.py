@@ -58,7 +58,7 @@ def measure_unet(contender: str, bundle: str, size: int, batch: int, warmup: int
     start = time.perf_counter()
     if contender == "torch-eager":
         from ldmrt.engines.torch import open_torch
-        call = open_torch(Path(bundle), manifest, ("unet",), device="cpu", cuda_graphs=False)["unet"]
+        call = open_torch(Path(bundle), manifest, ("unet",), device="cpu", cuda_graphs=False).runners["unet"]
     elif contender == "ort-fp32-plain":
         import onnxruntime as ort
         session = ort.InferenceSession(str(Path(bundle) / "unet.onnx"), providers=["CPUExecutionProvider"])

@@ -39,7 +39,7 @@ from ldmrt.export.components import ComponentGraph, example_inputs, to_torch  # 
 from ldmrt.iospec import Precision, ShapeRanges, component_specs  # noqa: E402
 from ldmrt.models import build_model  # noqa: E402
 from ldmrt.models.convert import autoencoder_from_diffusers, unet_from_diffusers  # noqa: E402
-from ldmrt.runtime.samplers import make_plan  # noqa: E402
+from ldmrt.sampling import DenoiseJob, make_plan  # noqa: E402
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -288,7 +288,7 @@ def pipeline(sd: SD15, steps_list: tuple[int, ...], sampler: str, warmup: int, r
 
         def ours(denoiser):
             with torch.no_grad():
-                latents = denoiser(plan, latents0, sd.context.to(dtype), guidance)
+                latents = run_denoiser(denoiser, plan, latents0, sd.context.to(dtype), guidance)
                 images = vae.decode((latents / sd.config.scale_factor).to(dtype))
                 return latents, images
 
@@ -319,10 +319,17 @@ def pipeline(sd: SD15, steps_list: tuple[int, ...], sampler: str, warmup: int, r
     return results
 
 
+def run_denoiser(denoiser: FusedDenoiser, plan, latents0, context, guidance) -> torch.Tensor:
+    """The Denoiser contract (ldmrt.sampling.denoise) on a device-resident context."""
+    job = DenoiseJob(plan, np.asarray(latents0, np.float32), {"encoder_hidden_states": context}, guidance,
+                     [None] * plan.num_evaluations)
+    return torch.as_tensor(denoiser(job).latents, device=context.device)
+
+
 def host_overhead(sd: SD15, denoiser: FusedDenoiser, plan, latents0, dtype, guidance) -> dict:
     """Per step: the host's enqueue time (no sync), and wall loop time minus pure graph replay GPU time."""
     with torch.no_grad():
-        denoiser(plan, latents0, sd.context.to(dtype), guidance)              # captured already
+        run_denoiser(denoiser, plan, latents0, sd.context.to(dtype), guidance)              # captured already
         captured = next(iter(denoiser._graphs.values()))
         captured.state.index.zero_()
         sync(sd.device)
@@ -340,7 +347,7 @@ def host_overhead(sd: SD15, denoiser: FusedDenoiser, plan, latents0, dtype, guid
         sync(sd.device)
         gpu_per_step = begin.elapsed_time(end) / 1e3 / plan.num_evaluations
         start = time.perf_counter()
-        denoiser(plan, latents0, sd.context.to(dtype), guidance)
+        run_denoiser(denoiser, plan, latents0, sd.context.to(dtype), guidance)
         sync(sd.device)
         wall_per_step = (time.perf_counter() - start) / plan.num_evaluations
     return {"enqueue_us_per_step": enqueue * 1e6, "gpu_ms_per_step": gpu_per_step * 1e3,

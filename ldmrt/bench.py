@@ -92,7 +92,7 @@ def parse_contenders(text: str, *, baselines: bool) -> tuple[str, ...]:
 def check_options(options: BenchOptions, manifest) -> None:
     """Every option against the bundle and this machine; ConfigError (or BackendUnavailableError)
     naming the field, so that nothing is measured with an option that cannot work."""
-    from ldmrt.runtime.samplers import SAMPLERS, make_plan
+    from ldmrt.sampling import SAMPLERS, make_plan
 
     contenders = options.contenders
     known = [b.value for b in Backend] + list(BASELINES)
@@ -354,7 +354,7 @@ class _ContenderRunner:
 
 
 def _evaluations(case: BenchCase, pipeline) -> int:
-    from ldmrt.runtime.samplers import make_plan
+    from ldmrt.sampling import make_plan
     return make_plan(case.sampler, pipeline.config.scheduler, case.steps).num_evaluations
 
 

@@ -11,7 +11,7 @@ from ldmrt.config import LayerChoice, ModelConfig
 from ldmrt.errors import BackendUnavailableError
 from ldmrt.manifest import load_manifest
 from ldmrt.models.convert import autoencoder_from_diffusers, to_diffusers, unet_from_diffusers
-from ldmrt.runtime.samplers import scheduler_for
+from ldmrt.sampling import scheduler_for
 
 
 def diffusers_scheduler(sampler: str, config: ModelConfig):

@@ -197,7 +197,7 @@ ConditionerConfig = Union[ClipTextConfig, BertConfig, ClassEmbedderConfig]
 CONDITIONER_KINDS: dict[str, type] = {c.kind: c for c in (ClipTextConfig, BertConfig, ClassEmbedderConfig)}
 
 
-# The samplers ldmrt runs (ldmrt.runtime.samplers builds them); here so that a config can name one.
+# The samplers ldmrt runs (ldmrt.sampling builds them); here so that a config can name one.
 SAMPLERS = ("ddim", "ddpm", "plms", "euler", "euler-a", "dpmpp-2m", "dpmpp-2m-karras", "lcm")
 # SchedulerConfig fields that configure sampling rather than the training schedule: where the
 # checkpoint leaves one unset, each sampler takes its own diffusers class's default for it.

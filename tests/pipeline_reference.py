@@ -30,7 +30,7 @@ from ldmrt.iospec import ShapeRanges
 from ldmrt.models import LatentDiffusion, build_model
 from ldmrt.models.convert import autoencoder_from_diffusers, clip_from_transformers, unet_from_diffusers
 from ldmrt.runtime.pipeline import GenerationRequest
-from ldmrt.runtime.samplers import scheduler_for
+from ldmrt.sampling import scheduler_for
 from tests.families import FAMILIES
 from tests.reference import (DIFFUSERS_SCHEDULERS, diffusers_autoencoder, diffusers_unet, perturb_,
                              transformers_clip)
@@ -136,21 +136,21 @@ def reference_pipeline(golden: GoldenModel, bundle: Path, config: ModelConfig, s
 
 
 class StepNoiseRecorder:
-    """Records the noise ldmrt's pipeline adds at each evaluation (None where it adds none)."""
+    """Records the noise ldmrt's numpy loop adds at each evaluation (None where it adds none)."""
 
     def __init__(self) -> None:
         self.noises: list[np.ndarray | None] = []
         self._patch = None
 
     def __enter__(self) -> "StepNoiseRecorder":
-        from ldmrt.runtime import pipeline as pipeline_module
+        from ldmrt.sampling import denoise as loop_module
 
-        original = pipeline_module.step
+        original = loop_module.step
 
         def recording_step(plan, i, x, model_output, history=None, step_noise=None):
             self.noises.append(None if step_noise is None else np.array(step_noise, copy=True))
             return original(plan, i, x, model_output, history, step_noise)
-        self._patch = mock.patch.object(pipeline_module, "step", recording_step)
+        self._patch = mock.patch.object(loop_module, "step", recording_step)
         self._patch.start()
         return self
 

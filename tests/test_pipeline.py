@@ -24,7 +24,7 @@ import pytest
 from ldmrt.errors import GenerationError, LdmrtError, ShapeError
 from ldmrt.export.bundle import ExportOptions, ModelSource, export_bundle, preset_source, synthetic_tokenizer_writer
 from ldmrt.runtime.pipeline import GenerationRequest, GenerationResult, Pipeline
-from ldmrt.runtime.samplers import SAMPLERS
+from ldmrt.sampling import SAMPLERS
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")

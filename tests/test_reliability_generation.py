@@ -24,6 +24,7 @@ from PIL import Image, PngImagePlugin
 from ldmrt.errors import GenerationCancelled, GenerationError, LdmrtError, ShapeError
 from ldmrt.runtime.images import MAX_IMAGE_PIXELS, read_image, write_images
 from ldmrt.runtime.pipeline import GenerationRequest, Pipeline
+from ldmrt.sampling import NumpyDenoiser
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
@@ -51,6 +52,7 @@ def counted(tiny_bundle):
     """A fresh tiny pipeline (numpy loop) whose runners count their calls."""
     pipeline = Pipeline.load(tiny_bundle, "onnxruntime", threads=1)
     pipeline.runners = {name: CountingRunner(r) for name, r in pipeline.runners.items()}
+    pipeline.denoiser = NumpyDenoiser(pipeline.runners["unet"], pipeline.runners["unet"].spec)
     return pipeline
 
 
@@ -87,14 +89,19 @@ def test_torch_fused_loop_skips_guidance_at_most_1(tiny, tiny_torch) -> None:
     assert rel_l2(found.latents, expected.latents) <= 1e-4
     unguided = tiny_torch.generate(dataclasses.replace(request, guidance=1.0))
     assert rel_l2(found.latents, unguided.latents) <= 1e-6
-    # the fused loop on its own: a [uncond; cond] context with guidance 0.5 uses the cond half only
-    runner = tiny_torch.runners["unet"]
+    # the fused loop on its own: unguided it takes the conditional rows only, and refuses
+    # a [uncond; cond] context (the pipeline decides guidance, the denoiser never guesses)
+    from ldmrt.sampling import DenoiseJob
+
     plan = tiny_torch._plan(dataclasses.replace(request, sampler="ddim"))
     x = noise(0, (1, 4, 16, 16))
     context = np.concatenate([np.zeros((1, 77, 32), np.float32), noise(1, (1, 77, 32))])
-    half = runner.fused_denoise(plan, x, context, 0.5, [None] * plan.num_evaluations)
-    cond_only = runner.fused_denoise(plan, x, context[1:], 1.0, [None] * plan.num_evaluations)
-    np.testing.assert_allclose(half, cond_only, rtol=1e-5, atol=1e-6)
+    no_noise = [None] * plan.num_evaluations
+    with pytest.raises(ShapeError, match="encoder_hidden_states: expected 1 rows"):
+        DenoiseJob(plan, x, {"encoder_hidden_states": context}, None, no_noise)
+    cond_only = tiny_torch.denoiser(DenoiseJob(plan, x, {"encoder_hidden_states": context[1:]}, None, no_noise))
+    reference = tiny.denoiser(DenoiseJob(plan, x, {"encoder_hidden_states": context[1:]}, None, no_noise))
+    np.testing.assert_allclose(cond_only.latents, reference.latents, rtol=1e-4, atol=1e-5)
 
 
 def test_int8_calibration_runs_unguided_at_guidance_at_most_1() -> None:
@@ -454,6 +461,7 @@ def test_non_finite_latents_advice_fits_the_bundles_precision(counted, monkeypat
         def __call__(self, feeds):
             return unet(feeds) * np.float32(3e38)
     counted.runners["unet"] = Overflowing(unet)
+    counted.denoiser = NumpyDenoiser(counted.runners["unet"], unet.spec)
     request = GenerationRequest(prompt="a cat", negative_prompt="a dog", steps=2, guidance=7.5)
     with pytest.raises(GenerationError) as raised:
         counted.generate(request)
@@ -478,6 +486,7 @@ def test_prompts_are_refused_on_a_class_model_and_labels_accepted_as_numpy(tmp_p
         pipeline.generate(GenerationRequest(prompt="a cat", steps=1))
     assert raised.value.field == "prompt"
     pipeline.runners["unet"] = unet = CountingRunner(pipeline.runners["unet"])
+    pipeline.denoiser = NumpyDenoiser(unet, unet.spec)
     plain = pipeline.generate(GenerationRequest(class_labels=[2], steps=2, guidance=3.0))
     numpy = pipeline.generate(GenerationRequest(class_labels=np.array([2]), steps=2, guidance=np.float32(3.0)))
     np.testing.assert_array_equal(plain.images, numpy.images)

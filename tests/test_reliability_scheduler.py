@@ -11,7 +11,7 @@ import pytest
 
 from ldmrt.config import SAMPLERS, ModelConfig, PredictionType, SchedulerConfig, TimestepSpacing, preset
 from ldmrt.errors import GenerationError
-from ldmrt.runtime.samplers import make_plan, max_steps
+from ldmrt.sampling import make_plan, max_steps
 
 from tests.test_samplers import compare_txt2img, feed_noise, oracle  # noqa: F401  (feed_noise: a fixture)
 
@@ -98,7 +98,7 @@ from ldmrt.checkpoints import schedule as schedule_module  # noqa: E402
 from ldmrt.checkpoints.schedule import scheduler_from_diffusers  # noqa: E402
 from ldmrt.config import SAMPLER_FIELDS  # noqa: E402
 from ldmrt.errors import CheckpointError  # noqa: E402
-from ldmrt.runtime.samplers import CLASS_SAMPLER_DEFAULTS, SAMPLER_CLASSES, scheduler_for  # noqa: E402
+from ldmrt.sampling import CLASS_SAMPLER_DEFAULTS, SAMPLER_CLASSES, scheduler_for  # noqa: E402
 from tests.reference import DIFFUSERS_SCHEDULERS  # noqa: E402
 
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -362,6 +362,7 @@ def test_too_many_steps_fail_before_any_model_runs(euler_v_trailing_bundle):
     calls = []       # runners replaced by recorders (without .spec: touching one fails too)
     for name, runner in list(pipeline.runners.items()):
         pipeline.runners[name] = lambda feeds, _run=runner, _name=name: calls.append(_name) or _run(feeds)
+    pipeline.denoiser = lambda job, on_step=None: calls.append("denoiser")
     limit = max_steps("dpmpp-2m", pipeline.config.scheduler)
     request = GenerationRequest(prompt="a cat", steps=limit + 1, sampler="dpmpp-2m", height=32, width=32)
     with pytest.raises(GenerationError, match=rf"^steps {limit + 1}: the 'dpmpp-2m' sampler takes at most "
@@ -375,7 +376,7 @@ def test_a_strength_that_leaves_no_step_is_blamed_on_strength():
     Triton 400), not an internal field, and lcm says to raise it rather than 'use at most 0 steps'."""
     from ldmrt.config import SchedulerConfig
     from ldmrt.errors import GenerationError
-    from ldmrt.runtime.samplers import make_plan
+    from ldmrt.sampling import make_plan
 
     for name, steps, strength in (("ddim", 10, 0.05), ("lcm", 1, 0.01)):
         with pytest.raises(GenerationError) as info:

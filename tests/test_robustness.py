@@ -34,7 +34,7 @@ from ldmrt.errors import BundleError, CheckpointError, ConfigError, GenerationEr
 from ldmrt.manifest import (MANIFEST_NAME, TOKENIZER_DIR, ComponentEntry, load_manifest,
                             write_manifest)
 from ldmrt.runtime.pipeline import GenerationRequest, Pipeline
-from ldmrt.runtime.samplers import make_plan
+from ldmrt.sampling import make_plan
 
 REPO = Path(__file__).resolve().parents[1]
 PROPERTY = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow], max_examples=30)

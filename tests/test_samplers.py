@@ -18,8 +18,8 @@ import pytest
 
 from ldmrt.config import BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing
 from ldmrt.errors import ConfigError, GenerationError, ShapeError
-from ldmrt.runtime import samplers
-from ldmrt.runtime.samplers import History, denoise, make_plan, step
+from ldmrt import sampling as samplers
+from ldmrt.sampling import DenoiseJob, History, NumpyDenoiser, make_plan, step
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -67,6 +67,14 @@ def promoted(name: str, scheduler):
 def fake_unet(x: np.ndarray, t: float) -> np.ndarray:
     """Deterministic, nonlinear in x, different at every timestep."""
     return np.tanh(x * (0.3 + t / 1500.0)) + 0.2 * np.cos(t / 97.0) * x + 0.05 * np.sin(t / 50.0)
+
+
+def denoise(plan, latents: np.ndarray, noises=()) -> np.ndarray:
+    """The numpy Denoiser over fake_unet; `noises` are consumed where the plan adds noise."""
+    queue = iter(noises)
+    noise = [next(queue, None) if needed else None for needed in plan.needs_noise]
+    job = DenoiseJob(plan, latents, {}, None, noise)
+    return NumpyDenoiser(lambda feeds: fake_unet(feeds["sample"], float(feeds["timestep"][0])))(job).latents
 
 
 @pytest.fixture
@@ -259,8 +267,7 @@ def test_denoise_matches_diffusers(name, feed_noise):
     noise, step_noises = draws(8, plan.num_evaluations)
     expected = run_diffusers(scheduler, scheduler.timesteps, noise * float(scheduler.init_noise_sigma),
                              step_noises, feed_noise)
-    queue = iter(step_noises)       # denoise draws only where needed: every step but the last
-    ours = denoise(plan, fake_unet, plan.initial_latents(noise), lambda shape: next(queue))
+    ours = denoise(plan, plan.initial_latents(noise), step_noises)     # noise only where needed
     assert rel_err(ours, expected) <= RTOL
 
 
@@ -291,7 +298,7 @@ def test_plan_shape_and_immutability():
 
 def test_runtime_imports_without_torch():
     code = ("import sys; sys.modules['torch'] = None; sys.modules['diffusers'] = None\n"
-            "from ldmrt.runtime import samplers\n"
+            "from ldmrt import sampling as samplers\n"
             "from ldmrt.config import SchedulerConfig\n"
             "samplers.make_plan('dpmpp-2m-karras', SchedulerConfig(), 4)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -361,8 +368,8 @@ def test_step_rejects_bad_calls():
     multistep = make_plan("dpmpp-2m", SchedulerConfig(), 5)
     with pytest.raises(GenerationError, match="History"):
         step(multistep, 0, x, x)
-    with pytest.raises(GenerationError, match="draw_noise"):
-        denoise(plan, fake_unet, x)
+    with pytest.raises(ShapeError, match=r"noise\[0\]: sampler 'euler-a' adds noise"):
+        denoise(plan, x)
 
 
 def test_initial_latents_rejects_bad_calls():

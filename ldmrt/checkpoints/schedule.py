@@ -13,7 +13,7 @@ import numpy as np
 
 from ldmrt.config import SAMPLER_FIELDS, BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing
 from ldmrt.errors import CheckpointError, ConfigError
-from ldmrt.runtime.samplers import CLASS_SAMPLER_DEFAULTS, SAMPLER_CLASSES
+from ldmrt.sampling import CLASS_SAMPLER_DEFAULTS, SAMPLER_CLASSES
 
 _LOG = logging.getLogger(__name__)
 

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ldmrt.runtime.samplers import SamplerPlan
+from ldmrt.engines.base import BackendRunners
+from ldmrt.models import TORCH_DTYPES
+from ldmrt.errors import ShapeError
+from ldmrt.sampling import DenoiseJob, DenoiseResult, SamplerPlan, guide
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -32,11 +34,14 @@ class DenoiseShape:
 
 
 class FusedDenoiser:
-    """Runs a SamplerPlan's whole loop on one device, optionally as one replayed CUDA graph per step.
+    """The `Denoiser` of the torch backend: a SamplerPlan's whole loop on one device, optionally
+    as one replayed CUDA graph per step.
 
-    `unet(sample, timestep, context)` is any callable module; `context` is (2B, L, D) stacked
-    [unconditional; conditional] when guided, else (B, L, D) or None. `on_step(done, total)` runs
-    between steps; an exception it raises (the pipeline's cancellation) stops the loop there.
+    `unet(sample, timestep, context)` is any callable module; `context` is the job's one
+    conditioning input as a tensor (encoder_hidden_states or class_labels; rows [uncond; cond]
+    when guided) or None. `on_step(done, total)` runs between steps; an exception it raises (the
+    pipeline's cancellation) stops the loop there. The job's noise is uploaded once, so every
+    backend reproduces the same trajectory from the same seed.
     """
 
     def __init__(self, unet, device: torch.device, dtype: torch.dtype, use_cuda_graph: bool = True):
@@ -45,32 +50,35 @@ class FusedDenoiser:
         self._graphs: dict[DenoiseShape, _CapturedStep] = {}
         self._lock = threading.Lock()
 
-    def __call__(self, plan: SamplerPlan, latents: np.ndarray | torch.Tensor, context: torch.Tensor | None,
-                 guidance: float, noise: np.ndarray | torch.Tensor | None = None,
-                 on_step=None) -> torch.Tensor:
-        """Denoise `latents` (B, C, h, w) through every evaluation of `plan`; returns the final latents.
-
-        `noise` (N, B, C, h, w) holds the standard normal noise of each evaluation (zeros where the
-        plan adds none), so every backend reproduces the same trajectory from the same seed.
-        """
-        x0 = torch.as_tensor(latents, device=self.device, dtype=torch.float32)
-        # As diffusers: guidance <= 1 is no classifier-free guidance (the conditional half alone).
-        guided = guidance > 1.0 and context is not None and context.shape[0] == 2 * x0.shape[0]
-        shape = DenoiseShape(*x0.shape, guided=guided, num_evaluations=plan.num_evaluations,
+    def __call__(self, job: DenoiseJob, on_step=None) -> DenoiseResult:
+        plan = job.plan
+        if len(job.conditioning) > 1:
+            raise ShapeError(f"torch denoiser: expected at most one conditioning input, found "
+                             f"{sorted(job.conditioning)}", field="conditioning")
+        context = None
+        for value in job.conditioning.values():
+            context = torch.as_tensor(value, device=self.device)       # numpy, or a tensor already there
+            if context.is_floating_point():
+                context = context.to(self.dtype)
+        x0 = torch.as_tensor(job.latents, device=self.device, dtype=torch.float32)
+        shape = DenoiseShape(*x0.shape, guided=job.guided, num_evaluations=plan.num_evaluations,
                              history=plan.history, clip_range=plan.clip_range)
         tables = _Tables.from_plan(plan, self.device)
         step = self._step_for(shape) if self.use_cuda_graph else None
-        state = _State.create(shape, self.device, noise)
+        state = _State.create(shape, self.device, job.stacked_noise())
         state.x.copy_(x0)
-        if context is not None and guided is False and context.shape[0] == 2 * x0.shape[0]:
-            context = context[x0.shape[0]:]      # guidance <= 1: only the conditional half matters
-        if step is None:
-            for i in range(plan.num_evaluations):
-                _denoise_step(self.unet, state, tables, context, guidance, self.dtype, guided)
-                if on_step is not None:
-                    on_step(i + 1, plan.num_evaluations)
-            return state.x.clone()
-        return step.run(state, tables, context, guidance, on_step)
+        guidance = 1.0 if job.guidance is None else job.guidance
+        with torch.no_grad():
+            if step is None:
+                for i in range(plan.num_evaluations):
+                    _denoise_step(self.unet, state, tables, context, guidance, self.dtype, job.guided)
+                    if on_step is not None:
+                        on_step(i + 1, plan.num_evaluations)
+                latents = state.x
+            else:
+                latents = step.run(state, tables, context, guidance, on_step)
+            # The on-device loop never syncs per step: non-finite latents show at the end only.
+            return DenoiseResult(latents.float().cpu().numpy(), plan.num_evaluations, None)
 
     def _step_for(self, shape: DenoiseShape) -> "_CapturedStep":
         with self._lock:
@@ -127,14 +135,12 @@ def _denoise_step(unet, state: _State, tables: _Tables, context: torch.Tensor | 
     i = state.index.view(1)          # gathers with index_select: no host sync, capturable
     x = state.x
     scaled = (x * tables.input_scale.index_select(0, i)).to(dtype)
-    batch = x.shape[0]
     if guided:
         scaled = torch.cat([scaled, scaled])
     timestep = tables.timesteps.index_select(0, i).expand(scaled.shape[0])
     output = unet(scaled, timestep, context).float()
     if guided:
-        uncond, cond = output[:batch], output[batch:]
-        output = uncond + guidance * (cond - uncond)
+        output = guide(output, guidance)
     a, b = tables.a.index_select(0, i)[0], tables.b.index_select(0, i)[0]   # (K,)
     noise = state.noise.index_select(0, i)[0]
     x_next = a[0] * x + b[0] * output + tables.c.index_select(0, i) * noise
@@ -231,29 +237,11 @@ class TorchRunner:
             return self.graph(*tensors).float().cpu().numpy()
 
 
-class TorchUNetRunner(TorchRunner):
-    """The UNet runner, plus the fused on-device loop the pipeline uses when present."""
-
-    def __init__(self, graph, spec, device, dtype, use_cuda_graph: bool):
-        super().__init__(graph, spec, device, dtype)
-        self.denoiser = FusedDenoiser(self._unet_call, device, dtype, use_cuda_graph)
-
-    def _unet_call(self, sample: torch.Tensor, timestep: torch.Tensor, context) -> torch.Tensor:
-        if context is not None and not context.is_floating_point():     # class labels
-            return self.graph(sample, timestep, context)
-        if context is None:
-            return self.graph(sample, timestep)
-        return self.graph(sample, timestep, context)
-
-    def fused_denoise(self, plan: SamplerPlan, latents: np.ndarray, context, guidance: float,
-                      step_noise, on_step=None) -> np.ndarray:
-        noise = np.stack([np.zeros_like(latents) if n is None else n for n in step_noise])
-        if context is not None:
-            context = torch.from_numpy(np.ascontiguousarray(context)).to(self.device)
-            if context.is_floating_point():
-                context = context.to(self.dtype)
-        with torch.no_grad():
-            return self.denoiser(plan, latents, context, guidance, noise, on_step).cpu().numpy()
+def _unet_call(graph):
+    """The UNet module as FusedDenoiser calls it: (sample, timestep, context or None)."""
+    def call(sample: torch.Tensor, timestep: torch.Tensor, context) -> torch.Tensor:
+        return graph(sample, timestep) if context is None else graph(sample, timestep, context)
+    return call
 
 
 def load_reference_model(manifest, device: torch.device, dtype: torch.dtype, bundle=None):
@@ -266,18 +254,17 @@ def load_reference_model(manifest, device: torch.device, dtype: torch.dtype, bun
 
 
 def open_torch(bundle, manifest, components, *, device: str | None = None, dtype: str | None = None,
-               cuda_graphs: bool = True) -> dict:
+               cuda_graphs: bool = True) -> BackendRunners:
     from ldmrt.export.components import ComponentGraph
 
     device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     graph_dtype = TORCH_DTYPES[dtype or (manifest.component("unet").dtype if device_.type == "cuda" else "float32")]
     model = load_reference_model(manifest, device_, graph_dtype, bundle)
-    runners = {}
+    runners, denoiser = {}, None
     for name in components:
         spec = manifest.component(name).spec
         graph = ComponentGraph(model, spec).eval()
+        runners[name] = TorchRunner(graph, spec, device_, graph_dtype)
         if name == "unet":
-            runners[name] = TorchUNetRunner(graph, spec, device_, graph_dtype, cuda_graphs)
-        else:
-            runners[name] = TorchRunner(graph, spec, device_, graph_dtype)
-    return runners
+            denoiser = FusedDenoiser(_unet_call(graph), device_, graph_dtype, cuda_graphs)
+    return BackendRunners(runners, denoiser)

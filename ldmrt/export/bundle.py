@@ -17,14 +17,14 @@ from ldmrt.config import BertConfig, ClipTextConfig
 from ldmrt.engines import ort_cache
 from ldmrt.engines.tensorrt import RECORD_SUFFIX
 from ldmrt.errors import BundleError, ConfigError, ExportError, ParityError
-from ldmrt.export.components import TORCH_DTYPES, ComponentGraph, example_inputs, to_torch
+from ldmrt.export.components import ComponentGraph, example_inputs, to_torch
 from ldmrt.export.onnx_graph import MIN_OPSET, export_graph
 from ldmrt.export.quantize import Int8Options, quantize_unet
 from ldmrt.export.validate import shape_plan, validate_graph
 from ldmrt.iospec import Precision, ShapeRanges, component_specs
 from ldmrt.manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, TOKENIZER_DIR, ComponentEntry, Manifest,
                             SourceRecord, TokenizerEntry, load_manifest, write_manifest)
-from ldmrt.models import LatentDiffusion
+from ldmrt.models import TORCH_DTYPES, LatentDiffusion
 
 log = logging.getLogger(__name__)
 

@@ -55,5 +55,3 @@ def to_torch(arrays: dict[str, np.ndarray], spec: ComponentSpec, dtype: torch.dt
         tensors.append(value)
     return tuple(tensors)
 
-
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

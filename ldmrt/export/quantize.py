@@ -370,7 +370,7 @@ class TrajectoryMaker:
     def run(self, unet: UNetFn, steps: int, seed: int, prompt: str, replay: Trajectory | None = None
             ) -> Trajectory:
         """A DDIM run from seeded noise; with `replay`, the same conditioning as that run."""
-        from ldmrt.runtime.samplers import denoise, make_plan
+        from ldmrt.sampling import DenoiseJob, NumpyDenoiser, make_plan
 
         # The noise has its own stream: a replay (which reuses the conditioning instead of drawing
         # labels or random tokens) must start from exactly the noise of the run it replays.
@@ -382,19 +382,17 @@ class TrajectoryMaker:
         feeds_log: list[dict[str, np.ndarray]] = []
         outputs_log: list[np.ndarray] = []
 
-        def guided(x: np.ndarray, timestep: float) -> np.ndarray:
-            sample = np.concatenate([x, x]) if self.guided else x
-            feeds = {"sample": sample.astype(np.float32),
-                     "timestep": np.full((sample.shape[0],), timestep, np.float32), **extra}
+        def logged(feeds: dict[str, np.ndarray]) -> np.ndarray:
+            feeds = {name: np.array(value) for name, value in feeds.items()}    # the loop reuses its buffers
             output = unet(feeds)
             feeds_log.append(feeds)
             outputs_log.append(output)
-            if not self.guided:
-                return output
-            uncond, cond = output[:1], output[1:]
-            return uncond + self.guidance * (cond - uncond)
+            return output
 
-        latents = denoise(plan, guided, plan.initial_latents(noise).astype(np.float32))
+        # The runtime's own loop (and guidance): calibration sees what generation will feed.
+        job = DenoiseJob(plan, plan.initial_latents(noise).astype(np.float32), extra,
+                         self.guidance if self.guided else None, [None] * plan.num_evaluations)
+        latents = NumpyDenoiser(logged, self.spec)(job).latents
         return Trajectory(feeds_log, outputs_log, latents)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:

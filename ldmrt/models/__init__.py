@@ -9,6 +9,9 @@ from ldmrt.models.autoencoder import Autoencoder
 from ldmrt.models.conditioning import build_conditioner
 from ldmrt.models.unet import UNetModel
 
+# The torch dtype of each float dtype a graph may have (numpy names, as in ldmrt.iospec).
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
 
 class DiffusionWrapper(nn.Module):
     """Holds the UNet as `diffusion_model`, as CompVis' LatentDiffusion does (`model.diffusion_model.*`)."""

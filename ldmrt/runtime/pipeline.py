@@ -18,16 +18,15 @@ import numpy as np
 
 from ldmrt.config import ClassEmbedderConfig, ModelConfig
 from ldmrt.engines.backend import Backend
-from ldmrt.engines.base import ComponentRunner, open_runners
+from ldmrt.engines.base import BackendRunners, ComponentRunner, open_runners
 from ldmrt.errors import ConfigError, GenerationCancelled, GenerationError, ShapeError
 from ldmrt.iospec import Precision
 from ldmrt.manifest import Manifest, load_manifest, verify_bundle
-from ldmrt.runtime.samplers import SAMPLERS, History, make_plan, step
 from ldmrt.runtime.tokenizer import load_tokenizer
+from ldmrt.sampling import SAMPLERS, DenoiseJob, StepCallback, make_plan
 
 log = logging.getLogger(__name__)
 
-StepCallback = Callable[[int, int], None]   # (evaluations done, total)
 CancelCheck = Callable[[], bool]             # True: stop at the next check
 
 
@@ -65,13 +64,15 @@ class GenerationResult:
 class Pipeline:
     """A loaded bundle on one backend."""
 
-    def __init__(self, bundle: Path, manifest: Manifest, runners: dict[str, ComponentRunner], backend: str,
+    def __init__(self, bundle: Path, manifest: Manifest, opened: BackendRunners, backend: str,
                  max_cost: float = 0.0):
         if isinstance(max_cost, bool) or not isinstance(max_cost, (int, float)) \
                 or not 0 <= max_cost < float("inf"):
             raise ConfigError(f"max_cost {max_cost!r}: expected a finite number >= 0 (steps x images x "
                               f"megapixels; 0: no limit)", field="max_cost")
-        self.bundle, self.manifest, self.runners, self.backend = bundle, manifest, runners, backend
+        self.bundle, self.manifest, self.backend = bundle, manifest, backend
+        self.runners: dict[str, ComponentRunner] = opened.runners
+        self.denoiser = opened.denoiser      # the loop on this backend (ldmrt.sampling.denoise)
         self.max_cost = float(max_cost)     # per-request limit on steps x images x megapixels; 0: none
         self.config: ModelConfig = manifest.config
         self.tokenizer = None
@@ -92,8 +93,8 @@ class Pipeline:
                                      if n in manifest.components)
         if verify:
             verify_bundle(bundle, manifest, components=[])
-        runners = open_runners(backend, bundle, manifest, wanted, verify=verify, **backend_options)
-        return cls(bundle, manifest, runners, backend, max_cost)
+        opened = open_runners(backend, bundle, manifest, wanted, verify=verify, **backend_options)
+        return cls(bundle, manifest, opened, backend, max_cost)
 
     # --- the public call -------------------------------------------------------------------
 
@@ -114,7 +115,7 @@ class Pipeline:
 
         _cancel_point(cancel, "before the text encoder" if self.tokenizer is not None else "before denoising")
         start = time.perf_counter()
-        context, guided = self._conditioning(request, batch, warnings)
+        conditioning, guided = self._conditioning(request, batch, warnings)
         timings["conditioning"] = time.perf_counter() - start
 
         noise = self._initial_noise(request, shape, rng)
@@ -134,16 +135,14 @@ class Pipeline:
                 _cancel_point(cancel, f"after denoising step {done} of {total}")
 
         start = time.perf_counter()
-        fused = getattr(self.runners["unet"], "fused_denoise", None)
-        if fused is not None:
-            x = fused(plan, x, context, request.guidance if guided else 1.0, step_noise, after_step)
-            timings["denoise"] = time.perf_counter() - start
-            # The on-device loop never syncs per step; the numpy loop checks every step itself.
-            if not np.isfinite(x).all():
-                raise self._non_finite_latents(plan, plan.num_evaluations, request.guidance)
-        else:
-            x, timings["unet"] = self._denoise(plan, x, context, request, guided, step_noise, after_step)
-            timings["denoise"] = time.perf_counter() - start
+        job = DenoiseJob(plan, x, conditioning, request.guidance if guided else None, step_noise)
+        denoised = self.denoiser(job, after_step)
+        timings["denoise"] = time.perf_counter() - start
+        if denoised.unet_seconds is not None:
+            timings["unet"] = denoised.unet_seconds
+        x = denoised.latents
+        if not np.isfinite(x).all():
+            raise self._non_finite_latents(plan, denoised.evaluations, request.guidance)
 
         _cancel_point(cancel, f"after denoising step {plan.num_evaluations} of {plan.num_evaluations}, "
                               f"before the VAE decoder")
@@ -283,7 +282,8 @@ class Pipeline:
                          strength=strength)
 
     def _conditioning(self, request: GenerationRequest, batch: int, warnings: list[str]):
-        """Context for the UNet: (2B, L, D) [uncond; cond] when guided, else (B, L, D); or labels.
+        """The UNet's conditioning inputs and whether guided: encoder_hidden_states (2B, L, D)
+        [uncond; cond] when guided, else (B, L, D); or class_labels; {} when unconditional.
 
         Guidance <= 1 runs the conditional prediction alone, as diffusers does
         (`do_classifier_free_guidance = guidance_scale > 1`): one UNet batch, half the work."""
@@ -307,7 +307,7 @@ class Pipeline:
             runner = self.runners["text_encoder"]
             embeddings = runner({"input_ids": tokens.input_ids})
             self._check_model_output(embeddings, "text_encoder", "text embeddings")
-            return embeddings, guided
+            return {"encoder_hidden_states": embeddings}, guided
         if kind == "class-conditional":
             n = self._num_classes()
             labels = [int(c) for c in (request.class_labels if request.class_labels is not None else [0])]
@@ -316,8 +316,8 @@ class Pipeline:
             guided = guided and config.conditioner is not None
             # The LDM ImageNet models learned the last class as "no class" for guidance.
             full = ([n - 1] * batch + labels) if guided else labels
-            return np.asarray(full, dtype=np.int32), guided
-        return None, False
+            return {"class_labels": np.asarray(full, dtype=np.int32)}, guided
+        return {}, False
 
     def _initial_noise(self, request: GenerationRequest, shape, rng: np.random.Generator) -> np.ndarray:
         # Always drawn, then replaced: the per-step noise of stochastic samplers continues the same
@@ -341,41 +341,6 @@ class Pipeline:
         else:                                                             # VQ: the pre-quantization latent
             latent = moments
         return (latent * self.config.scale_factor).astype(np.float32)
-
-    def _denoise(self, plan, x: np.ndarray, context, request: GenerationRequest, guided: bool,
-                 step_noise, on_step: StepCallback | None):
-        """The numpy loop: the UNet through the backend, guidance and the update on the host."""
-        runner = self.runners["unet"]
-        spec = runner.spec
-        dtype = spec.input("sample").dtype
-        batch = x.shape[0]
-        feeds: dict[str, np.ndarray] = {}
-        if context is not None:
-            key = "class_labels" if context.dtype.kind == "i" else "encoder_hidden_states"
-            feeds[key] = context if key == "class_labels" else context.astype(spec.input(key).dtype, copy=False)
-        n = batch * (2 if guided else 1)
-        timestep = np.empty((n,), np.float32)
-        history = History(plan)
-        unet_seconds = 0.0
-        for i in range(plan.num_evaluations):
-            scaled = x * plan.input_scale[i] if plan.input_scale[i] != 1.0 else x
-            sample = np.concatenate([scaled, scaled]) if guided else scaled
-            feeds["sample"] = sample.astype(dtype, copy=False)
-            timestep.fill(plan.timesteps[i])
-            feeds["timestep"] = timestep
-            start = time.perf_counter()
-            output = runner(feeds)
-            unet_seconds += time.perf_counter() - start
-            output = output.astype(np.float32, copy=False)
-            if guided:
-                uncond, cond = output[:batch], output[batch:]
-                output = uncond + request.guidance * (cond - uncond)
-            x = step(plan, i, x, output, history, step_noise[i])
-            if not np.isfinite(x).all():
-                raise self._non_finite_latents(plan, i + 1, request.guidance)
-            if on_step is not None:
-                on_step(i + 1, plan.num_evaluations)
-        return x, unet_seconds
 
     def _decode(self, x: np.ndarray) -> np.ndarray:
         runner = self.runners["vae_decoder"]

@@ -209,7 +209,7 @@ def pipeline_model(bundle: Path, manifest: Manifest, options: RepositoryOptions)
 def request_limits(manifest: Manifest, max_cost: float) -> dict[str, Any]:
     """What the pipeline model accepts, as the library checks it (config parameter `limits`, for
     clients and the probe): steps per sampler, image sides in pixels, images per request."""
-    from ldmrt.runtime.samplers import SAMPLERS, max_steps
+    from ldmrt.sampling import SAMPLERS, max_steps
 
     spec = manifest.component("unet").spec
     f = manifest.config.downsampling_factor
