@@ -62,9 +62,3 @@ class GenerationError(LdmrtError, ValueError):
 
 class GenerationCancelled(LdmrtError):
     """A caller cancelled a generation between two denoising steps; no image was made."""
-
-
-def expect(condition: bool, error: type[LdmrtError], message: str) -> None:
-    """Raise `error(message)` unless `condition` holds."""
-    if not condition:
-        raise error(message)

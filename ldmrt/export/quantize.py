@@ -399,10 +399,13 @@ class TrajectoryMaker:
         """Latents -> images in [0, 1], as the runtime does (float64 for the PSNR)."""
         import torch
 
+        from ldmrt.manifest import DEFAULT_POSTPROCESS
+        from ldmrt.runtime.postprocess import postprocessor
+
         with torch.no_grad():
             images = self.model.first_stage_model.decode(
                 torch.from_numpy(latents / self.config.scale_factor)).double().numpy()
-        return np.clip(images / 2.0 + 0.5, 0.0, 1.0)
+        return postprocessor(DEFAULT_POSTPROCESS)(images)     # what the bundle will declare
 
 
 def psnr(found: np.ndarray, expected: np.ndarray) -> float:

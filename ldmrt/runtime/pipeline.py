@@ -22,6 +22,7 @@ from ldmrt.engines.base import BackendRunners, ComponentRunner, open_runners
 from ldmrt.errors import ConfigError, GenerationCancelled, GenerationError, ShapeError
 from ldmrt.iospec import Precision
 from ldmrt.manifest import Manifest, load_manifest, verify_bundle
+from ldmrt.runtime.postprocess import postprocessor
 from ldmrt.runtime.tokenizer import load_tokenizer
 from ldmrt.sampling import SAMPLERS, DenoiseJob, StepCallback, make_plan
 
@@ -75,6 +76,7 @@ class Pipeline:
         self.denoiser = opened.denoiser      # the loop on this backend (ldmrt.sampling.denoise)
         self.max_cost = float(max_cost)     # per-request limit on steps x images x megapixels; 0: none
         self.config: ModelConfig = manifest.config
+        self._to_images = postprocessor(manifest.postprocess, "images")     # as the bundle declares
         self.tokenizer = None
         if self.config.is_text_conditioned and manifest.tokenizer is not None:
             self.tokenizer = load_tokenizer(bundle / "tokenizer", self.config.conditioner)
@@ -344,10 +346,10 @@ class Pipeline:
 
     def _decode(self, x: np.ndarray) -> np.ndarray:
         runner = self.runners["vae_decoder"]
-        latent = (x / self.config.scale_factor).astype(runner.spec.inputs[0].dtype)
+        latent = (x / self.manifest.latent_scale).astype(runner.spec.inputs[0].dtype)
         images = runner({"latent": latent}).astype(np.float32)
         self._check_model_output(images, "vae_decoder", "the decoded pixels")
-        return np.clip(images / 2.0 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+        return self._to_images(images).transpose(0, 2, 3, 1)
 
     # --- model outputs: non-finite values, with advice that fits the bundle ----------------
 
