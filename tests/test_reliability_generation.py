@@ -519,14 +519,14 @@ def test_cli_maps_fields_to_flags(cli, tiny_bundle, tmp_path) -> None:
 
 
 def test_user_errors_swaps_only_a_leading_field_name() -> None:
-    from ldmrt.cli import flag_for, user_errors
+    from ldmrt.commands.terminal import flag_for, user_errors
 
     assert [flag_for(f) for f in ("init_image", "class_labels", "negative_prompt", "steps")] == \
         ["--init-image", "--class-label", "--negative-prompt", "--steps"]
     import typer
     from rich.console import Console
 
-    import ldmrt.cli as cli_module
+    import ldmrt.commands.terminal as cli_module
     buffer = io.StringIO()
     console = cli_module.console
     cli_module.console = Console(file=buffer, width=300)

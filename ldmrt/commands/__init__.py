@@ -1,1 +1,2 @@
-"""CLI commands too large for cli.py, one module each; they import heavy modules lazily."""
+"""The CLI's commands, one module each (registered by name in ldmrt/cli.py), and terminal.py, what
+they share on the terminal. Heavy modules load inside each command."""

@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from ldmrt.commands.terminal import console, out, user_errors
+
 
 def bench(
     bundle: Path = typer.Argument(..., help="Bundle folder written by `ldmrt export`."),
@@ -32,8 +34,6 @@ def bench(
 
     Exit 0 when every contender ran; 3 when one failed or none ran (the table and the report say
     which and why); 2 for a bad option, before anything runs."""
-    from ldmrt.cli import console, out, user_errors
-
     with user_errors():
         from rich.markup import escape
         from rich.table import Table

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
+from ldmrt.commands.terminal import comma_list, console, out, size_text, user_errors
+
 if TYPE_CHECKING:   # the heavy modules load inside the command
     from ldmrt.engines.tensorrt import EngineRecord
     from ldmrt.export.engines import BundleBuildOptions
@@ -37,8 +39,6 @@ def build(
     force: bool = typer.Option(False, "--force", help="Rebuild even engines that verify."),
 ) -> None:
     """Build an engine per component; reuses engines whose key and plan sha256 still match."""
-    from ldmrt.cli import user_errors
-
     with user_errors():
         from ldmrt.engines.backend import BUILD_BACKENDS, Backend
 
@@ -54,12 +54,12 @@ def build(
                 from ldmrt.errors import ConfigError
                 raise ConfigError(f"{', '.join(given)}: TensorRT options; --backend onnxruntime only "
                                   f"caches ONNX Runtime's optimized graphs (options: --components, --force)")
-            prepare_ort_cache(bundle, _csv(components), force)
+            prepare_ort_cache(bundle, comma_list(components), force)
             return
         from ldmrt.export.engines import BundleBuildOptions
 
         options = BundleBuildOptions(
-            backend=chosen.value, components=_csv(components), profiles=_profiles(profile or []),
+            backend=chosen.value, components=comma_list(components), profiles=_profiles(profile or []),
             static_size=_static_size(static_size), static_batch=static_batch,
             optimization_level=opt_level,
             compute_capabilities=_compute_capabilities(compute_capability or []),
@@ -102,7 +102,6 @@ def build_with_progress(bundle: Path, options: "BundleBuildOptions") -> "list[En
     """Run build_bundle with a status line per component, then print the summary table."""
     from rich.table import Table
 
-    from ldmrt.cli import _size, console, out
     from ldmrt.export.engines import BuildEvent, build_bundle
 
     start = time.perf_counter()
@@ -123,7 +122,7 @@ def build_with_progress(bundle: Path, options: "BundleBuildOptions") -> "list[En
     for column in ("component", "key", "size", "build seconds", "reused"):
         table.add_column(column, overflow="fold")
     for record in records:
-        table.add_row(record.component, record.key, _size(record.size),
+        table.add_row(record.component, record.key, size_text(record.size),
                       f"{record.build_seconds:.1f}", "yes" if record.key in reused else "no")
     out.print(table)
     return records
@@ -134,7 +133,6 @@ def prepare_ort_cache(bundle: Path, components: Optional[tuple[str, ...]], force
     so the first `Pipeline.load` on this machine skips graph optimization."""
     from rich.table import Table
 
-    from ldmrt.cli import _size, console, out
     from ldmrt.engines.onnxruntime import prepare_cache
     from ldmrt.export.engines import select_components
     from ldmrt.manifest import load_manifest
@@ -150,14 +148,8 @@ def prepare_ort_cache(bundle: Path, components: Optional[tuple[str, ...]], force
     for column in ("component", "cache entry", "size", "seconds", "reused"):
         table.add_column(column, overflow="fold")
     for r in results:
-        table.add_row(r.component, str(r.folder), _size(r.size_bytes), f"{r.seconds:.1f}", "yes" if r.reused else "no")
+        table.add_row(r.component, str(r.folder), size_text(r.size_bytes), f"{r.seconds:.1f}", "yes" if r.reused else "no")
     out.print(table)
-
-
-def _csv(value: Optional[str]) -> Optional[tuple[str, ...]]:
-    """'unet, vae_decoder' -> ('unet', 'vae_decoder'); None (the option not given) -> None, and
-    an empty list ('', ',') -> () so that it is refused rather than read as "all"."""
-    return None if value is None else tuple(v.strip() for v in value.split(",") if v.strip())
 
 
 def _static_size(value: Optional[str]) -> Optional[tuple[int, int]]:

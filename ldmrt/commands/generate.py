@@ -6,6 +6,8 @@ from typing import List, Optional
 
 import typer
 
+from ldmrt.commands.terminal import console, user_errors
+
 
 def generate(
     bundle: Path = typer.Argument(..., help="Bundle folder written by `ldmrt export`."),
@@ -29,8 +31,6 @@ def generate(
                              "replaces only PNG files ldmrt wrote."),
 ) -> None:
     """Generate images from a bundle: tokenizer -> text encoder -> sampler loop -> VAE decoder."""
-    from ldmrt.cli import console, user_errors
-
     with user_errors():
         import numpy as np
         from rich.markup import escape

@@ -7,6 +7,8 @@ from typing import List, Optional
 
 import typer
 
+from ldmrt.commands.terminal import choice, console, out as stdout, user_errors
+
 
 def triton(
     bundle: Path = typer.Argument(..., help="Bundle folder written by `ldmrt export` (and `ldmrt build`)."),
@@ -38,26 +40,23 @@ def triton(
                                                       "(never other models or files)."),
 ) -> None:
     """Write a Triton model repository: one model per component and a Python-backend pipeline."""
-    from ldmrt.cli import console, out as stdout, user_errors
-
     with user_errors():
         from rich.table import Table
 
-        from ldmrt.cli import _enum
         from ldmrt.triton.config import DynamicBatching, InstanceGroup, InstanceKind
         from ldmrt.triton.repository import (ComponentPlatform, FileMode, PipelineModelOptions,
                                              RepositoryOptions, write_repository)
 
-        component_kind = _enum(InstanceKind, kind, "--kind")
+        component_kind = choice(InstanceKind, kind, "--kind")
         options = RepositoryOptions(
-            prefix=prefix, platform=_enum(ComponentPlatform, platform, "--platform"),
+            prefix=prefix, platform=choice(ComponentPlatform, platform, "--platform"),
             instances=InstanceGroup(instances, component_kind, tuple(gpus or ())),
             batching=DynamicBatching(dynamic_batching, max_queue_delay_us, tuple(preferred_batch_size or ())),
             pipeline=PipelineModelOptions(
                 backend=pipeline_backend, device=pipeline_device, threads=threads, verify=verify,
                 max_cost=max_cost,
-                instances=InstanceGroup(pipeline_instances, _enum(InstanceKind, pipeline_kind, "--pipeline-kind"))),
-            files=_enum(FileMode, files, "--files"), force=force)
+                instances=InstanceGroup(pipeline_instances, choice(InstanceKind, pipeline_kind, "--pipeline-kind"))),
+            files=choice(FileMode, files, "--files"), force=force)
         with console.status(f"checking {bundle} and writing {out}"):
             result = write_repository(bundle, out, options)
         table = Table(title=f"Triton model repository {result.path}")

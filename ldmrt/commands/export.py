@@ -1,0 +1,86 @@
+"""`ldmrt export`: a preset or a checkpoint -> an ONNX bundle with dynamic shapes, validated against
+PyTorch (and, with --engine, its TensorRT engines)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ldmrt.commands.terminal import choice, comma_list, console, out, size_text, user_errors
+
+
+def export(
+    source: str = typer.Argument("tiny", help="A preset name (random weights) or a checkpoint path."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Bundle folder to create."),
+    precision: str = typer.Option("fp32", help="fp32 | fp16 | bf16 (graph precision) | int8 (CPU: int8 UNet)."),
+    components: Optional[str] = typer.Option(None, help="Comma list, e.g. unet,vae_decoder (default: all)."),
+    min_size: Optional[int] = typer.Option(None, help="Smallest image side in pixels."),
+    opt_size: Optional[int] = typer.Option(None, help="Image side the engines are tuned for."),
+    max_size: Optional[int] = typer.Option(None, help="Largest image side in pixels."),
+    max_batch: int = typer.Option(4, help="Most images per call (UNet batch is doubled for guidance)."),
+    opset: int = typer.Option(18, help="ONNX opset (>= 18)."),
+    fp32_vae_decoder: bool = typer.Option(False, "--fp32-vae-decoder", help="Keep the VAE decoder in fp32."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
+    no_validate: bool = typer.Option(False, "--no-validate", help="Skip the ONNX Runtime parity check."),
+    seed: int = typer.Option(0, help="Seed of a preset's random weights."),
+    preset_name: Optional[str] = typer.Option(None, "--preset", help="Checkpoint: the preset it follows."),
+    yaml_path: Optional[Path] = typer.Option(None, "--yaml", help="Checkpoint: its original inference YAML."),
+    tokenizer_dir: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer folder for a single file."),
+    no_strict: bool = typer.Option(False, "--no-strict", help="Load despite missing/unexpected weights (warned)."),
+    engine: Optional[str] = typer.Option(None, "--engine", help="Then build engines: tensorrt | tensorrt-rtx."),
+) -> None:
+    """Export a model to an ONNX bundle with dynamic shapes, validated against PyTorch."""
+    with user_errors():
+        from rich.table import Table
+
+        from ldmrt.commands.build import build_after_export, check_engine_backend
+        from ldmrt.config import PRESETS
+        from ldmrt.export.bundle import ExportOptions, export_bundle, preset_source
+        from ldmrt.iospec import Precision, ShapeRanges
+
+        precision_value = choice(Precision, precision, "--precision")
+        engine = None if engine is None else check_engine_backend(engine)   # before minutes of export
+        if source in PRESETS:
+            model_source = preset_source(source, seed)
+            console.print(f"[bold yellow]preset {source!r}: RANDOM weights (seed {seed}) — "
+                          f"outputs are noise; pass a checkpoint path for a real model[/]")
+        else:
+            from ldmrt.checkpoints import checkpoint_source
+            model_source = checkpoint_source(Path(source), preset=preset_name, yaml=yaml_path,
+                                             strict=not no_strict, tokenizer=tokenizer_dir)
+            if model_source.random_weights:
+                console.print("[bold yellow]--no-strict left some weights RANDOM[/]")
+        config = model_source.model.config
+        default = ShapeRanges.for_model(config)
+        ranges = ShapeRanges(min_size=min_size or default.min_size, opt_size=opt_size or default.opt_size,
+                             max_size=max_size or default.max_size, max_batch=max_batch)
+        options = ExportOptions(precision=precision_value, components=comma_list(components) or None,
+                                shape_ranges=ranges, opset=opset, validate=not no_validate, force=force,
+                                fp32_vae_decoder=fp32_vae_decoder)
+        start = time.perf_counter()
+        with console.status("exporting") as status:
+            def progress(component: str, stage: str) -> None:
+                status.update(f"[bold]{component}[/]: {stage} ({time.perf_counter() - start:.0f} s)")
+            result = export_bundle(model_source, out_dir, options, progress)
+        table = Table(title=f"bundle {result.path} ({time.perf_counter() - start:.1f} s)")
+        for column in ("component", "weights", "size", "rel L2", "tolerance", "vs", "seconds"):
+            table.add_column(column)
+        int8 = result.manifest.precision == Precision.INT8
+        for name, entry in result.manifest.components.items():
+            parity = entry.parity
+            quantized = int8 and name == "unet"
+            table.add_row(name, "int8" if quantized else entry.dtype, size_text(entry.size_bytes),
+                          "not run" if parity is None else f"{parity.rel_l2:.2e}",
+                          "" if parity is None else f"{parity.tolerance:g}",
+                          "" if parity is None else ("fp32 onnx" if quantized else "torch"),
+                          f"{result.seconds.get(name, 0):.1f}")
+        out.print(table)
+        if int8 and "unet" in result.manifest.components:
+            parity = result.manifest.component("unet").parity
+            if parity is not None:
+                out.print(f"unet int8 (static QDQ) parity, rel L2 per call vs the {parity.reference}",
+                          highlight=False)
+        if engine is not None:
+            build_after_export(result.path, engine)
