@@ -31,6 +31,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ldmrt.atomic import atomic_write
+from ldmrt.bench_reference import diffusers_coverage
 from ldmrt.engines import trt_api
 from ldmrt.engines.backend import Backend, names
 from ldmrt.errors import BackendUnavailableError, ConfigError
@@ -139,18 +140,6 @@ def check_options(options: BenchOptions, manifest) -> None:
         if not _is_int(case.steps) or case.steps < 1:
             raise ConfigError(f"steps {case.steps!r}: expected an integer >= 1", field="steps")
         make_plan(case.sampler, manifest.config.scheduler, case.steps)   # the sampler's own step limits
-
-
-def diffusers_coverage(config) -> str:
-    """Why diffusers' StableDiffusionPipeline cannot stand in for `config`'s model ('' when it
-    can: CLIP-conditioned KL models, SD 1.x/2.x). Torch-free, so options are checked quickly."""
-    from ldmrt.config import ClipTextConfig
-
-    a, c = config.autoencoder, config.conditioner
-    if not isinstance(c, ClipTextConfig) or a.kind.value != "kl" or a.embed_dim != a.z_channels:
-        return (f"the diffusers comparison covers CLIP-conditioned KL models (SD 1.x/2.x); "
-                f"{config.name!r} is not one")
-    return ""
 
 
 def _is_int(value: object) -> bool:

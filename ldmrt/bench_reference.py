@@ -1,17 +1,31 @@
-"""diffusers' StableDiffusionPipeline with a bundle's exact weights, for `ldmrt bench` side by side."""
+"""diffusers' StableDiffusionPipeline with a bundle's exact weights, for `ldmrt bench` side by side.
+
+torch, diffusers and transformers load when a contender is made: the harness (ldmrt.bench) asks
+what diffusers covers (diffusers_coverage) while it checks options, without them."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from ldmrt.bench import diffusers_coverage
-from ldmrt.config import LayerChoice, ModelConfig
+from ldmrt.config import ClipTextConfig, LayerChoice, ModelConfig
 from ldmrt.errors import BackendUnavailableError
 from ldmrt.manifest import load_manifest
-from ldmrt.models.convert import autoencoder_from_diffusers, to_diffusers, unet_from_diffusers
 from ldmrt.sampling import scheduler_for
+
+if TYPE_CHECKING:
+    import torch
+
+
+def diffusers_coverage(config) -> str:
+    """Why diffusers' StableDiffusionPipeline cannot stand in for `config`'s model ('' when it
+    can: CLIP-conditioned KL models, SD 1.x/2.x). Torch-free, so options are checked quickly."""
+    a, c = config.autoencoder, config.conditioner
+    if not isinstance(c, ClipTextConfig) or a.kind.value != "kl" or a.embed_dim != a.z_channels:
+        return (f"the diffusers comparison covers CLIP-conditioned KL models (SD 1.x/2.x); "
+                f"{config.name!r} is not one")
+    return ""
 
 
 def diffusers_scheduler(sampler: str, config: ModelConfig):
@@ -42,6 +56,8 @@ def diffusers_modules(model, config: ModelConfig):
     """(UNet2DConditionModel, AutoencoderKL, CLIPTextModel) holding `model`'s weights."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ldmrt.models.convert import autoencoder_from_diffusers, to_diffusers, unet_from_diffusers
 
     u, a, c = config.unet, config.autoencoder, config.conditioner
     reason = diffusers_coverage(config)
@@ -90,6 +106,7 @@ class DiffusersContender:
     """StableDiffusionPipeline over the bundle's weights (rebuilt from its source) and tokenizer files."""
 
     def __init__(self, bundle: Path, device: str = "cpu"):
+        import torch
         from diffusers import StableDiffusionPipeline
         from transformers import CLIPTokenizer
 
@@ -115,9 +132,12 @@ class DiffusersContender:
 
     def sync(self) -> None:
         if self.device.type == "cuda":
+            import torch
             torch.cuda.synchronize()
 
     def generate(self, case) -> np.ndarray:
+        import torch
+
         self.pipe.scheduler = diffusers_scheduler(case.sampler, self.config)
         f = self.config.downsampling_factor
         shape = (case.batch, self.config.latent_channels, case.size // f, case.size // f)
@@ -130,6 +150,8 @@ class DiffusersContender:
                              clip_skip=self.clip_skip).images
 
     def unet_call(self, case) -> torch.Tensor:
+        import torch
+
         f = self.config.downsampling_factor
         batch = case.batch * (2 if case.guidance > 1.0 else 1)    # CFG only above 1, as the pipeline
         generator = torch.Generator().manual_seed(0)
