@@ -89,7 +89,8 @@ def grid() -> list[dict]:
 
 ERRORS = [
     *[_case("ddim", SD, steps) for steps in (0, -3, 2.5, True, "4", None)],
-    _case("dpmpp-2m", {"steps_offset": 0}, 1000), _case("ddpm", {"timestep_spacing": "trailing"}, 1001), _case("lcm", SD, 51),
+    _case("dpmpp-2m", {"steps_offset": 0}, 1000), _case("ddpm", {"timestep_spacing": "trailing"}, 1001),
+    _case("lcm", SD, 51),
     *[_case("ddim", SD, 10, eta=eta) for eta in (-0.1, 1.5, math.nan, True, "0.5")],
     *[_case(s, SD, 10, eta=0.5) for s in ("ddpm", "plms", "euler-a", "lcm")],
     *[_case("euler", SD, 10, strength=strength) for strength in (0.0, -0.5, 1.5, math.nan, True)],
