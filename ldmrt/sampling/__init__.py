@@ -5,7 +5,8 @@ calibration import it; it imports none of them.
 
     settings.py   which settings and how many steps each sampler runs with (scheduler_for, max_steps)
     plan.py       SamplerPlan (the tables), History, step (one update in numpy)
-    tables.py     make_plan: the tables of each sampler from the training schedule
+    tables.py     make_plan: checks, the training schedule, assembling a builder's rows
+    builders.py   one function per sampler: its coefficient rows, from its paper's formulas
     denoise.py    the Denoiser contract, its numpy reference, guidance, the device step table
 """
 from ldmrt.config import SAMPLERS

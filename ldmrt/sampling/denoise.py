@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
 from ldmrt.errors import GenerationError, ShapeError
-from ldmrt.iospec import ComponentSpec
 from ldmrt.sampling.plan import History, SamplerPlan, step
 
 __all__ = ["DenoiseJob", "DenoiseResult", "Denoiser", "NumpyDenoiser", "StepCallback", "guide",
@@ -101,6 +100,12 @@ class DenoiseResult:
     unet_seconds: float | None     # host-measured UNet time, where the loop can separate it
 
 
+class InputSpec(Protocol):
+    """What the loop reads of a UNet's ComponentSpec (ldmrt.iospec): each input's dtype."""
+
+    def input(self, name: str) -> Any: ...
+
+
 class Denoiser(Protocol):
     """What every backend offers for the loop: run `job` to its end (or its first non-finite
     latents), calling `on_step(done, total)` after each evaluation."""
@@ -115,7 +120,7 @@ class NumpyDenoiser:
     Stops at the first non-finite latents."""
 
     def __init__(self, unet: Callable[[Mapping[str, np.ndarray]], np.ndarray],
-                 spec: ComponentSpec | None = None):
+                 spec: InputSpec | None = None):
         self.unet, self.spec = unet, spec
 
     def _dtype(self, name: str, value: np.ndarray):
