@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from ldmrt.config import preset  # noqa: E402
 from ldmrt.engines.torch import FusedDenoiser  # noqa: E402
-from ldmrt.export.components import ComponentGraph, example_inputs, to_torch  # noqa: E402
+from ldmrt.models.components import ComponentGraph, example_inputs, to_torch  # noqa: E402
 from ldmrt.iospec import Precision, ShapeRanges, component_specs  # noqa: E402
 from ldmrt.models import build_model  # noqa: E402
 from ldmrt.models.convert import autoencoder_from_diffusers, unet_from_diffusers  # noqa: E402

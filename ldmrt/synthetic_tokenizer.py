@@ -17,9 +17,9 @@ from tokenizers.models import BPE, WordPiece
 
 from ldmrt.config import ClipTextConfig
 from ldmrt.errors import ConfigError
-from ldmrt.runtime.tokenizer import (BERT_SPECIALS, BYTE_TO_CHAR, CLIP_BOS, CLIP_EOS, END_OF_WORD, MERGES_HEADER,
-                                     TOKENIZER_FILE, WORDPIECE_PREFIX, TextConfig, build_clip, build_wordpiece,
-                                     clip_pipeline, clip_specials, wordpiece_pipeline, wordpiece_specials)
+from ldmrt.tokenizer import (BERT_SPECIALS, BYTE_TO_CHAR, CLIP_BOS, CLIP_EOS, END_OF_WORD, MERGES_HEADER,
+                             TOKENIZER_FILE, WORDPIECE_PREFIX, TextConfig, build_clip, build_wordpiece,
+                             clip_pipeline, clip_specials, wordpiece_pipeline, wordpiece_specials)
 
 
 # Learned from by the synthetic builders (any change changes every synthetic vocabulary).

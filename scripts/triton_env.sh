@@ -17,7 +17,7 @@ set -euo pipefail
 
 DIR="${1:-${LDMRT_TRITON_ENV:-${XDG_CACHE_HOME:-$HOME/.cache}/ldmrt/triton-env}}"
 PYTHON="${LDMRT_TRITON_PYTHON:-/usr/bin/python3}"
-# tokenizers: the pipeline's runtime tokenizes with it (ldmrt/runtime/tokenizer.py).
+# tokenizers: the pipeline's runtime tokenizes with it (ldmrt/tokenizer.py).
 REQUIREMENTS=("numpy>=1.26" "onnxruntime>=1.18" "tokenizers>=0.15" "nvidia-pytriton==0.7.0" "tritonclient[grpc,http]>=2.50")
 
 say() { echo "triton_env: $*" >&2; }

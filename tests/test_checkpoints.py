@@ -23,7 +23,7 @@ from ldmrt.config import (AutoencoderConfig, AutoencoderKind, BertConfig, BetaSc
                           LayerChoice, PredictionType, SchedulerConfig, TimestepSpacing, UNetConfig)
 from ldmrt.errors import CheckpointError, ConfigError
 from ldmrt.models.convert import autoencoder_from_diffusers, clip_from_transformers, unet_from_diffusers
-from ldmrt.runtime.tokenizer import load_tokenizer
+from ldmrt.tokenizer import load_tokenizer
 from ldmrt.synthetic_tokenizer import write_synthetic_clip_assets, write_synthetic_wordpiece_assets
 from tests.reference import (diffusers_autoencoder, diffusers_ldmbert, diffusers_unet, perturb_, rel_l2,
                              transformers_clip)

@@ -31,11 +31,11 @@ from ldmrt.config import (AutoencoderKind, BertConfig, ClipTextConfig, LayerChoi
                           PredictionType, preset)
 from ldmrt.errors import ConfigError, ExportError, LdmrtError, ParityError
 from ldmrt.export.bundle import ExportOptions, ExportResult, ModelSource, export_bundle, preset_source
-from ldmrt.export.components import ComponentGraph
+from ldmrt.models.components import ComponentGraph
 from ldmrt.iospec import ComponentSpec, Precision, ShapeRanges
 from ldmrt.manifest import MANIFEST_NAME, TOKENIZER_DIR, Manifest, load_manifest, verify_bundle
 from ldmrt.models import LatentDiffusion
-from ldmrt.runtime.tokenizer import load_tokenizer
+from ldmrt.tokenizer import load_tokenizer
 from tests.families import FAMILIES, model_source, shape_ranges
 
 FP32_TOL = 1e-5        # design.md, verification ladder 2

@@ -19,14 +19,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ldmrt.errors import ParityError
 from ldmrt.export.bundle import ExportOptions, export_bundle, preset_source
-from ldmrt.export.components import ComponentGraph, example_inputs, to_torch
+from ldmrt.models.components import ComponentGraph, example_inputs, to_torch
 from ldmrt.export.quantize import (METADATA_KEY, WEIGHT_MAX, Int8Bounds, Int8Options, QuantTarget,
                                    TrajectoryMaker, _activation_qparams, _weight_qparams, collect_ranges,
                                    insert_qdq, psnr, read_report, select_targets)
 from ldmrt.iospec import Precision
 from ldmrt.manifest import load_manifest
 from ldmrt.models import build_model
-from ldmrt.runtime.tokenizer import load_tokenizer
+from ldmrt.tokenizer import load_tokenizer
 
 ort = pytest.importorskip("onnxruntime")
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")

@@ -1,4 +1,4 @@
-"""ldmrt.runtime.tokenizer against transformers' tokenizers loaded from the same asset files.
+"""ldmrt.tokenizer against transformers' tokenizers loaded from the same asset files.
 
 Oracles: transformers' CLIPTokenizer (in transformers 5 the `tokenizers`-backed class that
 diffusers loads; CLIPTokenizerFast is the same class), BertTokenizer (tokenizers-backed, what
@@ -21,7 +21,7 @@ import pytest
 
 from ldmrt.config import BertConfig, ClassEmbedderConfig, ClipTextConfig, preset
 from ldmrt.errors import BundleError, CheckpointError, ConfigError, GenerationError
-from ldmrt.runtime.tokenizer import PromptTokenizer, TokenizedBatch, load_tokenizer
+from ldmrt.tokenizer import PromptTokenizer, TokenizedBatch, load_tokenizer
 from ldmrt.synthetic_tokenizer import write_synthetic_clip_assets, write_synthetic_wordpiece_assets
 
 transformers = pytest.importorskip("transformers")
@@ -386,7 +386,7 @@ def test_tokenizer_imports_without_torch_or_transformers():
     # `tokenizers` (Rust, no torch) is the runtime's tokenizer; torch and transformers stay out
     code = ("import sys\n"
             "for name in ('torch', 'transformers'): sys.modules[name] = None\n"
-            "import ldmrt.runtime.tokenizer\n")
+            "import ldmrt.tokenizer\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from ldmrt.checkpoints.describe import describe_checkpoint
-from ldmrt.checkpoints.loading import LoadedCheckpoint, checkpoint_source, load_checkpoint
+from ldmrt.checkpoints.loading import LoadedCheckpoint, load_checkpoint
+from ldmrt.checkpoints.source import ModelSource, checkpoint_source
 
-__all__ = ["LoadedCheckpoint", "checkpoint_source", "describe_checkpoint", "load_checkpoint"]
+__all__ = ["LoadedCheckpoint", "ModelSource", "checkpoint_source", "describe_checkpoint", "load_checkpoint"]

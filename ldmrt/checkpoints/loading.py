@@ -4,16 +4,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from ldmrt.config import BertConfig, ClipTextConfig, Family, ModelConfig
+from ldmrt.config import Family, ModelConfig
 from ldmrt.errors import CheckpointError, ConfigError
 from ldmrt.models import LatentDiffusion
 from ldmrt.checkpoints.diffusers_folder import MODEL_INDEX, read_diffusers_folder
 from ldmrt.checkpoints.files import PICKLE_SUFFIXES, SINGLE_FILE_SUFFIXES
 from ldmrt.checkpoints.single_file import read_single_file
 from ldmrt.checkpoints.state import Assembly, load_model, names, non_finite
-from ldmrt.checkpoints.tokenizer_assets import write_runtime_assets
 
 log = logging.getLogger(__name__)
 
@@ -92,38 +90,3 @@ def load_checkpoint(path: Path, *, preset: str | None = None, yaml: Path | None 
                             config_source=assembly.config_source, warnings=tuple(warnings),
                             notes=tuple(assembly.notes), tokenizer_dir=assembly.tokenizer_dir,
                             partially_random=bool(load_warnings))
-
-
-def checkpoint_source(path: Path, *, preset: str | None = None, yaml: Path | None = None,
-                      strict: bool = True, tokenizer: Path | None = None):
-    """What `ldmrt export PATH` exports: the loaded model and a writer for its tokenizer assets."""
-    from ldmrt.checkpoints.source import checkpoint_record
-    from ldmrt.export.bundle import ModelSource
-
-    loaded = load_checkpoint(path, preset=preset, yaml=yaml, strict=strict, tokenizer=tokenizer)
-    record = checkpoint_record(path, preset=preset, yaml=yaml, strict=strict, tokenizer=tokenizer)
-    return ModelSource(model=loaded.model, source=record.location, random_weights=loaded.partially_random,
-                       write_tokenizer=tokenizer_writer(loaded), record=record)
-
-
-def tokenizer_writer(loaded: LoadedCheckpoint) -> Callable[[Path], str] | None:
-    """folder -> "clip"/"wordpiece", copying the checkpoint's tokenizer; None without a text encoder.
-
-    Without tokenizer assets the writer raises when called: a bundle whose text encoder has no
-    tokenizer is useless, but exporting only the UNet or VAE needs none.
-    """
-    conditioner = loaded.config.conditioner
-    if not isinstance(conditioner, (ClipTextConfig, BertConfig)):
-        return None
-    source = loaded.tokenizer_dir
-
-    def write(folder: Path) -> str:
-        if source is None:
-            files = "vocab.json + merges.txt (CLIP)" if isinstance(conditioner, ClipTextConfig) else \
-                "vocab.txt (BERT WordPiece)"
-            raise CheckpointError(
-                f"{loaded.path}: holds no tokenizer, and the text encoder needs one: supply {files} or a "
-                f"tokenizer.json in a folder named tokenizer/ next to the checkpoint (e.g. the tokenizer/ "
-                f"folder of the matching diffusers repository), or pass tokenizer=PATH")
-        return write_runtime_assets(source, Path(folder), conditioner)
-    return write

@@ -1,4 +1,5 @@
-"""A bundle's model source: the digest of its weights, and the rebuild the torch backend runs on it.
+"""A bundle's model source: what export takes (ModelSource), the digest of its weights, and the
+rebuild the torch backend runs on it.
 
 Export records where the weights came from and how they were loaded (a SourceRecord in the
 manifest) with the digest of the weights as exported; the torch backend rebuilds the model from
@@ -11,14 +12,29 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from ldmrt.errors import BackendUnavailableError, BundleError, LdmrtError
+from ldmrt.checkpoints.loading import LoadedCheckpoint, load_checkpoint
+from ldmrt.checkpoints.tokenizer_assets import write_runtime_assets
+from ldmrt.config import BertConfig, ClipTextConfig
+from ldmrt.errors import BackendUnavailableError, BundleError, CheckpointError, LdmrtError
 from ldmrt.manifest import Manifest
-from ldmrt.source_record import SourceRecord
 from ldmrt.models import LatentDiffusion, build_model
+from ldmrt.source_record import SourceRecord
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What to export: the model, where it came from, and how to write its tokenizer assets."""
+    model: LatentDiffusion
+    source: str                                    # "preset:tiny" or the absolute checkpoint path
+    random_weights: bool
+    write_tokenizer: Callable[[Path], str] | None = None   # folder -> tokenizer kind
+    record: SourceRecord | None = None             # how to load the weights again (the torch backend)
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -40,6 +56,38 @@ def checkpoint_record(path: Path, *, preset: str | None, yaml: Path | None, stri
         return None if value is None else str(Path(value).absolute())
     return SourceRecord(kind="checkpoint", location=absolute(path), preset=preset, yaml=absolute(yaml),
                         tokenizer=absolute(tokenizer), strict=strict)
+
+
+def checkpoint_source(path: Path, *, preset: str | None = None, yaml: Path | None = None,
+                      strict: bool = True, tokenizer: Path | None = None) -> ModelSource:
+    """What `ldmrt export PATH` exports: the loaded model and a writer for its tokenizer assets."""
+    loaded = load_checkpoint(path, preset=preset, yaml=yaml, strict=strict, tokenizer=tokenizer)
+    record = checkpoint_record(path, preset=preset, yaml=yaml, strict=strict, tokenizer=tokenizer)
+    return ModelSource(model=loaded.model, source=record.location, random_weights=loaded.partially_random,
+                       write_tokenizer=tokenizer_writer(loaded), record=record)
+
+
+def tokenizer_writer(loaded: LoadedCheckpoint) -> Callable[[Path], str] | None:
+    """folder -> "clip"/"wordpiece", copying the checkpoint's tokenizer; None without a text encoder.
+
+    Without tokenizer assets the writer raises when called: a bundle whose text encoder has no
+    tokenizer is useless, but exporting only the UNet or VAE needs none.
+    """
+    conditioner = loaded.config.conditioner
+    if not isinstance(conditioner, (ClipTextConfig, BertConfig)):
+        return None
+    source = loaded.tokenizer_dir
+
+    def write(folder: Path) -> str:
+        if source is None:
+            files = "vocab.json + merges.txt (CLIP)" if isinstance(conditioner, ClipTextConfig) else \
+                "vocab.txt (BERT WordPiece)"
+            raise CheckpointError(
+                f"{loaded.path}: holds no tokenizer, and the text encoder needs one: supply {files} or a "
+                f"tokenizer.json in a folder named tokenizer/ next to the checkpoint (e.g. the tokenizer/ "
+                f"folder of the matching diffusers repository), or pass tokenizer=PATH")
+        return write_runtime_assets(source, Path(folder), conditioner)
+    return write
 
 
 def rebuild_model(manifest: Manifest, bundle: Path | str | None = None) -> LatentDiffusion:
@@ -79,8 +127,6 @@ def rebuild_model(manifest: Manifest, bundle: Path | str | None = None) -> Laten
 
 
 def _load_checkpoint(record: SourceRecord, where: str) -> LatentDiffusion:
-    from ldmrt.checkpoints.loading import load_checkpoint
-
     def path(value: str | None) -> Path | None:
         return None if value is None else Path(value)
     try:

@@ -7,7 +7,7 @@ files (CLIP: vocab.json + merges.txt; BERT: vocab.txt). Added tokens (textual in
 tokenizer_config.json's `added_tokens_decoder` where it has one (transformers >= 4.34), else from
 added_tokens.json (older slow tokenizers) and tokenizer.json's `added_tokens`. Special tokens are
 named by special_tokens_map.json over tokenizer_config.json. The result is rebuilt with the runtime's
-pipelines (`ldmrt.runtime.tokenizer`), written as one tokenizer.json and checked by loading it.
+pipelines (`ldmrt.tokenizer`), written as one tokenizer.json and checked by loading it.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 from ldmrt.config import ClipTextConfig
 from ldmrt.errors import CheckpointError
-from ldmrt.runtime.tokenizer import (
+from ldmrt.tokenizer import (
     CLIP_BOS, CLIP_EOS, END_OF_WORD, TOKENIZER_FILE, TextConfig, TokenSpec, build_clip, build_wordpiece,
     clip_specials, load_tokenizer, read_clip_vocab, read_merges, read_wordpiece_vocab)
 

@@ -1,4 +1,5 @@
-"""One interface over every backend: a runner per component and a denoiser, opened from a bundle.
+"""What every backend offers: a runner per component and a denoiser (ldmrt.engines.dispatch opens
+them from a bundle; each backend module implements them).
 
 Torch-free. A runner takes numpy arrays named and typed as the component's I/O spec says,
 checks them against the spec before running, and returns the first output as numpy. The
@@ -15,7 +16,6 @@ from typing import Iterable, Mapping, Protocol
 import numpy as np
 
 from ldmrt.engines.backend import Backend
-from ldmrt.errors import BackendUnavailableError
 from ldmrt.iospec import ComponentSpec
 from ldmrt.manifest import Manifest, verify_bundle
 from ldmrt.sampling.denoise import Denoiser, NumpyDenoiser
@@ -46,33 +46,3 @@ def verify_graphs(bundle: Path, manifest: Manifest, components: Iterable[str]) -
     """BundleError naming the file unless every file of `components` has the manifest's size and
     sha256. The graphs only: the tokenizer is the pipeline's to check (Pipeline.load), once."""
     verify_bundle(bundle, dataclasses.replace(manifest, tokenizer=None), components=list(components))
-
-
-def open_runners(backend: str, bundle: Path, manifest: Manifest, components: tuple[str, ...], *,
-                 verify: bool = True, **options) -> BackendRunners:
-    """Runners for `components` of the bundle on `backend`, and its denoiser;
-    BackendUnavailableError if it cannot load.
-
-    `verify`: each component's files are checked (verify_graphs) before the backend reads them.
-    Here is where it is decided by what: ONNX Runtime reads a source graph only when its
-    optimized-graph cache cannot serve the component, so it checks that graph right before reading
-    it (open_onnxruntime: those without an entry before any is loaded), and a cache hit is checked
-    through its own entry, whose key is the manifest's digest; every other backend reads (or
-    rebuilds from) every graph, so all are checked here first."""
-    backend = Backend.parse(backend).value          # any case; ConfigError naming `backend` otherwise
-    if backend == "onnxruntime":
-        from ldmrt.engines.onnxruntime import open_onnxruntime
-        return BackendRunners.with_numpy_loop(
-            open_onnxruntime(bundle, manifest, components, verify=verify, **options))
-    if verify:
-        verify_graphs(bundle, manifest, components)
-    if backend in ("tensorrt", "tensorrt-rtx"):
-        from ldmrt.engines.tensorrt import open_tensorrt
-        return BackendRunners.with_numpy_loop(
-            open_tensorrt(bundle, manifest, components, backend=backend, **options))
-    try:
-        from ldmrt.engines.torch import open_torch
-    except ImportError as exc:
-        raise BackendUnavailableError(f"backend torch: needs PyTorch ({exc}); pip install torch==2.13.0",
-                                      field="backend") from None
-    return open_torch(bundle, manifest, components, **options)

@@ -255,7 +255,7 @@ def load_reference_model(manifest, device: torch.device, dtype: torch.dtype, bun
 
 def open_torch(bundle, manifest, components, *, device: str | None = None, dtype: str | None = None,
                cuda_graphs: bool = True) -> BackendRunners:
-    from ldmrt.export.components import ComponentGraph
+    from ldmrt.models.components import ComponentGraph
 
     device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     graph_dtype = TORCH_DTYPES[dtype or (manifest.component("unet").dtype if device_.type == "cuda" else "float32")]

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Callable
 
 from ldmrt.atomic import Ownership, describe, foreign_entries, move_into_place, work_folder
+from ldmrt.checkpoints.source import ModelSource, weights_digest
 from ldmrt.config import BertConfig, ClipTextConfig
 from ldmrt.engines import ort_cache
 from ldmrt.engines.tensorrt import RECORD_SUFFIX
 from ldmrt.errors import BundleError, ConfigError, ExportError, ParityError
-from ldmrt.export.components import ComponentGraph, example_inputs, to_torch
+from ldmrt.models.components import ComponentGraph, example_inputs, to_torch
 from ldmrt.export.onnx_graph import MIN_OPSET, export_graph
 from ldmrt.export.quantize import Int8Options, quantize_unet
 from ldmrt.export.validate import shape_plan, validate_graph
@@ -42,16 +43,6 @@ class ExportOptions:
     fp32_vae_decoder: bool = False
     optimize: bool = True
     int8: Int8Options = Int8Options()              # --precision int8: calibration and parity bounds
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """What to export: the model, where it came from, and how to write its tokenizer assets."""
-    model: LatentDiffusion
-    source: str                                    # "preset:tiny" or the absolute checkpoint path
-    random_weights: bool
-    write_tokenizer: Callable[[Path], str] | None = None   # folder -> tokenizer kind
-    record: SourceRecord | None = None             # how to load the weights again (the torch backend)
 
 
 @dataclass(frozen=True)
@@ -120,7 +111,6 @@ def _source_record(source: ModelSource) -> SourceRecord | None:
     cannot load again (a test's in-memory model): the torch backend then refuses the bundle."""
     if source.record is None:
         return None
-    from ldmrt.checkpoints.source import weights_digest
     return dataclasses.replace(source.record, weights_sha256=weights_digest(source.model))
 
 

@@ -436,7 +436,7 @@ def quantize_unet(path: Path, model, spec: ComponentSpec, options: Int8Options =
     its first stage decodes the parity images."""
     from ldmrt.export.onnx_graph import check_graph, save_graph
     from ldmrt.manifest import TOKENIZER_DIR
-    from ldmrt.runtime.tokenizer import load_tokenizer
+    from ldmrt.tokenizer import load_tokenizer
 
     tokenizer = None
     if (path.parent / TOKENIZER_DIR).is_dir() and model.config.is_text_conditioned:

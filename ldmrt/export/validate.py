@@ -10,7 +10,7 @@ import torch
 from ldmrt.config import ModelConfig
 from ldmrt.iospec import ComponentSpec, Precision
 from ldmrt.manifest import ParityRecord
-from ldmrt.export.components import example_inputs, to_torch
+from ldmrt.models.components import example_inputs, to_torch
 
 # Relative L2 bounds per graph precision against the fp32 PyTorch module (design.md, ladder 2).
 TOLERANCE = {Precision.FP32: 1e-5, Precision.FP16: 1e-2, Precision.BF16: 5e-2}

@@ -18,13 +18,14 @@ import numpy as np
 
 from ldmrt.config import ClassEmbedderConfig, ModelConfig
 from ldmrt.engines.backend import Backend
-from ldmrt.engines.base import BackendRunners, ComponentRunner, open_runners
+from ldmrt.engines.base import BackendRunners, ComponentRunner
+from ldmrt.engines.dispatch import open_runners
 from ldmrt.errors import ConfigError, GenerationCancelled, GenerationError, ShapeError
 from ldmrt.iospec import Precision
 from ldmrt.manifest import Manifest, load_manifest, verify_bundle
 from ldmrt.runtime.postprocess import postprocessor
-from ldmrt.runtime.tokenizer import load_tokenizer
 from ldmrt.sampling import SAMPLERS, DenoiseJob, StepCallback, make_plan
+from ldmrt.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
