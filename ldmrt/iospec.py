@@ -38,6 +38,7 @@ class Component(str, enum.Enum):
     UNET = "unet"
     VAE_DECODER = "vae_decoder"
     VAE_ENCODER = "vae_encoder"
+    DENOISE_STEP = "denoise_step"   # the update graph (ldmrt/export/step_graph.py): no torch module
 
 
 def parse_dim(dim: Dim) -> tuple[int, str | None]:
@@ -327,7 +328,41 @@ def component_specs(config: ModelConfig, ranges: ShapeRanges, precision: Precisi
         outputs=(TensorSpec("latent_dist" if kl else "latent", dtype(Component.VAE_ENCODER),
                             ("batch", 2 * c if kl else c, "latent_height", "latent_width")),),
         ranges=vae_ranges)
+    step = denoise_step_spec(specs["unet"], config, ranges)
+    if step is not None:
+        specs[Component.DENOISE_STEP.value] = step
     return specs
+
+
+STEPS_OPT = 50   # the evaluations an update graph's profile is tuned for
+
+
+def denoise_step_spec(unet: ComponentSpec, config: ModelConfig, ranges: ShapeRanges) -> ComponentSpec | None:
+    """The update graph's I/O (guidance + sampler update + the next UNet input, one evaluation):
+    dtypes and latent axes from the unet spec; None where the UNet's sample is more than the
+    latents (concatenated conditioning), which the graph cannot produce."""
+    from ldmrt.config import SAMPLERS
+    from ldmrt.sampling import MAX_HISTORY, STEP_TABLE_COLUMNS, max_steps   # sampling imports iospec
+
+    sample, output = unet.input("sample"), unet.outputs[0]
+    if sample.shape != output.shape:
+        return None
+    f32, latent = "float32", ("batch", *output.shape[1:])          # (B, C, h, w)
+    past, rows = (MAX_HISTORY - 1, *latent), ("unet_batch", *output.shape[1:])
+    most = 1 + max(max_steps(name, config.scheduler) for name in SAMPLERS)   # PLMS: steps + 1
+    return ComponentSpec(
+        Component.DENOISE_STEP.value,
+        inputs=(TensorSpec("latents", f32, latent), TensorSpec("model_output", output.dtype, rows),
+                TensorSpec("past_latents", f32, past), TensorSpec("past_outputs", f32, past),
+                TensorSpec("noise", f32, ("evaluations", *latent)),
+                TensorSpec("step_table", f32, ("evaluations", len(STEP_TABLE_COLUMNS))),
+                TensorSpec("step_index", "int32", (1,)), TensorSpec("guidance", f32, (1,))),
+        outputs=(TensorSpec("next_latents", f32, latent), TensorSpec("next_past_latents", f32, past),
+                 TensorSpec("next_past_outputs", f32, past), TensorSpec("next_step_index", "int32", (1,)),
+                 TensorSpec("next_sample", sample.dtype, rows), TensorSpec("next_timestep", f32, ("unet_batch",))),
+        ranges={"batch": ranges.batch_range(False), "unet_batch": unet.ranges["batch"],
+                "latent_height": unet.ranges["latent_height"], "latent_width": unet.ranges["latent_width"],
+                "evaluations": (1, min(STEPS_OPT, most), most)})
 
 
 def example_inputs(config: ModelConfig, spec: ComponentSpec, values: dict[str, int],

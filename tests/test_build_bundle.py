@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(
     reason="TensorRT-RTX is not installed: pip install tensorrt-rtx-cu13-bindings tensorrt-rtx-cu13-libs")
 
 RTX = trt_api.TENSORRT_RTX
-COMPONENTS = ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
+COMPONENTS = ["denoise_step", "text_encoder", "unet", "vae_decoder", "vae_encoder"]   # manifest order
 
 
 def export_tiny(out: Path, precision: str) -> Path:
@@ -100,8 +100,9 @@ def test_every_component_gets_an_engine_and_a_complete_record(built, precision):
         assert record.onnx_sha256 == entry.sha256[entry.file] == \
             hashlib.sha256((bundle / entry.file).read_bytes()).hexdigest()
         assert record.profiles == (entry.spec.profile(),)
-        assert record.precision == precision and record.targets == ("default",)
-        assert record.key.startswith(f"{record.component}-trtrtx{api.version}-default-{precision}-")
+        computes = "fp32" if record.component == "denoise_step" else precision   # the update: fp32
+        assert record.precision == computes and record.targets == ("default",)
+        assert record.key.startswith(f"{record.component}-trtrtx{api.version}-default-{computes}-")
         assert record.flags["strongly_typed"] and not record.flags["refit"]
     # Classifier-free guidance: text encoder and UNet take twice the images of the VAE.
     by_name = {r.component: r.profiles[0] for r in records}
@@ -238,7 +239,7 @@ def test_the_runtime_check_needs_neither_torch_nor_onnx(built):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=Path(__file__).parent.parent)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == built["fp32"][1][1].key
+    assert done.stdout.strip() == built["fp32"][1][COMPONENTS.index("unet")].key
 
 
 def test_a_record_cannot_point_outside_the_bundle(bundle_copy):
@@ -264,7 +265,7 @@ def test_static_shape_build_fixes_every_input(bundle_copy):
     engines = load_manifest(bundle_copy).engines
     assert len(engines) == 2 * len(COMPONENTS)               # the dynamic engines stay listed
     # The newest engine that checks is the one the runtime takes.
-    assert find_engine(bundle_copy, "unet", runtime_here())[0] == records[1]
+    assert find_engine(bundle_copy, "unet", runtime_here())[0] == records[COMPONENTS.index("unet")]
 
 
 def test_several_profiles_targets_level_and_weight_streaming_reach_the_record(built, tmp_path):
@@ -325,8 +326,8 @@ def test_failed_build_leaves_only_complete_engines_listed(bundle_copy, monkeypat
     with pytest.raises(EngineBuildError, match="simulated"):
         build_bundle(bundle_copy, BundleBuildOptions())
     listed = load_manifest(bundle_copy).engines
-    assert [e["component"] for e in listed] == ["text_encoder"]
-    assert [p.name for p in (bundle_copy / "engines").iterdir()] == [listed[0]["key"]]
+    assert [e["component"] for e in listed] == ["denoise_step", "text_encoder"]
+    assert sorted(p.name for p in (bundle_copy / "engines").iterdir()) == sorted(e["key"] for e in listed)
     find_engine(bundle_copy, "text_encoder", runtime_here())
 
 

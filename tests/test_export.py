@@ -211,6 +211,7 @@ def source_of(family: str) -> ModelSource:
 def export_family(family: str, out: Path, **options) -> Exported:
     config = FAMILIES[family]
     ranges = options.pop("shape_ranges", shape_ranges(config))
+    options.setdefault("components", tuple(expected_io(config)))   # the update graph: test_step_graph.py
     source = source_of(family)
     result = export_bundle(source, out, ExportOptions(shape_ranges=ranges, **options))
     return Exported(family, config, source, out, result, ranges)

@@ -261,7 +261,7 @@ def text_width(width: int):
 def vae_factor_8(data):
     """config and every io entry agree on a factor-8 autoencoder; the graphs are factor 4."""
     edits((("config", "autoencoder", "ch_mult"), FACTOR_8))(data)
-    for name in ("unet", "vae_decoder", "vae_encoder"):
+    for name in ("unet", "vae_decoder", "vae_encoder", "denoise_step"):
         spec = data["components"][name]["io"]
         spec["ranges"]["latent_height"] = spec["ranges"]["latent_width"] = [4, 4, 8]
         for tensor in spec["inputs"] + spec["outputs"]:

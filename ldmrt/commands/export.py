@@ -74,7 +74,8 @@ def export(
             table.add_row(name, "int8" if quantized else entry.dtype, size_text(entry.size_bytes),
                           "not run" if parity is None else f"{parity.rel_l2:.2e}",
                           "" if parity is None else f"{parity.tolerance:g}",
-                          "" if parity is None else ("fp32 onnx" if quantized else "torch"),
+                          "" if parity is None else ("fp32 onnx" if quantized else
+                                                     "numpy" if name == "denoise_step" else "torch"),
                           f"{result.seconds.get(name, 0):.1f}")
         out.print(table)
         if int8 and "unet" in result.manifest.components:

@@ -21,8 +21,9 @@ from ldmrt.errors import BundleError, ConfigError, ExportError, ParityError
 from ldmrt.models.components import ComponentGraph, example_inputs, to_torch
 from ldmrt.export.onnx_graph import MIN_OPSET, export_graph
 from ldmrt.export.quantize import Int8Options, quantize_unet
+from ldmrt.export.step_graph import export_step_graph
 from ldmrt.export.validate import shape_plan, validate_graph
-from ldmrt.iospec import Precision, ShapeRanges, component_specs
+from ldmrt.iospec import Component, Precision, ShapeRanges, component_specs
 from ldmrt.manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, TOKENIZER_DIR, ComponentEntry, Manifest,
                             SourceRecord, TokenizerEntry, load_manifest, write_manifest)
 from ldmrt.models import TORCH_DTYPES, LatentDiffusion
@@ -86,7 +87,10 @@ def export_bundle(source: ModelSource, out: Path, options: ExportOptions = Expor
         entries = {}
         for name in names:
             start = time.perf_counter()
-            entries[name] = _export_component(source.model, specs[name], work, options, report)
+            if name == Component.DENOISE_STEP:     # built from its spec, not traced from torch
+                entries[name] = export_step_graph(specs[name], work, options.opset, report)
+            else:
+                entries[name] = _export_component(source.model, specs[name], work, options, report)
             seconds[name] = time.perf_counter() - start
         manifest = Manifest(name=config.name, source=source.source, random_weights=source.random_weights,
                             config=config, precision=options.precision, shape_ranges=ranges,

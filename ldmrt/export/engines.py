@@ -174,6 +174,8 @@ def component_options(manifest: Manifest, spec: ComponentSpec, options: BundleBu
     static = None
     if options.static:
         static = static_shape(manifest, spec, options.static_size, options.static_batch)
+        if set(static) != set(spec.ranges):    # one profile: the fixed shape, the other symbols' ranges
+            profiles, static = ({**spec.ranges, **{s: (v, v, v) for s, v in static.items()}},), None
     else:
         profiles = tuple(profile_ranges(manifest, spec, ranges) for ranges in options.profiles)
     return BuildOptions(backend=options.backend, optimization_level=options.optimization_level,
@@ -227,11 +229,13 @@ def static_shape(manifest: Manifest, spec: ComponentSpec, size: tuple[int, int] 
     derived = component_specs(manifest.config, at_batch, manifest.precision)[spec.name]
     values = {"batch": derived.ranges["batch"][1] if "batch" in derived.ranges else images,
               "latent_height": height // factor, "latent_width": width // factor}
-    unknown = [symbol for symbol in spec.ranges if symbol not in values]
+    if "unet_batch" in derived.ranges:     # the update graph: the UNet's rows; its step count stays dynamic
+        values["unet_batch"] = derived.ranges["unet_batch"][1]
+    unknown = [symbol for symbol in spec.ranges if symbol not in values and symbol != "evaluations"]
     if unknown:
         raise ConfigError(f"{spec.name}: symbols {unknown} have no static value; build it "
                           f"without --static-size/--static-batch")
-    return {symbol: values[symbol] for symbol in spec.ranges}
+    return {symbol: values[symbol] for symbol in spec.ranges if symbol in values}
 
 
 def reusable_engine(bundle: Path, manifest: Manifest, plan: EnginePlan,

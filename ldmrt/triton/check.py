@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ldmrt.iospec import ComponentSpec, TensorSpec, parse_dim
+from ldmrt.iospec import Component, ComponentSpec, TensorSpec, parse_dim
 from ldmrt.manifest import load_manifest
 
 VERSION = "1"
@@ -75,11 +75,13 @@ def _check_group(repo: Path, pipeline: str, configs: dict[str, Any], summary: di
     manifest = load_manifest(bundle)
     problems = _check_pipeline(repo, pipeline, configs[pipeline], dtype_name)
     summary[pipeline] = {"backend": "python", "bundle": str(bundle)}
-    expected = {f"{prefix}{name}" for name in manifest.components} | {pipeline}
+    served = {name: entry for name, entry in manifest.components.items()
+              if name != Component.DENOISE_STEP}      # the update graph is not a Triton model
+    expected = {f"{prefix}{name}" for name in served} | {pipeline}
     for extra in sorted(set(configs) - expected):
         if (read_marker(repo / extra) or {}).get("group") == pipeline:
             problems.append(f"{repo}/{extra}: a model of {pipeline} that its manifest does not have")
-    for name, entry in manifest.components.items():
+    for name, entry in served.items():
         model = f"{prefix}{name}"
         if model not in configs:
             problems.append(f"{repo}: no model {model} for component {name}")

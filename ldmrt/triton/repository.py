@@ -30,7 +30,7 @@ from ldmrt.atomic import move_into_place, remove_dead_leftovers, work_folder
 from ldmrt.engines.backend import ENGINE_BACKENDS, Backend
 from ldmrt.engines.ort_cache import BUNDLE_CACHE_DIR
 from ldmrt.errors import BundleError, ConfigError
-from ldmrt.iospec import ComponentSpec, parse_dim
+from ldmrt.iospec import Component, ComponentSpec, parse_dim
 from ldmrt.manifest import MANIFEST_NAME, ComponentEntry, Manifest, load_manifest, verify_bundle
 from ldmrt.triton.config import (BATCH, DynamicBatching, InstanceGroup, InstanceKind,
                                  TritonModelConfig, TritonTensor, component_tensors)
@@ -134,7 +134,8 @@ def write_repository(bundle_dir: str | os.PathLike, out: str | os.PathLike,
     notes: list[str] = []
     models = [pipeline_model(bundle, manifest, options)]
     for entry in manifest.components.values():
-        models.append(component_model(bundle, manifest, entry, options, notes))
+        if entry.name != Component.DENOISE_STEP:   # the update graph: the pipeline runs the numpy loop
+            models.append(component_model(bundle, manifest, entry, options, notes))
     names = [model.config.name for model in models]
     for name in names:
         remove_dead_leftovers(out / name, refuse_foreign)   # a killed run's moved-aside model folders
