@@ -92,9 +92,9 @@ def make_case(plan, batch: int, guided: bool, seed: int, dtype=np.float32) -> Ca
 def numpy_trajectory(case: Case, precision: Precision) -> np.ndarray:
     """The reference: the numpy loop the runtime runs, with the UNet's dtypes of `precision`."""
     job = DenoiseJob(case.plan, case.latents, {"encoder_hidden_states": case.context}, case.guidance, case.noise)
-    unet = NumpyDenoiser(lambda feeds: fake_unet(feeds["sample"], feeds["timestep"], feeds["encoder_hidden_states"]),
-                         specs(precision)["unet"])
-    result = unet(job)
+    denoiser = NumpyDenoiser(lambda feeds: fake_unet(feeds["sample"], feeds["timestep"],
+                                                     feeds["encoder_hidden_states"]), specs(precision)["unet"])
+    result = denoiser(job)
     assert result.evaluations == case.plan.num_evaluations
     return result.latents
 
@@ -251,7 +251,8 @@ def test_a_graph_with_one_bug_fails_the_comparison(bug):
     assert not record.passed and record.rel_l2 > 1e3 * TOLERANCE, record
     # The trajectory comparison fails too, for a sampler that uses the broken part.
     name, config = {"guidance sign": ("euler", SchedulerConfig()),
-                    "no clip": ("ddim", SchedulerConfig(clip_sample=True, prediction_type=PredictionType.V_PREDICTION)),
+                    "no clip": ("ddim", SchedulerConfig(clip_sample=True,
+                                                        prediction_type=PredictionType.V_PREDICTION)),
                     "history order": ("plms", SchedulerConfig())}[bug]
     plan = make_plan(name, config, STEPS)
     case = make_case(plan, 1, True, seed=2)
@@ -343,7 +344,8 @@ def test_a_wrong_update_graph_fails_the_export(tmp_path, monkeypatch):
                         lambda spec, opset: with_bug(real(spec, opset), "guidance sign"))
     out = tmp_path / "bundle"
     with pytest.raises(ParityError, match="denoise_step"):
-        export_bundle(preset_source("tiny"), out, ExportOptions(shape_ranges=RANGES, components=("denoise_step",)))
+        export_bundle(preset_source("tiny"), out,
+                      ExportOptions(shape_ranges=RANGES, components=("denoise_step",)))
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 

@@ -222,8 +222,8 @@ def check_step_graph(graph: Path | onnx.ModelProto, spec: ComponentSpec, seed: i
 
 def _check_shape(spec: ComponentSpec) -> dict[str, int]:
     """Batch 2 (1 where the range stops there), a small non-square latent."""
-    (h_lo, _, h_hi), (w_lo, _, w_hi) = spec.ranges["latent_height"], spec.ranges["latent_width"]
-    return {"batch": min(2, spec.ranges["batch"][2]), "latent_height": h_lo, "latent_width": min(w_lo + 1, w_hi)}
+    height, (w_lo, _, w_hi) = spec.ranges["latent_height"][0], spec.ranges["latent_width"]
+    return {"batch": min(2, spec.ranges["batch"][2]), "latent_height": height, "latent_width": min(w_lo + 1, w_hi)}
 
 
 def _random_plan(rng: np.random.Generator, evaluations: int) -> SamplerPlan:
@@ -253,11 +253,12 @@ def _random_case(rng: np.random.Generator, spec: ComponentSpec, plan: SamplerPla
     def normal(*shape: int) -> np.ndarray:
         return rng.standard_normal(shape).astype(np.float32)
 
-    history, past_x, past_m = History(plan), np.zeros((PAST, *latent), np.float32), np.zeros((PAST, *latent), np.float32)
-    for k in range(i):                           # fill x_{i-k}, m_{i-k} as earlier steps would have
+    history = History(plan)
+    past_x = past_m = np.zeros((PAST, *latent), np.float32)
+    for _ in range(i):                           # x_{i-k}, m_{i-k} as the earlier steps left them
         x_k, m_k = normal(*latent), normal(*latent)
         history.push(x_k, m_k)
-        past_x, past_m = np.concatenate([x_k[None], past_x[:-1]]), np.concatenate([m_k[None], past_m[:-1]])
+        past_x, past_m = _shifted(x_k, past_x), _shifted(m_k, past_m)
     output_dtype = spec.input("model_output").dtype
     model_output = _round(np.concatenate([normal(*latent), normal(*latent)]) if guided else normal(*latent),
                           output_dtype)
@@ -271,11 +272,16 @@ def _random_case(rng: np.random.Generator, spec: ComponentSpec, plan: SamplerPla
     feeds = {"latents": x, "model_output": model_output, "past_latents": past_x, "past_outputs": past_m,
              "noise": noise, "step_table": table, "step_index": np.array([i], np.int32),
              "guidance": np.array([scale], np.float32)}
-    expected = {"next_latents": x_next, "next_past_latents": np.concatenate([x[None], past_x[:-1]]),
-                "next_past_outputs": np.concatenate([m[None], past_m[:-1]]),
+    expected = {"next_latents": x_next, "next_past_latents": _shifted(x, past_x),
+                "next_past_outputs": _shifted(m, past_m),
                 "next_step_index": np.array([j], np.int32), "next_sample": sample,
                 "next_timestep": np.full((rows,), table[j, STEP_TABLE_COLUMNS.index("timestep")], np.float32)}
     return feeds, expected
+
+
+def _shifted(newest: np.ndarray, past: np.ndarray) -> np.ndarray:
+    """[newest, past[0], .., past[-2]] (the history after one more step)."""
+    return np.concatenate([newest[None], past[:-1]])
 
 
 def _round(array: np.ndarray, dtype: str) -> np.ndarray:
@@ -290,15 +296,14 @@ def _round(array: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def _cpu_runner(model: onnx.ModelProto, spec: ComponentSpec) -> Callable[[Mapping[str, np.ndarray]], dict]:
-    """feeds (float32 where the graph takes fp16/bf16) -> outputs as float32/int32, by ONNX Runtime
-    CPU. numpy has no bfloat16: such inputs go in as OrtValues and such outputs come out through an
-    added Cast to float32; the graph itself is unchanged."""
+    """feeds (float32 where the graph takes fp16/bf16) -> outputs, by ONNX Runtime CPU. numpy has no
+    bfloat16: such inputs go in as OrtValues and such outputs come out through an added Cast to
+    float32; the graph's own nodes are unchanged."""
     import onnxruntime as ort
 
     readable = copy.deepcopy(model)
     for value in readable.graph.output:
-        if value.type.tensor_type.elem_type != TensorProto.FLOAT16 and \
-                value.type.tensor_type.elem_type != TensorProto.BFLOAT16:
+        if value.type.tensor_type.elem_type != TensorProto.BFLOAT16:
             continue
         inner = f"{value.name}/unconverted"
         for node in readable.graph.node:
