@@ -177,6 +177,9 @@ def test_cli_names_every_command():
     assert commands, "ldmrt/commands/ holds no command modules"
     missing = [name for name in commands if f'"{name}"' not in source]
     assert missing == [], f"commands not registered by name in ldmrt/cli.py: {missing}"
+    from ldmrt.cli import app
+    registered = {command.name: command.callback.__module__ for command in app.registered_commands}
+    assert registered == {name: f"ldmrt.commands.{name}" for name in commands}
 
 
 def _write(root: Path, files: dict[str, str]) -> None:
