@@ -33,12 +33,17 @@ class Precision(str, enum.Enum):
         return {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "float32"}[self.value]
 
 
-class Component(str, enum.Enum):
+class Component(enum.StrEnum):
+    """Every component name: the one vocabulary of manifests, runners, engines and Triton models.
+    A member is its name string ("unet"): equal to it, hashed as it, formatted and shown as it."""
     TEXT_ENCODER = "text_encoder"
     UNET = "unet"
     VAE_DECODER = "vae_decoder"
     VAE_ENCODER = "vae_encoder"
     DENOISE_STEP = "denoise_step"   # the update graph (ldmrt/export/step_graph.py): no torch module
+
+    def __repr__(self) -> str:
+        return repr(self.value)
 
 
 def parse_dim(dim: Dim) -> tuple[int, str | None]:
@@ -294,8 +299,8 @@ def component_specs(config: ModelConfig, ranges: ShapeRanges, precision: Precisi
     if config.is_text_conditioned:
         cond = config.conditioner
         length, width = cond.max_length, cond.context_dim  # type: ignore[union-attr]
-        specs["text_encoder"] = ComponentSpec(
-            "text_encoder",
+        specs[Component.TEXT_ENCODER] = ComponentSpec(
+            Component.TEXT_ENCODER,
             inputs=(TensorSpec("input_ids", "int32", ("batch", length)),),
             outputs=(TensorSpec("text_embeddings", dtype(Component.TEXT_ENCODER),
                                 ("batch", length, width)),),
@@ -309,26 +314,26 @@ def component_specs(config: ModelConfig, ranges: ShapeRanges, precision: Precisi
                                       ("batch", length, width)))
     if config.is_class_conditioned or config.unet.num_classes is not None:
         unet_inputs.append(TensorSpec("class_labels", "int32", ("batch",)))
-    specs["unet"] = ComponentSpec(
-        "unet", inputs=tuple(unet_inputs),
+    specs[Component.UNET] = ComponentSpec(
+        Component.UNET, inputs=tuple(unet_inputs),
         outputs=(TensorSpec("model_output", unet_dtype,
                             ("batch", config.unet.out_channels, "latent_height", "latent_width")),),
         ranges={"batch": ranges.batch_range(guided), "latent_height": latent, "latent_width": latent})
     c = config.latent_channels
     image = ("batch", 3, f"{f}*latent_height", f"{f}*latent_width")
     vae_ranges = {"batch": ranges.batch_range(False), "latent_height": latent, "latent_width": latent}
-    specs["vae_decoder"] = ComponentSpec(
-        "vae_decoder",
+    specs[Component.VAE_DECODER] = ComponentSpec(
+        Component.VAE_DECODER,
         inputs=(TensorSpec("latent", dtype(Component.VAE_DECODER), ("batch", c, "latent_height", "latent_width")),),
         outputs=(TensorSpec("images", dtype(Component.VAE_DECODER), image),), ranges=vae_ranges)
     kl = config.autoencoder.kind == AutoencoderKind.KL
-    specs["vae_encoder"] = ComponentSpec(
-        "vae_encoder",
+    specs[Component.VAE_ENCODER] = ComponentSpec(
+        Component.VAE_ENCODER,
         inputs=(TensorSpec("images", dtype(Component.VAE_ENCODER), image),),
         outputs=(TensorSpec("latent_dist" if kl else "latent", dtype(Component.VAE_ENCODER),
                             ("batch", 2 * c if kl else c, "latent_height", "latent_width")),),
         ranges=vae_ranges)
-    step = denoise_step_spec(specs["unet"], config, ranges)
+    step = denoise_step_spec(specs[Component.UNET], config, ranges)
     if step is not None:
         specs[Component.DENOISE_STEP.value] = step
     return specs

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from ldmrt.engines.base import BackendRunners
-from ldmrt.models import TORCH_DTYPES
 from ldmrt.errors import ShapeError
+from ldmrt.iospec import Component
+from ldmrt.models import TORCH_DTYPES
 from ldmrt.sampling import DenoiseJob, DenoiseResult, SamplerPlan, guide
 
 
@@ -258,13 +259,14 @@ def open_torch(bundle, manifest, components, *, device: str | None = None, dtype
     from ldmrt.models.components import ComponentGraph
 
     device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    graph_dtype = TORCH_DTYPES[dtype or (manifest.component("unet").dtype if device_.type == "cuda" else "float32")]
+    unet_dtype = manifest.component(Component.UNET).dtype
+    graph_dtype = TORCH_DTYPES[dtype or (unet_dtype if device_.type == "cuda" else "float32")]
     model = load_reference_model(manifest, device_, graph_dtype, bundle)
     runners, denoiser = {}, None
     for name in components:
         spec = manifest.component(name).spec
         graph = ComponentGraph(model, spec).eval()
         runners[name] = TorchRunner(graph, spec, device_, graph_dtype)
-        if name == "unet":
+        if name == Component.UNET:
             denoiser = FusedDenoiser(_unet_call(graph), device_, graph_dtype, cuda_graphs)
     return BackendRunners(runners, denoiser)

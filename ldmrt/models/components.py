@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ldmrt.errors import ConfigError
-from ldmrt.iospec import ComponentSpec, example_inputs  # noqa: F401  (re-exported)
+from ldmrt.iospec import Component, ComponentSpec, example_inputs  # noqa: F401  (example_inputs re-exported)
 from ldmrt.models import LatentDiffusion
 from ldmrt.models.conditioning import ClassEmbedder
 
@@ -18,25 +18,25 @@ class ComponentGraph(nn.Module):
         super().__init__()
         self.component = spec.name
         self.input_names = [t.name for t in spec.inputs]
-        if spec.name == "text_encoder":
+        if spec.name == Component.TEXT_ENCODER:
             self.text_encoder = model.conditioner
-        elif spec.name == "unet":
+        elif spec.name == Component.UNET:
             self.unet = model.unet
             # Class-conditional LDMs (ImageNet kind) fold the class embedder into the UNet graph.
             if isinstance(model.conditioner, ClassEmbedder):
                 self.class_embedder = model.conditioner
-        elif spec.name in ("vae_decoder", "vae_encoder"):
+        elif spec.name in (Component.VAE_DECODER, Component.VAE_ENCODER):
             self.autoencoder = model.first_stage_model
         else:
             raise ConfigError(f"unknown component {spec.name!r}")
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         named = dict(zip(self.input_names, inputs))
-        if self.component == "text_encoder":
+        if self.component == Component.TEXT_ENCODER:
             return self.text_encoder(named["input_ids"])
-        if self.component == "vae_decoder":
+        if self.component == Component.VAE_DECODER:
             return self.autoencoder.decode(named["latent"])
-        if self.component == "vae_encoder":
+        if self.component == Component.VAE_ENCODER:
             return self.autoencoder.encode(named["images"])
         context, labels = named.get("encoder_hidden_states"), named.get("class_labels")
         if hasattr(self, "class_embedder"):

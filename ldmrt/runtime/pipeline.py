@@ -21,7 +21,7 @@ from ldmrt.engines.backend import Backend
 from ldmrt.engines.base import BackendRunners, ComponentRunner
 from ldmrt.engines.dispatch import open_runners
 from ldmrt.errors import ConfigError, GenerationCancelled, GenerationError, ShapeError
-from ldmrt.iospec import Precision
+from ldmrt.iospec import Component, Precision
 from ldmrt.manifest import Manifest, load_manifest, verify_bundle
 from ldmrt.runtime.postprocess import postprocessor
 from ldmrt.sampling import SAMPLERS, DenoiseJob, StepCallback, make_plan
@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 CancelCheck = Callable[[], bool]             # True: stop at the next check
 
 
+# What generate runs, of what a bundle holds (denoise_step is a device backend's, not the pipeline's).
+PIPELINE_COMPONENTS = (Component.TEXT_ENCODER, Component.UNET, Component.VAE_DECODER, Component.VAE_ENCODER)
 IMG2IMG_STRENGTH = 0.8     # how much of the schedule img2img runs unless told
 
 
@@ -92,8 +94,7 @@ class Pipeline:
         backend = Backend.parse(backend).value     # any case; ConfigError naming `backend` otherwise
         bundle = Path(bundle)
         manifest = load_manifest(bundle)
-        wanted = components or tuple(n for n in ("text_encoder", "unet", "vae_decoder", "vae_encoder")
-                                     if n in manifest.components)
+        wanted = components or tuple(n for n in PIPELINE_COMPONENTS if n in manifest.components)
         if verify:
             verify_bundle(bundle, manifest, components=[])
         opened = open_runners(backend, bundle, manifest, wanted, verify=verify, **backend_options)
@@ -126,7 +127,7 @@ class Pipeline:
         if request.init_image is not None:
             start = time.perf_counter()
             image_latents = self._encode_image(request.init_image, shape, rng)
-            timings["vae_encoder"] = time.perf_counter() - start
+            timings[Component.VAE_ENCODER] = time.perf_counter() - start
         x = plan.initial_latents(noise, image_latents).astype(np.float32)
         step_noise = [rng.standard_normal(shape).astype(np.float32) if need else None
                       for need in plan.needs_noise]
@@ -142,7 +143,7 @@ class Pipeline:
         denoised = self.denoiser(job, after_step)
         timings["denoise"] = time.perf_counter() - start
         if denoised.unet_seconds is not None:
-            timings["unet"] = denoised.unet_seconds
+            timings[Component.UNET] = denoised.unet_seconds
         x = denoised.latents
         if not np.isfinite(x).all():
             raise self._non_finite_latents(plan, denoised.evaluations, request.guidance)
@@ -151,7 +152,7 @@ class Pipeline:
                               f"before the VAE decoder")
         start = time.perf_counter()
         images = self._decode(x)
-        timings["vae_decoder"] = time.perf_counter() - start
+        timings[Component.VAE_DECODER] = time.perf_counter() - start
         for message in warnings:
             log.warning("%s", message)
         return GenerationResult(images=images, latents=x, timings=timings, warnings=warnings)
@@ -187,7 +188,7 @@ class Pipeline:
         if request.latents is not None:
             _check_array("latents", request.latents, shape)
         if request.init_image is not None:
-            if "vae_encoder" not in self.runners:
+            if Component.VAE_ENCODER not in self.runners:
                 raise GenerationError("init_image: img2img needs the vae_encoder component; export it too",
                                       field="init_image")
             f = config.downsampling_factor
@@ -252,7 +253,7 @@ class Pipeline:
     # --- stages ----------------------------------------------------------------------------
 
     def _latent_shape(self, request: GenerationRequest) -> tuple[int, int, int, int]:
-        spec = self.manifest.component("unet").spec
+        spec = self.manifest.component(Component.UNET).spec
         f = self.config.downsampling_factor
         opt = spec.ranges["latent_height"][1] * f
         height = opt if request.height is None else request.height
@@ -307,9 +308,9 @@ class Pipeline:
                 if cut:
                     warnings.append(f"{name} truncated to {self.tokenizer.max_length} tokens: "
                                     f"{text[:60]!r}...")
-            runner = self.runners["text_encoder"]
+            runner = self.runners[Component.TEXT_ENCODER]
             embeddings = runner({"input_ids": tokens.input_ids})
-            self._check_model_output(embeddings, "text_encoder", "text embeddings")
+            self._check_model_output(embeddings, Component.TEXT_ENCODER, "text embeddings")
             return {"encoder_hidden_states": embeddings}, guided
         if kind == "class-conditional":
             n = self._num_classes()
@@ -335,7 +336,7 @@ class Pipeline:
         batch, _, h, w = shape
         f = self.config.downsampling_factor
         pixels = np.broadcast_to(image, (batch, h * f, w * f, 3)).transpose(0, 3, 1, 2) * 2.0 - 1.0
-        runner = self.runners["vae_encoder"]
+        runner = self.runners[Component.VAE_ENCODER]
         moments = runner({"images": np.ascontiguousarray(pixels).astype(runner.spec.inputs[0].dtype)})
         moments = moments.astype(np.float32)
         if moments.shape[1] == 2 * self.config.latent_channels:          # KL: sample the posterior
@@ -346,21 +347,21 @@ class Pipeline:
         return (latent * self.config.scale_factor).astype(np.float32)
 
     def _decode(self, x: np.ndarray) -> np.ndarray:
-        runner = self.runners["vae_decoder"]
+        runner = self.runners[Component.VAE_DECODER]
         latent = (x / self.manifest.latent_scale).astype(runner.spec.inputs[0].dtype)
         images = runner({"latent": latent}).astype(np.float32)
-        self._check_model_output(images, "vae_decoder", "the decoded pixels")
+        self._check_model_output(images, Component.VAE_DECODER, "the decoded pixels")
         return self._to_images(images).transpose(0, 2, 3, 1)
 
     # --- model outputs: non-finite values, with advice that fits the bundle ----------------
 
     def _reduced_precision(self, component: str) -> bool:
-        if component == "unet":
+        if component == Component.UNET:
             return self.manifest.precision != Precision.FP32
         return self.manifest.component(component).dtype != "float32"
 
     def _non_finite_latents(self, plan, done: int, guidance: float) -> GenerationError:
-        advice = "try an fp32 export or a lower guidance" if self._reduced_precision("unet") \
+        advice = "try an fp32 export or a lower guidance" if self._reduced_precision(Component.UNET) \
             else "the UNet runs in fp32 already: try a lower guidance"
         return GenerationError(
             f"non-finite latents after denoising step {done} of {plan.num_evaluations} "
@@ -372,7 +373,7 @@ class Pipeline:
         if not self._reduced_precision(component):
             advice = (f"the {component} graph runs in fp32 and its inputs were finite: the weights "
                       f"or the graph are faulty, or the latents far off (try a lower guidance)")
-        elif component == "vae_decoder":
+        elif component == Component.VAE_DECODER:
             advice = "export with --fp32-vae-decoder (or an fp32 export)"
         else:
             advice = "try an fp32 export"
@@ -382,7 +383,7 @@ class Pipeline:
 
 def max_image_size(manifest: Manifest) -> tuple[int, int]:
     """(height, width): the largest image, in pixels, the bundle was exported for."""
-    spec = manifest.component("unet").spec
+    spec = manifest.component(Component.UNET).spec
     f = manifest.config.downsampling_factor
     return spec.ranges["latent_height"][2] * f, spec.ranges["latent_width"][2] * f
 
