@@ -31,8 +31,7 @@ def open_runners(backend: str, bundle: Path, manifest: Manifest, components: tup
         verify_graphs(bundle, manifest, components)
     if backend in ("tensorrt", "tensorrt-rtx"):
         from ldmrt.engines.tensorrt import open_tensorrt
-        return BackendRunners.with_numpy_loop(
-            open_tensorrt(bundle, manifest, components, backend=backend, **options))
+        return open_tensorrt(bundle, manifest, components, backend=backend, **options)
     try:
         from ldmrt.engines.torch import open_torch
     except ImportError as exc:

@@ -14,7 +14,7 @@ import re
 import threading
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
@@ -23,6 +23,9 @@ from ldmrt.engines.trt_api import TrtApi
 from ldmrt.errors import (BackendUnavailableError, CorruptEngineError, LdmrtError, ShapeError,
                           StaleEngineError)
 from ldmrt.iospec import ComponentSpec, GraphTensor
+
+if TYPE_CHECKING:
+    from ldmrt.engines.base import BackendRunners
 
 log = logging.getLogger(__name__)
 
@@ -271,6 +274,11 @@ class CudaDevice:
         kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
         self._ok(self.rt.cudaMemcpyAsync(array.ctypes.data, ptr, array.nbytes, kind, stream),
                  "cudaMemcpyAsync (device to host)")
+
+    def copy_device_to_device(self, dst: int, src: int, nbytes: int, stream: Any) -> None:
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        self._ok(self.rt.cudaMemcpyAsync(dst, src, nbytes, kind, stream),
+                 "cudaMemcpyAsync (device to device)")
 
     def synchronize(self, stream: Any) -> None:
         self._ok(self.rt.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
@@ -559,15 +567,24 @@ class _ComponentEngine:
 
 def open_tensorrt(bundle: Path, manifest: Any, components: Sequence[str], *, backend: str = "tensorrt",
                   cuda_graphs: bool = True, allow_version_compatible: bool = False,
-                  device: Any = None) -> dict[str, _ComponentEngine]:
-    """Checked engines for `components` (StaleEngineError / CorruptEngineError before any load)."""
+                  device: Any = None) -> "BackendRunners":
+    """Checked engines for `components` (StaleEngineError / CorruptEngineError before any load)
+    and the loop: BackendRunners(runners, the TensorRTDenoiser where the bundle has a
+    denoise_step engine, else the numpy loop; engines/tensorrt_denoise.py)."""
+    from ldmrt.engines.base import BackendRunners
+    from ldmrt.engines.tensorrt_denoise import open_denoiser
+
     api = trt_api.load(backend)
     runtime = RuntimeInfo.detect(backend, allow_version_compatible=allow_version_compatible)
-    runners = {}
-    for name in components:
+    device = device if device is not None else CudaDevice()
+
+    def load(name: str) -> TensorRTRunner:
         record, plan_path = find_engine(bundle, name, runtime)
-        runner = TensorRTRunner(plan_path.read_bytes(), api, cuda_graphs=cuda_graphs,
-                                allow_version_compatible=allow_version_compatible, name=name,
-                                rebuild=rebuild_command(record, bundle))
-        runners[name] = _ComponentEngine(manifest.component(name).spec, runner)
-    return runners
+        return TensorRTRunner(plan_path.read_bytes(), api, device=device, cuda_graphs=cuda_graphs,
+                              allow_version_compatible=allow_version_compatible, name=name,
+                              rebuild=rebuild_command(record, bundle))
+
+    runners = {name: _ComponentEngine(manifest.component(name).spec, load(name)) for name in components}
+    unet = runners.get("unet")
+    return BackendRunners(runners, None if unet is None else
+                          open_denoiser(manifest, unet, load, cuda_graphs=cuda_graphs))
