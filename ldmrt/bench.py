@@ -367,7 +367,7 @@ def run_bench(bundle: Path, options: BenchOptions, progress: Callable[[str], Non
                          "random_weights": manifest.random_weights,
                          "components": {n: {"size_bytes": e.size_bytes, "dtype": e.dtype}
                                         for n, e in manifest.components.items()},
-                         "engines": [dict(r) for r in manifest.engines]},
+                         "engines": [r.to_dict() for r in manifest.engines]},
               "machine": machine_info(), "options": _options_dict(options), "results": results}
     report["ratios"] = ratios(results, baseline="torch-eager")
     report["failed"] = [r["contender"] for r in results if r["status"] != "ok"]

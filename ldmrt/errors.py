@@ -48,8 +48,8 @@ class StaleEngineError(LdmrtError):
     """An engine was built for another TensorRT version, GPU or ONNX graph."""
 
 
-class CorruptEngineError(LdmrtError):
-    """An engine file does not match the sha256 in its record."""
+class CorruptEngineError(BundleError):
+    """An engine's plan file does not match its record, or the record itself is malformed."""
 
 
 class BackendUnavailableError(LdmrtError):

@@ -11,16 +11,18 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from ldmrt.atomic import atomic_write
 from ldmrt.config import Family, ModelConfig
+from ldmrt.digest import sha256_file  # noqa: F401 (also ldmrt.manifest.sha256_file, as before)
+from ldmrt.engine_record import EngineRecord, parse_engine_record
 from ldmrt.errors import BundleError, ConfigError
 from ldmrt.iospec import TENSOR_DTYPES, ComponentSpec, Precision, ShapeRanges, component_specs, parse_dim
-from ldmrt.manifest_reader import (MANIFEST_NAME, MAX_INT, MISSING, Reader, describe,
-                                   join_path, parse_json)
+from ldmrt.manifest_reader import (COMPONENT_NAME, MANIFEST_NAME, MAX_INT, MISSING, TENSOR_NAME, VERSION,
+                                   Reader, describe, join_path)
 from ldmrt.source_record import SourceRecord, parse_source
 
 SCHEMA_VERSION = 1
@@ -36,10 +38,7 @@ MAX_MANIFEST_BYTES = 16 * 2**20   # real manifests are a few kB; refuse to parse
 MAX_IMAGE_SIDE = 16384
 MAX_BATCH = 1024
 
-_COMPONENT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
-_TENSOR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,127}$")
 _SYMBOL = re.compile(r"^[a-z_]+$")
-_VERSION = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+!_-]{0,63}$")
 
 
 
@@ -147,7 +146,7 @@ class Manifest:
     shape_ranges: ShapeRanges
     components: Mapping[str, ComponentEntry]
     tokenizer: TokenizerEntry | None = None
-    engines: tuple[Mapping[str, Any], ...] = ()   # records owned by the engine builder
+    engines: tuple[EngineRecord, ...] = ()         # oldest first; select with engines_for
     postprocess: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_POSTPROCESS))
     created: str = field(default_factory=utc_now)
     ldmrt_version: str = LDMRT_VERSION
@@ -169,6 +168,10 @@ class Manifest:
             raise BundleError(f"manifest {self.name!r}: no component {name!r}; available: "
                               f"{sorted(self.components)}") from None
 
+    def with_engine(self, record: EngineRecord) -> "Manifest":
+        """This manifest with `record` listed last, in place of any record with its key."""
+        return replace(self, engines=tuple(r for r in self.engines if r.key != record.key) + (record,))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema_version": SCHEMA_VERSION, "ldmrt_version": self.ldmrt_version,
@@ -179,7 +182,7 @@ class Manifest:
             "shape_ranges": _shape_ranges_dict(self.shape_ranges),
             "components": {name: entry.to_dict() for name, entry in self.components.items()},
             "tokenizer": None if self.tokenizer is None else self.tokenizer.to_dict(),
-            "engines": [dict(record) for record in self.engines],
+            "engines": [record.to_dict() for record in self.engines],
             **({} if self.model_source is None else {"model_source": self.model_source.to_dict()}),
         }
 
@@ -210,7 +213,8 @@ def load_manifest(bundle_dir: str | os.PathLike) -> Manifest:
     if len(raw) > MAX_MANIFEST_BYTES:
         raise BundleError(f"bundle {bundle}: expected {MANIFEST_NAME} of at most "
                           f"{MAX_MANIFEST_BYTES} bytes, found a larger file")
-    return Manifest.from_dict(parse_json(raw, bundle), origin=str(bundle))
+    data = Reader(str(bundle), remedy="the file is corrupt: re-export the bundle").parse_json(raw)
+    return Manifest.from_dict(data, origin=str(bundle))
 
 
 def write_manifest(bundle_dir: str | os.PathLike, manifest: Manifest) -> Path:
@@ -240,20 +244,6 @@ def onnx_digest(file_digests: Sequence[str]) -> str:
     if len(file_digests) == 1:
         return file_digests[0]
     return hashlib.sha256("".join(file_digests).encode()).hexdigest()
-
-
-def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks (graphs can be many GB)."""
-    digest = hashlib.sha256()
-    buffer = bytearray(chunk_size)
-    view = memoryview(buffer)
-    try:
-        with open(path, "rb", buffering=0) as handle:
-            while n := handle.readinto(buffer):
-                digest.update(view[:n])
-    except OSError as exc:
-        raise BundleError(f"cannot hash {path}: {exc}") from None
-    return digest.hexdigest()
 
 
 def verify_bundle(bundle_dir: str | os.PathLike, manifest: Manifest,
@@ -362,17 +352,9 @@ def _parse_manifest(reader: Reader, data: Any) -> Manifest:
     if version < SCHEMA_VERSION:
         raise reader.error("schema_version", readable, f"{version}: the bundle was written by an "
                            f"older ldmrt whose format this version no longer reads; re-export it")
-    known = _TOP_KEYS + _OPTIONAL_TOP_KEYS
-    unknown = sorted(k for k in data if k not in known)
-    if unknown:
-        raise reader.error("<root>", f"only the keys {list(known)}", f"the unknown key {unknown[0][:80]!r}")
-    reader.record({k: v for k, v in data.items() if k in _TOP_KEYS}, "<root>", _TOP_KEYS)
-    reader.string(data["ldmrt_version"], "ldmrt_version", _VERSION, "a version string such as '0.1.0'")
-    created = reader.string(data["created"], "created")
-    stamp = reader.foreign(lambda: datetime.datetime.fromisoformat(created), "created",
-                           "an ISO-8601 UTC time such as '2024-05-01T12:00:00Z'")
-    if stamp.utcoffset() != datetime.timedelta(0):
-        reader.fail("created", "an ISO-8601 time in UTC (ending in 'Z' or '+00:00')", created)
+    reader.record(data, "<root>", _TOP_KEYS, _OPTIONAL_TOP_KEYS)
+    reader.string(data["ldmrt_version"], "ldmrt_version", VERSION, "a version string such as '0.1.0'")
+    created = reader.utc_time(data["created"], "created")
 
     config_data = reader.mapping(data["config"], "config")
     config: ModelConfig = reader.foreign(lambda: ModelConfig.from_dict(config_data), "config",
@@ -409,7 +391,7 @@ def _parse_manifest(reader: Reader, data: Any) -> Manifest:
     components: dict[str, ComponentEntry] = {}
     owner: dict[str, str] = {}
     for name, entry_data in components_data.items():
-        reader.string(name, "components", _COMPONENT_NAME,
+        reader.string(name, "components", COMPONENT_NAME,
                       "component names of lowercase letters, digits and '_'")
         entry = _parse_component(reader, name, entry_data, join_path("components", name))
         for file in entry.files:
@@ -422,9 +404,8 @@ def _parse_manifest(reader: Reader, data: Any) -> Manifest:
 
     tokenizer = None if data["tokenizer"] is None else \
         _parse_tokenizer(reader, data["tokenizer"], "tokenizer")
-    engines = reader.sequence(data["engines"], "engines")
-    for i, record in enumerate(engines):
-        reader.mapping(record, join_path("engines", i))
+    engines = tuple(parse_engine_record(reader, record, join_path("engines", i))
+                    for i, record in enumerate(reader.sequence(data["engines"], "engines")))
 
     random_weights = reader.boolean(data["random_weights"], "random_weights")
     model_source = data.get("model_source")
@@ -437,7 +418,7 @@ def _parse_manifest(reader: Reader, data: Any) -> Manifest:
         name=reader.string(data["name"], "name"), source=reader.string(data["source"], "source"),
         random_weights=random_weights, config=config,
         precision=precision, shape_ranges=ranges, components=components, tokenizer=tokenizer,
-        engines=tuple(dict(record) for record in engines), postprocess=dict(postprocess),
+        engines=engines, postprocess=dict(postprocess),
         created=created, ldmrt_version=data["ldmrt_version"], model_source=model_source)
 
 
@@ -479,7 +460,7 @@ def _parse_io(reader: Reader, name: str, data: Any, where: str) -> ComponentSpec
         for i, tensor in enumerate(tensors):
             at = join_path(join_path(where, group), i)
             reader.record(tensor, at, ("name", "dtype", "shape"))
-            tensor_name = reader.string(tensor["name"], join_path(at, "name"), _TENSOR_NAME,
+            tensor_name = reader.string(tensor["name"], join_path(at, "name"), TENSOR_NAME,
                                         "a tensor name (letters, digits, '_', '.')")
             if tensor_name in seen:
                 reader.fail(join_path(at, "name"), "a name no other tensor of this component has", tensor_name)
@@ -541,7 +522,7 @@ def _parse_parity(reader: Reader, data: Any, where: str) -> ParityRecord:
     shapes: dict[str, int | tuple[int, ...]] = {}
     for key, value in reader.mapping(data["shapes"], join_path(where, "shapes")).items():
         at = join_path(join_path(where, "shapes"), key)
-        reader.string(key, join_path(where, "shapes"), _TENSOR_NAME, "tensor or symbol names as keys")
+        reader.string(key, join_path(where, "shapes"), TENSOR_NAME, "tensor or symbol names as keys")
         if isinstance(value, list):
             shapes[key] = tuple(reader.integer(v, at) for v in value)
         else:

@@ -1,15 +1,20 @@
-"""Typed reading of untrusted JSON: manifest.json and the records a bundle carries.
+"""Typed reading of untrusted JSON: manifest.json and every other record ldmrt keeps on disk.
 
-Every failure is a BundleError naming the bundle, the field (a dotted path such as
-`components.unet.io`), what was expected and what was found, in a message of bounded size
-whatever the input. Standard library only.
+One serialization style for every record on disk (manifest entries, engine records, ORT cache
+records, Triton model markers): a frozen dataclass with `to_dict()` (plain JSON values) and
+`from_dict(data, origin)`, which parses with a `Reader` through `parse_<record>(reader, data,
+where)`; a record nested in another is parsed by its parse function with the outer reader, so
+errors name the whole path. Every failure is an error of the reader's type (BundleError unless
+told) naming the document, the field (a dotted path such as `components.unet.io`), what was
+expected and what was found, in a message of bounded size whatever the input. Standard library only.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import math
+import os
 import re
-from pathlib import Path
 from typing import Any, Iterable, NoReturn
 
 from ldmrt.errors import BundleError, LdmrtError
@@ -20,6 +25,9 @@ MAX_INT = 2**63 - 1               # every count, size and dimension fits an int6
 MAX_STRING = 4096
 
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+COMPONENT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+TENSOR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,127}$")
+VERSION = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+!_-]{0,63}$")
 _PLAIN_KEY = re.compile(r"^[A-Za-z0-9_]+$")
 MISSING = object()
 
@@ -43,26 +51,6 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             raise _JsonRejected(f"the key {key[:80]!r} twice in one object")
         out[key] = value
     return out
-
-
-def parse_json(raw: bytes, bundle: Path) -> Any:
-    def fail(found: str) -> NoReturn:
-        raise BundleError(f"bundle {bundle}: expected {MANIFEST_NAME} to be UTF-8 JSON, found "
-                          f"{found}; the file is corrupt: re-export the bundle")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        fail(f"bytes that are not UTF-8 at offset {exc.start}")
-    try:
-        return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
-    except _JsonRejected as exc:
-        fail(str(exc))
-    except json.JSONDecodeError as exc:
-        fail(f"invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})")
-    except RecursionError:
-        fail(f"values nested deeper than {MAX_DEPTH} levels")
-    except ValueError as exc:   # e.g. an integer with thousands of digits
-        fail(f"an unreadable value ({str(exc)[:120]})")
 
 
 def describe(value: Any) -> str:
@@ -89,17 +77,60 @@ def join_path(where: str, key: Any) -> str:
 
 
 class Reader:
-    """Typed accessors over untrusted data; every failure is a BundleError naming the field."""
+    """Typed accessors over untrusted data; every failure is an `error` naming the field.
 
-    def __init__(self, origin: str) -> None:
+    Messages name the document as "<kind> <origin>: <document>": "bundle B: manifest.json",
+    "engine folder B/engines/K: unet.engine.json"; `remedy` ends every message."""
+
+    def __init__(self, origin: str, document: str = MANIFEST_NAME, *, kind: str = "bundle",
+                 error: type[LdmrtError] = BundleError, remedy: str = "") -> None:
         self.origin = origin
+        self.document = document
+        self.kind = kind
+        self.error_type = error
+        self.remedy = remedy
 
-    def error(self, where: str, expected: str, found: str) -> BundleError:
-        return BundleError(f"bundle {self.origin}: {MANIFEST_NAME} field {where}: "
+    def _raise(self, message: str) -> LdmrtError:
+        return self.error_type(message + (f"; {self.remedy}" if self.remedy else ""))
+
+    def error(self, where: str, expected: str, found: str) -> LdmrtError:
+        return self._raise(f"{self.kind} {self.origin}: {self.document} field {where}: "
                            f"expected {expected}, found {found}")
 
     def fail(self, where: str, expected: str, value: Any) -> NoReturn:
         raise self.error(where, expected, describe(value))
+
+    def parse_json(self, raw: bytes) -> Any:
+        """Strict JSON: UTF-8, no NaN or Infinity, no key twice in an object, bounded nesting."""
+        def fail(found: str) -> NoReturn:
+            raise self._raise(f"{self.kind} {self.origin}: expected {self.document} to be UTF-8 "
+                              f"JSON, found {found}")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            fail(f"bytes that are not UTF-8 at offset {exc.start}")
+        try:
+            return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+        except _JsonRejected as exc:
+            fail(str(exc))
+        except json.JSONDecodeError as exc:
+            fail(f"invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})")
+        except RecursionError:
+            fail(f"values nested deeper than {MAX_DEPTH} levels")
+        except ValueError as exc:   # e.g. an integer with thousands of digits
+            fail(f"an unreadable value ({str(exc)[:120]})")
+
+    def read_file(self, max_bytes: int) -> Any:
+        """The document, read from the folder `origin`; refused unread when over `max_bytes`."""
+        try:
+            with open(os.path.join(self.origin, self.document), "rb") as handle:
+                raw = handle.read(max_bytes + 1)
+        except (OSError, ValueError) as exc:
+            raise self._raise(f"{self.kind} {self.origin}: cannot read {self.document}: {exc}") from None
+        if len(raw) > max_bytes:
+            raise self._raise(f"{self.kind} {self.origin}: expected {self.document} of at most "
+                              f"{max_bytes} bytes, found a larger file")
+        return self.parse_json(raw)
 
     def json_value(self, value: Any, where: str) -> None:
         """Plain JSON only: string keys, finite numbers, int64 integers, bounded nesting."""
@@ -125,13 +156,15 @@ class Reader:
             elif not (item is None or isinstance(item, (str, bool))):
                 self.fail(path, "a JSON value", item)
 
-    def record(self, value: Any, where: str, required: tuple[str, ...]) -> dict[str, Any]:
-        """An object with exactly the keys `required`."""
+    def record(self, value: Any, where: str, required: tuple[str, ...],
+               optional: tuple[str, ...] = ()) -> dict[str, Any]:
+        """An object with every key of `required`, and of `optional` those it has."""
         if not isinstance(value, dict):
             self.fail(where, "an object", value)
-        unknown = sorted(k for k in value if k not in required)
+        known = required + optional
+        unknown = sorted(k for k in value if k not in known)
         if unknown:
-            raise self.error(where, f"only the keys {list(required)}",
+            raise self.error(where, f"only the keys {list(known)}",
                              f"the unknown key {unknown[0][:80]!r}")
         for key in required:
             if key not in value:
@@ -179,6 +212,15 @@ class Reader:
                 or not math.isfinite(value) or value < 0 or (positive and value == 0):
             self.fail(where, f"a finite number {'>' if positive else '>='} 0", value)
         return float(value)
+
+    def utc_time(self, value: Any, where: str) -> str:
+        """An ISO-8601 time in UTC ('2024-05-01T12:00:00Z' or '...+00:00'), returned as written."""
+        text = self.string(value, where)
+        stamp = self.foreign(lambda: datetime.datetime.fromisoformat(text), where,
+                             "an ISO-8601 UTC time such as '2024-05-01T12:00:00Z'")
+        if stamp.utcoffset() != datetime.timedelta(0):
+            self.fail(where, "an ISO-8601 time in UTC (ending in 'Z' or '+00:00')", text)
+        return text
 
     def sha256(self, value: Any, where: str) -> str:
         return self.string(value, where, SHA256_PATTERN, "a sha256 as 64 lowercase hex digits")

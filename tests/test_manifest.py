@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from ldmrt import manifest as manifest_module
 from ldmrt.config import PRESETS, preset
+from ldmrt.engine_record import EngineRecord
 from ldmrt.errors import BundleError
 from ldmrt.iospec import Precision, ShapeRanges, component_specs
 from ldmrt.manifest import (SCHEMA_VERSION, ComponentEntry, Manifest, ParityRecord, TokenizerEntry,
@@ -45,10 +46,16 @@ def make_manifest(preset_name: str = "tiny", precision: Precision = Precision.FP
             spec=spec, dtype=spec.outputs[0].dtype, parity=parity if name != "vae_encoder" else None)
     tokenizer = TokenizerEntry("clip", {"vocab.json": "a" * 64, "merges.txt": "b" * 64}) \
         if config.is_text_conditioned else None
+    engine = EngineRecord(component="unet", file="unet.plan", sha256="c" * 64, size=4096,
+                          builder="tensorrt", builder_version="10.13.0", targets=("sm90",),
+                          precision="fp16", profiles=(specs["unet"].profile(),),
+                          onnx_sha256=components["unet"].digest, build_seconds=2.5,
+                          created="2024-05-01T12:30:00+00:00", flags={"refit": False},
+                          key="unet-trt10.13.0-sm90", timing_cache="created")
     return Manifest(name=preset_name, source=f"preset:{preset_name}", random_weights=True,
                     config=config, precision=precision, shape_ranges=ranges, components=components,
                     tokenizer=tokenizer,
-                    engines=({"key": "trt10-sm90", "component": "unet", "profile": {"batch": [1, 2, 8]}},),
+                    engines=(engine,),
                     created="2024-05-01T12:00:00Z")
 
 
@@ -169,7 +176,7 @@ def test_write_refuses_an_invalid_manifest_and_writes_nothing(tmp_path):
     bad = dataclasses.replace(good, components={**good.components, "unet": unet})
     with pytest.raises(BundleError, match=r"refusing.*components\.unet\.file"):
         write_manifest(tmp_path, bad)
-    not_json = dataclasses.replace(good, engines=({"flags": {1, 2}},))
+    not_json = dataclasses.replace(good, engines=(dataclasses.replace(good.engines[0], flags={"x": {1, 2}}),))
     with pytest.raises(BundleError, match=r"engines\[0\]\.flags"):
         write_manifest(tmp_path, not_json)
     assert os.listdir(tmp_path) == []

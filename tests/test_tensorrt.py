@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ldmrt.digest import sha256_file as file_sha256
+from ldmrt.engine_record import EngineRecord, read_engine_record
 from ldmrt.engines import trt_api
-from ldmrt.engines.tensorrt import (CudaDevice, EngineRecord, RuntimeInfo, TensorRTRunner,
-                                    check_engine_record, file_sha256, read_engine_record)
+from ldmrt.engines.tensorrt import CudaDevice, RuntimeInfo, TensorRTRunner, check_engine_record
 from ldmrt.errors import (BackendUnavailableError, ConfigError, CorruptEngineError,
                           EngineBuildError, ShapeError, StaleEngineError)
 from ldmrt.iospec import ComponentSpec, TensorSpec

@@ -205,7 +205,8 @@ def test_a_corrupt_bundle_is_refused(bundle, tmp_path):
 def _with_engines(bundle: Path, out: Path, engines: list[dict]) -> Path:
     """A copy of the bundle whose manifest lists fake UNet engines (oldest first): each dict has
     a key and optionally builder, targets, pick (narrower profile ranges) and onnx (its sha256)."""
-    from ldmrt.engines.tensorrt import EngineRecord, file_sha256
+    from ldmrt.digest import sha256_file as file_sha256
+    from ldmrt.engine_record import EngineRecord
 
     shutil.copytree(bundle, out)
     manifest = load_manifest(out)
@@ -222,7 +223,7 @@ def _with_engines(bundle: Path, out: Path, engines: list[dict]) -> Path:
                               precision="fp32", profiles=(entry.spec.profile(engine.get("pick")),),
                               onnx_sha256=engine.get("onnx", entry.sha256["unet.onnx"]),
                               build_seconds=1.0, created="2026-01-01T00:00:00Z", key=key)
-        records.append(record.to_dict())
+        records.append(record)
         if engine.get("corrupt"):   # same size, other bytes
             plan.write_bytes(plan.read_bytes()[::-1])
     write_manifest(out, replace(manifest, engines=tuple(records)))

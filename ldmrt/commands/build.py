@@ -11,7 +11,7 @@ import typer
 from ldmrt.commands.terminal import comma_list, console, out, size_text, user_errors
 
 if TYPE_CHECKING:   # the heavy modules load inside the command
-    from ldmrt.engines.tensorrt import EngineRecord
+    from ldmrt.engine_record import EngineRecord
     from ldmrt.export.engines import BundleBuildOptions
 
 

@@ -37,7 +37,7 @@ def inspect(path: Path = typer.Argument(..., help="A bundle folder or a checkpoi
                               "-" if entry.parity is None else f"{entry.parity.rel_l2:.1e}")
             out.print(table)
             for record in manifest.engines:
-                out.print(f"engine: {dict(record)}")
+                out.print(f"engine: {record.to_dict()}")
             return
         from ldmrt.checkpoints import describe_checkpoint
         out.print(describe_checkpoint(path, preset=preset_name, yaml=yaml_path), highlight=False)

@@ -1,4 +1,4 @@
-"""TensorRT / TensorRT-RTX runtime: engine records, staleness checks, and a checked runner.
+"""TensorRT / TensorRT-RTX runtime: staleness checks of engine records, and a checked runner.
 
 Lean: numpy, the standard library, the TensorRT module and cuda-python (imported lazily).
 One engine is shared; each thread gets its own execution context, stream and static device
@@ -6,18 +6,17 @@ buffers, so CUDA graphs captured for a shape stay valid across calls.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-import re
 import threading
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
+from ldmrt.engine_record import (EngineRecord, Shape, check_plan, engine_plan_path, engines_for,
+                                 read_engine_record, rebuild_command)
 from ldmrt.engines import trt_api
 from ldmrt.engines.trt_api import TrtApi
 from ldmrt.errors import (BackendUnavailableError, CorruptEngineError, LdmrtError, ShapeError,
@@ -28,75 +27,6 @@ if TYPE_CHECKING:
     from ldmrt.engines.base import BackendRunners
 
 log = logging.getLogger(__name__)
-
-Shape = tuple[int, ...]
-ProfileShapes = dict[str, tuple[Shape, Shape, Shape]]   # input name -> (min, opt, max)
-RECORD_SUFFIX = ".engine.json"
-
-
-# --- engine records ---------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class EngineRecord:
-    """What an engine was built from and for; stored next to the plan as <component>.engine.json."""
-    component: str
-    file: str                          # plan file name, relative to the record's folder
-    sha256: str                        # of the plan file
-    size: int                          # bytes of the plan file
-    builder: str                       # tensorrt | tensorrt-rtx
-    builder_version: str
-    targets: tuple[str, ...]           # ("sm86", "sm89"), ("default",) for RTX, ("ampere+",)
-    precision: str                     # the graph's dtype: fp32 | fp16 | bf16
-    profiles: tuple[ProfileShapes, ...]
-    onnx_sha256: str
-    build_seconds: float
-    created: str                       # ISO 8601, UTC
-    flags: Mapping[str, Any] = field(default_factory=dict)   # refit, weight_streaming, ...
-    key: str = ""                      # the engines/<key>/ folder name
-    timing_cache: str = "none"         # none | created | loaded | ignored
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out["targets"] = list(self.targets)
-        out["profiles"] = [{name: [list(s) for s in shapes] for name, shapes in p.items()}
-                           for p in self.profiles]
-        out["flags"] = dict(self.flags)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "EngineRecord":
-        names = {f.name for f in fields(cls)}
-        missing = [f.name for f in fields(cls) if f.name not in data
-                   and f.name not in ("flags", "key", "timing_cache")]
-        if missing or set(data) - names:
-            raise CorruptEngineError(f"engine record: missing fields {missing}, unknown fields "
-                                     f"{sorted(set(data) - names)}; rebuild the engine")
-        try:
-            profiles = tuple({str(name): tuple(tuple(int(d) for d in s) for s in shapes)
-                              for name, shapes in p.items()} for p in data["profiles"])
-            return cls(**{**data, "targets": tuple(str(t) for t in data["targets"]),
-                          "profiles": profiles, "size": int(data["size"]),
-                          "build_seconds": float(data["build_seconds"]),
-                          "flags": dict(data.get("flags", {}))})
-        except (TypeError, ValueError, AttributeError) as exc:
-            raise CorruptEngineError(f"engine record: {exc}; rebuild the engine") from None
-
-
-def read_engine_record(path: str | Path) -> EngineRecord:
-    """Load <component>.engine.json; CorruptEngineError when it is missing or malformed."""
-    path = Path(path)
-    try:
-        return EngineRecord.from_dict(json.loads(path.read_text()))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CorruptEngineError(f"engine record {path}: {exc}; rebuild the engine") from None
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --- staleness --------------------------------------------------------------------------------
@@ -135,10 +65,6 @@ def _runs_on(targets: Sequence[str], gpu: str) -> bool:
     return False
 
 
-def rebuild_command(record: EngineRecord, bundle: str | Path | None) -> str:
-    return f"ldmrt build {bundle or 'BUNDLE'} --backend {record.builder}"
-
-
 def check_engine_record(record: EngineRecord, runtime: RuntimeInfo, *,
                         onnx_sha256: str | None = None, plan_path: str | Path | None = None,
                         bundle: str | Path | None = None) -> None:
@@ -171,35 +97,10 @@ def check_engine_record(record: EngineRecord, runtime: RuntimeInfo, *,
         raise StaleEngineError(f"{record.component} engine {record.key or record.file} is stale: "
                                f"{'; '.join(stale)}. Rebuild it: {rebuild_command(record, bundle)}")
     if plan_path is not None:
-        plan_path = Path(plan_path)
-        if not plan_path.is_file():
-            raise CorruptEngineError(f"{record.component}: plan {plan_path} is missing; rebuild it: "
-                                     f"{rebuild_command(record, bundle)}")
-        size, sha = plan_path.stat().st_size, None
-        if size == record.size:
-            sha = file_sha256(plan_path)
-        if sha != record.sha256:
-            raise CorruptEngineError(
-                f"{record.component}: plan {plan_path} has size {size} and sha256 "
-                f"{(sha or 'not computed')[:12]}…, its record says size {record.size} and sha256 "
-                f"{record.sha256[:12]}…; rebuild it: {rebuild_command(record, bundle)}")
+        check_plan(record, plan_path, bundle)
 
 
 # --- engines listed in a bundle's manifest ----------------------------------------------------
-
-_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,254}$")
-
-
-def engine_plan_path(bundle: str | Path, record: EngineRecord) -> Path:
-    """BUNDLE/engines/<key>/<file>; CorruptEngineError when the (untrusted) record's key or file
-    name could point outside that folder."""
-    for what, name in (("key", record.key), ("file", record.file)):
-        if not _PLAIN_NAME.match(name) or ".." in name:
-            raise CorruptEngineError(f"{record.component} engine record: {what} {name[:80]!r} is "
-                                     f"not a plain file name; rebuild the engine: "
-                                     f"{rebuild_command(record, bundle)}")
-    return Path(bundle) / "engines" / record.key / record.file
-
 
 def find_engine(bundle_dir: str | Path, component: str, runtime: RuntimeInfo, *,
                 key: str | None = None) -> tuple[EngineRecord, Path]:
@@ -217,17 +118,14 @@ def find_engine(bundle_dir: str | Path, component: str, runtime: RuntimeInfo, *,
     manifest = load_manifest(bundle)
     entry = manifest.component(component)
     onnx_sha = entry.digest
-    candidates = [data for data in reversed(manifest.engines)
-                  if data.get("component") == component and data.get("builder") == runtime.builder
-                  and (key is None or data.get("key") == key)]
+    candidates = engines_for(manifest.engines, component, builder=runtime.builder, key=key)
     if not candidates:
         wanted = f"engine {key}" if key else f"{runtime.builder} engine"
         raise BundleError(f"bundle {bundle}: manifest.json lists no {wanted} for {component}; "
                           f"build one: ldmrt build {bundle} --backend {runtime.builder}")
     first_error: LdmrtError | None = None
-    for data in candidates:
+    for record in candidates:
         try:
-            record = EngineRecord.from_dict(data)
             plan = engine_plan_path(bundle, record)
             check_engine_record(record, runtime, onnx_sha256=onnx_sha, plan_path=plan,
                                 bundle=bundle)

@@ -15,8 +15,8 @@ from typing import Callable
 from ldmrt.atomic import Ownership, describe, foreign_entries, move_into_place, work_folder
 from ldmrt.checkpoints.source import ModelSource, weights_digest
 from ldmrt.config import BertConfig, ClipTextConfig
+from ldmrt.engine_record import RECORD_SUFFIX
 from ldmrt.engines import ort_cache
-from ldmrt.engines.tensorrt import RECORD_SUFFIX
 from ldmrt.errors import BundleError, ConfigError, ExportError, ParityError
 from ldmrt.models.components import ComponentGraph, example_inputs, to_torch
 from ldmrt.export.onnx_graph import MIN_OPSET, export_graph
@@ -225,8 +225,8 @@ def bundle_ownership(folder: Path, manifest: Manifest):
 
     top = {MANIFEST_NAME, *(name for entry in manifest.components.values() for name in entry.files)}
     tokenizer = set(manifest.tokenizer.files) if manifest.tokenizer is not None else set()
-    recorded = {(r.get("key"), r.get("file")) for r in manifest.engines}
-    recorded_keys = {r.get("key") for r in manifest.engines}
+    recorded = {(r.key, r.file) for r in manifest.engines}
+    recorded_keys = {r.key for r in manifest.engines}
     cache = ort_cache.ownership(folder / ort_cache.BUNDLE_CACHE_DIR)
     made = {ENGINES_DIR, ort_cache.BUNDLE_CACHE_DIR} | ({TOKENIZER_DIR} if tokenizer else set())
 

@@ -15,14 +15,15 @@ import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
+from ldmrt.engine_record import (RECORD_SUFFIX, EngineRecord, engine_plan_path, engines_for,
+                                 read_engine_record)
 from ldmrt.engines import trt_api
 from ldmrt.engines.backend import ENGINE_BACKENDS, Backend
-from ldmrt.engines.tensorrt import (RECORD_SUFFIX, EngineRecord, RuntimeInfo, check_engine_record,
-                                    engine_plan_path, read_engine_record)
+from ldmrt.engines.tensorrt import RuntimeInfo, check_engine_record
 from ldmrt.engines.trt_api import TrtApi
-from ldmrt.errors import BundleError, ConfigError, CorruptEngineError, StaleEngineError
+from ldmrt.errors import BundleError, ConfigError, StaleEngineError
 from ldmrt.export.tensorrt import (BuildOptions, EnginePlan, build_engine, check_optimization_level,
                                    plan_engine, resolve_profiles)
 from ldmrt.iospec import ComponentSpec, ShapeRanges, component_specs
@@ -242,41 +243,29 @@ def reusable_engine(bundle: Path, manifest: Manifest, plan: EnginePlan,
                     api: TrtApi) -> EngineRecord | None:
     """The record of an engine with `plan.key` whose plan verifies, from the manifest or (after
     an interrupted build) from engines/<key>/; None when there is none."""
-    sources: list[Any] = [data for data in manifest.engines if data.get("key") == plan.key]
-    on_disk = bundle / "engines" / plan.key / f"{plan.component}{RECORD_SUFFIX}"
-    if on_disk.is_file():
-        sources.append(on_disk)
     runtime = RuntimeInfo(api.name, api.version, None)   # the GPU target is part of the key
-    for source in sources:
+    listed = engines_for(manifest.engines, plan.component, key=plan.key)
+    on_disk = bundle / "engines" / plan.key / f"{plan.component}{RECORD_SUFFIX}"
+    for source in (*listed, on_disk) if on_disk.is_file() else listed:
         try:
-            record = (read_engine_record(source) if isinstance(source, Path)
-                      else EngineRecord.from_dict(source))
-            if record.key != plan.key or record.component != plan.component:
+            record = source if isinstance(source, EngineRecord) else read_engine_record(source)
+            if (record.component, record.key) != (plan.component, plan.key):
                 continue
             check_engine_record(record, runtime, onnx_sha256=plan.facts.sha256,
                                 plan_path=engine_plan_path(bundle, record), bundle=bundle)
             return record
-        except (CorruptEngineError, StaleEngineError) as exc:
+        except (BundleError, StaleEngineError) as exc:    # CorruptEngineError is a BundleError
             log.warning("%s: not reusing engines/%s: %s", plan.component, plan.key, exc)
     return None
 
 
 def record_engine(bundle: Path, manifest: Manifest, record: EngineRecord) -> Manifest:
     """Add `record` to manifest.json (replacing one with the same key), atomically."""
-    same_key = [data for data in manifest.engines if data.get("key") == record.key]
-    if len(same_key) == 1 and _parses_to(same_key[0], record):
+    if engines_for(manifest.engines, key=record.key) == (record,):
         return manifest                        # a reused engine: nothing to write
-    engines = tuple(data for data in manifest.engines if data.get("key") != record.key)
-    updated = replace(manifest, engines=engines + (record.to_dict(),))
+    updated = manifest.with_engine(record)
     write_manifest(bundle, updated)
     return updated
-
-
-def _parses_to(data: Mapping[str, Any], record: EngineRecord) -> bool:
-    try:
-        return EngineRecord.from_dict(data) == record
-    except CorruptEngineError:
-        return False
 
 
 def select_components(manifest: Manifest, components: tuple[str, ...] | None) -> list[str]:

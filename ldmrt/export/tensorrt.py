@@ -23,9 +23,10 @@ from typing import Any, Mapping
 import onnx
 
 from ldmrt.atomic import atomic_write
+from ldmrt.digest import sha256_file
+from ldmrt.engine_record import RECORD_SUFFIX, EngineRecord, ProfileShapes
 from ldmrt.engines import trt_api
 from ldmrt.engines.backend import ENGINE_BACKENDS, Backend
-from ldmrt.engines.tensorrt import RECORD_SUFFIX, EngineRecord, ProfileShapes, file_sha256
 from ldmrt.engines.trt_api import TrtApi
 from ldmrt.errors import ConfigError, EngineBuildError
 from ldmrt.manifest import onnx_digest
@@ -88,7 +89,7 @@ def onnx_sha256(path: str | Path, model: onnx.ModelProto | None = None) -> str:
     locations = sorted({entry.value for tensor in model.graph.initializer
                         if tensor.data_location == onnx.TensorProto.EXTERNAL
                         for entry in tensor.external_data if entry.key == "location"})
-    return onnx_digest([file_sha256(file) for file in [path, *(path.parent / loc for loc in locations)]])
+    return onnx_digest([sha256_file(file) for file in [path, *(path.parent / loc for loc in locations)]])
 
 
 def read_graph_facts(path: str | Path) -> GraphFacts:

@@ -22,14 +22,15 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 from ldmrt.atomic import move_into_place, remove_dead_leftovers, work_folder
+from ldmrt.engine_record import EngineRecord, check_plan, engine_plan_path, engines_for
 from ldmrt.engines.backend import ENGINE_BACKENDS, Backend
 from ldmrt.engines.ort_cache import BUNDLE_CACHE_DIR
-from ldmrt.errors import BundleError, ConfigError
+from ldmrt.errors import BundleError, ConfigError, CorruptEngineError
 from ldmrt.iospec import Component, ComponentSpec, parse_dim
 from ldmrt.manifest import MANIFEST_NAME, ComponentEntry, Manifest, load_manifest, verify_bundle
 from ldmrt.triton.config import (BATCH, DynamicBatching, InstanceGroup, InstanceKind,
@@ -240,7 +241,7 @@ def component_model(bundle: Path, manifest: Manifest, entry: ComponentEntry,
             raise ConfigError(f"{name}: TensorRT engines run on GPUs only; use --kind gpu or auto, "
                               f"or --platform onnxruntime for CPU instances")
         engines, fixed, max_batch = _one_signature(entry, engines, notes)
-        versions = sorted({record["builder_version"] for record, _ in engines})
+        versions = sorted({record.builder_version for record, _ in engines})
         notes.append(f"{entry.name}: TensorRT {', '.join(versions)} engines; serve them with a Triton "
                      f"release whose TensorRT is that version")
     else:
@@ -258,7 +259,7 @@ def component_model(bundle: Path, manifest: Manifest, entry: ComponentEntry,
         cc: dict[str, str] = {}
         default = None
         for record, plan in engines:
-            for target in record["targets"]:
+            for target in record.targets:
                 file = f"{entry.name}.{target.replace('+', '_plus')}.plan"
                 files[file] = plan
                 if target.startswith("sm") and target[2:].isdigit():
@@ -274,50 +275,36 @@ def component_model(bundle: Path, manifest: Manifest, entry: ComponentEntry,
 
 
 def usable_engines(bundle: Path, manifest: Manifest, entry: ComponentEntry
-                   ) -> tuple[list[tuple[Mapping[str, Any], Path]], list[str]]:
+                   ) -> tuple[list[tuple[EngineRecord, Path]], list[str]]:
     """The newest `tensorrt` engine per GPU target built from this ONNX graph with an intact
-    plan file, and why the others were left out (Triton's TensorRT backend cannot run
-    TensorRT-RTX engines)."""
-    from ldmrt.engines.tensorrt import EngineRecord, engine_plan_path, file_sha256
-    from ldmrt.errors import CorruptEngineError
-
-    onnx_sha = entry.digest
-    engines: list[tuple[Mapping[str, Any], Path]] = []
+    plan file (its record's targets narrowed to those it serves), and why the others were left
+    out (Triton's TensorRT backend cannot run TensorRT-RTX engines)."""
+    engines: list[tuple[EngineRecord, Path]] = []
     served: set[str] = set()                       # GPU targets that already have a plan
     skipped: list[str] = []
-    for data in reversed(manifest.engines):        # newest first: it wins its targets
-        if data.get("component") != entry.name:
-            continue
-        key = data.get("key", "?")
-        if data.get("builder") != "tensorrt":
-            skipped.append(f"engine {key} is a {data.get('builder')} engine, which Triton's "
-                           f"TensorRT backend cannot load")
-            continue
-        try:
-            record = EngineRecord.from_dict(data)
-            plan = engine_plan_path(bundle, record)
-        except CorruptEngineError as exc:
-            skipped.append(f"engine {key}: {exc}")
-            continue
+    for record in engines_for(manifest.engines, entry.name):   # newest first: it wins its targets
         targets = tuple(t for t in record.targets if t not in served)
-        if record.onnx_sha256 != onnx_sha:
-            skipped.append(f"engine {key} was built from another ONNX graph (stale)")
-        elif not targets:
-            continue                               # newer engines serve all its targets: no hashing
-        elif not plan.is_file() or plan.stat().st_size != record.size:
-            skipped.append(f"engine {key}: plan {plan} is missing or has the wrong size")
-        elif file_sha256(plan) != record.sha256:
-            skipped.append(f"engine {key}: plan {plan} does not match the sha256 in its record (corrupt)")
-        else:
+        if record.builder != Backend.TENSORRT.value:
+            skipped.append(f"engine {record.key} is a {record.builder} engine, which Triton's "
+                           f"TensorRT backend cannot load")
+        elif record.onnx_sha256 != entry.digest:
+            skipped.append(f"engine {record.key} was built from another ONNX graph (stale)")
+        elif targets:                              # else newer engines serve all its targets
+            plan = engine_plan_path(bundle, record)
+            try:
+                check_plan(record, plan, bundle)
+            except CorruptEngineError as exc:
+                skipped.append(str(exc))
+                continue
             served.update(targets)
-            engines.append(({**record.to_dict(), "targets": targets}, plan))
+            engines.append((replace(record, targets=targets), plan))
     return engines, skipped
 
 
-def engine_shapes(spec: ComponentSpec, record: Mapping[str, Any]) -> tuple[dict[str, int], int]:
+def engine_shapes(spec: ComponentSpec, record: EngineRecord) -> tuple[dict[str, int], int]:
     """(symbols the engine's profiles pin to one value, the largest batch they accept)."""
     spans: dict[str, tuple[int, int]] = {}
-    for profile in record["profiles"]:
+    for profile in record.profiles:
         for tensor in spec.inputs:
             if tensor.name not in profile:
                 continue
@@ -342,8 +329,8 @@ def _one_signature(entry: ComponentEntry, engines, notes: list[str]):
         if pins == pinned:
             kept.append((record, plan))
         else:
-            notes.append(f"{entry.name}: engine {record.get('key')} left out: its profiles fix "
-                         f"{pins or 'no shape'}, the newest engine {engines[0][0].get('key')} fixes "
+            notes.append(f"{entry.name}: engine {record.key} left out: its profiles fix "
+                         f"{pins or 'no shape'}, the newest engine {engines[0][0].key} fixes "
                          f"{pinned or 'no shape'}, and one Triton model has one shape signature")
     return kept, pinned, min(engine_shapes(entry.spec, record)[1] for record, _ in kept)
 
