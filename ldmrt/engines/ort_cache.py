@@ -30,13 +30,14 @@ import os
 import platform
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 from ldmrt.atomic import Ownership, describe, foreign_entries, move_into_place, work_folder
+from ldmrt.digest import sha256_file
 from ldmrt.errors import BundleError
-from ldmrt.manifest import sha256_file
+from ldmrt.manifest_reader import COMPONENT_NAME, MAX_STRING, Reader, join_path
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ RECORD = "record.json"
 GRAPH = "graph.onnx"
 ENTRY_FILES = (RECORD, GRAPH, f"{GRAPH}.data")      # the names ldmrt writes in an entry folder
 SCHEMA = 2                                           # 2: each file's sha256 (1: sizes only)
+MAX_RECORD_BYTES = 1 << 20
 _ENTRY_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}-[0-9a-f]{16}$")     # <component>-<key digest>
 # CPU features that change what ORT_ENABLE_ALL writes (NCHWc block size, integer and bf16 kernels).
 _ISA_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
@@ -64,6 +66,69 @@ class CacheKey:
     def digest(self) -> str:
         text = json.dumps(asdict(self), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class FileFacts:
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class CacheRecord:
+    """record.json: the graph, onnxruntime and CPU an entry was made for, and its files."""
+    component: str
+    key: CacheKey
+    files: Mapping[str, FileFacts]             # file name in the entry folder -> size, sha256
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, "component": self.component,
+                "key": {**asdict(self.key), "isa": list(self.key.isa)},
+                "files": {name: asdict(facts) for name, facts in self.files.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Any, origin: str = "<in memory>") -> "CacheRecord":
+        return parse_cache_record(Reader(origin, RECORD, kind="ORT cache entry"), data, "<root>")
+
+
+def parse_cache_record(reader: Reader, data: Any, where: str) -> CacheRecord:
+    """Every field checked (BundleError naming it): an entry is used only when its record parses."""
+    def at(*keys: str) -> str:
+        path = where
+        for key in keys:
+            path = join_path(path, key)
+        return path
+
+    reader.json_value(data, where)
+    reader.record(data, where, ("schema", "component", "key", "files"))
+    if data["schema"] != SCHEMA:
+        reader.fail(at("schema"), f"{SCHEMA} (a record of this ldmrt)", data["schema"])
+    key = reader.record(data["key"], at("key"), tuple(f.name for f in fields(CacheKey)))
+    if not isinstance(key["machine"], str) or len(key["machine"]) > MAX_STRING:
+        reader.fail(at("key", "machine"), "a machine name (platform.machine())", key["machine"])
+    cache_key = CacheKey(graph_sha256=reader.sha256(key["graph_sha256"], at("key", "graph_sha256")),
+                         onnxruntime=reader.string(key["onnxruntime"], at("key", "onnxruntime")),
+                         machine=key["machine"],
+                         isa=tuple(reader.string(flag, join_path(at("key", "isa"), i)) for i, flag
+                                   in enumerate(reader.sequence(key["isa"], at("key", "isa")))),
+                         level=reader.string(key["level"], at("key", "level")))
+    files = {}
+    for name, facts in reader.mapping(data["files"], at("files")).items():
+        reader.file_name(name, at("files"))
+        reader.record(facts, at("files", name), ("size", "sha256"))
+        files[name] = FileFacts(size=reader.integer(facts["size"], at("files", name, "size")),
+                                sha256=reader.sha256(facts["sha256"], at("files", name, "sha256")))
+    if GRAPH not in files:
+        reader.fail(at("files"), f"an object listing {GRAPH}", sorted(files))
+    return CacheRecord(component=reader.string(data["component"], at("component"), COMPONENT_NAME,
+                                               "a component name"),
+                       key=cache_key, files=files)
+
+
+def read_cache_record(folder: Path) -> CacheRecord:
+    """An entry's record.json; BundleError naming the file and the field when it is not one."""
+    reader = Reader(str(folder), RECORD, kind="ORT cache entry")
+    return parse_cache_record(reader, reader.read_file(MAX_RECORD_BYTES), "<root>")
 
 
 def cpu_isa() -> tuple[str, ...]:
@@ -125,24 +190,18 @@ def _record_problem(folder: Path, component: str, key: CacheKey) -> tuple[str | 
     if folder.is_symlink() or not folder.is_dir():
         return "not a folder", {}
     try:
-        record = json.loads((folder / RECORD).read_text())
-        files = {str(name): (int(facts["size"]), str(facts["sha256"]))
-                 for name, facts in dict(record["files"]).items()}
-        if record["schema"] != SCHEMA:
-            return f"record schema {record['schema']!r}, expected {SCHEMA}", {}
-        if record["component"] != component or record["key"] != json.loads(json.dumps(asdict(key))):
-            return "made for another graph, onnxruntime or CPU", {}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        return f"no readable {RECORD}: {type(exc).__name__}", {}
-    if GRAPH not in files:
-        return f"the record lists no {GRAPH}", {}
-    for name, (size, _) in files.items():
+        record = read_cache_record(folder)
+    except BundleError as exc:
+        return str(exc), {}
+    if record.component != component or record.key != key:
+        return "made for another graph, onnxruntime or CPU", {}
+    for name, facts in record.files.items():
         path = folder / name
-        if path.parent != folder or path.is_symlink() or not path.is_file():
+        if path.is_symlink() or not path.is_file():
             return f"{name}: missing or not a plain file", {}
-        if path.stat().st_size != size:
-            return f"{name}: {path.stat().st_size} bytes, the record says {size}", {}
-    return None, {name: digest for name, (_, digest) in files.items()}
+        if path.stat().st_size != facts.size:
+            return f"{name}: {path.stat().st_size} bytes, the record says {facts.size}", {}
+    return None, {name: facts.sha256 for name, facts in record.files.items()}
 
 
 def _digest_problem(folder: Path, digests: dict[str, str]) -> str | None:
@@ -162,9 +221,8 @@ def ownership(cache: Path):
     def record_files(entry: str) -> set[str]:
         if entry not in listed:
             try:
-                names = dict(json.loads((cache / entry / RECORD).read_text())["files"])
-                listed[entry] = {str(name) for name in names if "/" not in str(name)}
-            except (OSError, ValueError, KeyError, TypeError):
+                listed[entry] = set(read_cache_record(cache / entry).files)
+            except BundleError:
                 listed[entry] = set()
         return listed[entry]
 
@@ -322,14 +380,14 @@ def _staging(cache: GraphCache) -> Path:
 def _commit(stage: Path, cache: GraphCache) -> None:
     """Record the written files (size, sha256) and rename the staging folder into place: a new
     entry, or in place of a damaged one that holds only ldmrt's files; a sound entry stays."""
-    files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
+    files = {p.name: FileFacts(p.stat().st_size, sha256_file(p))
              for p in sorted(stage.iterdir()) if p.is_file()}
     if GRAPH not in files:
         log.info("%s: ONNX Runtime wrote no optimized graph; nothing cached", cache.component)
         shutil.rmtree(stage, ignore_errors=True)
         return
-    record = {"schema": SCHEMA, "component": cache.component, "key": asdict(cache.key), "files": files}
-    (stage / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    record = CacheRecord(cache.component, cache.key, files)
+    (stage / RECORD).write_text(json.dumps(record.to_dict(), indent=2, sort_keys=True) + "\n")
     final = entry_folder(cache.folder, cache.component, cache.key)
 
     def replaceable(folder: Path) -> None:

@@ -67,7 +67,7 @@ def check_repository(repo: str | Path) -> dict[str, Any]:
 def _check_group(repo: Path, pipeline: str, configs: dict[str, Any], summary: dict[str, Any],
                  dtype_name) -> list[str]:
     """One pipeline model and the component models of its prefix, against its bundle's manifest."""
-    from ldmrt.triton.ownership import read_marker
+    from ldmrt.triton.ownership import marker_group
 
     prefix = pipeline.removesuffix("pipeline")
     params = {k: v.string_value for k, v in configs[pipeline].parameters.items()}
@@ -79,7 +79,7 @@ def _check_group(repo: Path, pipeline: str, configs: dict[str, Any], summary: di
               if name != Component.DENOISE_STEP}      # the update graph is not a Triton model
     expected = {f"{prefix}{name}" for name in served} | {pipeline}
     for extra in sorted(set(configs) - expected):
-        if (read_marker(repo / extra) or {}).get("group") == pipeline:
+        if marker_group(repo / extra) == pipeline:
             problems.append(f"{repo}/{extra}: a model of {pipeline} that its manifest does not have")
     for name, entry in served.items():
         model = f"{prefix}{name}"

@@ -15,37 +15,96 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from ldmrt.atomic import Ownership, atomic_write
+from ldmrt.digest import sha256_file
 from ldmrt.engines.ort_cache import BUNDLE_CACHE_DIR
 from ldmrt.engines.ort_cache import ownership as ort_cache_ownership
-from ldmrt.errors import ConfigError
-from ldmrt.manifest import sha256_file
+from ldmrt.errors import BundleError, ConfigError
+from ldmrt.manifest_reader import Reader, join_path
 
 MARKER = ".ldmrt-model.json"
 FORMAT = 1
+WRITTEN_BY = "ldmrt triton"
+MAX_MARKER_BYTES = 16 * 2**20   # a model folder's listing: a few kB for a bundle copy
 _SHOWN = 5            # paths named in a refusal; the rest are counted
+
+
+@dataclass(frozen=True)
+class ModelMarker:
+    """MARKER: what ldmrt wrote in a model folder, and the group (pipeline model) it belongs to.
+
+    contents: relative path -> {size, sha256} (a file), {link} (its target), {dir: true} or
+    {other: file type} (anything else), as `_contents` lists the folder."""
+    group: str
+    contents: Mapping[str, Mapping[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "written_by": WRITTEN_BY, "group": self.group,
+                "contents": {relative: dict(entry) for relative, entry in self.contents.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Any, origin: str = "<in memory>") -> "ModelMarker":
+        return parse_marker(Reader(origin, MARKER, kind="Triton model folder"), data, "<root>")
+
+
+def parse_marker(reader: Reader, data: Any, where: str) -> ModelMarker:
+    """Every field checked (BundleError naming it)."""
+    reader.json_value(data, where)
+    reader.record(data, where, ("format", "written_by", "group", "contents"))
+    if data["format"] != FORMAT:
+        reader.fail(join_path(where, "format"), f"{FORMAT}", data["format"])
+    reader.choice(data["written_by"], join_path(where, "written_by"), (WRITTEN_BY,))
+    group = reader.string(data["group"], join_path(where, "group"))
+    at = join_path(where, "contents")
+    contents = {}
+    for relative, entry in reader.mapping(data["contents"], at).items():
+        reader.string(relative, at, expected="relative paths as keys")
+        contents[relative] = _parse_entry(reader, entry, join_path(at, relative))
+    return ModelMarker(group=group, contents=contents)
+
+
+def _parse_entry(reader: Reader, entry: Any, where: str) -> dict[str, Any]:
+    """One entry of `_contents`: {link}, {dir: true}, {other} or a file's {size, sha256}."""
+    entry = reader.mapping(entry, where, minimum=1)
+    if "link" in entry:
+        reader.record(entry, where, ("link",))
+        return {"link": reader.string(entry["link"], join_path(where, "link"))}
+    if "dir" in entry:
+        reader.record(entry, where, ("dir",))
+        if entry["dir"] is not True:
+            reader.fail(join_path(where, "dir"), "true", entry["dir"])
+        return {"dir": True}
+    if "other" in entry:
+        reader.record(entry, where, ("other",))
+        return {"other": reader.integer(entry["other"], join_path(where, "other"))}
+    reader.record(entry, where, ("size", "sha256"))
+    return {"size": reader.integer(entry["size"], join_path(where, "size")),
+            "sha256": reader.sha256(entry["sha256"], join_path(where, "sha256"))}
 
 
 def record_model(folder: Path, group: str, digests: dict[tuple[int, int], str]) -> None:
     """Write `folder`'s marker: what it holds now. `digests` caches sha256 by inode, so the hard
     links between the pipeline's bundle copy and the component models are read once."""
-    document = {"format": FORMAT, "written_by": "ldmrt triton", "group": group,
-                "contents": _contents(folder, digests)}
-    atomic_write(folder / MARKER, (json.dumps(document, indent=1, sort_keys=True) + "\n").encode())
+    marker = ModelMarker(group, _contents(folder, digests))
+    atomic_write(folder / MARKER, (json.dumps(marker.to_dict(), indent=1, sort_keys=True) + "\n").encode())
 
 
-def read_marker(folder: Path) -> dict[str, Any] | None:
-    """The marker of a model folder ldmrt wrote; None when there is none (or it is not ldmrt's)."""
+def read_marker(folder: Path) -> ModelMarker | None:
+    """The marker of a model folder ldmrt wrote; None when there is none (or it is not ldmrt's:
+    a marker that does not parse does not prove ldmrt wrote the folder)."""
+    reader = Reader(str(folder), MARKER, kind="Triton model folder")
     try:
-        document = json.loads((folder / MARKER).read_text())
-    except (OSError, ValueError):
+        return parse_marker(reader, reader.read_file(MAX_MARKER_BYTES), "<root>")
+    except BundleError:
         return None
-    if not isinstance(document, dict) or document.get("format") != FORMAT \
-            or not isinstance(document.get("contents"), dict) or not isinstance(document.get("group"), str):
-        return None
-    return document
+
+
+def marker_group(folder: Path) -> str | None:
+    """The group of the model folder ldmrt wrote at `folder`; None when it is not one."""
+    marker = read_marker(folder)
+    return None if marker is None else marker.group
 
 
 def foreign_paths(folder: Path, contents: bool = True) -> list[str]:
@@ -55,14 +114,14 @@ def foreign_paths(folder: Path, contents: bool = True) -> list[str]:
     marker = read_marker(folder)
     if marker is None:
         return [f"<no {MARKER}: not written by ldmrt>"]
-    recorded = marker["contents"]
+    recorded = marker.contents
     served = _written_by_serving(folder)
     found = []
     for relative, entry in _contents(folder, {}, hash_files=False).items():
         expected = recorded.get(relative)
         if expected is None and served(relative, "dir" in entry):
             continue                         # ldmrt's runtime wrote it while the model served
-        if not isinstance(expected, dict) or {k: v for k, v in expected.items() if k != "sha256"} != entry:
+        if expected is None or {k: v for k, v in expected.items() if k != "sha256"} != entry:
             found.append(relative)           # added, or another kind, size or link target
         elif contents and "sha256" in expected and sha256_file(folder / relative) != expected["sha256"]:
             found.append(relative)           # same size, other bytes: the user's edit
@@ -85,7 +144,7 @@ def claim_models(repo: Path, names: list[str], group: str, force: bool) -> Claim
     existing = [name for name in names if os.path.lexists(repo / name)]
     stale = sorted(child.name for child in repo.iterdir()
                    if child.name not in names and not child.is_symlink() and child.is_dir()
-                   and (read_marker(child) or {}).get("group") == group)
+                   and marker_group(child) == group)
     if (existing or stale) and not force:
         raise ConfigError(f"out {repo}: models {existing + stale} already exist; pass --force to "
                           f"replace the models ldmrt wrote (other models and files stay as they are)",
