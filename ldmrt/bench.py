@@ -35,6 +35,7 @@ from ldmrt.bench_reference import diffusers_coverage
 from ldmrt.engines import trt_api
 from ldmrt.engines.backend import Backend, names
 from ldmrt.errors import BackendUnavailableError, ConfigError
+from ldmrt.iospec import Component
 from ldmrt.writable import check_folder_writable
 
 SCHEMA = "ldmrt-bench/1"
@@ -120,7 +121,7 @@ def check_options(options: BenchOptions, manifest) -> None:
     _check_device(options.device)
     if not options.cases:
         raise ConfigError("cases: expected at least one (size, batch) case", field="cases")
-    unet = manifest.component("unet").spec
+    unet = manifest.component(Component.UNET).spec
     factor = manifest.config.downsampling_factor
     low, high = unet.ranges["latent_height"][0] * factor, unet.ranges["latent_height"][2] * factor
     max_batch = manifest.shape_ranges.max_batch
@@ -285,7 +286,7 @@ class _ContenderRunner:
         if self.pipeline is None:
             row["end_to_end"] = measure(lambda: self.impl.generate(case), options.warmup, options.repeat, self.sync)
             row["images_per_s"] = case.batch / (row["end_to_end"]["median_ms"] / 1e3)
-            row["unet"] = measure(lambda: self.impl.unet_call(case), options.warmup, options.repeat, self.sync)
+            row[Component.UNET] = measure(lambda: self.impl.unet_call(case), options.warmup, options.repeat, self.sync)
             return row
         from ldmrt.runtime.pipeline import GenerationRequest
 
@@ -303,14 +304,14 @@ class _ContenderRunner:
         row["images_per_s"] = case.batch / (row["end_to_end"]["median_ms"] / 1e3)
         row["components"] = self._components(case)
         measured = timings[options.warmup:]
-        unet_ms = row["components"]["unet"]["median_ms"]
+        unet_ms = row["components"][Component.UNET]["median_ms"]
         evaluations = _evaluations(case, self.pipeline)
         denoise = statistics.median(t["denoise"] for t in measured) * 1e3
         # Loop overhead: time in the denoising loop not spent inside the UNet. The numpy loop times
         # each UNet call; the fused torch loop does not, so there it is estimated from the separate
         # UNet measurement (noisy: can come out negative on a loaded CPU).
-        timed = "unet" in measured[0]
-        inside = (statistics.median(t["unet"] for t in measured) * 1e3 if timed else unet_ms * evaluations)
+        timed = Component.UNET in measured[0]
+        inside = (statistics.median(t[Component.UNET] for t in measured) * 1e3 if timed else unet_ms * evaluations)
         row["loop_overhead_basis"] = "timed" if timed else "estimated"
         row["denoise_ms"] = denoise
         row["loop_overhead_ms_per_step"] = (denoise - inside) / evaluations
@@ -323,9 +324,9 @@ class _ContenderRunner:
         out = {}
         guided = case.guidance > 1.0        # diffusers' rule: no unconditional half at <= 1
         for name, runner in self.pipeline.runners.items():
-            if name == "vae_encoder":
+            if name == Component.VAE_ENCODER:
                 continue
-            batch = case.batch * (2 if guided and name in ("unet", "text_encoder") else 1)
+            batch = case.batch * (2 if guided and name in (Component.UNET, Component.TEXT_ENCODER) else 1)
             f = self.pipeline.config.downsampling_factor
             values = {"batch": batch, "latent_height": case.size // f, "latent_width": case.size // f}
             feeds = example_inputs(self.pipeline.config, runner.spec, values, seed=0)
@@ -399,8 +400,8 @@ def merge_contender(runs: list[dict]) -> dict:
         rows = [r["cases"][i] for r in runs]
         case = {"case": first["case"], "end_to_end": merge_rounds([r["end_to_end"] for r in rows])}
         case["images_per_s"] = first["case"]["batch"] / (case["end_to_end"]["median_ms"] / 1e3)
-        if "unet" in first:
-            case["unet"] = merge_rounds([r["unet"] for r in rows])
+        if Component.UNET in first:
+            case[Component.UNET] = merge_rounds([r[Component.UNET] for r in rows])
         if "components" in first:
             case["components"] = {name: merge_rounds([r["components"][name] for r in rows])
                                   for name in first["components"]}
@@ -434,8 +435,8 @@ def ratios(results: list[dict], baseline: str) -> list[dict]:
             case = result["cases"][i]
             row = {"case": base_case["case"], "contender": result["contender"],
                    "end_to_end_speedup": base_case["end_to_end"]["median_ms"] / case["end_to_end"]["median_ms"]}
-            unet = case.get("components", {}).get("unet") or case.get("unet")
-            base_unet = base_case.get("components", {}).get("unet") or base_case.get("unet")
+            unet = case.get("components", {}).get(Component.UNET) or case.get(Component.UNET)
+            base_unet = base_case.get("components", {}).get(Component.UNET) or base_case.get(Component.UNET)
             if unet and base_unet:
                 row["unet_speedup"] = base_unet["median_ms"] / unet["median_ms"]
             rows.append(row)

@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from ldmrt.commands.terminal import console, out, user_errors
+from ldmrt.iospec import Component
 
 
 def bench(
@@ -48,7 +49,7 @@ def bench(
         batch_list = _ints(batch, "--batch", allow_empty=False)
         manifest = load_manifest(bundle)
         f = manifest.config.downsampling_factor
-        size_list = size_list or [manifest.component("unet").spec.ranges["latent_height"][1] * f]
+        size_list = size_list or [manifest.component(Component.UNET).spec.ranges["latent_height"][1] * f]
         if compare is None:
             compare = "torch-eager" + ("" if diffusers_coverage(manifest.config) else ",diffusers")
         contenders = parse_contenders(backend, baselines=False) + parse_contenders(compare, baselines=True)
@@ -75,7 +76,7 @@ def bench(
                 continue
             for row in result["cases"]:
                 case = row["case"]
-                unet = row.get("components", {}).get("unet") or row.get("unet")
+                unet = row.get("components", {}).get(Component.UNET) or row.get(Component.UNET)
                 ratio = speed.get((result["contender"], case["size"], case["batch"]), {})
                 table.add_row(result["contender"], str(case["size"]), str(case["batch"]),
                               f"{row['end_to_end']['median_ms']:.0f}", f"{row['end_to_end']['p90_ms']:.0f}",

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from ldmrt.commands.terminal import choice, comma_list, console, out, size_text, user_errors
+from ldmrt.iospec import Component
 
 
 def export(
@@ -70,16 +71,16 @@ def export(
         int8 = result.manifest.precision == Precision.INT8
         for name, entry in result.manifest.components.items():
             parity = entry.parity
-            quantized = int8 and name == "unet"
+            quantized = int8 and name == Component.UNET
             table.add_row(name, "int8" if quantized else entry.dtype, size_text(entry.size_bytes),
                           "not run" if parity is None else f"{parity.rel_l2:.2e}",
                           "" if parity is None else f"{parity.tolerance:g}",
                           "" if parity is None else ("fp32 onnx" if quantized else
-                                                     "numpy" if name == "denoise_step" else "torch"),
+                                                     "numpy" if name == Component.DENOISE_STEP else "torch"),
                           f"{result.seconds.get(name, 0):.1f}")
         out.print(table)
-        if int8 and "unet" in result.manifest.components:
-            parity = result.manifest.component("unet").parity
+        if int8 and Component.UNET in result.manifest.components:
+            parity = result.manifest.component(Component.UNET).parity
             if parity is not None:
                 out.print(f"unet int8 (static QDQ) parity, rel L2 per call vs the {parity.reference}",
                           highlight=False)

@@ -16,7 +16,7 @@ from typing import Iterable, Mapping, Protocol
 import numpy as np
 
 from ldmrt.engines.backend import Backend
-from ldmrt.iospec import ComponentSpec
+from ldmrt.iospec import Component, ComponentSpec
 from ldmrt.manifest import Manifest, verify_bundle
 from ldmrt.sampling.denoise import Denoiser, NumpyDenoiser
 
@@ -38,7 +38,7 @@ class BackendRunners:
     @classmethod
     def with_numpy_loop(cls, runners: dict[str, ComponentRunner]) -> "BackendRunners":
         """The runners with the reference loop over their UNet runner (guidance, update on the host)."""
-        unet = runners.get("unet")
+        unet = runners.get(Component.UNET)
         return cls(runners, None if unet is None else NumpyDenoiser(unet, unet.spec))
 
 

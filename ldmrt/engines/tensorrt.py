@@ -21,7 +21,7 @@ from ldmrt.engines import trt_api
 from ldmrt.engines.trt_api import TrtApi
 from ldmrt.errors import (BackendUnavailableError, CorruptEngineError, LdmrtError, ShapeError,
                           StaleEngineError)
-from ldmrt.iospec import ComponentSpec, GraphTensor
+from ldmrt.iospec import Component, ComponentSpec, GraphTensor
 
 if TYPE_CHECKING:
     from ldmrt.engines.base import BackendRunners
@@ -474,15 +474,18 @@ def open_tensorrt(bundle: Path, manifest: Any, components: Sequence[str], *, bac
 
     api = trt_api.load(backend)
     runtime = RuntimeInfo.detect(backend, allow_version_compatible=allow_version_compatible)
+    # Every engine is found and checked before CUDA is touched: a missing or stale engine is
+    # the error a user can act on (`ldmrt build`), whatever else this machine lacks.
+    found = {name: find_engine(bundle, name, runtime) for name in components}
     device = device if device is not None else CudaDevice()
 
     def load(name: str) -> TensorRTRunner:
-        record, plan_path = find_engine(bundle, name, runtime)
+        record, plan_path = found[name] if name in found else find_engine(bundle, name, runtime)
         return TensorRTRunner(plan_path.read_bytes(), api, device=device, cuda_graphs=cuda_graphs,
                               allow_version_compatible=allow_version_compatible, name=name,
                               rebuild=rebuild_command(record, bundle))
 
     runners = {name: _ComponentEngine(manifest.component(name).spec, load(name)) for name in components}
-    unet = runners.get("unet")
+    unet = runners.get(Component.UNET)
     return BackendRunners(runners, None if unet is None else
                           open_denoiser(manifest, unet, load, cuda_graphs=cuda_graphs))

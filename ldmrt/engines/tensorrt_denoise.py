@@ -23,13 +23,13 @@ import numpy as np
 from ldmrt.engines import trt_api
 from ldmrt.errors import (BackendUnavailableError, BundleError, CorruptEngineError, LdmrtError,
                           ShapeError)
-from ldmrt.iospec import ComponentSpec, GraphTensor
+from ldmrt.iospec import Component, ComponentSpec, GraphTensor
 from ldmrt.sampling.denoise import (MAX_HISTORY, STEP_TABLE_COLUMNS, DenoiseJob, DenoiseResult,
                                     Denoiser, NumpyDenoiser, StepCallback, step_table)
 
 log = logging.getLogger(__name__)
 
-STEP_COMPONENT = "denoise_step"
+STEP_COMPONENT = Component.DENOISE_STEP
 PAST = MAX_HISTORY - 1                 # x_{i-1} .. x_{i-4} and m_{i-1} .. m_{i-4}
 UNET_STATE = ("sample", "timestep")    # the UNet inputs the update graph writes each step
 STEP_INPUTS = {"latents": "float32", "model_output": None, "past_latents": "float32",

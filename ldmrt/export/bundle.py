@@ -60,7 +60,7 @@ def export_bundle(source: ModelSource, out: Path, options: ExportOptions = Expor
     _check_destination(out, options.force)
     config = source.model.config
     ranges = options.shape_ranges or ShapeRanges.for_model(config)
-    fp32 = frozenset({"vae_decoder"}) if options.fp32_vae_decoder else frozenset()
+    fp32 = frozenset({Component.VAE_DECODER}) if options.fp32_vae_decoder else frozenset()
     specs = component_specs(config, ranges, options.precision, fp32)
     names = options.components or tuple(specs)
     unknown = [n for n in names if n not in specs]
@@ -79,7 +79,7 @@ def export_bundle(source: ModelSource, out: Path, options: ExportOptions = Expor
     seconds: dict[str, float] = {}
     try:
         tokenizer = None
-        if source.write_tokenizer is not None and "text_encoder" in names:
+        if source.write_tokenizer is not None and Component.TEXT_ENCODER in names:
             # First: a missing tokenizer fails before minutes of export, not after.
             (work / TOKENIZER_DIR).mkdir()
             kind = source.write_tokenizer(work / TOKENIZER_DIR)
@@ -138,7 +138,7 @@ def _export_component(model: LatentDiffusion, spec, work: Path, options: ExportO
                 f"{spec.name}: ONNX Runtime vs PyTorch relative L2 {parity.rel_l2:.3g} exceeds the "
                 f"{graph_dtype} tolerance {parity.tolerance:g} (max abs {parity.max_abs:.3g}, "
                 f"shapes {dict(parity.shapes)}); no bundle written")
-    if options.precision == Precision.INT8 and spec.name == "unet":
+    if options.precision == Precision.INT8 and spec.name == Component.UNET:
         report(spec.name, "quantizing to int8 (calibration, parity vs fp32)")
         parity = quantize_unet(path, model, spec, options.int8).parity_record()
     report(spec.name, "hashing")

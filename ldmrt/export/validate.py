@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ldmrt.config import ModelConfig
-from ldmrt.iospec import ComponentSpec, Precision
+from ldmrt.iospec import Component, ComponentSpec, Precision
 from ldmrt.manifest import ParityRecord
 from ldmrt.models.components import example_inputs, to_torch
 
@@ -16,7 +16,7 @@ from ldmrt.models.components import example_inputs, to_torch
 TOLERANCE = {Precision.FP32: 1e-5, Precision.FP16: 1e-2, Precision.BF16: 5e-2}
 # The full-size VAE decoder (83M parameters, 512 px) accumulates ~1e-5 of fp32 round-off between
 # ONNX Runtime and PyTorch (measured 9.1e-6 for sd15 at 256x512); its fp32 gate is wider.
-FP32_COMPONENT_FACTOR = {"vae_decoder": 5.0}
+FP32_COMPONENT_FACTOR = {Component.VAE_DECODER: 5.0}
 
 
 def tolerance(component: str, precision: Precision) -> float:

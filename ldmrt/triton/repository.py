@@ -213,7 +213,7 @@ def request_limits(manifest: Manifest, max_cost: float) -> dict[str, Any]:
     clients and the probe): steps per sampler, image sides in pixels, images per request."""
     from ldmrt.sampling import SAMPLERS, max_steps
 
-    spec = manifest.component("unet").spec
+    spec = manifest.component(Component.UNET).spec
     f = manifest.config.downsampling_factor
     scheduler = manifest.config.scheduler
     sides = {side: [spec.ranges[f"latent_{side}"][0] * f, spec.ranges[f"latent_{side}"][1] * f,
