@@ -384,6 +384,7 @@ def write_checkpoint(model: LatentDiffusion, out: Path) -> tuple[Path, str]:
         dtype = "float16"
     path = out / f"{model.config.name}.safetensors"
     save_file(state, str(path), metadata={"format": "pt", "ldmrt": "scripts/train_digits.py"})
+    path.chmod(0o644)            # safetensors writes 0600; the file ships as package data
     (out / f"{model.config.name}.yaml").write_text(yaml.safe_dump(compvis_yaml(model.config), sort_keys=False))
     return path, dtype
 
