@@ -13,7 +13,8 @@ from ldmrt.iospec import Component
 
 
 def export(
-    source: str = typer.Argument("tiny", help="A preset name (random weights) or a checkpoint path."),
+    source: str = typer.Argument("digits", help="A built-in trained model (digits, digits-vq), a preset name "
+                                              "(random weights) or a checkpoint path."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Bundle folder to create."),
     precision: str = typer.Option("fp32", help="fp32 | fp16 | bf16 (graph precision) | int8 (CPU: int8 UNet)."),
     components: Optional[str] = typer.Option(None, help="Comma list, e.g. unet,vae_decoder (default: all)."),
@@ -36,6 +37,7 @@ def export(
     with user_errors():
         from rich.table import Table
 
+        from ldmrt.checkpoints.builtin import BUILTIN_NAMES, builtin_source
         from ldmrt.commands.build import build_after_export, check_engine_backend
         from ldmrt.config import PRESETS
         from ldmrt.export.bundle import ExportOptions, export_bundle, preset_source
@@ -43,7 +45,11 @@ def export(
 
         precision_value = choice(Precision, precision, "--precision")
         engine = None if engine is None else check_engine_backend(engine)   # before minutes of export
-        if source in PRESETS:
+        if source in BUILTIN_NAMES and not Path(source).exists():
+            model_source = builtin_source(source)          # a trained model shipped with ldmrt
+            console.print(f"built-in model {source!r}: trained here on scikit-learn's digits "
+                          f"({model_source.source})")
+        elif source in PRESETS:
             model_source = preset_source(source, seed)
             console.print(f"[bold yellow]preset {source!r}: RANDOM weights (seed {seed}) — "
                           f"outputs are noise; pass a checkpoint path for a real model[/]")

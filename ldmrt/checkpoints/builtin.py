@@ -1,0 +1,40 @@
+"""The trained built-in models that ship with ldmrt (ldmrt/builtin/, made by scripts/train_digits.py).
+
+Each is a real checkpoint layout — `<name>.safetensors` + its CompVis `<name>.yaml` (+ a
+`tokenizer/` folder) — exported through exactly the path a user's checkpoint takes; the name is
+only a shortcut for its files. Their training records sit beside them (`<name>-training.json`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ldmrt.checkpoints.source import ModelSource, checkpoint_source
+from ldmrt.errors import CheckpointError
+
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "builtin" / "digits"
+BUILTIN_NAMES = ("digits", "digits-vq")
+
+
+def builtin_files(name: str) -> tuple[Path, Path, Path | None]:
+    """(checkpoint, yaml, tokenizer folder or None) of built-in model `name`."""
+    if name not in BUILTIN_NAMES:
+        raise CheckpointError(f"built-in model {name!r}: expected one of {list(BUILTIN_NAMES)}", field="source")
+    checkpoint, yaml = BUILTIN_DIR / f"{name}.safetensors", BUILTIN_DIR / f"{name}.yaml"
+    if not checkpoint.is_file() or not yaml.is_file():
+        raise CheckpointError(f"built-in model {name!r}: {checkpoint.name} and {yaml.name} are missing from "
+                              f"{BUILTIN_DIR} (an incomplete install?); reinstall ldmrt, or train it with "
+                              f"scripts/train_digits.py --model {name}", field="source")
+    tokenizer = BUILTIN_DIR / "tokenizer"
+    return checkpoint, yaml, tokenizer if tokenizer.is_dir() and name == "digits" else None
+
+
+def available_builtins() -> tuple[str, ...]:
+    """The built-in names whose files are installed here."""
+    return tuple(n for n in BUILTIN_NAMES
+                 if (BUILTIN_DIR / f"{n}.safetensors").is_file() and (BUILTIN_DIR / f"{n}.yaml").is_file())
+
+
+def builtin_source(name: str) -> ModelSource:
+    """What `ldmrt export NAME` exports for a built-in name: its checkpoint, loaded strictly."""
+    checkpoint, yaml, tokenizer = builtin_files(name)
+    return checkpoint_source(checkpoint, yaml=yaml, tokenizer=tokenizer)
