@@ -85,12 +85,35 @@ def test_an_unknown_or_missing_builtin_is_refused_by_name(monkeypatch, tmp_path)
     assert available_builtins() == ()
 
 
-def test_digits_vq_draws_the_class_it_is_given(tmp_path, judge) -> None:
+@pytest.fixture(scope="module")
+def digits_vq_bundle(tmp_path_factory) -> Path:
     from ldmrt.export.bundle import ExportOptions, export_bundle
 
-    bundle = export_bundle(builtin_source("digits-vq"), tmp_path / "digits-vq", ExportOptions()).path
-    pipeline = Pipeline.load(bundle, "onnxruntime", threads=2)
+    return export_bundle(builtin_source("digits-vq"), tmp_path_factory.mktemp("builtin") / "digits-vq",
+                         ExportOptions()).path
+
+
+def test_digits_vq_draws_the_class_it_is_given(digits_vq_bundle, judge) -> None:
+    pipeline = Pipeline.load(digits_vq_bundle, "onnxruntime", threads=2)
     labels = [2, 5, 6, 9]
     request = GenerationRequest(class_labels=labels, steps=20, guidance=3.0, seed=0, batch=4, height=32, width=32)
     found = accuracy(judge.read(pipeline.generate(request).images), labels)
     assert found["digit"] >= 0.75, found
+
+
+@pytest.mark.parametrize("name", ["digits", "digits-vq"])
+def test_tensorrt_rtx_builds_every_component_of_both_models(name, digits_bundle, digits_vq_bundle) -> None:
+    from ldmrt.engine_record import engine_plan_path
+    from ldmrt.engines import trt_api
+    from ldmrt.manifest import load_manifest
+
+    if not trt_api.available(trt_api.TENSORRT_RTX):
+        pytest.skip("needs TensorRT-RTX (CI installs it)")
+    bundle = digits_bundle if name == "digits" else digits_vq_bundle
+    result = CliRunner().invoke(app, ["build", str(bundle), "--backend", "tensorrt-rtx"])
+    assert result.exit_code == 0, result.output
+    manifest = load_manifest(bundle)
+    built = {record.component for record in manifest.engines if record.builder == "tensorrt-rtx"}
+    assert built == set(manifest.components), (built, set(manifest.components))
+    for record in manifest.engines:
+        assert engine_plan_path(bundle, record).stat().st_size == record.size
