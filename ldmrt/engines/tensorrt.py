@@ -310,11 +310,15 @@ class TensorRTRunner:
             if array.ndim != rank:
                 raise ShapeError(f"{self.name}.{tensor.name}: expected {rank} dimensions, found "
                                  f"shape {list(array.shape)}")
+        return self.profile_for({name: tuple(a.shape) for name, a in arrays.items()})
+
+    def profile_for(self, shapes: Mapping[str, Sequence[int]]) -> int:
+        """The first optimization profile every input shape fits; ShapeError naming them otherwise."""
         for index in range(len(self.inputs[0].profiles) if self.inputs else 1):
-            if all(self._fits(t, arrays[t.name].shape, index) for t in self.inputs):
+            if all(self._fits(t, shapes[t.name], index) for t in self.inputs):
                 return index
         ranges = {t.name: [(list(lo), list(hi)) for lo, _, hi in t.profiles] for t in self.inputs}
-        found = {name: list(a.shape) for name, a in arrays.items()}
+        found = {t.name: list(shapes[t.name]) for t in self.inputs}
         raise ShapeError(f"{self.name}: input shapes {found} fit no optimization profile of the "
                          f"engine (min, max per profile: {ranges}); rebuild with a wider profile")
 

@@ -68,8 +68,7 @@ class EngineRunner(Protocol):
 
     def _require(self, ok: Any, what: str, error: type[LdmrtError] = BackendUnavailableError) -> None: ...
 
-    @staticmethod
-    def _fits(tensor: Any, shape: Sequence[int], profile: int) -> bool: ...
+    def profile_for(self, shapes: Mapping[str, Sequence[int]]) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -290,7 +289,7 @@ class TensorRTDenoiser:
             worker.states.move_to_end(key)
             return state
         shapes = self._shapes(key)
-        profiles = (_profile(self.unet, shapes), _profile(self.step, shapes))
+        profiles = (self.unet.profile_for(shapes), self.step.profile_for(shapes))
         while len(worker.states) >= self.max_shapes:
             self._release(worker, worker.states.popitem(last=False)[1])
         buffers: dict[str, _Buffer] = {}
@@ -379,18 +378,6 @@ def _check_engines(unet: EngineRunner, step: EngineRunner) -> dict[str, EngineTe
     for tensor in (*step.inputs, *step.outputs):
         tensors.setdefault(tensor.name, tensor)     # model_output: one buffer, the UNet's output
     return tensors
-
-
-def _profile(runner: EngineRunner, shapes: Mapping[str, Shape]) -> int:
-    """The first optimization profile of `runner`'s engine that every input shape fits."""
-    count = len(runner.inputs[0].profiles) if runner.inputs else 1
-    for index in range(count):
-        if all(runner._fits(t, shapes[t.name], index) for t in runner.inputs):
-            return index
-    ranges = {t.name: [(list(lo), list(hi)) for lo, _, hi in t.profiles] for t in runner.inputs}
-    found = {t.name: list(shapes[t.name]) for t in runner.inputs}
-    raise ShapeError(f"{runner.name}: input shapes {found} fit no optimization profile of the "
-                     f"engine (min, max per profile: {ranges}); rebuild with a wider profile")
 
 
 def _numpy_dtype(info: EngineTensor) -> np.dtype:
