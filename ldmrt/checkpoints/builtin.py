@@ -6,6 +6,7 @@ only a shortcut for its files. Their training records sit beside them (`<name>-t
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ldmrt.checkpoints.source import ModelSource, checkpoint_source
@@ -24,8 +25,15 @@ def builtin_files(name: str) -> tuple[Path, Path, Path | None]:
         raise CheckpointError(f"built-in model {name!r}: {checkpoint.name} and {yaml.name} are missing from "
                               f"{BUILTIN_DIR} (an incomplete install?); reinstall ldmrt, or train it with "
                               f"scripts/train_digits.py --model {name}", field="source")
-    tokenizer = BUILTIN_DIR / "tokenizer"
-    return checkpoint, yaml, tokenizer if tokenizer.is_dir() and name == "digits" else None
+    # The model's own training record says which files are its (a class-conditional one has no tokenizer).
+    record = BUILTIN_DIR / f"{name}-training.json"
+    try:
+        tokenizer = json.loads(record.read_text())["checkpoint"]["tokenizer"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"built-in model {name!r}: {record} is missing or unreadable ({exc}); reinstall "
+                              f"ldmrt, or train it with scripts/train_digits.py --model {name}",
+                              field="source") from None
+    return checkpoint, yaml, None if tokenizer is None else BUILTIN_DIR / tokenizer
 
 
 def available_builtins() -> tuple[str, ...]:
