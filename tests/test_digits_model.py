@@ -62,7 +62,7 @@ def test_trains_writes_and_exports_through_the_checkpoint_loader(td, pool, name,
     scale = td.latent_scale(model.config.autoencoder.kind, encodings, seed=0)
     model.config = dataclasses.replace(model.config, scale_factor=scale)
     losses, ema = td.train_diffusion(model, pool, encodings, settings, tokenizer_dir)
-    model.unet.load_state_dict(ema)
+    td.load_ema(model, ema)
     assert len(ae_losses) == 5 and len(losses) == 5 and np.isfinite(ae_losses + losses).all()
     trained = model.state_dict()
     conditioner = "transformer.token_emb.weight" if name == "digits" else "embedding.weight"
@@ -139,3 +139,33 @@ def test_latent_scale_is_one_over_std(td):
     vq = torch.randn(64, 4, 8, 8, generator=generator) * 2.0
     expected = 1 / vq.flatten().std().item()
     assert td.latent_scale(AutoencoderKind.VQ, vq, seed=0) == pytest.approx(expected, rel=1e-6)
+
+
+def test_learning_rate_warms_up_then_decays_to_its_floor(td) -> None:
+    settings = td.Settings(lr=1e-3, warmup_steps=100, final_lr_share=0.05)
+    assert td.learning_rate(settings, 0, 0.0) == pytest.approx(1e-5)
+    assert td.learning_rate(settings, 99, 0.0) == pytest.approx(1e-3)
+    assert td.learning_rate(settings, 500, 0.5) == pytest.approx(1e-3 * (0.05 + 0.95 * 0.5))
+    assert td.learning_rate(settings, 900, 1.0) == pytest.approx(5e-5)
+    assert td.learning_rate(settings, 900, 3.0) == pytest.approx(5e-5)      # past the budget: the floor
+    rates = [td.learning_rate(settings, s, s / 1000) for s in range(100, 1000, 50)]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+
+
+def test_the_ema_covers_the_conditioner_as_well_as_the_unet(td, pool, tmp_path) -> None:
+    torch.manual_seed(0)
+    from ldmrt.digits.prompts import VOCABULARY
+    tokenizer_dir = tmp_path / "tokenizer"
+    model = td.LatentDiffusion(td.model_config("digits", len(td.write_tokenizer(tokenizer_dir, list(VOCABULARY)))))
+    encodings = td.encode_pool(model, pool.images)
+    start = {k: v.clone() for k, v in model.conditioner.state_dict().items()}
+    losses, ema = td.train_diffusion(model, pool, encodings, td.Settings(batch=4, steps=3, warmup_steps=1),
+                                     tokenizer_dir)
+    assert {k.split(".")[0] for k in ema} == {"unet", "conditioner"}
+    last = {k: v.clone() for k, v in model.conditioner.state_dict().items()}
+    td.load_ema(model, ema)
+    loaded = model.conditioner.state_dict()
+    key = "transformer.token_emb.weight"
+    # the averaged conditioner lies between its start and its last step, equal to neither
+    assert not torch.equal(loaded[key], last[key]) and not torch.equal(loaded[key], start[key])
+    assert all(torch.equal(loaded[k], ema["conditioner." + k]) for k in loaded)
