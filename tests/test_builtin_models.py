@@ -68,6 +68,20 @@ def test_the_prompted_digit_is_what_an_independent_classifier_reads(digits_bundl
     assert other["digit"] >= 0.75, other
 
 
+COLOUR_PAIRS = (("red", "white"), ("blue", "yellow"), ("white", "black"), ("green", "white"))
+
+
+def test_coloured_prompts_get_their_digit_ink_and_background(digits_bundle, judge) -> None:
+    # the default run's slice of the grid (benchmarks/digits_accuracy.py): each digit once, in one of
+    # four colour pairs, light ink on dark backgrounds among them
+    pipeline = Pipeline.load(digits_bundle, "onnxruntime", threads=2)
+    cases = [(d, *COLOUR_PAIRS[d % 4]) for d in range(10)]
+    images = np.concatenate([draw(pipeline, [f"a {ink} {d} on a {background} background" for d, ink, background
+                                              in cases[i:i + 4]], seed=5) for i in range(0, 10, 4)])
+    found = accuracy(judge.read(images), [c[0] for c in cases], [c[1] for c in cases], [c[2] for c in cases])
+    assert found["digit"] >= BOUND and found["ink"] >= 0.95 and found["background"] >= 0.95, found
+
+
 def test_the_torch_backend_draws_the_same_digits(digits_bundle) -> None:
     prompts = [prompt_for(d) for d in (1, 7)]
     reference = draw(Pipeline.load(digits_bundle, "onnxruntime", threads=2), prompts, seed=3)
