@@ -131,3 +131,24 @@ def test_tensorrt_rtx_builds_every_component_of_both_models(name, digits_bundle,
     assert built == set(manifest.components), (built, set(manifest.components))
     for record in manifest.engines:
         assert engine_plan_path(bundle, record).stat().st_size == record.size
+
+
+def test_int8_calibrates_digits_on_its_own_prompts_at_its_own_size(tmp_path) -> None:
+    from ldmrt.checkpoints.builtin import domain_prompts
+    from ldmrt.errors import ConfigError
+    from ldmrt.export.bundle import ExportOptions, export_bundle
+    from ldmrt.export.quantize import Int8Options, read_report
+    from ldmrt.iospec import Precision
+
+    result = export_bundle(builtin_source("digits"), tmp_path / "int8", ExportOptions(precision=Precision.INT8))
+    calibration = read_report(result.path / "unet.onnx").calibration
+    prompts = domain_prompts()
+    assert calibration["prompts"] == list(prompts[:2]) and calibration["parity_prompt"] == prompts[-1]
+    assert calibration["parity_prompt"] not in prompts[:-1]
+    ranges = result.manifest.shape_ranges
+    assert calibration["latent_size"] == [ranges.opt_size // 4] * 2     # the size generation runs at
+    with pytest.raises(ConfigError, match="calibration_prompts") as raised:
+        Int8Options(calibration_prompts="a 3")
+    assert raised.value.field == "calibration_prompts"
+    with pytest.raises(ConfigError, match="parity_prompt"):
+        Int8Options(parity_prompt=3)

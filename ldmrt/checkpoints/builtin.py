@@ -6,6 +6,7 @@ only a shortcut for its files. Their training records sit beside them (`<name>-t
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -43,6 +44,19 @@ def available_builtins() -> tuple[str, ...]:
 
 
 def builtin_source(name: str) -> ModelSource:
-    """What `ldmrt export NAME` exports for a built-in name: its checkpoint, loaded strictly."""
+    """What `ldmrt export NAME` exports for a built-in name: its checkpoint, loaded strictly, with
+    prompts of its own data set for int8 calibration (text-conditioned models)."""
     checkpoint, yaml, tokenizer = builtin_files(name)
-    return checkpoint_source(checkpoint, yaml=yaml, tokenizer=tokenizer)
+    source = checkpoint_source(checkpoint, yaml=yaml, tokenizer=tokenizer)
+    if tokenizer is None:
+        return source
+    return dataclasses.replace(source, prompts=domain_prompts())
+
+
+def domain_prompts() -> tuple[str, ...]:
+    """Calibration prompts from the digits data set's templates (plain, worded, light ink on dark
+    and dark on light), then one held out for the parity run."""
+    from ldmrt.digits.prompts import DIGIT_WORDS, prompt_for
+
+    return (prompt_for(3), f"the digit {DIGIT_WORDS[7]} in white on black", prompt_for(5, "yellow", "blue"),
+            prompt_for(0, "red", "white"), prompt_for(8, "green", "white"))

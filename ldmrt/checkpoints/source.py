@@ -35,6 +35,9 @@ class ModelSource:
     random_weights: bool
     write_tokenizer: Callable[[Path], str] | None = None   # folder -> tokenizer kind
     record: SourceRecord | None = None             # how to load the weights again (the torch backend)
+    # Prompts in the model's own domain, when known (a built-in model's): int8 calibration uses
+    # all but the last, its held-out parity run the last. None: generic prompts.
+    prompts: tuple[str, ...] | None = None
 
 
 def weights_digest(model: torch.nn.Module) -> str:

@@ -58,6 +58,7 @@ def export_bundle(source: ModelSource, out: Path, options: ExportOptions = Expor
     """Export, validate, then move the finished bundle into `out` (nothing half-written on failure)."""
     out = Path(out).absolute()
     _check_destination(out, options.force)
+    options = dataclasses.replace(options, int8=_int8_options(options.int8, source.prompts))
     config = source.model.config
     ranges = options.shape_ranges or ShapeRanges.for_model(config)
     fp32 = frozenset({Component.VAE_DECODER}) if options.fp32_vae_decoder else frozenset()
@@ -108,6 +109,17 @@ def export_bundle(source: ModelSource, out: Path, options: ExportOptions = Expor
         shutil.rmtree(work, ignore_errors=True)
         raise
     return ExportResult(manifest=manifest, path=out, seconds=seconds)
+
+
+def _int8_options(int8: Int8Options, prompts: tuple[str, ...] | None) -> Int8Options:
+    """int8 calibration on the source's own prompts (all but the last; the last is the held-out
+    parity run), unless the options name their own."""
+    if prompts is None or int8.calibration_prompts is not None or int8.parity_prompt is not None:
+        return int8
+    if len(prompts) < 2 or not all(isinstance(p, str) for p in prompts):
+        raise ConfigError(f"prompts {prompts!r}: expected at least two strings (calibration, then the held-out "
+                          f"parity prompt)", field="prompts")
+    return dataclasses.replace(int8, calibration_prompts=tuple(prompts[:-1]), parity_prompt=prompts[-1])
 
 
 def _source_record(source: ModelSource) -> SourceRecord | None:
