@@ -2,7 +2,6 @@
 the bundle they name, and the report's ratios and cold-start arithmetic follow from its samples."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import pytest
 
 from ldmrt.export.bundle import ExportOptions, export_bundle, preset_source
 from ldmrt.iospec import Precision
+from tests.modules import load_file
 
 pytest.importorskip("onnxruntime")
 REPO = Path(__file__).resolve().parents[1]
@@ -19,11 +19,7 @@ SCRIPT = REPO / "benchmarks" / "cpu_speed.py"
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("ldmrt_cpu_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_file(SCRIPT, "ldmrt_cpu_speed")
 
 
 @pytest.fixture(scope="module")

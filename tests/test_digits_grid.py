@@ -5,12 +5,11 @@ result is benchmarks/results/digits_accuracy.json and the README's table. The de
 the grid's own pieces: which images each row asks for, and how it scores them."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from tests.modules import load_file
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("sklearn")
@@ -20,11 +19,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "digits_accuracy.p
 
 @pytest.fixture(scope="module")
 def grid():
-    spec = importlib.util.spec_from_file_location("ldmrt_digits_grid", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module       # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    return load_file(SCRIPT, "ldmrt_digits_grid")
 
 
 def test_the_grid_covers_what_issue_16_asks_for(grid) -> None:

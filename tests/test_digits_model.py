@@ -8,8 +8,6 @@ diffusers' DDPMScheduler for the noise schedule, and the runtime tokenizer for t
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ from ldmrt.config import AutoencoderKind, BertConfig, ClassEmbedderConfig
 from ldmrt.errors import ConfigError
 from ldmrt.export.bundle import ExportOptions, export_bundle
 from ldmrt.tokenizer import load_tokenizer
+from tests.modules import load_file
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("sklearn")
@@ -30,11 +29,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_digits.py"
 
 @pytest.fixture(scope="module")
 def td():
-    spec = importlib.util.spec_from_file_location("ldmrt_train_digits", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module       # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    return load_file(SCRIPT, "ldmrt_train_digits")
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import pytest
 from ldmrt.engines import trt_api
 from ldmrt.engines.backend import ENGINE_BACKENDS, Backend
 from ldmrt.errors import ConfigError
+from tests.modules import load_file
 
 RTX = pytest.mark.skipif(not trt_api.available(trt_api.TENSORRT_RTX),
                          reason="TensorRT-RTX is not installed")
@@ -388,10 +389,7 @@ def test_cli_export_engine_not_installed_is_refused_before_the_export(tmp_path, 
 
 
 def test_the_markdown_table_reads_reports_with_nulls():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_report", Path(__file__).parent.parent / "benchmarks" / "report.py")
-    bench_report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_report)
+    bench_report = load_file(Path(__file__).parent.parent / "benchmarks" / "report.py", "bench_report")
     stats = {"median_ms": None, "p90_ms": None}
     data = {"bundle": {"name": "tiny", "precision": "fp32"}, "ratios": [], "results": [
         {"contender": "onnxruntime", "status": "ok", "peak_rss_mib": None, "cases": [

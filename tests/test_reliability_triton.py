@@ -25,6 +25,7 @@ from ldmrt.triton.config import InstanceGroup, InstanceKind
 from ldmrt.triton.ownership import MARKER
 from ldmrt.triton.repository import PipelineModelOptions, RepositoryOptions, write_repository
 from tests.test_triton import triton_env  # noqa: F401  (the one fixture: skips, or fails under LDMRT_REQUIRE_TRITON=1)
+from tests.modules import load_file
 
 CPU = InstanceGroup(1, InstanceKind.CPU)
 CPU_OPTIONS = RepositoryOptions(instances=CPU, pipeline=PipelineModelOptions(instances=CPU, threads=1))
@@ -284,15 +285,12 @@ def test_bounded_options_are_usage_errors_before_any_work(bundle, tmp_path, args
 
 def _load_model(repo: Path, monkeypatch):
     """REPO's model.py, run with the stand-in for Triton's pb_utils from test_triton.py."""
-    import importlib.util
     import sys
 
     from tests.test_triton import _fake_pb_utils
 
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
-    spec = importlib.util.spec_from_file_location("ldmrt_reliability_model", repo / "pipeline" / "1" / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_file(repo / "pipeline" / "1" / "model.py", "ldmrt_reliability_model")
     model = module.TritonPythonModel()
     config = json.loads(json.dumps({"name": "pipeline", "parameters": {
         k: {"string_value": v} for k, v in {"backend": "onnxruntime", "bundle": "bundle", "verify": "false",

@@ -6,7 +6,6 @@ loaded pipeline serves many threads. docs/robustness.md maps every row to the te
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import logging
 import os
@@ -35,6 +34,7 @@ from ldmrt.manifest import (MANIFEST_NAME, TOKENIZER_DIR, ComponentEntry, load_m
                             write_manifest)
 from ldmrt.runtime.pipeline import GenerationRequest, Pipeline
 from ldmrt.sampling import make_plan
+from tests.modules import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 PROPERTY = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow], max_examples=30)
@@ -593,11 +593,7 @@ def test_float_weights_of_other_widths_are_cast_and_non_finite_ones_named(tiny_s
 # --- concurrency ------------------------------------------------------------------------------
 
 def load_soak():
-    spec = importlib.util.spec_from_file_location("ldmrt_soak", REPO / "benchmarks" / "soak.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module          # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    return load_file(REPO / "benchmarks" / "soak.py", "ldmrt_soak")
 
 
 def test_one_pipeline_serves_many_threads_correctly_in_flat_memory(bundle, pipeline) -> None:

@@ -16,7 +16,6 @@ as CI sets it).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -39,6 +38,7 @@ from ldmrt.triton.config import (DynamicBatching, InstanceGroup, InstanceKind, T
 from ldmrt.triton.repository import (ComponentPlatform, FileMode, PipelineModelOptions,
                                      RepositoryOptions, write_repository)
 from ldmrt.triton.server import TritonEnvironment, TritonServer, TritonServerError
+from tests.modules import load_file
 
 CPU = InstanceGroup(1, InstanceKind.CPU)
 CPU_OPTIONS = RepositoryOptions(instances=CPU, pipeline=PipelineModelOptions(instances=CPU))
@@ -365,9 +365,7 @@ def _request(**inputs) -> dict:
 def test_pipeline_model_in_process_matches_the_pipeline_api(bundle, repo, monkeypatch):
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
     path = repo / "pipeline" / "1" / "model.py"
-    spec = importlib.util.spec_from_file_location("ldmrt_triton_model_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_file(path, "ldmrt_triton_model_under_test")
     model = module.TritonPythonModel()
     config = {"parameters": {k: {"string_value": v} for k, v in
                              {"backend": "onnxruntime", "bundle": "bundle", "verify": "true"}.items()}}
