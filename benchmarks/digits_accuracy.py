@@ -33,6 +33,7 @@ from ldmrt.checkpoints.builtin import builtin_source
 from ldmrt.iospec import Precision
 from ldmrt.digits import DIGIT_WORDS, DigitJudge, accuracy
 from ldmrt.digits.data import digit_images, render, split_indices
+from ldmrt.engines.backend import Backend
 from ldmrt.export.bundle import ExportOptions, export_bundle
 from ldmrt.runtime.pipeline import GenerationRequest, Pipeline
 
@@ -47,8 +48,8 @@ class Row:
     """One line of the grid: which bundle, how it samples, which prompts."""
     name: str
     model: str = "digits"                  # or "digits-vq" (class labels)
-    backend: str = "onnxruntime"
-    precision: str = "fp32"
+    backend: Backend = Backend.ONNXRUNTIME
+    precision: Precision = Precision.FP32
     sampler: str = "ddim"
     steps: int = 20
     guidance: float = 7.5
@@ -70,16 +71,16 @@ GRID: tuple[Row, ...] = (
     Row("fp32 plain"), Row("fp32 word", prompts="word"), Row("fp32 coloured", prompts="coloured"),
     Row("fp32 plain, guidance 1", guidance=1.0), Row("fp32 word, guidance 1", prompts="word", guidance=1.0),
     Row("fp32 coloured, guidance 1", prompts="coloured", guidance=1.0),
-    Row("fp16 plain", precision="fp16"), Row("fp16 coloured", precision="fp16", prompts="coloured"),
-    Row("int8 plain", precision="int8"), Row("int8 coloured", precision="int8", prompts="coloured"),
-    Row("torch plain", backend="torch"), Row("torch coloured", backend="torch", prompts="coloured"),
+    Row("fp16 plain", precision=Precision.FP16), Row("fp16 coloured", precision=Precision.FP16, prompts="coloured"),
+    Row("int8 plain", precision=Precision.INT8), Row("int8 coloured", precision=Precision.INT8, prompts="coloured"),
+    Row("torch plain", backend=Backend.TORCH), Row("torch coloured", backend=Backend.TORCH, prompts="coloured"),
     *(Row(f"sampler {s}", sampler=s, steps=n) for s, n in SAMPLER_STEPS.items() if s != "ddim"),
     Row("batch 4", batch=4), Row("batch 4 coloured", batch=4, prompts="coloured"),
     Row("img2img 0.8", prompts="img2img"),
     Row("vq labels", model="digits-vq", prompts="labels"),
     Row("vq labels, guidance 1", model="digits-vq", prompts="labels", guidance=1.0),
-    Row("vq int8 labels", model="digits-vq", precision="int8", prompts="labels"),
-    Row("vq torch labels", model="digits-vq", backend="torch", prompts="labels"),
+    Row("vq int8 labels", model="digits-vq", precision=Precision.INT8, prompts="labels"),
+    Row("vq torch labels", model="digits-vq", backend=Backend.TORCH, prompts="labels"),
 )
 ROW_NAMES = tuple(row.name for row in GRID)
 
@@ -150,7 +151,8 @@ def judge_row(judge: DigitJudge, row: Row, cases: list[Case], images: np.ndarray
                       inks if any(inks) else None, backgrounds if any(backgrounds) else None)
     colours = [v for v in (result["ink"], result["background"]) if v is not None]
     meets = result["digit"] >= DIGIT_BOUND and all(v >= COLOUR_BOUND for v in colours)
-    return {**asdict(row), **{k: result[k] for k in ("images", "digit", "ink", "background", "all",
+    fields = {k: getattr(v, "value", v) for k, v in asdict(row).items()}     # enums as their names on disk
+    return {**fields, **{k: result[k] for k in ("images", "digit", "ink", "background", "all",
                                                      "mean_confidence", "per_digit")},
             "meets_bounds": meets if row.bounded else None}
 
@@ -166,23 +168,23 @@ class Bundles:
 
     def __init__(self, work: Path, log: Callable[[str], None]):
         self.work, self.log = work, log
-        self._paths: dict[tuple[str, str], Path] = {}
-        self._pipelines: dict[tuple[str, str, str], Pipeline] = {}
+        self._paths: dict[tuple[str, Precision], Path] = {}
+        self._pipelines: dict[tuple[str, Precision, Backend], Pipeline] = {}
         self.int8_reports: dict[str, dict] = {}
 
-    def pipeline(self, model: str, precision: str, backend: str) -> Pipeline:
+    def pipeline(self, model: str, precision: Precision, backend: Backend) -> Pipeline:
         key = (model, precision, backend)
         if key not in self._pipelines:
-            self._pipelines[key] = Pipeline.load(self.path(model, precision), backend)
+            self._pipelines[key] = Pipeline.load(self.path(model, precision), backend.value)
         return self._pipelines[key]
 
-    def path(self, model: str, precision: str) -> Path:
+    def path(self, model: str, precision: Precision) -> Path:
         if (model, precision) not in self._paths:
             start = time.perf_counter()
-            result = export_bundle(builtin_source(model), self.work / f"{model}-{precision}",
-                                   ExportOptions(precision=Precision(precision)))
-            self.log(f"exported {model} {precision} in {time.perf_counter() - start:.1f} s")
-            if precision == "int8":
+            result = export_bundle(builtin_source(model), self.work / f"{model}-{precision.value}",
+                                   ExportOptions(precision=precision))
+            self.log(f"exported {model} {precision.value} in {time.perf_counter() - start:.1f} s")
+            if precision == Precision.INT8:
                 from ldmrt.export.quantize import read_report
                 report = read_report(result.path / "unet.onnx")
                 self.int8_reports[model] = asdict(report)
@@ -210,9 +212,9 @@ def run_grid(rows: tuple[Row, ...], seeds: int, work: Path,
             f"{'ok' if result['meets_bounds'] else 'BELOW' if result['meets_bounds'] is False else '(unbounded)'}")
     reduced = {}
     for row, images in images_of.items():
-        if row.precision == "fp32" or row.backend != "onnxruntime":
+        if row.precision == Precision.FP32 or row.backend != Backend.ONNXRUNTIME:
             continue
-        reference = next((r for r in images_of if r.precision == "fp32" and r.backend == "onnxruntime"
+        reference = next((r for r in images_of if r.precision == Precision.FP32 and r.backend == Backend.ONNXRUNTIME
                           and (r.model, r.prompts, r.sampler, r.steps, r.guidance, r.batch)
                           == (row.model, row.prompts, row.sampler, row.steps, row.guidance, row.batch)), None)
         if reference is None:
@@ -282,9 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ldmrt-digits-grid-") as work:
         report = run_grid(rows, args.seeds, Path(work))
         if not args.no_sheet:
-            bundle = Path(work) / "digits-fp32"
+            bundle = Path(work) / f"digits-{Precision.FP32.value}"
             contact_sheet(Pipeline.load(bundle if bundle.exists() else export_bundle(
-                builtin_source("digits"), bundle, ExportOptions()).path, "onnxruntime"), args.sheet)
+                builtin_source("digits"), bundle, ExportOptions()).path, Backend.ONNXRUNTIME.value), args.sheet)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     partial = args.out.with_suffix(".json.partial")
     partial.write_text(json.dumps(report, indent=1) + "\n")

@@ -26,15 +26,17 @@ def test_the_grid_covers_what_issue_16_asks_for(grid) -> None:
     rows = grid.GRID
     assert len({r.name for r in rows}) == len(rows)
     bounded = [r for r in rows if r.bounded]
-    assert {r.precision for r in bounded if r.model == "digits"} == {"fp32", "fp16", "int8"}
-    assert {r.backend for r in bounded} == {"onnxruntime", "torch"}
+    from ldmrt.engines.backend import Backend
+    from ldmrt.iospec import Precision
+    assert {r.precision for r in bounded if r.model == "digits"} == {Precision.FP32, Precision.FP16, Precision.INT8}
+    assert {r.backend for r in bounded} == {Backend.ONNXRUNTIME, Backend.TORCH}
     from ldmrt.config import SAMPLERS
     assert {r.sampler for r in bounded} == set(SAMPLERS)          # every sampler
     assert any(r.batch > 1 for r in bounded) and any(r.prompts == "img2img" for r in bounded)
     assert any(r.model == "digits-vq" and r.prompts == "labels" for r in bounded)
     for kind in ("plain", "coloured", "labels"):                  # guidance 1 beside 7.5
-        assert {r.guidance for r in rows if r.prompts == kind and r.precision == "fp32"
-                and r.backend == "onnxruntime" and r.batch == 1} == {1.0, 7.5}
+        assert {r.guidance for r in rows if r.prompts == kind and r.precision == Precision.FP32
+                and r.backend == Backend.ONNXRUNTIME and r.batch == 1} == {1.0, 7.5}
 
 
 def test_cases_ask_for_every_digit_and_img2img_starts_from_another(grid) -> None:
