@@ -152,3 +152,23 @@ def test_int8_calibrates_digits_on_its_own_prompts_at_its_own_size(tmp_path) -> 
     assert raised.value.field == "calibration_prompts"
     with pytest.raises(ConfigError, match="parity_prompt"):
         Int8Options(parity_prompt=3)
+
+
+def test_int8_calibration_size_can_be_the_smallest(tmp_path) -> None:
+    from ldmrt.errors import ConfigError
+    from ldmrt.export.quantize import Int8Options, read_report
+
+    out = tmp_path / "int8-min"
+    result = CliRunner().invoke(app, ["export", "digits", "--out", str(out), "--precision", "int8",
+                                      "--int8-calibration-size", "min"])
+    assert result.exit_code == 0, result.output
+    calibration = read_report(out / "unet.onnx").calibration
+    ranges = json.loads((out / "manifest.json").read_text())["shape_ranges"]
+    assert calibration["size"] == "min" and calibration["latent_size"] == [ranges["min_size"] // 4] * 2
+    refused = CliRunner().invoke(app, ["export", "digits", "--out", str(tmp_path / "x"), "--precision", "int8",
+                                       "--int8-calibration-size", "huge"])
+    assert refused.exit_code == 2 and "--int8-calibration-size 'huge': expected one of" in refused.output
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ConfigError, match="calibration_size") as raised:
+        Int8Options(calibration_size="huge")
+    assert raised.value.field == "calibration_size"

@@ -32,6 +32,8 @@ def export(
     tokenizer_dir: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer folder for a single file."),
     no_strict: bool = typer.Option(False, "--no-strict", help="Load despite missing/unexpected weights (warned)."),
     engine: Optional[str] = typer.Option(None, "--engine", help="Then build engines: tensorrt | tensorrt-rtx."),
+    int8_calibration_size: str = typer.Option(
+        "opt", help="int8: calibrate at the optimal size (most accurate there) or min (less memory and time)."),
 ) -> None:
     """Export a model to an ONNX bundle with dynamic shapes, validated against PyTorch."""
     with user_errors():
@@ -41,9 +43,11 @@ def export(
         from ldmrt.commands.build import build_after_export, check_engine_backend
         from ldmrt.config import PRESETS
         from ldmrt.export.bundle import ExportOptions, export_bundle, preset_source
+        from ldmrt.export.quantize import CalibrationSize, Int8Options
         from ldmrt.iospec import Precision, ShapeRanges
 
         precision_value = choice(Precision, precision, "--precision")
+        calibration_size = choice(CalibrationSize, int8_calibration_size, "--int8-calibration-size")
         engine = None if engine is None else check_engine_backend(engine)   # before minutes of export
         if source in BUILTIN_NAMES and not Path(source).exists():
             model_source = builtin_source(source)          # a trained model shipped with ldmrt
@@ -65,7 +69,8 @@ def export(
                              max_size=max_size or default.max_size, max_batch=max_batch)
         options = ExportOptions(precision=precision_value, components=comma_list(components) or None,
                                 shape_ranges=ranges, opset=opset, validate=not no_validate, force=force,
-                                fp32_vae_decoder=fp32_vae_decoder)
+                                fp32_vae_decoder=fp32_vae_decoder,
+                                int8=Int8Options(calibration_size=calibration_size))
         start = time.perf_counter()
         with console.status("exporting") as status:
             def progress(component: str, stage: str) -> None:

@@ -21,6 +21,7 @@ when that misses too, the export fails. The report records the level taken and e
 """
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import math
@@ -59,6 +60,12 @@ class Int8Bounds:
         return unet_rel_l2 <= self.unet_rel_l2 and image_psnr_db >= self.image_psnr_db
 
 
+class CalibrationSize(str, enum.Enum):
+    """Which of the bundle's sizes int8 calibration and its parity run use."""
+    OPT = "opt"     # the size generation runs at by default: the most accurate there
+    MIN = "min"     # the smallest: less memory and time (sd15: 256 instead of 512 pixels)
+
+
 @dataclass(frozen=True)
 class Int8Options:
     calibration_trajectories: int = 2    # guided DDIM runs (each its own prompt and noise)
@@ -70,8 +77,14 @@ class Int8Options:
     # The parity prompt should be none of the calibration ones: it is the held-out run.
     calibration_prompts: tuple[str, ...] | None = None
     parity_prompt: str | None = None
+    calibration_size: CalibrationSize = CalibrationSize.OPT
 
     def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "calibration_size", CalibrationSize(self.calibration_size))
+        except ValueError:
+            raise ConfigError(f"calibration_size {self.calibration_size!r}: expected one of "
+                              f"{[c.value for c in CalibrationSize]}", field="calibration_size") from None
         prompts = self.calibration_prompts
         if prompts is not None and (isinstance(prompts, str) or not isinstance(prompts, (tuple, list)) or not prompts
                                     or not all(isinstance(p, str) for p in prompts)):
@@ -457,10 +470,11 @@ def quantize_unet(path: Path, model, spec: ComponentSpec, options: Int8Options =
     if (path.parent / TOKENIZER_DIR).is_dir() and model.config.is_text_conditioned:
         tokenizer = load_tokenizer(path.parent / TOKENIZER_DIR, model.config.conditioner)
 
-    # At the bundle's optimal size, the one generation runs at by default: calibrated at the
+    # By default at the bundle's optimal size, the one generation runs at: calibrated at the
     # smallest size instead, the trained digits model lost 10 dB of image PSNR at its own size
-    # (median over 100 images 25.8 -> 33.3 dB; docs/cpu_speed.md).
-    size = spec.ranges["latent_height"][1], spec.ranges["latent_width"][1]
+    # (median over 100 images 25.8 -> 33.3 dB; docs/cpu_speed.md). MIN trades that for memory.
+    which = 1 if options.calibration_size == CalibrationSize.OPT else 0
+    size = spec.ranges["latent_height"][which], spec.ranges["latent_width"][which]
     maker = TrajectoryMaker(model, spec, size, options.guidance, tokenizer)
     prompts = options.calibration_prompts or CALIBRATION_PROMPTS
     parity_prompt = options.parity_prompt or PARITY_PROMPT
@@ -498,7 +512,7 @@ def quantize_unet(path: Path, model, spec: ComponentSpec, options: Int8Options =
         calibration={"sampler": "ddim", "trajectories": options.calibration_trajectories,
                      "steps": options.calibration_steps, "guidance": options.guidance,
                      "parity_steps": options.parity_steps, "tensors": len(ranges),
-                     "latent_size": list(size), "prompts": list(prompts[:options.calibration_trajectories]),
+                     "size": options.calibration_size.value, "latent_size": list(size), "prompts": list(prompts[:options.calibration_trajectories]),
                      "parity_prompt": parity_prompt},
         unet_rel_l2=rel, unet_max_abs=max_abs, image_psnr_db=image_psnr, bounds=asdict(options.bounds),
         shapes={k: list(v.shape) for k, v in held_out.feeds[0].items()}, level=level, attempts=attempts)
