@@ -137,7 +137,7 @@ def test_int8_calibrates_digits_on_its_own_prompts_at_its_own_size(tmp_path) -> 
     from ldmrt.checkpoints.builtin import domain_prompts
     from ldmrt.errors import ConfigError
     from ldmrt.export.bundle import ExportOptions, export_bundle
-    from ldmrt.export.quantize import Int8Options, read_report
+    from ldmrt.export.quantize import read_report
     from ldmrt.iospec import Precision
 
     result = export_bundle(builtin_source("digits"), tmp_path / "int8", ExportOptions(precision=Precision.INT8))
@@ -147,11 +147,12 @@ def test_int8_calibrates_digits_on_its_own_prompts_at_its_own_size(tmp_path) -> 
     assert calibration["parity_prompt"] not in prompts[:-1]
     ranges = result.manifest.shape_ranges
     assert calibration["latent_size"] == [ranges.opt_size // 4] * 2     # the size generation runs at
-    with pytest.raises(ConfigError, match="calibration_prompts") as raised:
-        Int8Options(calibration_prompts="a 3")
-    assert raised.value.field == "calibration_prompts"
-    with pytest.raises(ConfigError, match="parity_prompt"):
-        Int8Options(parity_prompt=3)
+    import dataclasses
+    for bad in ("a 3", ("only one",), ("a 3", 3)):          # refused before any work, naming the field
+        with pytest.raises(ConfigError, match="prompts") as raised:
+            export_bundle(dataclasses.replace(builtin_source("digits"), prompts=bad), tmp_path / "bad",
+                          ExportOptions(precision=Precision.INT8))
+        assert raised.value.field == "prompts" and not (tmp_path / "bad").exists()
 
 
 def test_int8_calibration_size_can_be_the_smallest(tmp_path) -> None:

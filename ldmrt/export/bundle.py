@@ -20,13 +20,13 @@ from ldmrt.engines import ort_cache
 from ldmrt.errors import BundleError, ConfigError, ExportError, ParityError
 from ldmrt.models.components import ComponentGraph, example_inputs, to_torch
 from ldmrt.export.onnx_graph import MIN_OPSET, export_graph
-from ldmrt.export.quantize import Int8Options, quantize_unet
+from ldmrt.export.quantize import Int8Options, quantize_unet, split_prompts
 from ldmrt.export.step_graph import export_step_graph
 from ldmrt.export.validate import shape_plan, validate_graph
 from ldmrt.iospec import Component, Precision, ShapeRanges, component_specs
 from ldmrt.manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, TOKENIZER_DIR, ComponentEntry, Manifest,
                             SourceRecord, TokenizerEntry, load_manifest, write_manifest)
-from ldmrt.models import TORCH_DTYPES, LatentDiffusion
+from ldmrt.models import TORCH_DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,8 @@ def export_bundle(source: ModelSource, out: Path, options: ExportOptions = Expor
     """Export, validate, then move the finished bundle into `out` (nothing half-written on failure)."""
     out = Path(out).absolute()
     _check_destination(out, options.force)
-    options = dataclasses.replace(options, int8=_int8_options(options.int8, source.prompts))
+    if options.precision == Precision.INT8:
+        split_prompts(source.prompts)        # bad calibration prompts fail before minutes of export
     config = source.model.config
     ranges = options.shape_ranges or ShapeRanges.for_model(config)
     fp32 = frozenset({Component.VAE_DECODER}) if options.fp32_vae_decoder else frozenset()
@@ -91,7 +92,7 @@ def export_bundle(source: ModelSource, out: Path, options: ExportOptions = Expor
             if name == Component.DENOISE_STEP:     # built from its spec, not traced from torch
                 entries[name] = export_step_graph(specs[name], work, options.opset, report)
             else:
-                entries[name] = _export_component(source.model, specs[name], work, options, report)
+                entries[name] = _export_component(source, specs[name], work, options, report)
             seconds[name] = time.perf_counter() - start
         manifest = Manifest(name=config.name, source=source.source, random_weights=source.random_weights,
                             config=config, precision=options.precision, shape_ranges=ranges,
@@ -111,17 +112,6 @@ def export_bundle(source: ModelSource, out: Path, options: ExportOptions = Expor
     return ExportResult(manifest=manifest, path=out, seconds=seconds)
 
 
-def _int8_options(int8: Int8Options, prompts: tuple[str, ...] | None) -> Int8Options:
-    """int8 calibration on the source's own prompts (all but the last; the last is the held-out
-    parity run), unless the options name their own."""
-    if prompts is None or int8.calibration_prompts is not None or int8.parity_prompt is not None:
-        return int8
-    if len(prompts) < 2 or not all(isinstance(p, str) for p in prompts):
-        raise ConfigError(f"prompts {prompts!r}: expected at least two strings (calibration, then the held-out "
-                          f"parity prompt)", field="prompts")
-    return dataclasses.replace(int8, calibration_prompts=tuple(prompts[:-1]), parity_prompt=prompts[-1])
-
-
 def _source_record(source: ModelSource) -> SourceRecord | None:
     """The source record with the digest of the weights as exported; None for a model ldmrt
     cannot load again (a test's in-memory model): the torch backend then refuses the bundle."""
@@ -130,8 +120,9 @@ def _source_record(source: ModelSource) -> SourceRecord | None:
     return dataclasses.replace(source.record, weights_sha256=weights_digest(source.model))
 
 
-def _export_component(model: LatentDiffusion, spec, work: Path, options: ExportOptions,
+def _export_component(source: ModelSource, spec, work: Path, options: ExportOptions,
                       report: Progress) -> ComponentEntry:
+    model = source.model
     reference = ComponentGraph(model, spec).eval()
     graph_dtype = spec.outputs[0].dtype
     graph = reference if graph_dtype == "float32" else copy.deepcopy(reference).to(TORCH_DTYPES[graph_dtype])
@@ -152,7 +143,7 @@ def _export_component(model: LatentDiffusion, spec, work: Path, options: ExportO
                 f"shapes {dict(parity.shapes)}); no bundle written")
     if options.precision == Precision.INT8 and spec.name == Component.UNET:
         report(spec.name, "quantizing to int8 (calibration, parity vs fp32)")
-        parity = quantize_unet(path, model, spec, options.int8).parity_record()
+        parity = quantize_unet(path, model, spec, options.int8, source.prompts).parity_record()
     report(spec.name, "hashing")
     return ComponentEntry.from_files(work, spec, graph_dtype, parity)
 

@@ -73,10 +73,6 @@ class Int8Options:
     parity_steps: int = 20               # steps of the held-out end-to-end comparison
     guidance: float = 7.5
     bounds: Int8Bounds = field(default_factory=Int8Bounds)
-    # Prompts in the model's own domain (None: the generic CALIBRATION_PROMPTS / PARITY_PROMPT).
-    # The parity prompt should be none of the calibration ones: it is the held-out run.
-    calibration_prompts: tuple[str, ...] | None = None
-    parity_prompt: str | None = None
     calibration_size: CalibrationSize = CalibrationSize.OPT
 
     def __post_init__(self) -> None:
@@ -85,15 +81,6 @@ class Int8Options:
         except ValueError:
             raise ConfigError(f"calibration_size {self.calibration_size!r}: expected one of "
                               f"{[c.value for c in CalibrationSize]}", field="calibration_size") from None
-        prompts = self.calibration_prompts
-        if prompts is not None and (isinstance(prompts, str) or not isinstance(prompts, (tuple, list)) or not prompts
-                                    or not all(isinstance(p, str) for p in prompts)):
-            raise ConfigError(f"calibration_prompts {prompts!r}: expected a non-empty sequence of strings or None",
-                              field="calibration_prompts")
-        if prompts is not None:
-            object.__setattr__(self, "calibration_prompts", tuple(prompts))
-        if self.parity_prompt is not None and not isinstance(self.parity_prompt, str):
-            raise ConfigError(f"parity_prompt {self.parity_prompt!r}: expected a string or None", field="parity_prompt")
 
 
 @dataclass(frozen=True)
@@ -453,10 +440,22 @@ def _session(path: Path):
     return lambda feeds: session.run([output], feeds)[0]
 
 
+def split_prompts(prompts: tuple[str, ...] | None) -> tuple[tuple[str, ...], str]:
+    """(calibration prompts, the held-out parity prompt) from a source's own prompts (all but the
+    last, then the last; `ModelSource.prompts`), or the generic ones when it has none."""
+    if prompts is None:
+        return CALIBRATION_PROMPTS, PARITY_PROMPT
+    if isinstance(prompts, str) or not isinstance(prompts, (tuple, list)) or len(prompts) < 2 \
+            or not all(isinstance(p, str) for p in prompts):
+        raise ConfigError(f"prompts {prompts!r}: expected at least two strings (calibration, then the held-out "
+                          f"parity prompt) or None", field="prompts")
+    return tuple(prompts[:-1]), prompts[-1]
+
+
 # --- the whole step ----------------------------------------------------------------------------
 
-def quantize_unet(path: Path, model, spec: ComponentSpec, options: Int8Options = Int8Options()
-                  ) -> Int8Report:
+def quantize_unet(path: Path, model, spec: ComponentSpec, options: Int8Options = Int8Options(),
+                  prompts: tuple[str, ...] | None = None) -> Int8Report:
     """Replace the fp32 graph at `path` by its int8 version; ParityError if out of bounds.
 
     `model` is the LatentDiffusion the graph was exported from: its conditioner encodes the
@@ -476,8 +475,7 @@ def quantize_unet(path: Path, model, spec: ComponentSpec, options: Int8Options =
     which = 1 if options.calibration_size == CalibrationSize.OPT else 0
     size = spec.ranges["latent_height"][which], spec.ranges["latent_width"][which]
     maker = TrajectoryMaker(model, spec, size, options.guidance, tokenizer)
-    prompts = options.calibration_prompts or CALIBRATION_PROMPTS
-    parity_prompt = options.parity_prompt or PARITY_PROMPT
+    prompts, parity_prompt = split_prompts(prompts)
     graph = onnx.load(str(path), load_external_data=False).graph
     levels = [(level, *select_targets(graph, level)) for level in LEVELS]
     del graph
