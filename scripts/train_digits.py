@@ -13,9 +13,9 @@ prediction with Min-SNR-5 loss weights (Hang et al. 2023: the low-noise steps, w
 shape, stop dominating the gradient), AdamW at 1e-3 with a 200-step warm-up and a cosine decay to
 5% over the time budget, 10% of the conditions dropped (empty prompt / "no class") for
 classifier-free guidance, and one EMA over UNet and conditioner (the UNet attends to the
-conditioner of its own steps). 70% of the digits prompts name colours. The result is `<model>.safetensors` + `<model>.yaml` (+ `tokenizer/vocab.txt`),
-the layout `ldmrt export PATH` takes for a user's checkpoint, with `<model>-training.json` and
-`<model>-loss.png`.
+conditioner of its own steps). 70% of the digits prompts name colours. The result is
+`<model>.safetensors` + `<model>.yaml` (+ `tokenizer/vocab.txt`), the layout `ldmrt export PATH`
+takes for a user's checkpoint, with `<model>-training.json` and `<model>-loss.png`.
 
     python scripts/train_digits.py --model digits --out ldmrt/builtin/digits      # 28 minutes
 """
@@ -52,6 +52,7 @@ TEXT_LENGTH = 16                  # [CLS] + up to 14 tokens + [SEP]; the longest
 NUM_DIGITS = 10
 NO_CLASS = NUM_DIGITS             # the class-conditional UNet's "no class" label (guidance)
 MAX_CHECKPOINT_BYTES = 10 * 1024 * 1024
+POOL_SIZE = 12000                 # training images rendered once (augmented, coloured)
 # CompVis "linear" (linear in sqrt(beta)) with LDM's small-image range: the last step keeps
 # ~4% of the signal's std, so sampling from pure noise starts close to what training saw.
 SCHEDULER = SchedulerConfig(beta_start=0.0015, beta_end=0.0195, beta_schedule=BetaSchedule.SCALED_LINEAR)
@@ -298,6 +299,10 @@ def train_diffusion(model: LatentDiffusion, pool: Pool, encodings: torch.Tensor,
     # One EMA over everything stage 2 trains: the UNet learnt its attention against the conditioner
     # of the same steps, so an averaged UNet beside the last conditioner would not match it.
     ema = {k: v.detach().clone() for k, v in trained.state_dict().items()}
+    # state_dict() tensors share storage with the parameters: pair them with their averages once,
+    # not every step
+    averaged = [(ema[k], v) for k, v in trained.state_dict().items() if v.dtype.is_floating_point]
+    copied = [(ema[k], v) for k, v in trained.state_dict().items() if not v.dtype.is_floating_point]
     parameters = list(trained.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=0.0)
     schedule = alphas_cumprod(config.scheduler).float()
@@ -326,11 +331,10 @@ def train_diffusion(model: LatentDiffusion, pool: Pool, encodings: torch.Tensor,
         optimizer.step()
         decay = min(settings.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for key, value in trained.state_dict().items():
-                if value.dtype.is_floating_point:
-                    ema[key].lerp_(value.detach(), 1 - decay)
-                else:
-                    ema[key].copy_(value)
+            for average, value in averaged:
+                average.lerp_(value, 1 - decay)
+            for average, value in copied:
+                average.copy_(value)
         losses.append(per_sample.mean().item())
         if progress:
             progress(step + 1, losses[-1])
@@ -472,7 +476,7 @@ def _mean_tail(losses: list[float], n: int = 100) -> float | None:
 
 # --- the whole run -----------------------------------------------------------------------
 
-def train(name: str, out: Path, settings: Settings, pool_size: int = 12000,
+def train(name: str, out: Path, settings: Settings, pool_size: int = POOL_SIZE,
           source: Callable[[int, int], Iterator] | None = None, show_progress: bool = True) -> dict:
     """Both stages for model `name`; writes the checkpoint and its records into `out`; the record."""
     from ldmrt.digits.prompts import VOCABULARY
@@ -569,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="Min-SNR loss weighting (0: plain eps MSE)")
     parser.add_argument("--coloured-share", type=float, default=Settings.coloured_share,
                         help="share of training prompts that name colours")
-    parser.add_argument("--pool", type=int, default=12000, help="training images drawn once")
+    parser.add_argument("--pool", type=int, default=POOL_SIZE, help="training images drawn once")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)

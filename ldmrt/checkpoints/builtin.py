@@ -38,9 +38,15 @@ def builtin_files(name: str) -> tuple[Path, Path, Path | None]:
 
 
 def available_builtins() -> tuple[str, ...]:
-    """The built-in names whose files are installed here."""
-    return tuple(n for n in BUILTIN_NAMES
-                 if (BUILTIN_DIR / f"{n}.safetensors").is_file() and (BUILTIN_DIR / f"{n}.yaml").is_file())
+    """The built-in names whose files are installed here (builtin_files finds them all)."""
+    found = []
+    for name in BUILTIN_NAMES:
+        try:
+            builtin_files(name)
+        except CheckpointError:
+            continue
+        found.append(name)
+    return tuple(found)
 
 
 def builtin_source(name: str) -> ModelSource:
