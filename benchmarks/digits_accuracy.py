@@ -16,9 +16,7 @@ colour pairs, guidance 7.5, DDIM 20). tests/test_digits_grid.py (slow) runs the 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import sys
 import tempfile
 import time
@@ -29,8 +27,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ldmrt.bench import check_report_path, machine_info, write_report
 from ldmrt.checkpoints.builtin import builtin_source
 from ldmrt.iospec import Precision
+from ldmrt.errors import ConfigError
 from ldmrt.digits import DIGIT_WORDS, DigitJudge, accuracy
 from ldmrt.digits.data import digit_images, render, split_indices
 from ldmrt.engines.backend import Backend
@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DIGIT_BOUND, COLOUR_BOUND = 0.90, 0.95
 COLOUR_PAIRS = (("red", "white"), ("blue", "yellow"), ("white", "black"), ("green", "white"))
 IMG2IMG_STRENGTH = 0.8
+SCHEMA = "ldmrt.digits_accuracy/1"
 
 
 @dataclass(frozen=True)
@@ -224,7 +225,8 @@ def run_grid(rows: tuple[Row, ...], seeds: int, work: Path,
                              "psnr_min_db": float(np.min(values)),
                              "digit_fp32": next(m["digit"] for m in measured if m["name"] == reference.name),
                              "digit": next(m["digit"] for m in measured if m["name"] == row.name)}
-    return {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(),
+    return {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": machine_info(),
             "judge_heldout_accuracy": judge.heldout_accuracy, "seeds": seeds,
             "bounds": {"digit": DIGIT_BOUND, "colour": COLOUR_BOUND, "unbounded": "rows at guidance 1"},
             "rows": measured, "reduced_precision_vs_fp32": reduced, "int8_export_reports": bundles.int8_reports,
@@ -257,18 +259,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def machine() -> dict:
-    wanted = {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile"}
-    flags, model = [], platform.processor() or platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-        if line.startswith("flags"):
-            flags = sorted(wanted & set(line.split(":", 1)[1].split()))
-            break
-    return {"cpu": model, "flags": flags, "python": platform.python_version()}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=10, help="seeds per digit (images per row: 10 x seeds)")
@@ -281,16 +271,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds < 1:
         parser.error(f"--seeds {args.seeds}: expected at least 1")
     rows = tuple(r for r in GRID if not args.rows or r.name in args.rows)
+    try:
+        check_report_path(args.out, "--out")      # before minutes of work, and again when written
+    except ConfigError as exc:
+        parser.error(str(exc))
     with tempfile.TemporaryDirectory(prefix="ldmrt-digits-grid-") as work:
         report = run_grid(rows, args.seeds, Path(work))
         if not args.no_sheet:
             bundle = Path(work) / f"digits-{Precision.FP32.value}"
             contact_sheet(Pipeline.load(bundle if bundle.exists() else export_bundle(
                 builtin_source("digits"), bundle, ExportOptions()).path, Backend.ONNXRUNTIME.value), args.sheet)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    partial = args.out.with_suffix(".json.partial")
-    partial.write_text(json.dumps(report, indent=1) + "\n")
-    partial.replace(args.out)
+    write_report(report, args.out, "--out")
     print(f"wrote {args.out}" + ("" if args.no_sheet else f" and {args.sheet}"))
     if args.markdown:
         print(markdown(report))

@@ -34,6 +34,7 @@ from ldmrt.atomic import atomic_write
 from ldmrt.bench_reference import diffusers_coverage
 from ldmrt.engines import trt_api
 from ldmrt.engines.backend import Backend, names
+from ldmrt.engines.ort_cache import cpu_isa
 from ldmrt.errors import BackendUnavailableError, ConfigError
 from ldmrt.iospec import Component
 from ldmrt.writable import check_folder_writable
@@ -201,7 +202,7 @@ def measure(fn: Callable[[], Any], warmup: int, repeat: int, sync: Callable[[], 
 
 def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
-                            "cpu": cpu_name(), "cores": os.cpu_count(),
+                            "cpu": cpu_name(), "cpu_isa": list(cpu_isa()), "cores": os.cpu_count(),
                             "load_average_1_5_15": list(os.getloadavg())}
     for module in ("numpy", "onnxruntime", "torch", "diffusers", "transformers", "tensorrt",
                    "tensorrt_rtx_bindings"):
