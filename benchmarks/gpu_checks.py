@@ -277,8 +277,10 @@ def pipeline(sd: SD15, steps_list: tuple[int, ...], sampler: str, warmup: int, r
     noise = np.random.default_rng(0).standard_normal((1, 4, h, h))
     uncond, cond = sd.context[:1].to(dtype), sd.context[1:].to(dtype)
     results = {"sampler": sampler, "guidance": guidance, "image": [h * 8, h * 8], "dtype": str(dtype)}
-    graph_denoiser = FusedDenoiser(sd.model.unet, device, dtype, use_cuda_graph=True)
-    eager_denoiser = FusedDenoiser(sd.model.unet, device, dtype, use_cuda_graph=False)
+    def unet(sample, timestep, conditioning):     # as FusedDenoiser calls it
+        return sd.model.unet(sample, timestep, conditioning["encoder_hidden_states"])
+    graph_denoiser = FusedDenoiser(unet, device, dtype, use_cuda_graph=True)
+    eager_denoiser = FusedDenoiser(unet, device, dtype, use_cuda_graph=False)
     vae = sd.model.first_stage_model
 
     for steps in steps_list:

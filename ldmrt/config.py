@@ -68,6 +68,10 @@ class UNetConfig:
     upcast_attention: bool = False     # softmax (and QK^T) in fp32 whatever the graph dtype
     num_classes: int | None = None     # class embedding added to the timestep embedding
     norm_num_groups: int = 32
+    # per level: the transformer's first attention attends to the context, not to itself
+    # (CompVis `disable_self_attentions`, diffusers `only_cross_attention`; the SD x4 upscaler)
+    disable_self_attentions: tuple[bool, ...] = ()
+    resblock_updown: bool = False      # down/upsampling by ResBlocks instead of (strided) convs
 
     def __post_init__(self) -> None:
         _positive(self, "in_channels", "out_channels", "model_channels", "num_res_blocks",
@@ -83,6 +87,11 @@ class UNetConfig:
             raise ConfigError("UNetConfig: set num_heads >= 1 or num_head_channels >= 1")
         if self.use_spatial_transformer and self.context_dim is None:
             raise ConfigError("UNetConfig: a spatial transformer needs context_dim")
+        if len(self.disable_self_attentions) not in (0, len(self.channel_mult)):
+            raise ConfigError(f"UNetConfig.disable_self_attentions: expected one flag per level "
+                              f"({len(self.channel_mult)}) or none, found {list(self.disable_self_attentions)}")
+        if any(self.disable_self_attentions) and not self.use_spatial_transformer:
+            raise ConfigError("UNetConfig.disable_self_attentions: needs spatial transformers (a context)")
 
     def heads_and_dim(self, channels: int) -> tuple[int, int]:
         """(number of heads, head dim) of an attention layer over `channels` channels."""
@@ -115,6 +124,7 @@ class AutoencoderConfig:
     attn_levels: tuple[int, ...] = ()  # resolution levels (0 = full size) with attention blocks
     n_embed: int = 0                   # VQ codebook size
     norm_num_groups: int = 32
+    mid_attention: bool = True         # False: CompVis attn_type "none" (diffusers mid_block_add_attention)
 
     def __post_init__(self) -> None:
         _positive(self, "embed_dim", "z_channels", "in_channels", "out_ch", "ch",
@@ -252,6 +262,110 @@ class SchedulerConfig:
                               f"{list(SAMPLER_FIELDS)}, found {sorted(unknown)}")
 
 
+class ConcatKind(str, enum.Enum):
+    """A map concatenated to z_t on the channel axis (the LDM paper's concatenation conditioning).
+    The value is the UNet graph input's name."""
+    MASK = "mask"                                  # (B, 1, h, w) the repaint mask at latent size
+    MASKED_IMAGE_LATENTS = "masked_image_latents"  # (B, C, h, w) the image outside the mask, encoded
+    LOW_RES_IMAGE = "low_res_image"                # (B, 3, h, w) the low-resolution image in [-1, 1]
+    SEGMENTATION = "segmentation"                  # (B, H, W) int32 class indices -> spatial rescaler
+
+
+class ResizeMethod(str, enum.Enum):
+    """torch.nn.functional.interpolate modes the spatial rescaler may use (CompVis' choices)."""
+    NEAREST = "nearest"
+    BILINEAR = "bilinear"
+    BICUBIC = "bicubic"
+    AREA = "area"
+
+
+@dataclass(frozen=True)
+class SpatialRescalerConfig:
+    """CompVis `SpatialRescaler`, the paper's tau_theta for semantic maps: the one-hot map resized
+    n_stages times by `multiplier`, then a learned 1x1 convolution to `out_channels`."""
+    n_stages: int = 2
+    n_classes: int = 182               # the one-hot map's channels (CompVis `in_channels`)
+    out_channels: int = 3
+    multiplier: float = 0.5
+    method: ResizeMethod = ResizeMethod.BILINEAR
+    bias: bool = False
+
+    def __post_init__(self) -> None:
+        _positive(self, "n_stages", "n_classes", "out_channels")
+        if isinstance(self.multiplier, bool) or not isinstance(self.multiplier, (int, float)) \
+                or not 0 < self.multiplier < 1:
+            raise ConfigError(f"SpatialRescalerConfig.multiplier: expected a number in (0, 1), "
+                              f"found {self.multiplier!r}")
+
+
+@dataclass(frozen=True)
+class LowResNoise:
+    """The SD x4 upscaler's noise augmentation: the low-res image is noised to `noise_level` of
+    `schedule` (a DDPM q_sample) and the UNet gets the level as its class label."""
+    schedule: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(
+        beta_start=0.0001, beta_end=0.02, scheduler_class="DDPMScheduler"))
+    max_noise_level: int = 350
+    default_noise_level: int = 20
+
+    def __post_init__(self) -> None:
+        _positive(self, "max_noise_level")
+        level = self.default_noise_level
+        if not isinstance(level, int) or isinstance(level, bool) or not 0 <= level <= self.max_noise_level:
+            raise ConfigError(f"LowResNoise.default_noise_level: expected an integer in "
+                              f"[0, {self.max_noise_level}], found {level!r}")
+        if self.max_noise_level >= self.schedule.num_train_timesteps:
+            raise ConfigError(f"LowResNoise.max_noise_level {self.max_noise_level}: expected fewer than "
+                              f"the schedule's {self.schedule.num_train_timesteps} timesteps")
+
+
+@dataclass(frozen=True)
+class SpatialConditioning:
+    """What the UNet's input concatenates to z_t, in order, and how each map is made.
+
+    SD inpainting: (MASK, MASKED_IMAGE_LATENTS), mask {0, 1}, masked pixels 0 (grey). The paper's
+    LDM inpainting: (MASKED_IMAGE_LATENTS, MASK), mask {-1, +1}, masked pixels -1, paste-back.
+    Super-resolution: (LOW_RES_IMAGE,), plus `low_res_noise` for the SD x4 upscaler. Semantic
+    synthesis: (SEGMENTATION,) through `rescaler`. Every map is the same in both halves of a
+    classifier-free-guidance batch."""
+    inputs: tuple[ConcatKind, ...]
+    mask_keep: float = 0.0             # MASK value where the image is kept
+    mask_repaint: float = 1.0          # MASK value where it is repainted
+    masked_pixel: float = 0.0          # the value, in [-1, 1], of repainted pixels before encoding
+    paste_back: bool = False           # output = the input image outside the (pixel) mask
+    rescaler: SpatialRescalerConfig | None = None   # SEGMENTATION
+    low_res_noise: LowResNoise | None = None        # LOW_RES_IMAGE of the SD x4 upscaler
+
+    def __post_init__(self) -> None:
+        kinds = list(self.inputs)
+        if not kinds or len(set(kinds)) != len(kinds):
+            raise ConfigError(f"SpatialConditioning.inputs: expected distinct maps, found "
+                              f"{[k.value for k in kinds]}")
+        needs = ((self.rescaler is not None, ConcatKind.SEGMENTATION, "rescaler"),
+                 (self.low_res_noise is not None, ConcatKind.LOW_RES_IMAGE, "low_res_noise"),
+                 (self.paste_back, ConcatKind.MASK, "paste_back"))
+        for given, kind, name in needs:
+            if given and kind not in kinds:
+                raise ConfigError(f"SpatialConditioning.{name}: applies only with a {kind.value!r} input")
+        if ConcatKind.SEGMENTATION in kinds and self.rescaler is None:
+            raise ConfigError("SpatialConditioning: a 'segmentation' input needs a rescaler")
+        if ConcatKind.MASKED_IMAGE_LATENTS in kinds and ConcatKind.MASK not in kinds:
+            raise ConfigError("SpatialConditioning: 'masked_image_latents' needs a 'mask' input too")
+        for name in ("mask_keep", "mask_repaint", "masked_pixel"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1 <= value <= 1:
+                raise ConfigError(f"SpatialConditioning.{name}: expected a number in [-1, 1], found {value!r}")
+        if self.mask_keep == self.mask_repaint:
+            raise ConfigError(f"SpatialConditioning: mask_keep and mask_repaint are both {self.mask_keep}")
+
+    @property
+    def is_inpainting(self) -> bool:
+        return ConcatKind.MASK in self.inputs
+
+    @property
+    def is_super_resolution(self) -> bool:
+        return ConcatKind.LOW_RES_IMAGE in self.inputs
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """A whole latent diffusion model: autoencoder + UNet + conditioner + noise schedule."""
@@ -263,15 +377,21 @@ class ModelConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     scale_factor: float = 0.18215      # latent = scale_factor * first_stage_encoding
     default_image_size: int = 512
+    spatial: SpatialConditioning | None = None   # maps concatenated to z_t (None: the latents alone)
 
     def __post_init__(self) -> None:
         if isinstance(self.scale_factor, bool) or not isinstance(self.scale_factor, (int, float)) \
                 or not math.isfinite(self.scale_factor) or self.scale_factor <= 0:
             raise ConfigError(f"ModelConfig {self.name!r}: scale_factor {self.scale_factor!r}: expected a "
                               f"finite number > 0 (latents are divided by it before decoding)")
-        if self.unet.in_channels < self.latent_channels:
-            raise ConfigError(f"ModelConfig {self.name!r}: UNet in_channels={self.unet.in_channels} "
-                              f"is fewer than the autoencoder's {self.latent_channels} latent channels")
+        concat = {kind: self.concat_channels(kind) for kind in (self.spatial.inputs if self.spatial else ())}
+        if self.unet.in_channels != self.latent_channels + sum(concat.values()):
+            parts = " + ".join(f"{c} {k.value}" for k, c in concat.items())
+            raise ConfigError(f"ModelConfig {self.name!r}: UNet in_channels={self.unet.in_channels}, "
+                              f"expected the {self.latent_channels} latent channels"
+                              + (f" + {parts}" if parts else " (declare `spatial` conditioning for "
+                                 "maps concatenated to the latents)"))
+        self._check_spatial()
         if self.unet.out_channels != self.latent_channels:
             raise ConfigError(f"ModelConfig {self.name!r}: UNet out_channels={self.unet.out_channels}"
                               f", expected the latent channels {self.latent_channels}")
@@ -279,6 +399,39 @@ class ModelConfig:
         if self.unet.use_spatial_transformer and context != self.unet.context_dim:
             raise ConfigError(f"ModelConfig {self.name!r}: UNet context_dim={self.unet.context_dim}"
                               f" but the conditioner produces {context}")
+
+    def _check_spatial(self) -> None:
+        spatial = self.spatial
+        if spatial is None:
+            return
+        if spatial.rescaler is not None and self.conditioner is not None:
+            raise ConfigError(f"ModelConfig {self.name!r}: a spatial rescaler is the model's conditioner "
+                              f"(CompVis cond_stage_model); it cannot have {type(self.conditioner).__name__} too")
+        if spatial.rescaler is not None:
+            reach = spatial.rescaler.multiplier ** spatial.rescaler.n_stages * self.downsampling_factor
+            if abs(reach - 1.0) > 1e-6:
+                raise ConfigError(f"ModelConfig {self.name!r}: the spatial rescaler resizes by "
+                                  f"{spatial.rescaler.multiplier}^{spatial.rescaler.n_stages}, expected "
+                                  f"1/{self.downsampling_factor} (image size -> latent size)")
+        noise = spatial.low_res_noise
+        if noise is not None and (self.unet.num_classes is None or self.unet.num_classes <= noise.max_noise_level):
+            raise ConfigError(f"ModelConfig {self.name!r}: the low-res noise level (up to "
+                              f"{noise.max_noise_level}) is the UNet's class label; expected UNet "
+                              f"num_classes > {noise.max_noise_level}, found {self.unet.num_classes}")
+        if noise is None and self.unet.num_classes is not None and not self.is_class_conditioned \
+                and spatial.is_super_resolution and self.is_text_conditioned:
+            raise ConfigError(f"ModelConfig {self.name!r}: a text-conditioned super-resolution UNet "
+                              f"with class labels needs low_res_noise (the labels are its noise level)")
+
+    def concat_channels(self, kind: ConcatKind) -> int:
+        """Channels of one concatenated map."""
+        if kind == ConcatKind.MASK:
+            return 1
+        if kind == ConcatKind.MASKED_IMAGE_LATENTS:
+            return self.latent_channels
+        if kind == ConcatKind.LOW_RES_IMAGE:
+            return self.autoencoder.in_channels
+        return self.spatial.rescaler.out_channels          # type: ignore[union-attr]
 
     @property
     def latent_channels(self) -> int:
@@ -359,6 +512,63 @@ PRESETS: dict[str, ModelConfig] = {
         autoencoder=_LDM_VQ_F4, conditioner=ClassEmbedderConfig(), scheduler=_LDM_SCHEDULER,
         scale_factor=1.0, default_image_size=256),
 }
+
+
+_OPENCLIP_H = PRESETS["sd21"].conditioner
+_SD_INPAINT = SpatialConditioning(inputs=(ConcatKind.MASK, ConcatKind.MASKED_IMAGE_LATENTS))
+# The paper's concat-conditioned models (VQ-f4, no text) and SD's inpainting and x4 descendants.
+PRESETS.update({
+    "sd15-inpaint": dataclasses.replace(
+        PRESETS["sd15"], name="sd15-inpaint", unet=dataclasses.replace(PRESETS["sd15"].unet, in_channels=9),
+        spatial=_SD_INPAINT),
+    # stabilityai/stable-diffusion-2-inpainting: fine-tuned from 2-base (512 px, epsilon, no upcast)
+    "sd2-inpaint": dataclasses.replace(
+        PRESETS["sd21"], name="sd2-inpaint",
+        unet=dataclasses.replace(PRESETS["sd21"].unet, in_channels=9, upcast_attention=False),
+        scheduler=_SD_SCHEDULER, default_image_size=512, spatial=_SD_INPAINT),
+    # stabilityai/stable-diffusion-x4-upscaler (configs/stable-diffusion/x4-upscaling.yaml)
+    "sd-x4-upscaler": ModelConfig(
+        name="sd-x4-upscaler", family=Family.SD2,
+        unet=UNetConfig(in_channels=7, out_channels=4, model_channels=256, channel_mult=(1, 2, 2, 4),
+                        attention_resolutions=(2, 4, 8), num_heads=8, context_dim=1024,
+                        use_linear_in_transformer=True, num_classes=1000,
+                        disable_self_attentions=(True, True, True, False)),
+        autoencoder=AutoencoderConfig(ch_mult=(1, 2, 4)), conditioner=_OPENCLIP_H,
+        scheduler=SchedulerConfig(beta_start=0.0001, beta_end=0.02,
+                                  prediction_type=PredictionType.V_PREDICTION),
+        scale_factor=0.08333, default_image_size=512,
+        spatial=SpatialConditioning(inputs=(ConcatKind.LOW_RES_IMAGE,), low_res_noise=LowResNoise())),
+    # CompVis/ldm-super-resolution-4x-openimages (models/ldm/bsr_sr/config.yaml)
+    "ldm-sr-4x": ModelConfig(
+        name="ldm-sr-4x", family=Family.LDM,
+        unet=UNetConfig(in_channels=6, out_channels=3, model_channels=160, channel_mult=(1, 2, 2, 4),
+                        attention_resolutions=(16, 8), num_head_channels=32, context_dim=None,
+                        use_spatial_transformer=False),
+        autoencoder=_LDM_VQ_F4, conditioner=None,
+        scheduler=SchedulerConfig(beta_start=0.0015, beta_end=0.0155), scale_factor=1.0,
+        default_image_size=256, spatial=SpatialConditioning(inputs=(ConcatKind.LOW_RES_IMAGE,))),
+    # the paper's inpainting model (models/ldm/inpainting_big/config.yaml, scripts/inpaint.py)
+    "ldm-inpaint": ModelConfig(
+        name="ldm-inpaint", family=Family.LDM,
+        unet=UNetConfig(in_channels=7, out_channels=3, model_channels=256, channel_mult=(1, 2, 3, 4),
+                        attention_resolutions=(8, 4, 2), num_heads=8, context_dim=None,
+                        use_spatial_transformer=False, resblock_updown=True),
+        autoencoder=dataclasses.replace(_LDM_VQ_F4, mid_attention=False), conditioner=None,
+        scheduler=SchedulerConfig(beta_start=0.0015, beta_end=0.0205), scale_factor=1.0,
+        default_image_size=256,
+        spatial=SpatialConditioning(inputs=(ConcatKind.MASKED_IMAGE_LATENTS, ConcatKind.MASK),
+                                    mask_keep=-1.0, mask_repaint=1.0, masked_pixel=-1.0, paste_back=True)),
+    # the paper's semantic synthesis (models/ldm/semantic_synthesis256/config.yaml)
+    "ldm-semantic": ModelConfig(
+        name="ldm-semantic", family=Family.LDM,
+        unet=UNetConfig(in_channels=6, out_channels=3, model_channels=128, channel_mult=(1, 4, 8),
+                        attention_resolutions=(32, 16, 8), num_heads=8, context_dim=None,
+                        use_spatial_transformer=False),
+        autoencoder=_LDM_VQ_F4, conditioner=None,
+        scheduler=SchedulerConfig(beta_start=0.0015, beta_end=0.0205), scale_factor=1.0,
+        default_image_size=256,
+        spatial=SpatialConditioning(inputs=(ConcatKind.SEGMENTATION,), rescaler=SpatialRescalerConfig())),
+})
 
 
 def preset(name: str) -> ModelConfig:

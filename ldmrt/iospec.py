@@ -13,7 +13,7 @@ from typing import Any, Mapping, NoReturn, Sequence
 
 import numpy as np
 
-from ldmrt.config import AutoencoderKind, ModelConfig
+from ldmrt.config import AutoencoderKind, ConcatKind, ModelConfig
 from ldmrt.errors import BundleError, ConfigError, ShapeError
 
 Dim = int | str
@@ -307,13 +307,21 @@ def component_specs(config: ModelConfig, ranges: ShapeRanges, precision: Precisi
             ranges={"batch": ranges.batch_range(guided)})
     unet_dtype = dtype(Component.UNET)
     unet_inputs = [TensorSpec("sample", unet_dtype,
-                              ("batch", config.unet.in_channels, "latent_height", "latent_width")),
+                              ("batch", config.latent_channels, "latent_height", "latent_width")),
                    TensorSpec("timestep", "float32", ("batch",))]
     if config.is_text_conditioned:
         unet_inputs.append(TensorSpec("encoder_hidden_states", unet_dtype,
                                       ("batch", length, width)))
     if config.is_class_conditioned or config.unet.num_classes is not None:
         unet_inputs.append(TensorSpec("class_labels", "int32", ("batch",)))
+    # Maps concatenated to the latents inside the graph, in their order: they follow the latent
+    # axes, so every profile and runtime check sizes them with the latents.
+    for kind in (config.spatial.inputs if config.spatial else ()):
+        if kind == ConcatKind.SEGMENTATION:
+            unet_inputs.append(TensorSpec(kind.value, "int32", ("batch", f"{f}*latent_height", f"{f}*latent_width")))
+        else:
+            unet_inputs.append(TensorSpec(kind.value, unet_dtype, ("batch", config.concat_channels(kind),
+                                                                   "latent_height", "latent_width")))
     specs[Component.UNET] = ComponentSpec(
         Component.UNET, inputs=tuple(unet_inputs),
         outputs=(TensorSpec("model_output", unet_dtype,
@@ -383,7 +391,16 @@ def example_inputs(config: ModelConfig, spec: ComponentSpec, values: dict[str, i
         elif tensor.name == "class_labels":
             cond = config.conditioner
             high = cond.n_classes if hasattr(cond, "n_classes") else config.unet.num_classes
+            if config.spatial is not None and config.spatial.low_res_noise is not None:
+                high = config.spatial.low_res_noise.max_noise_level + 1     # labels are noise levels
             array = rng.integers(0, high, size=shape)
+        elif tensor.name == ConcatKind.SEGMENTATION:
+            array = rng.integers(0, config.spatial.rescaler.n_classes, size=shape)  # type: ignore[union-attr]
+        elif tensor.name == ConcatKind.MASK:
+            spatial = config.spatial
+            array = np.where(rng.random(size=shape) < 0.5, spatial.mask_keep, spatial.mask_repaint)  # type: ignore
+        elif tensor.name == ConcatKind.LOW_RES_IMAGE:
+            array = rng.uniform(-1.0, 1.0, size=shape)
         elif tensor.name == "timestep":
             array = rng.uniform(0, config.scheduler.num_train_timesteps - 1, size=shape)
         elif tensor.name == "images":

@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 
 from ldmrt.config import (AutoencoderConfig, AutoencoderKind, BertConfig, ClassEmbedderConfig,
-                          ClipTextConfig, Family, LayerChoice, ModelConfig, PredictionType,
-                          SchedulerConfig, UNetConfig)
+                          ClipTextConfig, ConcatKind, Family, LayerChoice, LowResNoise, ModelConfig,
+                          PredictionType, SchedulerConfig, SpatialConditioning, SpatialRescalerConfig,
+                          UNetConfig)
 from ldmrt.export.bundle import ModelSource, synthetic_tokenizer_writer
 from ldmrt.iospec import ShapeRanges
 from ldmrt.models import build_model
@@ -66,6 +67,46 @@ FAMILIES: dict[str, ModelConfig] = {
         name="fam-unet-labels", family=Family.LDM,
         unet=dataclasses.replace(_UNET, num_classes=7, context_dim=None, use_spatial_transformer=False),
         autoencoder=_KL_F4, conditioner=None, scheduler=_LDM_SCHEDULER, default_image_size=32),
+}
+
+
+_PLAIN_UNET = dataclasses.replace(_UNET, out_channels=3, num_head_channels=8, context_dim=None,
+                                  use_spatial_transformer=False)
+# Concatenation-conditioned models (ldmrt.config.SpatialConditioning), one per preset kind.
+CONCAT_FAMILIES: dict[str, ModelConfig] = {
+    # SD inpainting: text + [z, mask {0,1}, masked-image latents], KL.
+    "sd-inpaint": dataclasses.replace(
+        FAMILIES["sd1"], name="fam-sd-inpaint", unet=dataclasses.replace(_UNET, in_channels=9),
+        spatial=SpatialConditioning(inputs=(ConcatKind.MASK, ConcatKind.MASKED_IMAGE_LATENTS))),
+    # SD x4 upscaler: text + [z, noised low-res image], noise level as class label, cross-attention
+    # only at level 0, v-prediction, KL.
+    "sd-upscale": dataclasses.replace(
+        FAMILIES["sd2"], name="fam-sd-upscale",
+        unet=dataclasses.replace(FAMILIES["sd2"].unet, in_channels=7, num_classes=360,
+                                 disable_self_attentions=(True, False), attention_resolutions=(1, 2)),
+        scale_factor=0.08333, spatial=SpatialConditioning(inputs=(ConcatKind.LOW_RES_IMAGE,),
+                                                          low_res_noise=LowResNoise())),
+    # LDM super-resolution: [z, low-res image], no text, VQ.
+    "ldm-sr": ModelConfig(
+        name="fam-ldm-sr", family=Family.LDM, unet=dataclasses.replace(_PLAIN_UNET, in_channels=6),
+        autoencoder=_VQ_F4, conditioner=None, scheduler=_LDM_SCHEDULER, scale_factor=1.0,
+        default_image_size=32, spatial=SpatialConditioning(inputs=(ConcatKind.LOW_RES_IMAGE,))),
+    # The paper's inpainting: [z, masked-image latents, mask {-1,+1}], ResBlock resampling, VQ
+    # without attention, paste-back.
+    "ldm-inpaint": ModelConfig(
+        name="fam-ldm-inpaint", family=Family.LDM,
+        unet=dataclasses.replace(_PLAIN_UNET, in_channels=7, resblock_updown=True),
+        autoencoder=dataclasses.replace(_VQ_F4, attn_levels=(), mid_attention=False), conditioner=None,
+        scheduler=_LDM_SCHEDULER, scale_factor=1.0, default_image_size=32,
+        spatial=SpatialConditioning(inputs=(ConcatKind.MASKED_IMAGE_LATENTS, ConcatKind.MASK), mask_keep=-1.0,
+                                    masked_pixel=-1.0, paste_back=True)),
+    # Semantic synthesis: [z, SpatialRescaler(one-hot map)], VQ.
+    "ldm-semantic": ModelConfig(
+        name="fam-ldm-semantic", family=Family.LDM, unet=dataclasses.replace(_PLAIN_UNET, in_channels=6),
+        autoencoder=_VQ_F4, conditioner=None, scheduler=_LDM_SCHEDULER, scale_factor=1.0,
+        default_image_size=32,
+        spatial=SpatialConditioning(inputs=(ConcatKind.SEGMENTATION,),
+                                    rescaler=SpatialRescalerConfig(n_classes=12))),
 }
 
 

@@ -87,8 +87,9 @@ def fake_unet_feeds(feeds) -> np.ndarray:
     return fake_unet(feeds["sample"], feeds["timestep"], feeds["encoder_hidden_states"])
 
 
-def torch_fake_unet(sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-    """fake_unet in torch, called as FusedDenoiser calls a UNet: unet(sample, timestep, context)."""
+def torch_fake_unet(sample: torch.Tensor, timestep: torch.Tensor, conditioning) -> torch.Tensor:
+    """fake_unet in torch, called as FusedDenoiser calls a UNet: unet(sample, timestep, conditioning)."""
+    context = conditioning["encoder_hidden_states"]
     t = timestep.to(sample.dtype).reshape(-1, 1, 1, 1)
     weights = torch.from_numpy(mixing(context.shape[-1], sample.shape[1])).to(sample.dtype)
     shift = torch.tanh(context.to(sample.dtype).mean(dim=1) @ weights)

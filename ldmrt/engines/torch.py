@@ -38,9 +38,9 @@ class FusedDenoiser:
     """The `Denoiser` of the torch backend: a SamplerPlan's whole loop on one device, optionally
     as one replayed CUDA graph per step.
 
-    `unet(sample, timestep, context)` is any callable module; `context` is the job's one
-    conditioning input as a tensor (encoder_hidden_states or class_labels; rows [uncond; cond]
-    when guided) or None. `on_step(done, total)` runs between steps; an exception it raises (the
+    `unet(sample, timestep, conditioning)` is any callable module; `conditioning` is the job's
+    conditioning inputs as tensors by name (encoder_hidden_states, class_labels, concatenated
+    maps; rows [uncond; cond] when guided). `on_step(done, total)` runs between steps; an exception it raises (the
     pipeline's cancellation) stops the loop there. The job's noise is uploaded once, so every
     backend reproduces the same trajectory from the same seed.
     """
@@ -53,14 +53,10 @@ class FusedDenoiser:
 
     def __call__(self, job: DenoiseJob, on_step=None) -> DenoiseResult:
         plan = job.plan
-        if len(job.conditioning) > 1:
-            raise ShapeError(f"torch denoiser: expected at most one conditioning input, found "
-                             f"{sorted(job.conditioning)}", field="conditioning")
-        context = None
-        for value in job.conditioning.values():
-            context = torch.as_tensor(value, device=self.device)       # numpy, or a tensor already there
-            if context.is_floating_point():
-                context = context.to(self.dtype)
+        context = {}
+        for name, value in job.conditioning.items():
+            tensor = torch.as_tensor(value, device=self.device)       # numpy, or a tensor already there
+            context[name] = tensor.to(self.dtype) if tensor.is_floating_point() else tensor
         x0 = torch.as_tensor(job.latents, device=self.device, dtype=torch.float32)
         shape = DenoiseShape(*x0.shape, guided=job.guided, num_evaluations=plan.num_evaluations,
                              history=plan.history, clip_range=plan.clip_range)
@@ -130,7 +126,7 @@ class _State:
                    index=torch.zeros((), dtype=torch.int64, device=device))
 
 
-def _denoise_step(unet, state: _State, tables: _Tables, context: torch.Tensor | None, guidance,
+def _denoise_step(unet, state: _State, tables: _Tables, context: dict[str, torch.Tensor], guidance,
                   dtype: torch.dtype, guided: bool) -> None:
     """One evaluation: UNet (+ guidance) then x <- sum A x_past + B m_past (+ clip term) + C noise."""
     i = state.index.view(1)          # gathers with index_select: no host sync, capturable
@@ -170,17 +166,17 @@ class _CapturedStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.state: _State | None = None
         self.tables: _Tables | None = None
-        self.context: torch.Tensor | None = None
+        self.context: dict[str, torch.Tensor] = {}
         self.guidance = torch.ones((), device=owner.device)
 
-    def run(self, state: _State, tables: _Tables, context: torch.Tensor | None, guidance: float,
+    def run(self, state: _State, tables: _Tables, context: dict[str, torch.Tensor], guidance: float,
             on_step=None) -> torch.Tensor:
         if self.graph is None:
             self._capture(state, tables, context)
         _copy_into(self.state, state)
         _copy_tables(self.tables, tables)
-        if context is not None:
-            self.context.copy_(context)
+        for name, value in context.items():
+            self.context[name].copy_(value)
         self.guidance.fill_(guidance)
         for i in range(self.shape.num_evaluations):
             self.graph.replay()     # asynchronous: progress reports enqueued steps
@@ -188,12 +184,12 @@ class _CapturedStep:
                 on_step(i + 1, self.shape.num_evaluations)
         return self.state.x.clone()
 
-    def _capture(self, state: _State, tables: _Tables, context: torch.Tensor | None) -> None:
+    def _capture(self, state: _State, tables: _Tables, context: dict[str, torch.Tensor]) -> None:
         owner = self.owner
         self.state = _State(**{k: v.clone() for k, v in vars(state).items()})
         self.tables = _Tables(**{k: (v.clone() if isinstance(v, torch.Tensor) else v)
                                  for k, v in vars(tables).items()})
-        self.context = None if context is None else context.clone()
+        self.context = {name: value.clone() for name, value in context.items()}
         warm = torch.cuda.Stream(device=owner.device)
         warm.wait_stream(torch.cuda.current_stream(owner.device))
         with torch.cuda.stream(warm), torch.no_grad():
@@ -238,10 +234,16 @@ class TorchRunner:
             return self.graph(*tensors).float().cpu().numpy()
 
 
-def _unet_call(graph):
-    """The UNet module as FusedDenoiser calls it: (sample, timestep, context or None)."""
-    def call(sample: torch.Tensor, timestep: torch.Tensor, context) -> torch.Tensor:
-        return graph(sample, timestep) if context is None else graph(sample, timestep, context)
+def _unet_call(graph, spec):
+    """The UNet module as FusedDenoiser calls it: (sample, timestep, conditioning by name),
+    the conditioning in the spec's input order."""
+    names = [t.name for t in spec.inputs if t.name not in ("sample", "timestep")]
+
+    def call(sample: torch.Tensor, timestep: torch.Tensor, conditioning) -> torch.Tensor:
+        if sorted(conditioning) != sorted(names):
+            raise ShapeError(f"conditioning: the {spec.name} takes {names or 'no conditioning inputs'}, "
+                             f"found {sorted(conditioning)}", field="conditioning")
+        return graph(sample, timestep, *(conditioning[name] for name in names))
     return call
 
 
@@ -268,5 +270,5 @@ def open_torch(bundle, manifest, components, *, device: str | None = None, dtype
         graph = ComponentGraph(model, spec).eval()
         runners[name] = TorchRunner(graph, spec, device_, graph_dtype)
         if name == Component.UNET:
-            denoiser = FusedDenoiser(_unet_call(graph), device_, graph_dtype, cuda_graphs)
+            denoiser = FusedDenoiser(_unet_call(graph, spec), device_, graph_dtype, cuda_graphs)
     return BackendRunners(runners, denoiser)

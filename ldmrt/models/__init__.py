@@ -29,7 +29,9 @@ class LatentDiffusion(nn.Module):
         self.config = config
         self.model = DiffusionWrapper(UNetModel(config.unet))
         self.first_stage_model = Autoencoder(config.autoencoder)
-        conditioner = build_conditioner(config.conditioner)
+        # The spatial rescaler is a concat model's cond_stage_model, as in CompVis' checkpoints.
+        rescaler = config.spatial.rescaler if config.spatial is not None else None
+        conditioner = build_conditioner(config.conditioner or rescaler)
         if conditioner is not None:
             self.cond_stage_model = conditioner
 

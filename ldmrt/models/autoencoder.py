@@ -88,10 +88,10 @@ class _Level(nn.Module):
 
 
 class _Mid(nn.Module):
-    def __init__(self, channels: int, groups: int):
+    def __init__(self, channels: int, groups: int, attention: bool):
         super().__init__()
         self.block_1 = ResnetBlock(channels, channels, groups)
-        self.attn_1 = AttnBlock(channels, groups)
+        self.attn_1 = AttnBlock(channels, groups) if attention else nn.Identity()   # CompVis attn_type none
         self.block_2 = ResnetBlock(channels, channels, groups)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -118,7 +118,7 @@ class Encoder(nn.Module):
             if level != len(config.ch_mult) - 1:
                 down.downsample = Downsample(block_in)
             self.down.append(down)
-        self.mid = _Mid(block_in, g)
+        self.mid = _Mid(block_in, g, config.mid_attention)
         self.norm_out = _norm(block_in, g)
         z = config.z_channels * (2 if config.double_z else 1)
         self.conv_out = nn.Conv2d(block_in, z, 3, padding=1)
@@ -141,7 +141,7 @@ class Decoder(nn.Module):
         g, ch = config.norm_num_groups, config.ch
         block_in = ch * config.ch_mult[-1]
         self.conv_in = nn.Conv2d(config.z_channels, block_in, 3, padding=1)
-        self.mid = _Mid(block_in, g)
+        self.mid = _Mid(block_in, g, config.mid_attention)
         levels: list[nn.Module] = []
         for level in reversed(range(len(config.ch_mult))):
             blocks, attns = [], []

@@ -5,10 +5,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ldmrt.config import ConcatKind
 from ldmrt.errors import ConfigError
 from ldmrt.iospec import Component, ComponentSpec, example_inputs  # noqa: F401  (example_inputs re-exported)
 from ldmrt.models import LatentDiffusion
-from ldmrt.models.conditioning import ClassEmbedder
+from ldmrt.models.conditioning import ClassEmbedder, SpatialRescaler
 
 
 class ComponentGraph(nn.Module):
@@ -25,6 +26,10 @@ class ComponentGraph(nn.Module):
             # Class-conditional LDMs (ImageNet kind) fold the class embedder into the UNet graph.
             if isinstance(model.conditioner, ClassEmbedder):
                 self.class_embedder = model.conditioner
+            # Concatenation conditioning happens in the graph: the maps' names, in channel order.
+            self.concat = [kind.value for kind in (model.config.spatial.inputs if model.config.spatial else ())]
+            if isinstance(model.conditioner, SpatialRescaler):
+                self.spatial_rescaler = model.conditioner
         elif spec.name in (Component.VAE_DECODER, Component.VAE_ENCODER):
             self.autoencoder = model.first_stage_model
         else:
@@ -39,9 +44,14 @@ class ComponentGraph(nn.Module):
         if self.component == Component.VAE_ENCODER:
             return self.autoencoder.encode(named["images"])
         context, labels = named.get("encoder_hidden_states"), named.get("class_labels")
+        sample = named["sample"]
         if hasattr(self, "class_embedder"):
-            context, labels = self.class_embedder(labels).to(named["sample"].dtype), None
-        return self.unet(named["sample"], named["timestep"], context, labels)
+            context, labels = self.class_embedder(labels).to(sample.dtype), None
+        if self.concat:
+            maps = [self.spatial_rescaler(named[name]).to(sample.dtype) if name == ConcatKind.SEGMENTATION
+                    else named[name] for name in self.concat]
+            sample = torch.cat([sample, *maps], dim=1)           # (B, latent + concat channels, h, w)
+        return self.unet(sample, named["timestep"], context, labels)
 
 
 def to_torch(arrays: dict[str, np.ndarray], spec: ComponentSpec, dtype: torch.dtype | None = None

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldmrt.errors import ConfigError
-from ldmrt.config import BertConfig, ClassEmbedderConfig, ClipTextConfig, LayerChoice
+from ldmrt.config import (BertConfig, ClassEmbedderConfig, ClipTextConfig, LayerChoice,
+                          SpatialRescalerConfig)
 from ldmrt.models.layers import LayerNorm32, attention, merge_heads, split_heads
 
 
@@ -215,11 +216,33 @@ class ClassEmbedder(nn.Module):
         return self.embedding(class_labels.long())[:, None, :]
 
 
-def build_conditioner(config: ClipTextConfig | BertConfig | ClassEmbedderConfig | None) -> nn.Module | None:
+class SpatialRescaler(nn.Module):
+    """class-index map (B, H, W) -> (B, out, H * m^n, W * m^n): CompVis `SpatialRescaler` of its
+    one-hot map (n_stages resizes by multiplier m, then a learned 1x1 conv), computed without the
+    (B, n_classes, H, W) one-hot tensor: the resizes and the conv's weight are linear, so they
+    commute, and the conv of a one-hot pixel is a column of its weight (an embedding lookup)."""
+
+    def __init__(self, config: SpatialRescalerConfig):
+        super().__init__()
+        self.config = config
+        self.channel_mapper = nn.Conv2d(config.n_classes, config.out_channels, 1, bias=config.bias)
+
+    def forward(self, segmentation: torch.Tensor) -> torch.Tensor:
+        weight = self.channel_mapper.weight[:, :, 0, 0]                    # (out, n_classes)
+        x = F.embedding(segmentation.long(), weight.t()).permute(0, 3, 1, 2)   # (B, out, H, W)
+        for _ in range(self.config.n_stages):
+            x = F.interpolate(x, scale_factor=self.config.multiplier, mode=self.config.method.value)
+        if self.channel_mapper.bias is not None:
+            x = x + self.channel_mapper.bias[:, None, None]
+        return x
+
+
+def build_conditioner(config: ClipTextConfig | BertConfig | ClassEmbedderConfig | SpatialRescalerConfig | None
+                      ) -> nn.Module | None:
     if config is None:
         return None
     kinds = {ClipTextConfig: ClipTextConditioner, BertConfig: BertConditioner,
-             ClassEmbedderConfig: ClassEmbedder}
+             ClassEmbedderConfig: ClassEmbedder, SpatialRescalerConfig: SpatialRescaler}
     return kinds[type(config)](config)
 
 

@@ -62,15 +62,18 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     """Self-attention, cross-attention, GEGLU feed-forward; pre-norm residuals."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int | None, upcast: bool):
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int | None, upcast: bool,
+                 cross_only: bool = False):
         super().__init__()
-        self.attn1 = CrossAttention(dim, None, heads, dim_head, upcast)
+        # cross_only: the first attention attends to the context too (CompVis disable_self_attn)
+        self.cross_only = cross_only
+        self.attn1 = CrossAttention(dim, context_dim if cross_only else None, heads, dim_head, upcast)
         self.ff = FeedForward(dim)
         self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, upcast)
         self.norm1, self.norm2, self.norm3 = LayerNorm32(dim), LayerNorm32(dim), LayerNorm32(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn1(self.norm1(x), context if self.cross_only else None)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -78,7 +81,8 @@ class BasicTransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """GroupNorm, proj-in (1x1 conv or linear), N transformer blocks, proj-out, residual."""
 
-    def __init__(self, channels: int, heads: int, dim_head: int, config: UNetConfig):
+    def __init__(self, channels: int, heads: int, dim_head: int, config: UNetConfig,
+                 cross_only: bool = False):
         super().__init__()
         inner = heads * dim_head
         self.linear = config.use_linear_in_transformer
@@ -86,7 +90,8 @@ class SpatialTransformer(nn.Module):
         project = (lambda i, o: nn.Linear(i, o)) if self.linear else (lambda i, o: nn.Conv2d(i, o, 1))
         self.proj_in = project(channels, inner)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, heads, dim_head, config.context_dim, config.upcast_attention)
+            BasicTransformerBlock(inner, heads, dim_head, config.context_dim, config.upcast_attention,
+                                  cross_only)
             for _ in range(config.transformer_depth))
         self.proj_out = project(inner, channels)
 
@@ -133,8 +138,12 @@ class AttentionBlock(nn.Module):
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv, add the projected timestep embedding, GroupNorm-SiLU-conv, skip."""
 
-    def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int):
+    def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int,
+                 resample: str = ""):
         super().__init__()
+        # resample "down" / "up" (CompVis resblock_updown): the block halves / doubles the size,
+        # by 2x2 average pooling / nearest upsampling of both paths between norm and first conv.
+        self.resample = resample
         self.in_layers = nn.Sequential(_norm(channels, groups), nn.SiLU(),
                                        nn.Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
@@ -143,8 +152,20 @@ class ResBlock(nn.Module):
         self.skip_connection = (nn.Identity() if channels == out_channels
                                 else nn.Conv2d(channels, out_channels, 1))
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.in_layers(x)
+    def _resampled(self, x: torch.Tensor, size: torch.Size | None) -> torch.Tensor:
+        if self.resample == "down":
+            return F.avg_pool2d(x, 2)
+        if size is None:
+            return F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return F.interpolate(x, size=size, mode="nearest")
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, size: torch.Size | None = None) -> torch.Tensor:
+        if self.resample:
+            norm_act, conv = self.in_layers[:-1], self.in_layers[-1]
+            h = conv(self._resampled(norm_act(x), size))
+            x = self._resampled(x, size)
+        else:
+            h = self.in_layers(x)
         h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
         return self.skip_connection(x) + self.out_layers(h)
 
@@ -177,7 +198,7 @@ class TimestepEmbedSequential(nn.Sequential):
                 upsample_size: torch.Size | None = None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
-                x = layer(x, emb)
+                x = layer(x, emb, upsample_size if layer.resample == "up" else None)
             elif isinstance(layer, (SpatialTransformer, AttentionBlock)):
                 x = layer(x, context)
             elif isinstance(layer, Upsample):
@@ -206,11 +227,12 @@ class UNetModel(nn.Module):
                 layers: list[nn.Module] = [ResBlock(ch, emb_dim, mc * mult, groups)]
                 ch = mc * mult
                 if ds in config.attention_resolutions:
-                    layers.append(self._attention(ch))
+                    layers.append(self._attention(ch, level))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(config.channel_mult) - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                self.input_blocks.append(TimestepEmbedSequential(
+                    ResBlock(ch, emb_dim, ch, groups, "down") if config.resblock_updown else Downsample(ch)))
                 skip_channels.append(ch)
                 ds *= 2
 
@@ -223,18 +245,22 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mc * mult, groups)]
                 ch = mc * mult
                 if ds in config.attention_resolutions:
-                    layers.append(self._attention(ch))
+                    layers.append(self._attention(ch, level))
                 if level and i == config.num_res_blocks:
-                    layers.append(Upsample(ch))
+                    layers.append(ResBlock(ch, emb_dim, ch, groups, "up") if config.resblock_updown
+                                  else Upsample(ch))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(_norm(ch, groups), nn.SiLU(), nn.Conv2d(mc, config.out_channels, 3, padding=1))
 
-    def _attention(self, channels: int) -> nn.Module:
+    def _attention(self, channels: int, level: int | None = None) -> nn.Module:
+        """Attention at `level` (None: the middle block, which always attends to itself first)."""
         heads, dim_head = self.config.heads_and_dim(channels)
         if self.config.use_spatial_transformer:
-            return SpatialTransformer(channels, heads, dim_head, self.config)
+            cross_only = level is not None and bool(self.config.disable_self_attentions) \
+                and self.config.disable_self_attentions[level]
+            return SpatialTransformer(channels, heads, dim_head, self.config, cross_only)
         return AttentionBlock(channels, heads, self.config.norm_num_groups)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,

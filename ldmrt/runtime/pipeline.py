@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,9 +19,11 @@ from ldmrt.config import ClassEmbedderConfig, ModelConfig
 from ldmrt.engines.backend import Backend
 from ldmrt.engines.base import BackendRunners, ComponentRunner
 from ldmrt.engines.dispatch import open_runners
-from ldmrt.errors import ConfigError, GenerationCancelled, GenerationError, ShapeError
+from ldmrt.errors import ConfigError, GenerationCancelled, GenerationError
 from ldmrt.iospec import Component, Precision
 from ldmrt.manifest import Manifest, load_manifest, verify_bundle
+from ldmrt.runtime.checks import check_array, integer, is_integer, real, show
+from ldmrt.runtime import spatial
 from ldmrt.runtime.postprocess import postprocessor
 from ldmrt.sampling import SAMPLERS, DenoiseJob, StepCallback, make_plan
 from ldmrt.tokenizer import load_tokenizer
@@ -55,6 +56,12 @@ class GenerationRequest:
     init_image: np.ndarray | None = None   # img2img: float [B or 1, H, W, 3] in [0, 1]
     strength: float | None = None    # img2img only; None -> IMG2IMG_STRENGTH
     class_labels: Sequence[int] | None = None   # class-conditional models only
+    # concat-conditioned models (ldmrt.runtime.spatial); each is refused by the models without it
+    image: np.ndarray | None = None    # inpainting: the image [B or 1, H, W, 3] in [0, 1];
+                                       # super-resolution: the low-res image [B or 1, H/f, W/f, 3]
+    mask: np.ndarray | None = None     # inpainting: [B or 1, H, W] in [0, 1]; >= 0.5 is repainted (white)
+    noise_level: int | None = None     # SD x4 upscaler: the low-res noise augmentation (None: 20)
+    segmentation: np.ndarray | None = None   # semantic synthesis: class indices [B or 1, H, W]
 
 
 @dataclass
@@ -124,10 +131,18 @@ class Pipeline:
 
         noise = self._initial_noise(request, shape, rng)
         image_latents = None
-        if request.init_image is not None:
+        start_image = request.init_image if request.init_image is not None else \
+            (request.image if plan.strength < 1.0 else None)           # inpainting at strength < 1
+        if start_image is not None:
             start = time.perf_counter()
-            image_latents = self._encode_image(request.init_image, shape, rng)
+            image_latents = self._encode_pixels(spatial.to_pixels(start_image, batch), rng)
             timings[Component.VAE_ENCODER] = time.perf_counter() - start
+        if self.config.spatial is not None:
+            start = time.perf_counter()
+            maps = spatial.concat_maps(self.config, request, shape, self._encode_pixels, rng)
+            conditioning = {**conditioning, **{name: np.concatenate([m, m]) if guided else m
+                                               for name, m in maps.items()}}   # the same in both halves
+            timings["spatial_conditioning"] = time.perf_counter() - start
         x = plan.initial_latents(noise, image_latents).astype(np.float32)
         step_noise = [rng.standard_normal(shape).astype(np.float32) if need else None
                       for need in plan.needs_noise]
@@ -151,7 +166,7 @@ class Pipeline:
         _cancel_point(cancel, f"after denoising step {plan.num_evaluations} of {plan.num_evaluations}, "
                               f"before the VAE decoder")
         start = time.perf_counter()
-        images = self._decode(x)
+        images = spatial.paste_back(self.config, request, self._decode(x))
         timings[Component.VAE_DECODER] = time.perf_counter() - start
         for message in warnings:
             log.warning("%s", message)
@@ -167,32 +182,37 @@ class Pipeline:
         config = self.config
         sampler = config.scheduler.default_sampler if request.sampler is None else request.sampler
         if not isinstance(sampler, str) or sampler not in SAMPLERS:
-            raise GenerationError(f"sampler {_show(sampler)}: expected one of {list(SAMPLERS)}", field="sampler")
+            raise GenerationError(f"sampler {show(sampler)}: expected one of {list(SAMPLERS)}", field="sampler")
         negative = "" if request.negative_prompt is None else request.negative_prompt
         request = dataclasses.replace(
             request, sampler=sampler, negative_prompt=negative,
-            steps=_integer("steps", request.steps, 1),
-            guidance=_real("guidance", request.guidance),
-            eta=_real("eta", request.eta, finite=False),            # range: make_plan
-            strength=None if request.strength is None else _real("strength", request.strength, finite=False),
-            seed=_integer("seed", request.seed, 0, 2 ** 64),
-            batch=_integer("batch", request.batch, 1),
-            height=None if request.height is None else _integer("height", request.height),
-            width=None if request.width is None else _integer("width", request.width))
+            steps=integer("steps", request.steps, 1),
+            guidance=real("guidance", request.guidance),
+            eta=real("eta", request.eta, finite=False),            # range: make_plan
+            strength=None if request.strength is None else real("strength", request.strength, finite=False),
+            seed=integer("seed", request.seed, 0, 2 ** 64),
+            batch=integer("batch", request.batch, 1),
+            height=None if request.height is None else integer("height", request.height),
+            width=None if request.width is None else integer("width", request.width))
         if abs(request.guidance) > float(np.finfo(np.float32).max):     # the loop's arithmetic is float32
             raise GenerationError(f"guidance {request.guidance}: expected a finite number in float32 "
                                   f"(|guidance| <= 3.4e38)", field="guidance")
+        spatial.check_fields(config, request)
         shape = self._latent_shape(request)
         self._check_cost(request.steps, shape)
         self._check_conditioning_fields(request, shape[0])
+        request = dataclasses.replace(request, noise_level=spatial.check_arrays(config, request, shape))
         if request.latents is not None:
-            _check_array("latents", request.latents, shape)
+            check_array("latents", request.latents, shape)
+        if spatial.encodes_image(config) and Component.VAE_ENCODER not in self.runners:
+            raise GenerationError(f"image: {spatial.describe(config)} needs the vae_encoder component to "
+                                  f"encode the masked image; export it too", field="image")
         if request.init_image is not None:
             if Component.VAE_ENCODER not in self.runners:
                 raise GenerationError("init_image: img2img needs the vae_encoder component; export it too",
                                       field="init_image")
             f = config.downsampling_factor
-            _check_array("init_image", request.init_image, (shape[0], shape[2] * f, shape[3] * f, 3),
+            check_array("init_image", request.init_image, (shape[0], shape[2] * f, shape[3] * f, 3),
                          first_axis_one=True, unit_range=True)
         return request, shape, self._plan(request)
 
@@ -219,7 +239,7 @@ class Pipeline:
             for name in ("prompt", "negative_prompt"):
                 value = getattr(request, name)
                 if any(_expand(value, batch, name)):
-                    raise GenerationError(f"{name} {_show(value)}: this bundle's model is {kind} "
+                    raise GenerationError(f"{name} {show(value)}: this bundle's model is {kind} "
                                           f"({config.name}); it takes " +
                                           ("class_labels, not prompts" if kind == "class-conditional"
                                            else "no prompt"), field=name)
@@ -227,15 +247,15 @@ class Pipeline:
         if labels is None:
             return
         if kind != "class-conditional":
-            raise GenerationError(f"class_labels {_show(labels)}: this bundle's model is {kind} "
+            raise GenerationError(f"class_labels {show(labels)}: this bundle's model is {kind} "
                                   f"({config.name}); it takes no class labels", field="class_labels")
         n = self._num_classes()
         values = list(labels) if isinstance(labels, (list, tuple, np.ndarray)) else None
-        if values is None or not all(_is_integer(c) for c in values) or len(values) not in (1, batch) \
+        if values is None or not all(is_integer(c) for c in values) or len(values) not in (1, batch) \
                 or any(not 0 <= int(c) < n for c in values):
-            shown = [int(c) if _is_integer(c) else c for c in values] if values is not None else labels
+            shown = [int(c) if is_integer(c) else c for c in values] if values is not None else labels
             count = "1" if batch == 1 else f"1 or {batch}"
-            raise GenerationError(f"class_labels {_show(shown)}: expected {count} integer labels in "
+            raise GenerationError(f"class_labels {show(shown)}: expected {count} integer labels in "
                                   f"[0, {n})", field="class_labels")
 
     def _conditioning_kind(self) -> str:
@@ -256,8 +276,9 @@ class Pipeline:
         spec = self.manifest.component(Component.UNET).spec
         f = self.config.downsampling_factor
         opt = spec.ranges["latent_height"][1] * f
-        height = opt if request.height is None else request.height
-        width = opt if request.width is None else request.width
+        fixed = spatial.map_size(self.config, request)       # an inpainting / low-res image fixes the size
+        height = (opt if fixed is None else fixed[0]) if request.height is None else request.height
+        width = (opt if fixed is None else fixed[1]) if request.width is None else request.width
         for name, value in (("height", height), ("width", width)):
             if value <= 0 or value % f:
                 raise GenerationError(f"{name} {value}: expected a positive multiple of the latent "
@@ -276,12 +297,14 @@ class Pipeline:
         return request.batch, self.config.latent_channels, height // f, width // f
 
     def _plan(self, request: GenerationRequest):
-        if request.init_image is None:
-            if request.strength is not None:
-                raise GenerationError("strength applies to img2img only: pass init_image too", field="strength")
-            strength = 1.0
-        else:
+        if request.init_image is not None:
             strength = IMG2IMG_STRENGTH if request.strength is None else request.strength
+        elif request.image is not None and self.config.spatial.is_inpainting:
+            strength = 1.0 if request.strength is None else request.strength    # diffusers' default
+        elif request.strength is not None:
+            raise GenerationError("strength applies to img2img only: pass init_image too", field="strength")
+        else:
+            strength = 1.0
         return make_plan(request.sampler, self.config.scheduler, request.steps, eta=request.eta,
                          strength=strength)
 
@@ -331,11 +354,9 @@ class Pipeline:
             return drawn
         return np.asarray(request.latents).astype(np.float32)     # checked by `checked`
 
-    def _encode_image(self, image: np.ndarray, shape, rng: np.random.Generator) -> np.ndarray:
-        image = np.asarray(image, dtype=np.float32)                # checked by `checked`
-        batch, _, h, w = shape
-        f = self.config.downsampling_factor
-        pixels = np.broadcast_to(image, (batch, h * f, w * f, 3)).transpose(0, 3, 1, 2) * 2.0 - 1.0
+    def _encode_pixels(self, pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """(B, 3, H, W) in [-1, 1] -> scaled latents (B, C, h, w): a posterior sample (KL) or the
+        pre-quantization latent (VQ), as CompVis' get_first_stage_encoding."""
         runner = self.runners[Component.VAE_ENCODER]
         moments = runner({"images": np.ascontiguousarray(pixels).astype(runner.spec.inputs[0].dtype)})
         moments = moments.astype(np.float32)
@@ -391,67 +412,6 @@ def max_image_size(manifest: Manifest) -> tuple[int, int]:
 def _cancel_point(cancel: CancelCheck | None, where: str) -> None:
     if cancel is not None and cancel():
         raise GenerationCancelled(f"generation cancelled by the caller {where}; no image was made")
-
-
-def _show(value) -> str:
-    """A value as a message shows it: strings quoted, numpy scalars as plain numbers."""
-    if isinstance(value, str):
-        return repr(value)
-    if isinstance(value, np.generic):
-        return str(value.item())
-    return str(value)
-
-
-def _is_integer(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def _integer(name: str, value, least: int | None = None, below: int | None = None) -> int:
-    """A Python or numpy integer (never a bool) as int, in [least, below)."""
-    if not _is_integer(value):
-        raise GenerationError(f"{name} {_show(value)}: expected an integer, found {type(value).__name__}",
-                              field=name)
-    value = int(value)
-    if (least is not None and value < least) or (below is not None and value >= below):
-        bound = f">= {least}" + (f" and < 2**{below.bit_length() - 1}" if below is not None else "")
-        raise GenerationError(f"{name} {value}: expected an integer {bound}", field=name)
-    return value
-
-
-def _real(name: str, value, finite: bool = True) -> float:
-    """A Python or numpy real number (never a bool) as float; finite unless told."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise GenerationError(f"{name} {_show(value)}: expected a number, found {type(value).__name__}",
-                              field=name)
-    value = float(value)
-    if finite and not math.isfinite(value):
-        raise GenerationError(f"{name} {value}: expected a finite number", field=name)
-    return value
-
-
-def _check_array(name: str, array, shape: tuple[int, ...], first_axis_one: bool = False,
-                 unit_range: bool = False) -> None:
-    """A float numpy array of `shape` (first axis 1 allowed too), finite, in [0, 1] when told."""
-    if not isinstance(array, np.ndarray):
-        raise ShapeError(f"{name}: expected a numpy array, found {type(array).__name__}", field=name)
-    wanted = list(shape)
-    if first_axis_one:
-        ok = array.ndim == len(shape) and array.shape[1:] == tuple(shape[1:]) and array.shape[0] in (1, shape[0])
-        wanted = [shape[0] if shape[0] == 1 else f"1 or {shape[0]}", *shape[1:]]
-    else:
-        ok = array.shape == tuple(shape)
-    if not ok:
-        expected = "[" + ", ".join(map(str, wanted)) + "]"
-        raise ShapeError(f"{name}: expected shape {expected}, found {list(array.shape)}", field=name)
-    if array.dtype.kind != "f":
-        raise ShapeError(f"{name}: expected a float array, found dtype {array.dtype}", field=name)
-    finite = np.isfinite(array)
-    if not finite.all():
-        raise GenerationError(f"{name}: expected finite values, found {int(finite.size - finite.sum())} "
-                              f"NaN/Inf", field=name)
-    if unit_range and (array.min() < 0.0 or array.max() > 1.0):
-        raise GenerationError(f"{name}: expected values in [0, 1], found values in "
-                              f"[{float(array.min()):g}, {float(array.max()):g}]", field=name)
 
 
 def _expand(prompt, batch: int, name: str) -> list[str]:
