@@ -70,6 +70,7 @@ FAMILIES: dict[str, ModelConfig] = {
 }
 
 
+_VQ_F4_PLAIN = dataclasses.replace(_VQ_F4, attn_levels=())     # as diffusers' VQModel can hold it
 _PLAIN_UNET = dataclasses.replace(_UNET, out_channels=3, num_head_channels=8, context_dim=None,
                                   use_spatial_transformer=False)
 # Concatenation-conditioned models (ldmrt.config.SpatialConditioning), one per preset kind.
@@ -89,21 +90,21 @@ CONCAT_FAMILIES: dict[str, ModelConfig] = {
     # LDM super-resolution: [z, low-res image], no text, VQ.
     "ldm-sr": ModelConfig(
         name="fam-ldm-sr", family=Family.LDM, unet=dataclasses.replace(_PLAIN_UNET, in_channels=6),
-        autoencoder=_VQ_F4, conditioner=None, scheduler=_LDM_SCHEDULER, scale_factor=1.0,
+        autoencoder=_VQ_F4_PLAIN, conditioner=None, scheduler=_LDM_SCHEDULER, scale_factor=1.0,
         default_image_size=32, spatial=SpatialConditioning(inputs=(ConcatKind.LOW_RES_IMAGE,))),
     # The paper's inpainting: [z, masked-image latents, mask {-1,+1}], ResBlock resampling, VQ
     # without attention, paste-back.
     "ldm-inpaint": ModelConfig(
         name="fam-ldm-inpaint", family=Family.LDM,
-        unet=dataclasses.replace(_PLAIN_UNET, in_channels=7, resblock_updown=True),
-        autoencoder=dataclasses.replace(_VQ_F4, attn_levels=(), mid_attention=False), conditioner=None,
+        unet=dataclasses.replace(_PLAIN_UNET, in_channels=7, resblock_updown=True, attention_resolutions=(1, 2)),
+        autoencoder=dataclasses.replace(_VQ_F4_PLAIN, mid_attention=False), conditioner=None,
         scheduler=_LDM_SCHEDULER, scale_factor=1.0, default_image_size=32,
         spatial=SpatialConditioning(inputs=(ConcatKind.MASKED_IMAGE_LATENTS, ConcatKind.MASK), mask_keep=-1.0,
                                     masked_pixel=-1.0, paste_back=True)),
     # Semantic synthesis: [z, SpatialRescaler(one-hot map)], VQ.
     "ldm-semantic": ModelConfig(
         name="fam-ldm-semantic", family=Family.LDM, unet=dataclasses.replace(_PLAIN_UNET, in_channels=6),
-        autoencoder=_VQ_F4, conditioner=None, scheduler=_LDM_SCHEDULER, scale_factor=1.0,
+        autoencoder=_VQ_F4_PLAIN, conditioner=None, scheduler=_LDM_SCHEDULER, scale_factor=1.0,
         default_image_size=32,
         spatial=SpatialConditioning(inputs=(ConcatKind.SEGMENTATION,),
                                     rescaler=SpatialRescalerConfig(n_classes=12))),

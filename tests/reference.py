@@ -38,7 +38,24 @@ def diffusers_unet(config: UNetConfig):
         transformer_layers_per_block=config.transformer_depth,
         use_linear_projection=config.use_linear_in_transformer,
         upcast_attention=config.upcast_attention, num_class_embeds=config.num_classes,
+        only_cross_attention=tuple(config.disable_self_attentions) or False,
         norm_num_groups=config.norm_num_groups).eval()
+
+
+def diffusers_plain_unet(config: UNetConfig):
+    """diffusers UNet2DModel (the paper's unconditional / concat LDMs' UNet) for a plain-attention
+    UNetConfig; resblock_updown as downsample_type / upsample_type "resnet"."""
+    from diffusers import UNet2DModel
+
+    attn = [2 ** level in config.attention_resolutions for level in range(len(config.channel_mult))]
+    resample = "resnet" if config.resblock_updown else "conv"
+    return UNet2DModel(
+        sample_size=8, in_channels=config.in_channels, out_channels=config.out_channels,
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        block_out_channels=tuple(config.model_channels * m for m in config.channel_mult),
+        layers_per_block=config.num_res_blocks, attention_head_dim=config.num_head_channels,
+        downsample_type=resample, upsample_type=resample, norm_num_groups=config.norm_num_groups).eval()
 
 
 def diffusers_autoencoder(config: AutoencoderConfig):
@@ -50,7 +67,7 @@ def diffusers_autoencoder(config: AutoencoderConfig):
                   up_block_types=("UpDecoderBlock2D",) * levels,
                   block_out_channels=tuple(config.ch * m for m in config.ch_mult),
                   layers_per_block=config.num_res_blocks, latent_channels=config.z_channels,
-                  norm_num_groups=config.norm_num_groups)
+                  norm_num_groups=config.norm_num_groups, mid_block_add_attention=config.mid_attention)
     if config.kind == AutoencoderKind.KL:
         assert config.embed_dim == config.z_channels, "diffusers' AutoencoderKL ties the two"
         return AutoencoderKL(**common).eval()

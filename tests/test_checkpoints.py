@@ -25,8 +25,8 @@ from ldmrt.errors import CheckpointError, ConfigError
 from ldmrt.models.convert import autoencoder_from_diffusers, clip_from_transformers, unet_from_diffusers
 from ldmrt.tokenizer import load_tokenizer
 from ldmrt.synthetic_tokenizer import write_synthetic_clip_assets, write_synthetic_wordpiece_assets
-from tests.reference import (diffusers_autoencoder, diffusers_ldmbert, diffusers_unet, perturb_, rel_l2,
-                             transformers_clip)
+from tests.reference import (diffusers_autoencoder, diffusers_ldmbert, diffusers_plain_unet, diffusers_unet,
+                             perturb_, rel_l2, transformers_clip)
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -58,17 +58,6 @@ PROMPTS = ["a photograph of an astronaut riding a horse", "", "Hello, WORLD!! ca
 
 
 # --- references and how they are saved ------------------------------------------------------
-
-def _plain_unet(config: UNetConfig):
-    """diffusers UNet2DModel (the unconditional LDMs' UNet) for a plain-attention UNetConfig."""
-    attn = [2 ** level in config.attention_resolutions for level in range(len(config.channel_mult))]
-    return diffusers.UNet2DModel(
-        sample_size=8, in_channels=config.in_channels, out_channels=config.out_channels,
-        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-        block_out_channels=tuple(config.model_channels * m for m in config.channel_mult),
-        layers_per_block=config.num_res_blocks, attention_head_dim=config.num_head_channels).eval()
-
 
 def _final_norm(model: torch.nn.Module) -> torch.nn.Module:
     return next(m for name, m in model.named_modules() if name.endswith("final_layer_norm"))
@@ -183,7 +172,7 @@ def sd2(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vq(tmp_path_factory):
     root = tmp_path_factory.mktemp("vq")
-    unet = perturb_(_plain_unet(VQ.unet), seed=7)
+    unet = perturb_(diffusers_plain_unet(VQ.unet), seed=7)
     vae = perturb_(diffusers_autoencoder(VQ.ae), seed=8)
     schedule = SchedulerConfig(beta_start=0.0015, beta_end=0.0195)
     scheduler = diffusers.DDIMScheduler(beta_start=0.0015, beta_end=0.0195, beta_schedule="scaled_linear",

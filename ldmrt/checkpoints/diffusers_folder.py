@@ -11,8 +11,9 @@ from typing import Any, Mapping
 
 import torch
 
-from ldmrt.config import (AutoencoderConfig, AutoencoderKind, BertConfig, ClipTextConfig, Family,
-                          LayerChoice, ModelConfig, UNetConfig)
+from ldmrt.config import (AutoencoderConfig, AutoencoderKind, BertConfig, BetaSchedule, ClipTextConfig,
+                          ConcatKind, Family, LayerChoice, LowResNoise, ModelConfig, SchedulerConfig,
+                          SpatialConditioning, UNetConfig)
 from ldmrt.errors import CheckpointError, ConfigError
 from ldmrt.models import convert
 from ldmrt.checkpoints.files import read_weights
@@ -30,7 +31,7 @@ _UNET_FIXED = {"center_input_sample": False, "flip_sin_to_cos": True, "freq_shif
                "downsample_padding": 1, "mid_block_scale_factor": 1, "act_fn": "silu",
                "norm_eps": 1e-5, "resnet_time_scale_shift": "default", "time_embedding_type": "positional",
                "time_embedding_dim": None, "class_embed_type": None}
-_UNET_COND_FIXED = {"mid_block_type": "UNetMidBlock2DCrossAttn", "only_cross_attention": False,
+_UNET_COND_FIXED = {"mid_block_type": "UNetMidBlock2DCrossAttn",
                     "encoder_hid_dim": None, "dual_cross_attention": False, "addition_embed_type": None,
                     "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
                     "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None,
@@ -38,8 +39,7 @@ _UNET_COND_FIXED = {"mid_block_type": "UNetMidBlock2DCrossAttn", "only_cross_att
                     "attention_type": "default", "class_embeddings_concat": False,
                     "mid_block_only_cross_attention": None, "cross_attention_norm": None,
                     "reverse_transformer_layers_per_block": None}
-_UNET_PLAIN_FIXED = {"mid_block_type": "UNetMidBlock2D", "downsample_type": "conv", "upsample_type": "conv",
-                     "add_attention": True}
+_UNET_PLAIN_FIXED = {"mid_block_type": "UNetMidBlock2D", "add_attention": True}
 _VAE_FIXED = {"act_fn": "silu", "mid_block_add_attention": True, "use_quant_conv": True,
               "use_post_quant_conv": True, "shift_factor": None, "latents_mean": None, "latents_std": None,
               "norm_type": "group"}
@@ -52,7 +52,7 @@ def read_diffusers_folder(folder: Path) -> Assembly:
                   if not name.startswith("_") and isinstance(spec, list) and len(spec) == 2 and spec[1]}
     notes = [f"{name}: {spec[1]} not used by ldmrt" for name, spec in components.items() if name in _IGNORED]
     unknown = sorted(set(components) - _IGNORED - {"unet", "vae", "vqvae", "text_encoder", "bert",
-                                                    "tokenizer", "scheduler"})
+                                                    "tokenizer", "scheduler", "low_res_scheduler"})
     if unknown:
         raise CheckpointError(f"{folder / MODEL_INDEX}: components {unknown} are not supported; ldmrt "
                               f"loads unet, vae/vqvae, text_encoder/bert, tokenizer and scheduler "
@@ -85,10 +85,13 @@ def read_diffusers_folder(folder: Path) -> Assembly:
     sample = unet_cfg.get("sample_size")
     image_size = sample * autoencoder.downsampling_factor if isinstance(sample, int) else \
         (768 if scheduler.prediction_type.value == "v_prediction" else 512)
+    spatial = spatial_from_pipeline(index, folder, unet_config, autoencoder, conditioner is not None)
+    if spatial is not None:
+        detected += f"; {_describe_spatial(spatial)} (UNet in_channels {unet_config.in_channels})"
     try:
         config = ModelConfig(name=folder.name, family=family, unet=unet_config, autoencoder=autoencoder,
                              conditioner=conditioner, scheduler=scheduler, scale_factor=scale,
-                             default_image_size=image_size)
+                             default_image_size=image_size, spatial=spatial)
     except ConfigError as exc:
         raise CheckpointError(f"{folder}: the component configs do not fit together: {exc}") from None
 
@@ -119,6 +122,60 @@ def read_diffusers_folder(folder: Path) -> Assembly:
     return Assembly(format="diffusers", config=config, state=state,
                     config_source=f"the diffusers configs in {folder}", detected=detected,
                     notes=notes, tokenizer_dir=tokenizer_dir, dtypes=dtypes)
+
+
+_INPAINT_PIPELINES = ("StableDiffusionInpaintPipeline", "StableDiffusionInpaintPipelineLegacy")
+
+
+def spatial_from_pipeline(index: Mapping[str, Any], folder: Path, unet: UNetConfig,
+                          autoencoder: AutoencoderConfig, has_text: bool) -> SpatialConditioning | None:
+    """The maps a diffusers pipeline concatenates to the latents, from its class and the UNet's
+    extra input channels (diffusers' own conventions: SD inpainting [z, mask, masked latents],
+    the x4 upscaler and LDM super-resolution [z, low-res image])."""
+    extra = unet.in_channels - autoencoder.embed_dim
+    pipeline = str(index.get("_class_name", ""))
+    where = f"{folder / MODEL_INDEX}: {pipeline or 'a pipeline'} with UNet in_channels {unet.in_channels}"
+    if extra == 0:
+        return None
+    if pipeline in _INPAINT_PIPELINES or (extra == autoencoder.embed_dim + 1 and has_text):
+        if extra != autoencoder.embed_dim + 1:
+            raise CheckpointError(f"{where}: expected {2 * autoencoder.embed_dim + 1} (latents + mask + "
+                                  f"masked-image latents)")
+        return SpatialConditioning(inputs=(ConcatKind.MASK, ConcatKind.MASKED_IMAGE_LATENTS))
+    if pipeline in ("StableDiffusionUpscalePipeline", "LDMSuperResolutionPipeline") and extra == autoencoder.in_channels:
+        noise = None
+        if pipeline == "StableDiffusionUpscalePipeline":
+            path = folder / "low_res_scheduler" / "scheduler_config.json"
+            level = index.get("max_noise_level", 350)
+            if not isinstance(level, int) or isinstance(level, bool):
+                raise CheckpointError(f"{folder / MODEL_INDEX}: max_noise_level {level!r}: expected an integer")
+            try:
+                noise = LowResNoise(schedule=_training_schedule(read_json(path), str(path)),
+                                    max_noise_level=level, default_noise_level=min(20, level))
+            except ConfigError as exc:
+                raise CheckpointError(f"{path}: {exc}") from None
+        return SpatialConditioning(inputs=(ConcatKind.LOW_RES_IMAGE,), low_res_noise=noise)
+    raise CheckpointError(f"{where}: {extra} channels beyond the {autoencoder.embed_dim} latent ones, which "
+                          f"ldmrt reads as inpainting (StableDiffusionInpaintPipeline, {autoencoder.embed_dim + 1}) "
+                          f"or super-resolution (StableDiffusionUpscalePipeline, LDMSuperResolutionPipeline, "
+                          f"{autoencoder.in_channels}) only")
+
+
+def _training_schedule(cfg: Mapping[str, Any], where: str) -> SchedulerConfig:
+    """Only the betas of a scheduler whose add_noise alone is used (the x4 upscaler's low-res one)."""
+    try:
+        return SchedulerConfig(num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)),
+                               beta_start=float(cfg.get("beta_start", 0.0001)),
+                               beta_end=float(cfg.get("beta_end", 0.02)),
+                               beta_schedule=BetaSchedule(cfg.get("beta_schedule", "linear")),
+                               scheduler_class=str(cfg.get("_class_name", "")))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+
+
+def _describe_spatial(spatial: SpatialConditioning) -> str:
+    return "concatenates " + " + ".join(kind.value for kind in spatial.inputs) + \
+        (" (noise-augmented, level as class label)" if spatial.low_res_noise else "")
 
 
 def _text_config(cfg: Mapping[str, Any], tokenizer_dir: Path | None,
@@ -169,6 +226,24 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any], where: str) -> UNetConfig
         raise CheckpointError(f"{where}: block_out_channels {channels} are not multiples of the first")
     levels = [i for i, a in enumerate(attention) if a] + [len(channels) - 1]   # + the middle block
     heads, head_dim = _heads(cfg, channels, levels, conditional, where)
+    cross_only = cfg.get("only_cross_attention", False) if conditional else False
+    if cross_only is True:      # a bool also makes the middle block cross-attention-only in diffusers
+        raise CheckpointError(f"{where}: only_cross_attention true (every level and the middle block) is "
+                              f"not supported; CompVis' disable_self_attentions is per level")
+    if isinstance(cross_only, bool):
+        cross_only = [cross_only] * len(channels)
+    if not isinstance(cross_only, list) or len(cross_only) != len(channels) \
+            or not all(isinstance(flag, bool) for flag in cross_only):
+        raise CheckpointError(f"{where}: only_cross_attention {cross_only!r}: expected a bool or one per level")
+    resample = {(cfg.get("downsample_type", "conv"), cfg.get("upsample_type", "conv"))}
+    if resample - {("conv", "conv"), ("resnet", "resnet")}:
+        raise CheckpointError(f"{where}: downsample_type / upsample_type {sorted(resample)[0]}: expected both "
+                              f"'conv' or both 'resnet'")
+    resnet_resample = resample == {("resnet", "resnet")}
+    # DownBlock2D (no attention) keeps a conv downsampler whatever downsample_type says
+    if resnet_resample and not all(attention[:-1]):
+        raise CheckpointError(f"{where}: downsample_type 'resnet' with attention-free levels (DownBlock2D "
+                              f"keeps a conv there); CompVis' resblock_updown resamples every level by ResBlocks")
     try:
         return UNetConfig(
             in_channels=int(cfg.get("in_channels", 4)), out_channels=int(cfg.get("out_channels", 4)),
@@ -182,7 +257,9 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any], where: str) -> UNetConfig
             use_spatial_transformer=conditional,
             use_linear_in_transformer=bool(cfg.get("use_linear_projection", False)),
             upcast_attention=bool(cfg.get("upcast_attention", False)),
-            num_classes=cfg.get("num_class_embeds"), norm_num_groups=int(cfg.get("norm_num_groups", 32)))
+            num_classes=cfg.get("num_class_embeds"), norm_num_groups=int(cfg.get("norm_num_groups", 32)),
+            disable_self_attentions=tuple(cross_only) if any(cross_only) else (),
+            resblock_updown=resnet_resample)
     except (ConfigError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{where}: {exc}") from None
 

@@ -57,7 +57,9 @@ def unet_from_diffusers(state: Mapping[str, torch.Tensor], config: UNetConfig) -
             block = 1 + level * (n + 1) + j
             resnets[f"down_blocks.{level}.resnets.{j}"] = f"input_blocks.{block}.0"
             others[f"down_blocks.{level}.attentions.{j}"] = f"input_blocks.{block}.1"
-        if level != levels - 1:
+        if level != levels - 1 and config.resblock_updown:      # diffusers downsample_type "resnet"
+            resnets[f"down_blocks.{level}.downsamplers.0"] = f"input_blocks.{(level + 1) * (n + 1)}.0"
+        elif level != levels - 1:
             others[f"down_blocks.{level}.downsamplers.0.conv"] = f"input_blocks.{(level + 1) * (n + 1)}.0.op"
     for up in range(levels):
         level = levels - 1 - up
@@ -66,9 +68,11 @@ def unet_from_diffusers(state: Mapping[str, torch.Tensor], config: UNetConfig) -
             block = up * (n + 1) + j
             resnets[f"up_blocks.{up}.resnets.{j}"] = f"output_blocks.{block}.0"
             others[f"up_blocks.{up}.attentions.{j}"] = f"output_blocks.{block}.1"
-        if level:
-            others[f"up_blocks.{up}.upsamplers.0.conv"] = \
-                f"output_blocks.{up * (n + 1) + n}.{2 if has_attention else 1}.conv"
+        position = f"output_blocks.{up * (n + 1) + n}.{2 if has_attention else 1}"
+        if level and config.resblock_updown:                     # diffusers upsample_type "resnet"
+            resnets[f"up_blocks.{up}.upsamplers.0"] = position
+        elif level:
+            others[f"up_blocks.{up}.upsamplers.0.conv"] = f"{position}.conv"
     state = _rename(state, resnets, _RESNET_UNET)
     return _rename(state, others)
 
