@@ -302,8 +302,7 @@ class SpatialRescalerConfig:
 class LowResNoise:
     """The SD x4 upscaler's noise augmentation: the low-res image is noised to `noise_level` of
     `schedule` (a DDPM q_sample) and the UNet gets the level as its class label."""
-    schedule: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(
-        beta_start=0.0001, beta_end=0.02, scheduler_class="DDPMScheduler"))
+    schedule: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(beta_start=0.0001, beta_end=0.02))
     max_noise_level: int = 350
     default_noise_level: int = 20
 

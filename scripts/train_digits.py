@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from ldmrt.config import (AutoencoderConfig, AutoencoderKind, BertConfig, BetaSchedule, ClassEmbedderConfig,
                           Family, ModelConfig, SchedulerConfig, UNetConfig)
 from ldmrt.errors import ConfigError
+from ldmrt.checkpoints.compvis_yaml import compvis_yaml
 from ldmrt.models import LatentDiffusion
 from ldmrt.tokenizer import BERT_SPECIALS, WORDPIECE_PREFIX, load_tokenizer
 
@@ -362,47 +363,6 @@ def load_ema(model: LatentDiffusion, ema: dict) -> None:
 
 
 # --- the checkpoint: CompVis single file + YAML ------------------------------------------
-
-def compvis_yaml(config: ModelConfig) -> dict:
-    """The inference YAML CompVis' LatentDiffusion would take for `config` (ldmrt reads it back)."""
-    unet, ae, cond = config.unet, config.autoencoder, config.conditioner
-    latent_size = config.default_image_size // config.downsampling_factor
-    if isinstance(cond, BertConfig):
-        cond_stage = {"target": "ldm.modules.encoders.modules.BERTEmbedder",
-                      "params": {"n_embed": cond.n_embed, "n_layer": cond.n_layer, "vocab_size": cond.vocab_size,
-                                 "max_seq_len": cond.max_seq_len}}
-        key = "caption"
-    else:
-        cond_stage = {"target": "ldm.modules.encoders.modules.ClassEmbedder",
-                      "params": {"n_classes": cond.n_classes, "embed_dim": cond.embed_dim, "key": "class_label"}}
-        key = "class_label"
-    ae_target = "ldm.models.autoencoder.AutoencoderKL" if ae.kind == AutoencoderKind.KL else \
-        "ldm.models.autoencoder.VQModelInterface"
-    ae_params = {"embed_dim": ae.embed_dim, "ddconfig": {
-        "double_z": ae.double_z, "z_channels": ae.z_channels, "resolution": config.default_image_size,
-        "in_channels": ae.in_channels, "out_ch": ae.out_ch, "ch": ae.ch, "ch_mult": list(ae.ch_mult),
-        "num_res_blocks": ae.num_res_blocks,
-        "attn_resolutions": [config.default_image_size // 2 ** level for level in ae.attn_levels], "dropout": 0.0},
-        "lossconfig": {"target": "torch.nn.Identity"}}
-    if ae.kind == AutoencoderKind.VQ:
-        ae_params["n_embed"] = ae.n_embed
-    return {"model": {
-        "base_learning_rate": 5.0e-4, "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
-        "params": {
-            "linear_start": config.scheduler.beta_start, "linear_end": config.scheduler.beta_end,
-            "timesteps": config.scheduler.num_train_timesteps, "beta_schedule": "linear",
-            "parameterization": "eps", "first_stage_key": "image", "cond_stage_key": key,
-            "image_size": latent_size, "channels": ae.embed_dim, "cond_stage_trainable": True,
-            "conditioning_key": "crossattn", "scale_factor": float(config.scale_factor), "use_ema": False,
-            "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": {
-                "image_size": latent_size, "in_channels": unet.in_channels, "out_channels": unet.out_channels,
-                "model_channels": unet.model_channels, "attention_resolutions": list(unet.attention_resolutions),
-                "num_res_blocks": unet.num_res_blocks, "channel_mult": list(unet.channel_mult),
-                "num_heads": unet.num_heads, "use_spatial_transformer": unet.use_spatial_transformer,
-                "transformer_depth": unet.transformer_depth, "context_dim": unet.context_dim}},
-            "first_stage_config": {"target": ae_target, "params": ae_params},
-            "cond_stage_config": cond_stage}}}
-
 
 def write_checkpoint(model: LatentDiffusion, out: Path) -> tuple[Path, str]:
     """<out>/<name>.safetensors (fp32, or fp16 when fp32 would pass 10 MB) + <name>.yaml; (path, dtype)."""

@@ -167,8 +167,7 @@ def _training_schedule(cfg: Mapping[str, Any], where: str) -> SchedulerConfig:
         return SchedulerConfig(num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)),
                                beta_start=float(cfg.get("beta_start", 0.0001)),
                                beta_end=float(cfg.get("beta_end", 0.02)),
-                               beta_schedule=BetaSchedule(cfg.get("beta_schedule", "linear")),
-                               scheduler_class=str(cfg.get("_class_name", "")))
+                               beta_schedule=BetaSchedule(cfg.get("beta_schedule", "linear")))
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{where}: {exc}") from None
 

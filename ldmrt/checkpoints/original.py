@@ -37,7 +37,7 @@ SCHEDULE_BUFFERS = frozenset({
 @dataclass(frozen=True)
 class Detection:
     family: Family
-    conditioner: str | None          # "clip", "openclip", "bert", "class" or None (unconditional)
+    conditioner: str | None          # "clip", "openclip", "bert", "class", "rescaler" or None (unconditional)
     autoencoder: AutoencoderKind
     evidence: str
 
@@ -153,6 +153,8 @@ def detect(state: Mapping[str, torch.Tensor], openclip: bool, where: str) -> Det
         conditioner = "bert"
     elif COND + "embedding.weight" in state:
         conditioner = "class"
+    elif COND + "channel_mapper.weight" in state:
+        conditioner = "rescaler"        # the semantic-synthesis tau_theta: concatenated, not attended to
     elif has(COND):
         unknown = names(sorted(k for k in state if k.startswith(COND)))
         raise CheckpointError(f"{where}: unknown conditioner keys ({unknown}); ldmrt knows CLIP, OpenCLIP, "
@@ -168,6 +170,7 @@ def detect(state: Mapping[str, torch.Tensor], openclip: bool, where: str) -> Det
                      "sd2: OpenCLIP text encoder keys (cond_stage_model.model.transformer.resblocks.*)"),
         "bert": (Family.LDM, "ldm: BERT-like text encoder keys (cond_stage_model.transformer.attn_layers.*)"),
         "class": (Family.LDM, "ldm: class-conditional (cond_stage_model.embedding.weight)"),
+        "rescaler": (Family.LDM, "ldm: spatial rescaler of semantic maps (cond_stage_model.channel_mapper.weight)"),
         None: (Family.LDM, "ldm: unconditional (no cond_stage_model.* keys)"),
     }[conditioner]
     return Detection(family, conditioner, autoencoder, f"{what}, {proj}, {ae}")

@@ -23,6 +23,7 @@ from ldmrt.checkpoints.schedule import describe_schedule, schedule_from_betas
 from ldmrt.checkpoints.state import Assembly, cast_to_float32, dtype_counts
 from ldmrt.checkpoints.tokenizer_assets import read_tokenizer_folder
 from ldmrt.checkpoints.yaml_config import config_from_yaml, read_yaml
+from ldmrt.checkpoints.yaml_spatial import spatial_from_shapes
 
 _LDM_SCHEDULE = SchedulerConfig(beta_start=0.0015, beta_end=0.0195)
 
@@ -99,6 +100,17 @@ def infer_config(state, detection, ids, name: str, where: str) -> tuple[ModelCon
     assumptions = [a for a in (heads, text) if a]
     match = next((p for p in PRESETS.values() if (p.unet, p.autoencoder, p.conditioner) ==
                   (unet, autoencoder, conditioner)), None)
+    rescaler = state.get("cond_stage_model.channel_mapper.weight")
+    try:
+        spatial = match.spatial if match is not None else spatial_from_shapes(
+            unet.in_channels, autoencoder.embed_dim, conditioner is not None, unet.num_classes is not None,
+            autoencoder.downsampling_factor, None if rescaler is None else tuple(rescaler.shape),
+            "cond_stage_model.channel_mapper.bias" in state)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+    if spatial is not None and match is None:
+        assumptions.append(f"UNet in_channels {unet.in_channels}: read as concatenating "
+                           f"{' + '.join(k.value for k in spatial.inputs)} (pass the model's YAML if not)")
     if match is not None:
         scheduler, scale, size = match.scheduler, match.scale_factor, match.default_image_size
         assumptions = [f"architecture matches preset {match.name!r}; its scheduler and latent scale are used"]
@@ -115,7 +127,7 @@ def infer_config(state, detection, ids, name: str, where: str) -> tuple[ModelCon
     try:
         config = ModelConfig(name=name, family=detection.family, unet=unet, autoencoder=autoencoder,
                              conditioner=conditioner, scheduler=scheduler, scale_factor=scale,
-                             default_image_size=size)
+                             default_image_size=size, spatial=spatial)
     except ConfigError as exc:
         raise CheckpointError(f"{where}: the inferred components do not fit together: {exc}") from None
     return config, assumptions

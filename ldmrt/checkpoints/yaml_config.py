@@ -15,13 +15,15 @@ from ldmrt.config import (AutoencoderConfig, AutoencoderKind, BertConfig, ClassE
 from ldmrt.errors import CheckpointError, ConfigError
 from ldmrt.checkpoints.original import Detection, infer_conditioner
 from ldmrt.checkpoints.schedule import scheduler_from_compvis
+from ldmrt.checkpoints.yaml_spatial import CONCAT_STAGES, cond_stage_target, spatial_from_yaml
 
 # openaimodel.UNetModel options we implement only at their default
-_UNET_FIXED = {"dims": 2, "use_scale_shift_norm": False, "resblock_updown": False,
+_UNET_FIXED = {"dims": 2, "use_scale_shift_norm": False,
                "use_new_attention_order": False, "n_embed": None, "num_attention_blocks": None,
                "adm_in_channels": None, "conv_resample": True}
 _UNET_IGNORED = {"use_checkpoint", "use_fp16", "image_size", "legacy", "dropout", "num_heads_upsample",
-                 "disable_self_attentions", "spatial_transformer_attn_type"}
+                 "spatial_transformer_attn_type"}
+_MODELS = ("LatentDiffusion", "LatentInpaintDiffusion", "LatentUpscaleDiffusion", "LatentUpscaleFinetuneDiffusion")
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -49,9 +51,9 @@ def config_from_yaml(path: Path, data: Mapping[str, Any], state: Mapping[str, to
     notes: list[str] = []
     model = _section(data, "model", path)
     target = str(model.get("target", ""))
-    if not target.endswith(("LatentDiffusion", "LatentInpaintDiffusion")):
+    if not target.endswith(_MODELS):
         raise CheckpointError(f"{path}: model.target {target!r} is not supported; expected "
-                              f"ldm.models.diffusion.ddpm.LatentDiffusion")
+                              f"ldm.models.diffusion.ddpm.{' / '.join(_MODELS)}")
     params = _section(model, "params", path, "model.params")
     unet_section = _section(params, "unet_config", path, "model.params.unet_config")
     unet_params = _section(unet_section, "params", path, "model.params.unet_config.params")
@@ -61,6 +63,7 @@ def config_from_yaml(path: Path, data: Mapping[str, Any], state: Mapping[str, to
         raise CheckpointError(f"{path}: model.params.cond_stage_config missing (use "
                               f"__is_unconditional__ for unconditional models)")
 
+    spatial = spatial_from_yaml(target, params, path)
     conditioner, family = _conditioner(cond_stage, state, detection, ids, path)
     unet = _unet(unet_params, family, path, notes)
     autoencoder = _autoencoder(first_stage, path)
@@ -70,7 +73,8 @@ def config_from_yaml(path: Path, data: Mapping[str, Any], state: Mapping[str, to
         config = ModelConfig(
             name=name, family=family, unet=unet, autoencoder=autoencoder, conditioner=conditioner,
             scheduler=scheduler, scale_factor=float(params.get("scale_factor", 1.0)),
-            default_image_size=int(image_size) * autoencoder.downsampling_factor if image_size else 512)
+            default_image_size=int(image_size) * autoencoder.downsampling_factor if image_size else 512,
+            spatial=spatial)
     except (ConfigError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: the YAML does not describe a consistent model: {exc}") from None
     return config, notes
@@ -78,14 +82,13 @@ def config_from_yaml(path: Path, data: Mapping[str, Any], state: Mapping[str, to
 
 def _conditioner(section: Any, state: Mapping[str, torch.Tensor], detection: Detection,
                  ids: Mapping[str, int], path: Path):
-    if isinstance(section, str):
-        target = section
-    else:
-        target = str(_mapping(section, path, "model.params.cond_stage_config").get("target", ""))
+    if not isinstance(section, str):
+        _mapping(section, path, "model.params.cond_stage_config")
+    target = cond_stage_target(section)
     params = {} if isinstance(section, str) else dict(section.get("params") or {})
     where = f"{path}: model.params.cond_stage_config"
-    if target == "__is_unconditional__":
-        return None, Family.LDM
+    if target == "__is_unconditional__" or target in CONCAT_STAGES or target.endswith("SpatialRescaler"):
+        return None, Family.LDM          # a concatenated stage: read by yaml_spatial
     if target.endswith(("FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder")):
         openclip = target.endswith("FrozenOpenCLIPEmbedder")
         if detection.conditioner not in ("clip", "openclip"):
@@ -122,8 +125,9 @@ def _unet(params: Mapping[str, Any], family: Family, path: Path, notes: list[str
     for key, expected in _UNET_FIXED.items():
         if params.get(key, expected) != expected:
             raise CheckpointError(f"{where}: {key}={params[key]!r} is not supported (only {expected!r})")
-    if any(params.get("disable_self_attentions") or []):
-        raise CheckpointError(f"{where}: disable_self_attentions is not supported")
+    cross_only = params.get("disable_self_attentions") or []
+    if not isinstance(cross_only, list) or not all(isinstance(flag, bool) for flag in cross_only):
+        raise CheckpointError(f"{where}: disable_self_attentions {cross_only!r}: expected one bool per level")
     known = {f for f in UNetConfig.__dataclass_fields__} | set(_UNET_FIXED) | _UNET_IGNORED
     unknown = sorted(set(params) - known)
     if unknown:
@@ -150,7 +154,9 @@ def _unet(params: Mapping[str, Any], family: Family, path: Path, notes: list[str
             use_spatial_transformer=bool(params.get("use_spatial_transformer", False)),
             use_linear_in_transformer=bool(params.get("use_linear_in_transformer", False)),
             # CompVis' SD 2.x code runs attention softmax in fp32 (ATTN_PRECISION="fp32")
-            upcast_attention=family == Family.SD2, num_classes=params.get("num_classes"))
+            upcast_attention=family == Family.SD2, num_classes=params.get("num_classes"),
+            disable_self_attentions=tuple(cross_only) if any(cross_only) else (),
+            resblock_updown=bool(params.get("resblock_updown", False)))
     except (ConfigError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{where}: {exc}") from None
 
@@ -167,6 +173,10 @@ def _autoencoder(section: Mapping[str, Any], path: Path) -> AutoencoderConfig:
                               f"VQModelInterface")
     params = _section(section, "params", path, "model.params.first_stage_config.params")
     dd = _section(params, "ddconfig", path, "model.params.first_stage_config.params.ddconfig")
+    attn_type = dd.get("attn_type", "vanilla")
+    if attn_type not in ("vanilla", "none"):
+        raise CheckpointError(f"{where}: ddconfig.attn_type {attn_type!r} is not supported; expected "
+                              f"'vanilla' or 'none'")
     if bool(dd.get("double_z", True)) != (kind == AutoencoderKind.KL):
         raise CheckpointError(f"{where}: double_z={dd.get('double_z')} does not fit a {kind.value} autoencoder")
     try:
@@ -179,8 +189,9 @@ def _autoencoder(section: Mapping[str, Any], path: Path) -> AutoencoderConfig:
             out_ch=int(dd.get("out_ch", 3)), ch=int(_need(dd, "ch", where)),
             ch_mult=ch_mult, num_res_blocks=int(_need(dd, "num_res_blocks", where)),
             # CompVis adds attention where the current resolution (resolution / 2**level) is listed
-            attn_levels=tuple(i for i in range(len(ch_mult)) if resolution // 2 ** i in attn),
-            n_embed=int(params.get("n_embed", 0)))
+            attn_levels=() if attn_type == "none" else
+            tuple(i for i in range(len(ch_mult)) if resolution // 2 ** i in attn),
+            n_embed=int(params.get("n_embed", 0)), mid_attention=attn_type != "none")
     except (ConfigError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{where}: {exc}") from None
 
