@@ -27,6 +27,12 @@ def generate(
     init_image: Optional[Path] = typer.Option(None, help="img2img start image (PNG/JPEG)."),
     strength: Optional[float] = typer.Option(None, help="img2img: how much of the schedule to run (default 0.8)."),
     class_label: Optional[List[int]] = typer.Option(None, help="Class-conditional models: label(s)."),
+    image: Optional[Path] = typer.Option(None, help="Inpainting: the image to repaint; super-resolution: the "
+                                                    "low-resolution input (PNG/JPEG)."),
+    mask: Optional[Path] = typer.Option(None, help="Inpainting: white = repaint, black = keep (image or .npy)."),
+    noise_level: Optional[int] = typer.Option(None, help="SD x4 upscaler: noise added to the low-res input "
+                                                         "(0-350, default 20)."),
+    segmentation: Optional[Path] = typer.Option(None, help="Semantic synthesis: class-index PNG (L/P mode) or .npy."),
     out: Path = typer.Option(..., "--out", "-o", help=".png (one file per image) or .npy [B, H, W, 3]; "
                              "replaces only PNG files ldmrt wrote."),
 ) -> None:
@@ -38,7 +44,7 @@ def generate(
 
         from ldmrt.errors import GenerationError
         from ldmrt.manifest import load_manifest
-        from ldmrt.runtime.images import check_out, read_image, write_images
+        from ldmrt.runtime.images import check_out, read_image, read_maps, write_images
         from ldmrt.runtime.pipeline import GenerationRequest, Pipeline, max_image_size
 
         check_out(out, batch)          # before any work: a long job never ends in a traceback
@@ -49,14 +55,16 @@ def generate(
             except (OSError, ValueError) as exc:
                 raise GenerationError(f"--latents {latents}: cannot read a .npy array ({exc})") from None
         # the bundle's largest image bounds what is decoded (refused from the file's header)
-        image = None if init_image is None else \
-            read_image(init_image, max_size=max_image_size(load_manifest(bundle)))[None]
+        manifest = load_manifest(bundle)
+        largest = max_image_size(manifest)
+        start_image = None if init_image is None else read_image(init_image, max_size=largest)[None]
+        maps = read_maps(manifest.config, image, mask, segmentation, largest, height, width)
         request = GenerationRequest(prompt=prompt if len(prompt) > 1 else prompt[0],
                                     negative_prompt=negative_prompt, steps=steps, guidance=guidance,
                                     sampler=sampler, eta=eta, seed=seed, height=height, width=width,
-                                    batch=batch, latents=initial, init_image=image,
-                                    strength=strength,
-                                    class_labels=class_label or None)
+                                    batch=batch, latents=initial, init_image=start_image,
+                                    strength=strength, class_labels=class_label or None,
+                                    noise_level=noise_level, **maps)
         with console.status(f"loading {bundle} on {backend}"):
             pipeline = Pipeline.load(bundle, backend)
         if pipeline.manifest.random_weights:

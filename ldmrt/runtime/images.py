@@ -65,7 +65,7 @@ def write_images(images: np.ndarray, out: Path) -> list[Path]:
     return paths
 
 
-def read_image(path: Path, max_size: tuple[int, int] | None = None) -> np.ndarray:
+def read_image(path: Path, max_size: tuple[int, int] | None = None, field: str = "init_image") -> np.ndarray:
     """An image file as float32 [H, W, 3] in [0, 1]; alpha is dropped (as diffusers' load_image does).
 
     `max_size` (height, width): the largest image the caller can use (a bundle's exported maximum);
@@ -75,36 +75,128 @@ def read_image(path: Path, max_size: tuple[int, int] | None = None) -> np.ndarra
 
     try:
         with Image.open(path) as image:
-            _check_declared_size(path, image.size, max_size)
-            return _float_rgb(path, image)
+            _check_declared_size(path, image.size, max_size, field)
+            return _float_rgb(path, image, field)
     except GenerationError:
         raise
     except Image.DecompressionBombError as exc:     # Pillow's own, larger limit, raised by open()
         declared = re.search(r"\((\d+) pixels\)", str(exc))
         found = f"{int(declared.group(1)):,} pixels" if declared else "more pixels than Pillow allows"
-        raise _too_large(path, found, max_size) from None
+        raise _too_large(path, found, max_size, field) from None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError) as exc:
-        raise GenerationError(f"init_image {path}: cannot read an image ({exc})", field="init_image") from None
+        raise GenerationError(f"{field} {path}: cannot read an image ({exc})", field=field) from None
 
 
-def _check_declared_size(path: Path, size: tuple[int, int], max_size: tuple[int, int] | None) -> None:
+def read_maps(config, image: Path | None, mask: Path | None, segmentation: Path | None,
+              max_size: tuple[int, int], height: int | None, width: int | None) -> dict:
+    """The CLI's map files as GenerationRequest fields ([1, ...] arrays). Where --height and --width
+    are both given, an inpainting image and its mask, or a segmentation map, are resized to them
+    (Lanczos; class indices nearest), as diffusers resizes its inputs; a low-res input is not."""
+    fields: dict = {}
+    spatial = getattr(config, "spatial", None)
+    resize = height is not None and width is not None and not (spatial is not None and spatial.is_super_resolution)
+    if resize:
+        max_size = None     # resized anyway: any file up to MAX_IMAGE_PIXELS
+    if image is not None:
+        fields["image"] = _fit(read_image(image, max_size, field="image"), height, width, resize, "lanczos")[None]
+    if mask is not None:
+        fields["mask"] = np.clip(_fit(read_mask(mask, max_size), height, width, resize, "lanczos"), 0.0, 1.0)[None]
+    if segmentation is not None:
+        fields["segmentation"] = _fit(read_segmentation(segmentation, max_size), height, width, resize,
+                                      "nearest")[None]
+    return fields
+
+
+def _fit(array: np.ndarray, height: int | None, width: int | None, resize: bool, method: str) -> np.ndarray:
+    """[H, W] or [H, W, 3] resized to (height, width) when asked and different."""
+    if not resize or array.shape[:2] == (height, width) or height <= 0 or width <= 0:
+        return array
+    from PIL import Image
+
+    if method == "nearest":
+        resized = Image.fromarray(array.astype(np.int32)).resize((width, height), Image.Resampling.NEAREST)
+        return np.asarray(resized).astype(array.dtype)
+    channels = [array] if array.ndim == 2 else [array[..., c] for c in range(array.shape[-1])]
+    out = [np.asarray(Image.fromarray(c.astype(np.float32), mode="F").resize((width, height),
+                                                                             Image.Resampling.LANCZOS))
+           for c in channels]
+    result = out[0] if array.ndim == 2 else np.stack(out, axis=-1)
+    return np.clip(result, 0.0, 1.0).astype(np.float32)
+
+
+def read_mask(path: Path, max_size: tuple[int, int] | None = None) -> np.ndarray:
+    """A repaint mask as float32 [H, W] in [0, 1] (white = repaint, as diffusers): an image file's
+    luminance (ITU-R 601, Pillow's "L"), or a 2-D .npy array of floats in [0, 1] or booleans."""
+    if Path(path).suffix.lower() == ".npy":
+        array = _read_npy(path, "mask", max_size)
+        if array.dtype == np.bool_:
+            array = array.astype(np.float32)
+        if array.dtype.kind != "f":
+            raise GenerationError(f"mask {path}: expected a float or bool array, found dtype {array.dtype}",
+                                  field="mask")
+        return array.astype(np.float32)
+    rgb = read_image(path, max_size, field="mask")
+    return (rgb @ np.array([0.299, 0.587, 0.114], np.float32)).astype(np.float32)
+
+
+def read_segmentation(path: Path, max_size: tuple[int, int] | None = None) -> np.ndarray:
+    """Class indices as int64 [H, W]: a single-channel PNG's values (mode L, P or I, not converted
+    to RGB: a palette image's indices are its classes) or a 2-D integer .npy array."""
+    if Path(path).suffix.lower() == ".npy":
+        array = _read_npy(path, "segmentation", max_size)
+        if array.dtype.kind not in "iu":
+            raise GenerationError(f"segmentation {path}: expected an integer array of class indices, found "
+                                  f"dtype {array.dtype}", field="segmentation")
+        return array.astype(np.int64)
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            _check_declared_size(path, image.size, max_size, "segmentation")
+            if image.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
+                raise GenerationError(f"segmentation {path}: mode {image.mode}: expected a single-channel "
+                                      f"image of class indices (L, P or 16-bit grayscale)", field="segmentation")
+            return np.asarray(image).astype(np.int64)
+    except GenerationError:
+        raise
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+        raise GenerationError(f"segmentation {path}: cannot read an image ({exc})", field="segmentation") from None
+
+
+def _read_npy(path: Path, field: str, max_size: tuple[int, int] | None) -> np.ndarray:
+    """A 2-D array from a .npy file, its size checked from the header before the data is read."""
+    try:
+        mapped = np.load(path, mmap_mode="r", allow_pickle=False)      # the header only, no data read
+        if mapped.ndim != 2:
+            raise GenerationError(f"{field} {path}: expected a 2-D array [H, W], found shape {list(mapped.shape)}",
+                                  field=field)
+        _check_declared_size(path, (mapped.shape[1], mapped.shape[0]), max_size, field)
+        return np.array(mapped)
+    except GenerationError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise GenerationError(f"{field} {path}: cannot read a .npy array ({exc})", field=field) from None
+
+
+def _check_declared_size(path: Path, size: tuple[int, int], max_size: tuple[int, int] | None,
+                         field: str) -> None:
     width, height = size
     found = f"{width}x{height} pixels ({width * height:,} pixels)"
     if max_size is None:
         if width * height > MAX_IMAGE_PIXELS:
-            raise _too_large(path, found, None)
+            raise _too_large(path, found, None, field)
     elif height > max_size[0] or width > max_size[1]:
-        raise _too_large(path, found, max_size)
+        raise _too_large(path, found, max_size, field)
 
 
-def _too_large(path: Path, found: str, max_size: tuple[int, int] | None) -> GenerationError:
+def _too_large(path: Path, found: str, max_size: tuple[int, int] | None, field: str) -> GenerationError:
     limit = f"at most {max_size[1]}x{max_size[0]} (width x height, the bundle's exported maximum)" \
         if max_size is not None else f"at most {MAX_IMAGE_PIXELS:,} pixels"
-    return GenerationError(f"init_image {path}: the file declares {found}: expected {limit}; "
-                           f"refused before decoding (resize the image)", field="init_image")
+    return GenerationError(f"{field} {path}: the file declares {found}: expected {limit}; "
+                           f"refused before decoding (resize the image)", field=field)
 
 
-def _float_rgb(path: Path, image) -> np.ndarray:
+def _float_rgb(path: Path, image, field: str) -> np.ndarray:
     """Every Pillow mode on its own scale -> float32 [H, W, 3] in [0, 1]."""
     mode = image.mode
     if mode in _EIGHT_BIT:          # 8 bits per channel (CMYK/YCbCr/LAB/HSV by Pillow's conversion)
@@ -116,13 +208,13 @@ def _float_rgb(path: Path, image) -> np.ndarray:
     elif mode == "F":
         gray, scale = np.asarray(image).astype(np.float64), 1.0
     else:
-        raise GenerationError(f"init_image {path}: mode {mode} is not supported: expected an RGB, "
-                              f"grayscale, palette or CMYK image", field="init_image")
+        raise GenerationError(f"{field} {path}: mode {mode} is not supported: expected an RGB, "
+                              f"grayscale, palette or CMYK image", field=field)
     with np.errstate(invalid="ignore"):
         low, high = float(np.min(gray)), float(np.max(gray))
     if not (np.isfinite(gray).all() and 0.0 <= low and high <= scale):
-        raise GenerationError(f"init_image {path}: mode {mode} pixels: expected values in [0, {scale:g}], "
-                              f"found values in [{low:g}, {high:g}]", field="init_image")
+        raise GenerationError(f"{field} {path}: mode {mode} pixels: expected values in [0, {scale:g}], "
+                              f"found values in [{low:g}, {high:g}]", field=field)
     return np.repeat((gray / scale).astype(np.float32)[..., None], 3, axis=-1)
 
 

@@ -279,8 +279,12 @@ class Pipeline:
         fixed = spatial.map_size(self.config, request)       # an inpainting / low-res image fixes the size
         height = (opt if fixed is None else fixed[0]) if request.height is None else request.height
         width = (opt if fixed is None else fixed[1]) if request.width is None else request.width
-        for name, value in (("height", height), ("width", width)):
+        for name, value, given in (("height", height, request.height), ("width", width, request.width)):
             if value <= 0 or value % f:
+                if given is None and fixed is not None:      # the size came from a map: name the map
+                    raise GenerationError(f"{fixed[2]}: its {name} makes a {value}-pixel image, expected a "
+                                          f"multiple of the latent factor {f}; crop or resize it (the CLI "
+                                          f"resizes to --height/--width)", field=fixed[2])
                 raise GenerationError(f"{name} {value}: expected a positive multiple of the latent "
                                       f"factor {f}", field=name)
         max_batch = self.manifest.shape_ranges.max_batch

@@ -72,9 +72,9 @@ def check_fields(config: ModelConfig, request) -> None:
                               field="strength")
 
 
-def map_size(config: ModelConfig, request) -> tuple[int, int] | None:
-    """(height, width) in pixels the request's maps fix (None: they fix none): the image to inpaint,
-    the segmentation map, or f times the low-resolution image (its latents are its size)."""
+def map_size(config: ModelConfig, request) -> tuple[int, int, str] | None:
+    """(height, width, field) in pixels the request's maps fix (None: they fix none): the image to
+    inpaint, the segmentation map, or f times the low-resolution image (its latents are its size)."""
     spatial = config.spatial
     if spatial is None:
         return None
@@ -82,7 +82,7 @@ def map_size(config: ModelConfig, request) -> tuple[int, int] | None:
     for name, scale in (("segmentation", 1), ("image", f if spatial.is_super_resolution else 1)):
         array = getattr(request, name)
         if isinstance(array, np.ndarray) and array.ndim >= 3:
-            return array.shape[1] * scale, array.shape[2] * scale
+            return array.shape[1] * scale, array.shape[2] * scale, name
     return None
 
 

@@ -40,8 +40,9 @@ WARNINGS = "warnings"
 FAILURE_REASONS = ("invalid_argument", "cancelled", "internal")
 _SCALARS = {  # input name -> how to read its one element
     "steps": int, "guidance": float, "seed": int, "height": int, "width": int,
-    "sampler": lambda v: _text(v, "sampler", 0),
+    "sampler": lambda v: _text(v, "sampler", 0), "noise_level": int,
 }
+_ARRAYS = {"image": "float32", "mask": "float32", "segmentation": "int64"}   # concat models' maps
 
 
 class TritonPythonModel:
@@ -134,6 +135,10 @@ class TritonPythonModel:
                 raise LdmrtError(f"{name}: expected one element, found shape {list(tensor.as_numpy().shape)}",
                                  field=name)
             fields[name] = read(values[0].item() if hasattr(values[0], "item") else values[0])
+        for name, dtype in _ARRAYS.items():
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is not None:       # shapes and ranges: checked by the Pipeline, named by field
+                fields[name] = tensor.as_numpy().astype(dtype, copy=False)
         return GenerationRequest(**fields)
 
     def finalize(self) -> None:

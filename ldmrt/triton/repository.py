@@ -194,6 +194,13 @@ def pipeline_model(bundle: Path, manifest: Manifest, options: RepositoryOptions)
               TritonTensor("seed", "TYPE_INT64", scalar, optional=True),
               TritonTensor("height", "TYPE_INT32", scalar, optional=True),
               TritonTensor("width", "TYPE_INT32", scalar, optional=True))
+    # a concat model's maps, as GenerationRequest takes them ([B or 1, ...]); only those it takes
+    from ldmrt.runtime.spatial import needed_fields
+    maps = {"image": ("TYPE_FP32", (-1, -1, -1, 3)), "mask": ("TYPE_FP32", (-1, -1, -1)),
+            "noise_level": ("TYPE_INT32", scalar), "segmentation": ("TYPE_INT32", (-1, -1, -1))}
+    taken = needed_fields(manifest.config)[1]
+    inputs += tuple(TritonTensor(name, kind, dims, optional=True) for name, (kind, dims) in maps.items()
+                    if name in taken)
     outputs = (TritonTensor("images", "TYPE_FP32", (-1, -1, -1, 3)),
                TritonTensor("warnings", string, (-1,)))
     pipe = options.pipeline
