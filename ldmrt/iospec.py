@@ -260,6 +260,20 @@ class ShapeRanges:
     max_size: int = 768
     max_batch: int = 4
     opt_batch: int = 1
+    # the largest side the VAE graphs take (0: max_size); larger images are decoded and encoded in
+    # tiles (ldmrt.runtime.tiling): a 4x upscaler's UNet runs at sizes its decoder could not hold
+    vae_max_size: int = 0
+
+    def vae_latent_range(self, factor: int) -> tuple[int, int, int]:
+        """The VAE graphs' latent range: the UNet's, capped at vae_max_size."""
+        lo, opt, hi = self.latent_range(factor)
+        if not self.vae_max_size:
+            return lo, opt, hi
+        value = self.vae_max_size
+        if value % factor or not self.min_size <= value <= self.max_size:
+            raise ConfigError(f"vae_max_size {value}: expected a multiple of the latent factor {factor} in "
+                              f"[min_size, max_size] = [{self.min_size}, {self.max_size}]", field="vae_max_size")
+        return lo, min(opt, value // factor), value // factor
 
     def latent_range(self, factor: int) -> tuple[int, int, int]:
         for name in ("min_size", "opt_size", "max_size"):
@@ -329,7 +343,8 @@ def component_specs(config: ModelConfig, ranges: ShapeRanges, precision: Precisi
         ranges={"batch": ranges.batch_range(guided), "latent_height": latent, "latent_width": latent})
     c = config.latent_channels
     image = ("batch", 3, f"{f}*latent_height", f"{f}*latent_width")
-    vae_ranges = {"batch": ranges.batch_range(False), "latent_height": latent, "latent_width": latent}
+    vae_latent = ranges.vae_latent_range(f)
+    vae_ranges = {"batch": ranges.batch_range(False), "latent_height": vae_latent, "latent_width": vae_latent}
     specs[Component.VAE_DECODER] = ComponentSpec(
         Component.VAE_DECODER,
         inputs=(TensorSpec("latent", dtype(Component.VAE_DECODER), ("batch", c, "latent_height", "latent_width")),),

@@ -378,11 +378,13 @@ def _parse_manifest(reader: Reader, data: Any) -> Manifest:
             reader.fail(join_path("postprocess", key), f"{DEFAULT_POSTPROCESS[key]!r}, the expression "
                                                    f"the runtime applies", expression)
 
-    ranges_data = reader.record(data["shape_ranges"], "shape_ranges", _SHAPE_RANGE_KEYS)
+    ranges_data = reader.record(data["shape_ranges"], "shape_ranges", _SHAPE_RANGE_KEYS, ("vae_max_size",))
     ranges = ShapeRanges(**{key: reader.integer(ranges_data[key], join_path("shape_ranges", key), 1,
                                                 MAX_BATCH if key.endswith("batch") else MAX_IMAGE_SIDE)
-                            for key in _SHAPE_RANGE_KEYS})
-    reader.foreign(lambda: (ranges.latent_range(config.downsampling_factor),
+                            for key in _SHAPE_RANGE_KEYS},
+                         vae_max_size=reader.integer(ranges_data.get("vae_max_size", 0),
+                                                     join_path("shape_ranges", "vae_max_size"), 0, MAX_IMAGE_SIDE))
+    reader.foreign(lambda: (ranges.vae_latent_range(config.downsampling_factor),
                             ranges.batch_range(guided=False)),
                    "shape_ranges", f"sizes that are multiples of the latent factor "
                                    f"{config.downsampling_factor} with min <= opt <= max")
@@ -551,4 +553,7 @@ def _parse_tokenizer(reader: Reader, data: Any, where: str) -> TokenizerEntry:
 
 
 def _shape_ranges_dict(ranges: ShapeRanges) -> dict[str, int]:
-    return {key: getattr(ranges, key) for key in _SHAPE_RANGE_KEYS}
+    out = {key: getattr(ranges, key) for key in _SHAPE_RANGE_KEYS}
+    if ranges.vae_max_size:                # written only when set: older readers never see the key
+        out["vae_max_size"] = ranges.vae_max_size
+    return out

@@ -22,6 +22,8 @@ def export(
     opt_size: Optional[int] = typer.Option(None, help="Image side the engines are tuned for."),
     max_size: Optional[int] = typer.Option(None, help="Largest image side in pixels."),
     max_batch: int = typer.Option(4, help="Most images per call (UNet batch is doubled for guidance)."),
+    vae_max_size: Optional[int] = typer.Option(None, help="Largest side the VAE graphs take (default --max-size); "
+                                                          "larger images are decoded in tiles (upscalers)."),
     opset: int = typer.Option(18, help="ONNX opset (>= 18)."),
     fp32_vae_decoder: bool = typer.Option(False, "--fp32-vae-decoder", help="Keep the VAE decoder in fp32."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
@@ -66,7 +68,8 @@ def export(
         config = model_source.model.config
         default = ShapeRanges.for_model(config)
         ranges = ShapeRanges(min_size=min_size or default.min_size, opt_size=opt_size or default.opt_size,
-                             max_size=max_size or default.max_size, max_batch=max_batch)
+                             max_size=max_size or default.max_size, max_batch=max_batch,
+                             vae_max_size=vae_max_size or 0)
         options = ExportOptions(precision=precision_value, components=comma_list(components) or None,
                                 shape_ranges=ranges, opset=opset, validate=not no_validate, force=force,
                                 fp32_vae_decoder=fp32_vae_decoder,

@@ -33,6 +33,8 @@ def generate(
     noise_level: Optional[int] = typer.Option(None, help="SD x4 upscaler: noise added to the low-res input "
                                                          "(0-350, default 20)."),
     segmentation: Optional[Path] = typer.Option(None, help="Semantic synthesis: class-index PNG (L/P mode) or .npy."),
+    tile: Optional[bool] = typer.Option(None, "--tile/--no-tile", help="VAE in tiles (default: only when the "
+                                                                       "image exceeds the VAE's exported range)."),
     out: Path = typer.Option(..., "--out", "-o", help=".png (one file per image) or .npy [B, H, W, 3]; "
                              "replaces only PNG files ldmrt wrote."),
 ) -> None:
@@ -64,7 +66,7 @@ def generate(
                                     sampler=sampler, eta=eta, seed=seed, height=height, width=width,
                                     batch=batch, latents=initial, init_image=start_image,
                                     strength=strength, class_labels=class_label or None,
-                                    noise_level=noise_level, **maps)
+                                    noise_level=noise_level, tile=tile, **maps)
         with console.status(f"loading {bundle} on {backend}"):
             pipeline = Pipeline.load(bundle, backend)
         if pipeline.manifest.random_weights:

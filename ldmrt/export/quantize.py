@@ -376,10 +376,21 @@ class TrajectoryMaker:
             with torch.no_grad():
                 embeddings = self.model.conditioner(torch.from_numpy(np.asarray(ids, np.int32)))
             feeds["encoder_hidden_states"] = embeddings.float().numpy()
-        if "class_labels" in self.names:
+        spatial = self.config.spatial
+        if "class_labels" in self.names and spatial is not None and spatial.low_res_noise is not None:
+            level = spatial.low_res_noise.default_noise_level         # the x4 upscaler's labels: a noise level
+            feeds["class_labels"] = np.full((2 if self.guided else 1,), level, np.int32)
+        elif "class_labels" in self.names:
             n = getattr(self.config.conditioner, "n_classes", None) or self.config.unet.num_classes
             label = int(rng.integers(0, n - 1))
             feeds["class_labels"] = np.array([n - 1, label] if self.guided else [label], np.int32)
+        if spatial is not None:      # concatenated maps: in their natural ranges, the same in both halves
+            from ldmrt.iospec import example_inputs
+            values = {"batch": 1, "latent_height": self.latent_hw[0], "latent_width": self.latent_hw[1]}
+            maps = example_inputs(self.config, self.spec, values, int(rng.integers(2 ** 31)))
+            for kind in spatial.inputs:
+                one = maps[kind.value]
+                feeds[kind.value] = np.concatenate([one, one]) if self.guided else one
         return feeds
 
     def run(self, unet: UNetFn, steps: int, seed: int, prompt: str, replay: Trajectory | None = None

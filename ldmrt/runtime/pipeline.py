@@ -25,6 +25,7 @@ from ldmrt.manifest import Manifest, load_manifest, verify_bundle
 from ldmrt.runtime.checks import check_array, integer, is_integer, real, show
 from ldmrt.runtime import spatial
 from ldmrt.runtime.postprocess import postprocessor
+from ldmrt.runtime.tiling import Tiling, run_tiled
 from ldmrt.sampling import SAMPLERS, DenoiseJob, StepCallback, make_plan
 from ldmrt.tokenizer import load_tokenizer
 
@@ -62,6 +63,7 @@ class GenerationRequest:
     mask: np.ndarray | None = None     # inpainting: [B or 1, H, W] in [0, 1]; >= 0.5 is repainted (white)
     noise_level: int | None = None     # SD x4 upscaler: the low-res noise augmentation (None: 20)
     segmentation: np.ndarray | None = None   # semantic synthesis: class indices [B or 1, H, W]
+    tile: bool | None = None           # VAE in tiles: None when the image exceeds the VAE's range; False never
 
 
 @dataclass
@@ -135,11 +137,12 @@ class Pipeline:
             (request.image if plan.strength < 1.0 else None)           # inpainting at strength < 1
         if start_image is not None:
             start = time.perf_counter()
-            image_latents = self._encode_pixels(spatial.to_pixels(start_image, batch), rng)
+            image_latents = self._encode_pixels(spatial.to_pixels(start_image, batch), rng, request.tile)
             timings[Component.VAE_ENCODER] = time.perf_counter() - start
         if self.config.spatial is not None:
             start = time.perf_counter()
-            maps = spatial.concat_maps(self.config, request, shape, self._encode_pixels, rng)
+            maps = spatial.concat_maps(self.config, request, shape,
+                                       lambda pixels, r: self._encode_pixels(pixels, r, request.tile), rng)
             conditioning = {**conditioning, **{name: np.concatenate([m, m]) if guided else m
                                                for name, m in maps.items()}}   # the same in both halves
             timings["spatial_conditioning"] = time.perf_counter() - start
@@ -166,7 +169,7 @@ class Pipeline:
         _cancel_point(cancel, f"after denoising step {plan.num_evaluations} of {plan.num_evaluations}, "
                               f"before the VAE decoder")
         start = time.perf_counter()
-        images = spatial.paste_back(self.config, request, self._decode(x))
+        images = spatial.paste_back(self.config, request, self._decode(x, request.tile))
         timings[Component.VAE_DECODER] = time.perf_counter() - start
         for message in warnings:
             log.warning("%s", message)
@@ -202,6 +205,16 @@ class Pipeline:
         self._check_cost(request.steps, shape)
         self._check_conditioning_fields(request, shape[0])
         request = dataclasses.replace(request, noise_level=spatial.check_arrays(config, request, shape))
+        if request.tile is not None and not isinstance(request.tile, (bool, np.bool_)):
+            raise GenerationError(f"tile {show(request.tile)}: expected True, False or None (tiles where the "
+                                  f"image exceeds the VAE's range)", field="tile")
+        hi = self.manifest.component(Component.VAE_DECODER).spec.ranges["latent_height"][2] \
+            if Component.VAE_DECODER in self.manifest.components else None
+        if request.tile is False and hi is not None and max(shape[2:]) > hi:
+            f = config.downsampling_factor
+            raise GenerationError(f"tile False: the image ({shape[2] * f}x{shape[3] * f}) exceeds the "
+                                  f"vae_decoder's range (sides up to {hi * f} pixels); allow tiling or "
+                                  f"re-export with a larger --vae-max-size", field="tile")
         if request.latents is not None:
             check_array("latents", request.latents, shape)
         if spatial.encodes_image(config) and Component.VAE_ENCODER not in self.runners:
@@ -358,12 +371,22 @@ class Pipeline:
             return drawn
         return np.asarray(request.latents).astype(np.float32)     # checked by `checked`
 
-    def _encode_pixels(self, pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def _encode_pixels(self, pixels: np.ndarray, rng: np.random.Generator, tile: bool | None = None) -> np.ndarray:
         """(B, 3, H, W) in [-1, 1] -> scaled latents (B, C, h, w): a posterior sample (KL) or the
-        pre-quantization latent (VQ), as CompVis' get_first_stage_encoding."""
+        pre-quantization latent (VQ), as CompVis' get_first_stage_encoding; in tiles where the
+        image exceeds the encoder's range (or `tile` asks)."""
         runner = self.runners[Component.VAE_ENCODER]
-        moments = runner({"images": np.ascontiguousarray(pixels).astype(runner.spec.inputs[0].dtype)})
-        moments = moments.astype(np.float32)
+        f = self.config.downsampling_factor
+
+        def encode(part: np.ndarray) -> np.ndarray:
+            return runner({"images": np.ascontiguousarray(part).astype(runner.spec.inputs[0].dtype)}).astype(np.float32)
+        tiling = self._tiling(Component.VAE_ENCODER, pixels.shape[2] // f, pixels.shape[3] // f, tile)
+        if tiling is None:
+            moments = encode(pixels)
+        else:
+            tiles = Tiling((tiling.tile[0] * f, tiling.tile[1] * f), tiling.overlap * f)
+            outputs = runner.spec.outputs[0].shape[1]
+            moments = run_tiled(encode, pixels, tiles, 1 / f, outputs, multiple=f)
         if moments.shape[1] == 2 * self.config.latent_channels:          # KL: sample the posterior
             mean, logvar = np.split(moments, 2, axis=1)
             latent = mean + np.exp(0.5 * np.clip(logvar, -30.0, 20.0)) * rng.standard_normal(mean.shape)
@@ -371,12 +394,30 @@ class Pipeline:
             latent = moments
         return (latent * self.config.scale_factor).astype(np.float32)
 
-    def _decode(self, x: np.ndarray) -> np.ndarray:
+    def _decode(self, x: np.ndarray, tile: bool | None = None) -> np.ndarray:
         runner = self.runners[Component.VAE_DECODER]
-        latent = (x / self.manifest.latent_scale).astype(runner.spec.inputs[0].dtype)
-        images = runner({"latent": latent}).astype(np.float32)
+        latent = x / self.manifest.latent_scale
+
+        def decode(part: np.ndarray) -> np.ndarray:
+            return runner({"latent": np.ascontiguousarray(part).astype(runner.spec.inputs[0].dtype)}).astype(np.float32)
+        tiling = self._tiling(Component.VAE_DECODER, x.shape[2], x.shape[3], tile)
+        if tiling is None:
+            images = decode(latent)
+        else:
+            images = run_tiled(decode, latent, tiling, self.config.downsampling_factor, 3)
         self._check_model_output(images, Component.VAE_DECODER, "the decoded pixels")
         return self._to_images(images).transpose(0, 2, 3, 1)
+
+    def _tiling(self, component: str, height: int, width: int, tile: bool | None) -> Tiling | None:
+        """Latent tiles for a VAE graph: None where the latent fits its range and tiles were not
+        asked for; the range's largest tiles where it does not fit, its optimal ones when asked."""
+        ranges = self.runners[component].spec.ranges
+        (lo, opt, hi), (lo_w, opt_w, hi_w) = ranges["latent_height"], ranges["latent_width"]
+        fits = lo <= height <= hi and lo_w <= width <= hi_w
+        if tile is False or (tile is None and fits):
+            return None
+        side = (hi, hi_w) if not fits else (opt, opt_w)
+        return Tiling(side, overlap=max(min(side) // 4, 1))
 
     # --- model outputs: non-finite values, with advice that fits the bundle ----------------
 
