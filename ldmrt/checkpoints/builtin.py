@@ -1,4 +1,5 @@
-"""The trained built-in models that ship with ldmrt (ldmrt/builtin/, made by scripts/train_digits.py).
+"""The trained built-in models that ship with ldmrt (ldmrt/builtin/, made by scripts/train_digits.py
+and scripts/train_digits_concat.py).
 
 Each is a real checkpoint layout — `<name>.safetensors` + its CompVis `<name>.yaml` (+ a
 `tokenizer/` folder) — exported through exactly the path a user's checkpoint takes; the name is
@@ -14,7 +15,8 @@ from ldmrt.checkpoints.source import ModelSource, checkpoint_source
 from ldmrt.errors import CheckpointError
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "builtin" / "digits"
-BUILTIN_NAMES = ("digits", "digits-vq")
+# digits-sr / digits-inpaint: digits fine-tuned with concatenated maps (scripts/train_digits_concat.py)
+BUILTIN_NAMES = ("digits", "digits-vq", "digits-sr", "digits-inpaint")
 
 
 def builtin_files(name: str) -> tuple[Path, Path, Path | None]:
