@@ -293,9 +293,11 @@ class _ContenderRunner:
 
         # Class-conditional and unconditional models take no prompt (the pipeline refuses one).
         prompt = "a photograph of an astronaut riding a horse" if self.pipeline.config.is_text_conditioned else ""
+        from ldmrt.runtime.spatial import example_fields
+        maps = example_fields(self.pipeline.config, case.size, case.size)     # a concat model's inputs
         request = GenerationRequest(prompt=prompt, steps=case.steps,
                                     guidance=case.guidance, sampler=case.sampler, seed=0,
-                                    height=case.size, width=case.size, batch=case.batch)
+                                    height=case.size, width=case.size, batch=case.batch, **maps)
         timings: list[dict[str, float]] = []
 
         def generate() -> None:

@@ -22,6 +22,9 @@ def diffusers_coverage(config) -> str:
     """Why diffusers' StableDiffusionPipeline cannot stand in for `config`'s model ('' when it
     can: CLIP-conditioned KL models, SD 1.x/2.x). Torch-free, so options are checked quickly."""
     a, c = config.autoencoder, config.conditioner
+    if getattr(config, "spatial", None) is not None:
+        return (f"the diffusers comparison covers text-to-image StableDiffusionPipeline models; {config.name!r} "
+                f"concatenates maps to its latents (tests/test_concat_models.py compares it with its own pipeline)")
     if not isinstance(c, ClipTextConfig) or a.kind.value != "kl" or a.embed_dim != a.z_channels:
         return (f"the diffusers comparison covers CLIP-conditioned KL models (SD 1.x/2.x); "
                 f"{config.name!r} is not one")

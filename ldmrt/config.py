@@ -356,6 +356,23 @@ class SpatialConditioning:
         if self.mask_keep == self.mask_repaint:
             raise ConfigError(f"SpatialConditioning: mask_keep and mask_repaint are both {self.mask_keep}")
 
+    def describe(self) -> str:
+        """One line for `ldmrt inspect` and loading notes."""
+        parts = []
+        for kind in self.inputs:
+            if kind == ConcatKind.MASK:
+                parts.append(f"mask {{keep {self.mask_keep:g}, repaint {self.mask_repaint:g}}}")
+            elif kind == ConcatKind.MASKED_IMAGE_LATENTS:
+                parts.append(f"masked-image latents (repainted pixels {self.masked_pixel:g})")
+            elif kind == ConcatKind.LOW_RES_IMAGE:
+                noise = self.low_res_noise
+                parts.append("low-res image" + (f" noised to a level <= {noise.max_noise_level} (class label)"
+                                                if noise else ""))
+            else:
+                r = self.rescaler
+                parts.append(f"segmentation ({r.n_classes} classes -> {r.out_channels} channels)")  # type: ignore
+        return "concatenates " + " + ".join(parts) + (", pastes the kept pixels back" if self.paste_back else "")
+
     @property
     def is_inpainting(self) -> bool:
         return ConcatKind.MASK in self.inputs

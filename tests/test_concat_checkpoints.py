@@ -318,10 +318,8 @@ def test_concat_single_files_are_read_from_shapes(name):
 
 
 def test_an_x4_single_file_without_its_yaml_is_refused():
-    cleaned = clean_keys({k: v for k, v in _full_size_state(preset("sd-x4-upscaler")).items()}, "x4")
-    cleaned.state.update({k.replace("transformer.text_model", "transformer.text_model"): v
-                          for k, v in cleaned.state.items()})
-    detection = dataclasses.replace(detect(cleaned.state, cleaned.openclip, "x4"), conditioner="clip")
+    cleaned = clean_keys(_full_size_state(preset("sd-x4-upscaler")), "x4")
+    detection = detect(cleaned.state, cleaned.openclip, "x4")
     with pytest.raises(CheckpointError, match="x4-upscaling.yaml"):
         infer_config(cleaned.state, detection, {}, "x4", "x4")
 

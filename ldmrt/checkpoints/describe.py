@@ -54,6 +54,8 @@ def _report(assembly: Assembly) -> list[str]:
         lines.append(f"  {component}: {_what(component, config)}, {_millions(count)} parameters ({dtypes})")
     lines.append(f"scheduler: {describe_schedule(config.scheduler)}")
     lines.append(f"latent scale: {config.scale_factor:g}; default image size {config.default_image_size}")
+    if config.spatial is not None:
+        lines.append(f"spatial conditioning: {config.spatial.describe()}")
     text = isinstance(config.conditioner, (ClipTextConfig, BertConfig))
     if assembly.tokenizer_dir:
         lines.append(f"tokenizer: {assembly.tokenizer_dir}")

@@ -87,7 +87,7 @@ def read_diffusers_folder(folder: Path) -> Assembly:
         (768 if scheduler.prediction_type.value == "v_prediction" else 512)
     spatial = spatial_from_pipeline(index, folder, unet_config, autoencoder, conditioner is not None)
     if spatial is not None:
-        detected += f"; {_describe_spatial(spatial)} (UNet in_channels {unet_config.in_channels})"
+        detected += f"; {spatial.describe()} (UNet in_channels {unet_config.in_channels})"
     try:
         config = ModelConfig(name=folder.name, family=family, unet=unet_config, autoencoder=autoencoder,
                              conditioner=conditioner, scheduler=scheduler, scale_factor=scale,
@@ -170,11 +170,6 @@ def _training_schedule(cfg: Mapping[str, Any], where: str) -> SchedulerConfig:
                                beta_schedule=BetaSchedule(cfg.get("beta_schedule", "linear")))
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{where}: {exc}") from None
-
-
-def _describe_spatial(spatial: SpatialConditioning) -> str:
-    return "concatenates " + " + ".join(kind.value for kind in spatial.inputs) + \
-        (" (noise-augmented, level as class label)" if spatial.low_res_noise else "")
 
 
 def _text_config(cfg: Mapping[str, Any], tokenizer_dir: Path | None,

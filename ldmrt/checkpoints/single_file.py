@@ -109,8 +109,8 @@ def infer_config(state, detection, ids, name: str, where: str) -> tuple[ModelCon
     except CheckpointError as exc:
         raise CheckpointError(f"{where}: {exc}") from None
     if spatial is not None and match is None:
-        assumptions.append(f"UNet in_channels {unet.in_channels}: read as concatenating "
-                           f"{' + '.join(k.value for k in spatial.inputs)} (pass the model's YAML if not)")
+        assumptions.append(f"UNet in_channels {unet.in_channels}: read as a model that {spatial.describe()} "
+                           f"(pass the model's YAML if not)")
     if match is not None:
         scheduler, scale, size = match.scheduler, match.scale_factor, match.default_image_size
         assumptions = [f"architecture matches preset {match.name!r}; its scheduler and latent scale are used"]

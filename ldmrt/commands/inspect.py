@@ -27,6 +27,8 @@ def inspect(path: Path = typer.Argument(..., help="A bundle folder or a checkpoi
             out.print(f"scheduler: {sched.beta_schedule.value} {sched.beta_start}..{sched.beta_end}, "
                       f"{sched.prediction_type.value}, {sched.num_train_timesteps} steps; "
                       f"latent scale {manifest.latent_scale}")
+            if manifest.config.spatial is not None:
+                out.print(f"spatial conditioning: {manifest.config.spatial.describe()}", highlight=False)
             table = Table()
             for column in ("component", "file", "size", "inputs", "outputs", "parity"):
                 table.add_column(column)

@@ -127,6 +127,28 @@ def _check_segmentation(array, shape: tuple[int, int, int], n_classes: int) -> N
                               f"in [{low}, {high}]", field="segmentation")
 
 
+def example_fields(config: ModelConfig, height: int, width: int, seed: int = 0) -> dict:
+    """Request fields a concat model needs, made up (benchmarks): a random image (at the latent
+    size for super-resolution), its right half repainted, or vertical bands of classes."""
+    spatial = config.spatial
+    if spatial is None:
+        return {}
+    rng = np.random.default_rng(seed)
+    f = config.downsampling_factor
+    fields: dict = {}
+    if spatial.is_inpainting or spatial.is_super_resolution:
+        side = (height // f, width // f) if spatial.is_super_resolution else (height, width)
+        fields["image"] = rng.random((1, *side, 3)).astype(np.float32)
+    if spatial.is_inpainting:
+        mask = np.zeros((1, height, width), np.float32)
+        mask[:, :, width // 2:] = 1.0
+        fields["mask"] = mask
+    if spatial.rescaler is not None:
+        bands = np.arange(width) * spatial.rescaler.n_classes // max(width, 1)
+        fields["segmentation"] = np.broadcast_to(bands, (1, height, width)).astype(np.int64)
+    return fields
+
+
 def repaint_mask(request, batch: int) -> np.ndarray:
     """(B, H, W) float32: 1 where the image is repainted (mask >= 0.5: white, as diffusers), else 0."""
     return np.broadcast_to(np.asarray(request.mask) >= 0.5, (batch, *request.mask.shape[1:])).astype(np.float32)
@@ -188,5 +210,5 @@ def paste_back(config: ModelConfig, request, images: np.ndarray) -> np.ndarray:
     return (repaint * images + (1.0 - repaint) * image).astype(np.float32)
 
 
-__all__ = ["FIELDS", "check_fields", "check_arrays", "concat_maps", "encodes_image", "map_size",
-           "paste_back", "to_pixels"]
+__all__ = ["FIELDS", "check_fields", "check_arrays", "concat_maps", "encodes_image", "example_fields",
+           "map_size", "paste_back", "to_pixels"]
