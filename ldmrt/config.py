@@ -21,6 +21,11 @@ class Family(str, enum.Enum):
     LDM = "ldm"   # the LDM paper's models (BERT-like text, class-conditional, unconditional)
 
 
+# Field metadata of options added after bundles were first written: omitted from the manifest
+# while at their default, so an older bundle's manifest is rewritten byte for byte.
+_LATER = {"omit_default": True}
+
+
 class BetaSchedule(str, enum.Enum):
     """Diffusers' names. CompVis' "linear" is diffusers' "scaled_linear" (linear in sqrt(beta))."""
     LINEAR = "linear"
@@ -70,8 +75,8 @@ class UNetConfig:
     norm_num_groups: int = 32
     # per level: the transformer's first attention attends to the context, not to itself
     # (CompVis `disable_self_attentions`, diffusers `only_cross_attention`; the SD x4 upscaler)
-    disable_self_attentions: tuple[bool, ...] = ()
-    resblock_updown: bool = False      # down/upsampling by ResBlocks instead of (strided) convs
+    disable_self_attentions: tuple[bool, ...] = field(default=(), metadata=_LATER)
+    resblock_updown: bool = field(default=False, metadata=_LATER)   # resampling by ResBlocks, not convs
 
     def __post_init__(self) -> None:
         _positive(self, "in_channels", "out_channels", "model_channels", "num_res_blocks",
@@ -124,7 +129,8 @@ class AutoencoderConfig:
     attn_levels: tuple[int, ...] = ()  # resolution levels (0 = full size) with attention blocks
     n_embed: int = 0                   # VQ codebook size
     norm_num_groups: int = 32
-    mid_attention: bool = True         # False: CompVis attn_type "none" (diffusers mid_block_add_attention)
+    # False: CompVis attn_type "none" (diffusers mid_block_add_attention)
+    mid_attention: bool = field(default=True, metadata=_LATER)
 
     def __post_init__(self) -> None:
         _positive(self, "embed_dim", "z_channels", "in_channels", "out_ch", "ch",
@@ -393,7 +399,8 @@ class ModelConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     scale_factor: float = 0.18215      # latent = scale_factor * first_stage_encoding
     default_image_size: int = 512
-    spatial: SpatialConditioning | None = None   # maps concatenated to z_t (None: the latents alone)
+    # maps concatenated to z_t (None: the latents alone)
+    spatial: SpatialConditioning | None = field(default=None, metadata=_LATER)
 
     def __post_init__(self) -> None:
         if isinstance(self.scale_factor, bool) or not isinstance(self.scale_factor, (int, float)) \
@@ -600,7 +607,8 @@ def preset(name: str) -> ModelConfig:
 def to_jsonable(obj: Any) -> Any:
     """Dataclasses -> dicts (conditioners tagged with their kind), enums -> values, tuples -> lists."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        out = {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        out = {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+               if not (f.metadata.get("omit_default") and getattr(obj, f.name) == f.default)}
         if hasattr(type(obj), "kind") and not isinstance(getattr(type(obj), "kind"), property) \
                 and "kind" not in out:
             out = {"kind": type(obj).kind, **out}

@@ -91,3 +91,13 @@ def test_a_half_masked_digit_is_inpainted_as_the_prompted_digit(inpaint, judge, 
     # the kept half stays the input's (SD-style: no paste-back, only the VAE round trip changes it)
     kept = mask[..., None] == 0
     assert np.abs(found - images)[np.broadcast_to(kept, found.shape)].mean() <= 0.06
+
+
+def test_the_torch_backend_inpaints_the_same(inpaint, heldout):
+    """The fused torch loop passes every conditioning input (text and both maps) as ONNX Runtime does."""
+    images, digits = heldout
+    request = GenerationRequest(prompt=[prompt_for(d) for d in digits[:2]], steps=10, seed=3, batch=2,
+                                image=images[:2], mask=_halves(2))
+    reference = inpaint.generate(request).images
+    found = Pipeline.load(inpaint.bundle, "torch", device="cpu").generate(request).images
+    assert float(np.abs(found - reference).mean()) <= 1 / 255

@@ -363,10 +363,10 @@ def _initialize_with_a_fault(self, args):
     _initialize(self, args)
     decode = self.pipeline._decode
 
-    def faulty(x):
+    def faulty(x, *rest):
         if x.shape[0] == 3:
             raise MemoryError("injected server fault")
-        return decode(x)
+        return decode(x, *rest)
     self.pipeline._decode = faulty
 
 
