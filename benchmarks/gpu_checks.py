@@ -5,7 +5,7 @@
 
 Sections (each recorded, and a failure in one does not stop the rest):
   environment   GPU, driver, library versions; which optional backends are importable
-  parity        torch CUDA vs CPU per component (fp32 and fp16 vs CPU fp32)
+  parity        torch CUDA vs CPU per component (fp32 and fp16 vs CPU fp32), the concat UNets too
   onnxruntime   ORT CUDA EP parity where onnxruntime-gpu is installed (else: says so)
   tensorrt      whether tensorrt / tensorrt_rtx import (engine runs need them on this machine)
   unet          SD 1.5-shaped UNet step (fp16, 512x512, CFG batch 2): ours eager, ours CUDA
@@ -122,7 +122,10 @@ def parity(device: torch.device, smoke: bool) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     results = {}
-    cases = [("tiny", None)] if smoke else [("tiny", None), ("sd15", {"unet", "vae_decoder", "text_encoder"})]
+    # + the concat models' UNets (their maps concatenated in the graph) and the x4 decoder
+    cases = [("tiny", None)] if smoke else [("tiny", None), ("sd15", {"unet", "vae_decoder", "text_encoder"}),
+                                            ("sd15-inpaint", {"unet"}), ("sd-x4-upscaler", {"unet", "vae_decoder"}),
+                                            ("ldm-semantic", {"unet"})]
     for name, only in cases:
         config = preset(name)
         model = build_model(config, seed=0)
@@ -132,8 +135,8 @@ def parity(device: torch.device, smoke: bool) -> dict:
         for component, spec in specs.items():
             if only and component not in only or component == "denoise_step":   # no torch module
                 continue
-            values = {"batch": 2, "latent_height": 32 if name == "sd15" else 16,
-                      "latent_width": 24 if name == "sd15" else 12}
+            values = {"batch": 2, "latent_height": 16 if name == "tiny" else 32,
+                      "latent_width": 12 if name == "tiny" else 24}
             arrays = example_inputs(config, spec, values, seed=3)
             cpu_graph = ComponentGraph(model, spec).eval()
             with torch.no_grad():
