@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ldmrt.config import preset  # noqa: E402
+from ldmrt.presets import preset  # noqa: E402
 from ldmrt.engines.torch import FusedDenoiser  # noqa: E402
 from ldmrt.models.components import ComponentGraph, example_inputs, to_torch  # noqa: E402
 from ldmrt.iospec import Precision, ShapeRanges, component_specs  # noqa: E402

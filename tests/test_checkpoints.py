@@ -391,7 +391,7 @@ def test_released_architectures_are_inferred_from_shapes(name: str) -> None:
     """Full-size layouts (on the meta device): keys and shapes alone reproduce the presets."""
     from ldmrt.checkpoints.original import clean_keys, detect
     from ldmrt.checkpoints.single_file import infer_config
-    from ldmrt.config import preset
+    from ldmrt.presets import preset
     from ldmrt.models import LatentDiffusion
 
     expected = preset(name)
@@ -429,7 +429,7 @@ def test_single_file_tokenizer_next_to_it_or_a_clear_error(sd1, tmp_path) -> Non
 
 
 def test_preset_and_an_ema_only_single_file(tmp_path) -> None:
-    from ldmrt.config import preset
+    from ldmrt.presets import preset
     from ldmrt.models import build_model
 
     state = build_model(preset("tiny"), seed=3).state_dict()

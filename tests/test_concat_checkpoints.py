@@ -12,8 +12,8 @@ from ldmrt.checkpoints.loading import load_checkpoint
 from ldmrt.checkpoints.original import Detection, clean_keys, detect
 from ldmrt.checkpoints.single_file import infer_config
 from ldmrt.checkpoints.yaml_config import config_from_yaml
-from ldmrt.config import (ConcatKind, LowResNoise, ModelConfig, SpatialConditioning, SpatialRescalerConfig,
-                          preset)
+from ldmrt.config import ConcatKind, LowResNoise, ModelConfig, SpatialConditioning, SpatialRescalerConfig
+from ldmrt.presets import preset
 from ldmrt.errors import CheckpointError, ConfigError
 from ldmrt.models import LatentDiffusion
 from tests.families import CONCAT_FAMILIES

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ldmrt.config import PredictionType, SchedulerConfig, TimestepSpacing, preset
+from ldmrt.config import PredictionType, SchedulerConfig, TimestepSpacing
+from ldmrt.presets import preset
 from ldmrt.iospec import Precision, ShapeRanges, component_specs
 from ldmrt.runtime.pipeline import GenerationRequest, Pipeline
 from ldmrt.tokenizer import load_tokenizer

@@ -27,8 +27,8 @@ import ldmrt.export.bundle as bundle_module
 import ldmrt.export.onnx_graph as onnx_graph_module
 import ldmrt.export.validate as validate_module
 from ldmrt.cli import app
-from ldmrt.config import (AutoencoderKind, BertConfig, ClipTextConfig, LayerChoice, ModelConfig,
-                          PredictionType, preset)
+from ldmrt.config import AutoencoderKind, BertConfig, ClipTextConfig, LayerChoice, ModelConfig, PredictionType
+from ldmrt.presets import preset
 from ldmrt.errors import ConfigError, ExportError, LdmrtError, ParityError
 from ldmrt.export.bundle import ExportOptions, ExportResult, ModelSource, export_bundle, preset_source
 from ldmrt.models.components import ComponentGraph

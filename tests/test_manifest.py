@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ldmrt import manifest as manifest_module
-from ldmrt.config import PRESETS, preset
+from ldmrt.presets import PRESETS, preset
 from ldmrt.engine_record import EngineRecord
 from ldmrt.errors import BundleError
 from ldmrt.iospec import Precision, ShapeRanges, component_specs

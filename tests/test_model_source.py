@@ -19,7 +19,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 from typer.testing import CliRunner  # noqa: E402
 
 from ldmrt.cli import app  # noqa: E402
-from ldmrt.config import preset  # noqa: E402
+from ldmrt.presets import preset  # noqa: E402
 from ldmrt.models import build_model  # noqa: E402
 from ldmrt.runtime.pipeline import GenerationRequest, Pipeline  # noqa: E402
 from ldmrt.synthetic_tokenizer import write_synthetic_clip_assets  # noqa: E402

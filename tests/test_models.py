@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ldmrt.config import (AutoencoderConfig, AutoencoderKind, BertConfig, ClassEmbedderConfig,
-                          ClipTextConfig, LayerChoice, UNetConfig, preset)
+                          ClipTextConfig, LayerChoice, UNetConfig)
+from ldmrt.presets import preset
 from ldmrt.models import build_model
 from ldmrt.models.autoencoder import Autoencoder
 from ldmrt.models.conditioning import BertConditioner, ClassEmbedder, ClipTextConditioner

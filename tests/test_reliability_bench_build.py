@@ -289,7 +289,7 @@ def test_bench_library_callers_get_the_same_checks(tiny, no_bench_work):
 
 def test_cli_bench_diffusers_on_a_model_it_does_not_cover_is_refused(tiny, no_bench_work, monkeypatch):
     import ldmrt.bench as bench
-    from ldmrt.config import PRESETS
+    from ldmrt.presets import PRESETS
     assert bench.diffusers_coverage(PRESETS["tiny"]) == ""
     reason = bench.diffusers_coverage(PRESETS["ldm-uncond-vq"])
     assert reason == ("the diffusers comparison covers CLIP-conditioned KL models (SD 1.x/2.x); "

@@ -105,7 +105,7 @@ def test_torch_fused_loop_skips_guidance_at_most_1(tiny, tiny_torch) -> None:
 
 
 def test_int8_calibration_runs_unguided_at_guidance_at_most_1() -> None:
-    from ldmrt.config import preset
+    from ldmrt.presets import preset
     from ldmrt.export.quantize import TrajectoryMaker
     from ldmrt.iospec import Precision, ShapeRanges, component_specs
     from ldmrt.models import build_model

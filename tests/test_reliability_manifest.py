@@ -400,7 +400,8 @@ def test_a_static_engine_dim_serves_a_symbol_whose_range_is_one_value():
 @pytest.mark.parametrize("value", [0, -0.18, float("nan")])
 def test_a_bad_config_scale_factor_is_blamed_on_the_config(value):
     """config.scale_factor 0 is the config's fault, not latent_scale's ("expected 0.0" is no value)."""
-    from ldmrt.config import PRESETS, ConfigError, ModelConfig
+    from ldmrt.config import ConfigError, ModelConfig
+    from ldmrt.presets import PRESETS
 
     data = PRESETS["tiny"].to_dict()
     data["scale_factor"] = value

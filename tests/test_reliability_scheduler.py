@@ -9,7 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from ldmrt.config import SAMPLERS, ModelConfig, PredictionType, SchedulerConfig, TimestepSpacing, preset
+from ldmrt.config import SAMPLERS, ModelConfig, PredictionType, SchedulerConfig, TimestepSpacing
+from ldmrt.presets import preset
 from ldmrt.errors import GenerationError
 from ldmrt.sampling import make_plan, max_steps
 

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from ldmrt.checkpoints.tokenizer_assets import write_runtime_assets
-from ldmrt.config import ClipTextConfig, preset
+from ldmrt.config import ClipTextConfig
+from ldmrt.presets import preset
 from ldmrt.errors import BundleError, CheckpointError, GenerationError
 from ldmrt.tokenizer import READ_LIMIT_PER_TOKEN, load_tokenizer
 from ldmrt.synthetic_tokenizer import write_synthetic_clip_assets, write_synthetic_wordpiece_assets

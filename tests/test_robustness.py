@@ -27,7 +27,7 @@ from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
 from ldmrt.cli import app
-from ldmrt.config import preset
+from ldmrt.presets import preset
 from ldmrt.engines import trt_api
 from ldmrt.errors import BundleError, CheckpointError, ConfigError, GenerationError, ShapeError
 from ldmrt.manifest import (MANIFEST_NAME, TOKENIZER_DIR, ComponentEntry, load_manifest,

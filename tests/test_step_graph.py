@@ -19,7 +19,8 @@ import onnx
 import pytest
 
 import ldmrt.export.step_graph as step_graph_module
-from ldmrt.config import SAMPLERS, PredictionType, SchedulerConfig, TimestepSpacing, preset
+from ldmrt.config import SAMPLERS, PredictionType, SchedulerConfig, TimestepSpacing
+from ldmrt.presets import preset
 from ldmrt.engines import trt_api
 from ldmrt.errors import ExportError, ParityError
 from ldmrt.export.step_graph import build_step_graph, check_step_graph

@@ -387,7 +387,7 @@ def test_with_the_exported_fp16_update_graph(onnx_step):
 def test_a_tiny_bundles_own_specs_and_update_graph(onnx_step):
     """The specs an export of the tiny preset declares (unet, denoise_step), the graph built from
     the latter: what open_tensorrt hands the denoiser for such a bundle."""
-    from ldmrt.config import preset
+    from ldmrt.presets import preset
     from ldmrt.iospec import Precision, ShapeRanges, component_specs
     specs = component_specs(preset("tiny"), ShapeRanges(min_size=32, opt_size=64, max_size=64, max_batch=2),
                             Precision.FP32)

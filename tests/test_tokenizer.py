@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ldmrt.config import BertConfig, ClassEmbedderConfig, ClipTextConfig, preset
+from ldmrt.config import BertConfig, ClassEmbedderConfig, ClipTextConfig
+from ldmrt.presets import preset
 from ldmrt.errors import BundleError, CheckpointError, ConfigError, GenerationError
 from ldmrt.tokenizer import PromptTokenizer, TokenizedBatch, load_tokenizer
 from ldmrt.synthetic_tokenizer import write_synthetic_clip_assets, write_synthetic_wordpiece_assets

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ldmrt.config import PRESETS
+from ldmrt.presets import PRESETS
 from ldmrt.errors import BundleError, ConfigError
 from ldmrt.iospec import Precision, ShapeRanges, component_specs
 from ldmrt.manifest import load_manifest, write_manifest

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ldmrt.config import (PRESETS, AutoencoderKind, Family, ModelConfig,
-                          PredictionType, SchedulerConfig, preset as get_preset)
+from ldmrt.config import AutoencoderKind, Family, ModelConfig, PredictionType, SchedulerConfig
+from ldmrt.presets import PRESETS, preset as get_preset
 from ldmrt.errors import CheckpointError, ConfigError
 from ldmrt.models import LatentDiffusion
 from ldmrt.checkpoints.files import read_weights

@@ -43,7 +43,7 @@ def export(
 
         from ldmrt.checkpoints.builtin import BUILTIN_NAMES, builtin_source
         from ldmrt.commands.build import build_after_export, check_engine_backend
-        from ldmrt.config import PRESETS
+        from ldmrt.presets import PRESETS
         from ldmrt.export.bundle import ExportOptions, export_bundle, preset_source
         from ldmrt.export.quantize import CalibrationSize, Int8Options
         from ldmrt.iospec import Precision, ShapeRanges

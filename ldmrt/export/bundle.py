@@ -274,7 +274,7 @@ def _record_key(path: Path) -> str | None:
 
 def preset_source(name: str, seed: int = 0) -> ModelSource:
     """A preset with random weights from `seed` and synthetic tokenizer assets."""
-    from ldmrt.config import preset
+    from ldmrt.presets import preset
     from ldmrt.models import build_model
 
     config = preset(name)
