@@ -420,3 +420,17 @@ def test_a_diffusers_unet_wider_than_any_known_layout_is_refused(tmp_path):
     diffusers.LDMPipeline(vqvae=vae, unet=unet, scheduler=diffusers.DDIMScheduler()).save_pretrained(tmp_path / "p")
     with pytest.raises(CheckpointError, match="2 channels beyond the 3 latent ones"):
         load_checkpoint(tmp_path / "p")
+
+
+def test_a_concat_stage_without_a_conditioning_key_is_concat_as_compvis_defaults(tmp_path):
+    """LatentDiffusion's concat_mode defaults to true: a YAML naming neither key is a concat model."""
+    import yaml
+
+    text = YAMLS["ldm-sr-4x"].replace("    concat_mode: true\n", "")
+    assert "concat_mode" not in text
+    path = tmp_path / "sr.yaml"
+    path.write_text(text)
+    config, _ = config_from_yaml(path, yaml.safe_load(text), {}, Detection(preset("ldm-sr-4x").family, None,
+                                                                          preset("ldm-sr-4x").autoencoder.kind, ""),
+                                 {}, "sr")
+    assert config.spatial == preset("ldm-sr-4x").spatial

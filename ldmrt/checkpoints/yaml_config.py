@@ -15,7 +15,7 @@ from ldmrt.config import (AutoencoderConfig, AutoencoderKind, BertConfig, ClassE
 from ldmrt.errors import CheckpointError, ConfigError
 from ldmrt.checkpoints.original import Detection, infer_conditioner
 from ldmrt.checkpoints.schedule import scheduler_from_compvis
-from ldmrt.checkpoints.yaml_spatial import CONCAT_STAGES, cond_stage_target, spatial_from_yaml
+from ldmrt.checkpoints.yaml_spatial import cond_stage_target, is_concat_stage, spatial_from_yaml
 
 # openaimodel.UNetModel options we implement only at their default
 _UNET_FIXED = {"dims": 2, "use_scale_shift_norm": False,
@@ -87,7 +87,7 @@ def _conditioner(section: Any, state: Mapping[str, torch.Tensor], detection: Det
     target = cond_stage_target(section)
     params = {} if isinstance(section, str) else dict(section.get("params") or {})
     where = f"{path}: model.params.cond_stage_config"
-    if target == "__is_unconditional__" or target in CONCAT_STAGES or target.endswith("SpatialRescaler"):
+    if target == "__is_unconditional__" or is_concat_stage(target):
         return None, Family.LDM          # a concatenated stage: read by yaml_spatial
     if target.endswith(("FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder")):
         openclip = target.endswith("FrozenOpenCLIPEmbedder")

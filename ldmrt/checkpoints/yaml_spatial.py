@@ -28,14 +28,22 @@ _STABILITY = ("LatentInpaintDiffusion", "LatentUpscaleDiffusion", "LatentUpscale
 
 
 def conditioning_key(params: Mapping[str, Any], path: Path) -> str | None:
-    """The YAML's conditioning key as CompVis' LatentDiffusion resolves it."""
+    """The YAML's conditioning key as CompVis' LatentDiffusion resolves it: without one,
+    `concat_mode` (default true) decides; a text or class stage without either is cross-attention
+    (what such a file can only mean)."""
     key = params.get("conditioning_key")
     if key is None and "concat_mode" in params:
         key = "concat" if params["concat_mode"] else "crossattn"
+    elif key is None and is_concat_stage(cond_stage_target(params.get("cond_stage_config"))):
+        key = "concat"
     if key not in _CONCAT_KEYS:
         raise CheckpointError(f"{path}: model.params.conditioning_key {key!r} is not supported; expected one "
                               f"of {sorted(k for k in _CONCAT_KEYS if k)}")
     return key
+
+
+def is_concat_stage(target: str) -> bool:
+    return target in CONCAT_STAGES or target.endswith("SpatialRescaler")
 
 
 def cond_stage_target(section: Any) -> str:
@@ -54,7 +62,7 @@ def spatial_from_yaml(target: str, params: Mapping[str, Any], path: Path) -> Spa
         if model_class in _STABILITY:
             raise CheckpointError(f"{where}: {model_class} concatenates maps, but conditioning_key is {key!r}; "
                                   f"expected 'hybrid'")
-        if stage in CONCAT_STAGES or stage.endswith("SpatialRescaler"):
+        if is_concat_stage(stage):
             raise CheckpointError(f"{where}: cond_stage_config {stage!r} is concatenated, but conditioning_key "
                                   f"is {key!r}; expected 'concat'")
         return None
