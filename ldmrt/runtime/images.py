@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ldmrt.atomic import atomic_write
+from ldmrt.config import ModelConfig
 from ldmrt.errors import GenerationError
 from ldmrt.writable import check_folder_writable
 
@@ -87,13 +88,13 @@ def read_image(path: Path, max_size: tuple[int, int] | None = None, field: str =
         raise GenerationError(f"{field} {path}: cannot read an image ({exc})", field=field) from None
 
 
-def read_maps(config, image: Path | None, mask: Path | None, segmentation: Path | None,
+def read_maps(config: ModelConfig, image: Path | None, mask: Path | None, segmentation: Path | None,
               max_size: tuple[int, int], height: int | None, width: int | None) -> dict:
     """The CLI's map files as GenerationRequest fields ([1, ...] arrays). Where --height and --width
     are both given, an inpainting image and its mask, or a segmentation map, are resized to them
     (Lanczos; class indices nearest), as diffusers resizes its inputs; a low-res input is not."""
     fields: dict = {}
-    spatial = getattr(config, "spatial", None)
+    spatial = config.spatial
     resize = height is not None and width is not None and not (spatial is not None and spatial.is_super_resolution)
     if resize:
         max_size = None     # resized anyway: any file up to MAX_IMAGE_PIXELS

@@ -218,7 +218,7 @@ class Pipeline:
         if request.latents is not None:
             check_array("latents", request.latents, shape)
         if spatial.encodes_image(config) and Component.VAE_ENCODER not in self.runners:
-            raise GenerationError(f"image: {spatial.describe(config)} needs the vae_encoder component to "
+            raise GenerationError(f"image: {spatial.model_kind(config)} needs the vae_encoder component to "
                                   f"encode the masked image; export it too", field="image")
         if request.init_image is not None:
             if Component.VAE_ENCODER not in self.runners:

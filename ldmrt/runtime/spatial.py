@@ -19,8 +19,8 @@ FIELDS = ("image", "mask", "noise_level", "segmentation")
 Encode = Callable[[np.ndarray, np.random.Generator], np.ndarray]   # pixels (B, 3, H, W) in [-1, 1] -> latents
 
 
-def describe(config: ModelConfig) -> str:
-    """What the model does, as a message says it."""
+def model_kind(config: ModelConfig) -> str:
+    """What kind of concat model it is, as a message names it (\"an inpainting model\")."""
     spatial = config.spatial
     if spatial is None:
         return "not concat-conditioned"
@@ -55,7 +55,7 @@ def check_fields(config: ModelConfig, request) -> None:
     """Refuse a map field the model does not take and a missing one it needs; img2img's init_image
     is not how a concat model takes its image."""
     needed, allowed = needed_fields(config)
-    what = f"this bundle's model ({config.name}) is {describe(config)}"
+    what = f"this bundle's model ({config.name}) is {model_kind(config)}"
     for name in FIELDS:
         if getattr(request, name) is not None and name not in allowed:
             takes = f"it takes {', '.join(sorted(allowed))}" if allowed else "it takes none of " + ", ".join(FIELDS)
