@@ -166,3 +166,22 @@ def test_tensorrt_rtx_builds_every_concat_unet_with_its_profiles(bundles, family
     for kind in CONCAT_FAMILIES[family].spatial.inputs:
         assert kind.value in names and kind.value in unet.profiles[0]
     assert (bundle / "engines" / unet.key / unet.file).is_file()
+
+
+@pytest.mark.parametrize("family, precision", [("sd-inpaint", "fp16"), ("ldm-semantic", "fp16"),
+                                               ("sd-inpaint", "int8")])
+def test_reduced_precision_exports_validate_with_their_maps(tmp_path, family, precision):
+    """fp16 graphs pass export's ONNX Runtime parity check; int8 calibrates the UNet on DDIM runs
+    fed its concatenated maps (and the x4-style noise level where it has one), within its bounds."""
+    from ldmrt.iospec import Precision
+    from ldmrt.runtime.spatial import example_fields
+
+    config = CONCAT_FAMILIES[family]
+    result = export_bundle(model_source(config), tmp_path / "b",
+                           ExportOptions(shape_ranges=RANGES, precision=Precision(precision)))
+    unet = result.manifest.component(Component.UNET)
+    assert unet.parity is not None and unet.parity.passed, unet.parity
+    fields = example_fields(config, 32, 48)
+    images = Pipeline.load(result.path).generate(GenerationRequest(
+        prompt="x" if config.conditioner else "", steps=3, **fields)).images
+    assert images.shape == (1, 32, 48, 3) and np.isfinite(images).all()
