@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
 from ldmrt.errors import ConfigError
+from ldmrt.layout import LayoutTokenizerConfig
 
 
 class Family(str, enum.Enum):
@@ -401,6 +402,8 @@ class ModelConfig:
     default_image_size: int = 512
     # maps concatenated to z_t (None: the latents alone)
     spatial: SpatialConditioning | None = field(default=None, metadata=_LATER)
+    # the paper's layout-to-image model: its BERT conditioner reads layout tokens, not text
+    layout: LayoutTokenizerConfig | None = field(default=None, metadata=_LATER)
 
     def __post_init__(self) -> None:
         if isinstance(self.scale_factor, bool) or not isinstance(self.scale_factor, (int, float)) \
@@ -415,6 +418,15 @@ class ModelConfig:
                               + (f" + {parts}" if parts else " (declare `spatial` conditioning for "
                                  "maps concatenated to the latents)"))
         self._check_spatial()
+        if self.layout is not None:
+            cond = self.conditioner
+            if not isinstance(cond, BertConfig) or cond.vocab_size != self.layout.vocab_size \
+                    or cond.max_seq_len != self.layout.max_length:
+                found = f"{type(cond).__name__}" + (f" (vocab {cond.vocab_size}, length {cond.max_seq_len})"
+                                                    if isinstance(cond, BertConfig) else "")
+                raise ConfigError(f"ModelConfig {self.name!r}: layout tokens ({self.layout.vocab_size} tokens, "
+                                  f"length {self.layout.max_length}) need a BertConfig conditioner of that "
+                                  f"vocabulary and length, found {found}")
         if self.unet.out_channels != self.latent_channels:
             raise ConfigError(f"ModelConfig {self.name!r}: UNet out_channels={self.unet.out_channels}"
                               f", expected the latent channels {self.latent_channels}")
@@ -467,6 +479,11 @@ class ModelConfig:
     @property
     def is_text_conditioned(self) -> bool:
         return isinstance(self.conditioner, (ClipTextConfig, BertConfig))
+
+    @property
+    def is_layout_conditioned(self) -> bool:
+        """The text encoder reads layout tokens (ldmrt.layout) instead of a prompt's."""
+        return self.layout is not None
 
     @property
     def is_class_conditioned(self) -> bool:

@@ -78,24 +78,25 @@ def cell(config: LayoutTokenizerConfig, x: float, y: float) -> int:
 
 
 def encode_layout(config: LayoutTokenizerConfig, objects: Sequence[Mapping[str, Any]],
-                  field: str = "layout") -> np.ndarray:
+                  where: str = "layout") -> np.ndarray:
     """(max_length,) int32 tokens of a list of {"class": id or name, "box": [x0, y0, x1, y1]}
     (relative to the image, 0 <= x0 < x1 <= 1, 0 <= y0 < y1 <= 1), in the order given.
-    GenerationError naming `field[i]` for anything else."""
+    GenerationError (field `layout`) naming `where[i]` for anything else."""
+    field = "layout"
     if isinstance(objects, (str, bytes, Mapping)) or not isinstance(objects, Sequence):
-        raise GenerationError(f"{field}: expected a list of objects {{\"class\": ..., \"box\": [x0, y0, x1, y1]}}, "
+        raise GenerationError(f"{where}: expected a list of objects {{\"class\": ..., \"box\": [x0, y0, x1, y1]}}, "
                               f"found {type(objects).__name__}", field=field)
     if len(objects) > config.max_objects:
-        raise GenerationError(f"{field}: {len(objects)} objects, expected at most {config.max_objects} (the "
+        raise GenerationError(f"{where}: {len(objects)} objects, expected at most {config.max_objects} (the "
                               f"model's {config.max_length} layout tokens)", field=field)
     tokens = []
     for i, item in enumerate(objects):
-        where = f"{field}[{i}]"
+        at = f"{where}[{i}]"
         if not isinstance(item, Mapping) or set(item) != {"class", "box"}:
             found = sorted(item) if isinstance(item, Mapping) else type(item).__name__
-            raise GenerationError(f"{where}: expected exactly the keys 'class' and 'box', found {found}", field=field)
-        x0, y0, x1, y1 = _box(item["box"], f"{where}.box", field)
-        tokens += [_class_id(config, item["class"], f"{where}.class", field), cell(config, x0, y0), cell(config, x1, y1)]
+            raise GenerationError(f"{at}: expected exactly the keys 'class' and 'box', found {found}", field=field)
+        x0, y0, x1, y1 = _box(item["box"], f"{at}.box", field)
+        tokens += [_class_id(config, item["class"], f"{at}.class", field), cell(config, x0, y0), cell(config, x1, y1)]
     tokens += [config.pad_token] * (TOKENS_PER_OBJECT * (config.max_objects - len(objects)))
     if config.encode_crop:
         tokens += [cell(config, 0.0, 0.0), cell(config, 1.0, 1.0)]      # the whole image

@@ -8,6 +8,7 @@ from ldmrt.config import (AutoencoderConfig, AutoencoderKind, BertConfig, ClipTe
                           Family, LayerChoice, LowResNoise, ModelConfig, PredictionType, SchedulerConfig,
                           SpatialConditioning, SpatialRescalerConfig, UNetConfig)
 from ldmrt.errors import ConfigError
+from ldmrt.layout import LayoutTokenizerConfig
 
 _SD_SCHEDULER = SchedulerConfig()
 _LDM_VQ_F4 = AutoencoderConfig(kind=AutoencoderKind.VQ, embed_dim=3, z_channels=3, ch=128,
@@ -112,6 +113,17 @@ PRESETS.update({
         default_image_size=256,
         spatial=SpatialConditioning(inputs=(ConcatKind.SEGMENTATION,), rescaler=SpatialRescalerConfig())),
 })
+
+
+# the paper's layout-to-image model (models/ldm/layout2img-openimages256/config.yaml): a 16-layer
+# BERT over 92 layout tokens (ldmrt.layout), cross-attention UNet with depth-3 transformers, VQ-f4
+PRESETS["ldm-layout"] = ModelConfig(
+    name="ldm-layout", family=Family.LDM,
+    unet=UNetConfig(in_channels=3, out_channels=3, model_channels=128, channel_mult=(1, 2, 3, 4),
+                    attention_resolutions=(8, 4, 2), num_head_channels=32, transformer_depth=3, context_dim=512),
+    autoencoder=_LDM_VQ_F4, conditioner=BertConfig(vocab_size=8192, n_embed=512, n_layer=16, max_seq_len=92),
+    scheduler=SchedulerConfig(beta_start=0.0015, beta_end=0.0205), scale_factor=1.0, default_image_size=256,
+    layout=LayoutTokenizerConfig())
 
 
 def preset(name: str) -> ModelConfig:

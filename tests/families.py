@@ -14,6 +14,7 @@ from ldmrt.config import (AutoencoderConfig, AutoencoderKind, BertConfig, ClassE
                           UNetConfig)
 from ldmrt.export.bundle import ModelSource, synthetic_tokenizer_writer
 from ldmrt.iospec import ShapeRanges
+from ldmrt.layout import LayoutTokenizerConfig
 from ldmrt.models import build_model
 from tests.reference import perturb_
 
@@ -111,6 +112,18 @@ CONCAT_FAMILIES: dict[str, ModelConfig] = {
 }
 
 
+# The paper's layout-to-image model at toy widths: a BERT over 4 boxes' layout tokens (a 14 x 14
+# grid of a 200-token vocabulary, 10 named classes, crop encoded: 14 tokens), VQ f4.
+_LAYOUT = LayoutTokenizerConfig(vocab_size=200, max_objects=4, n_classes=10,
+                                classes=tuple(f"digit {d}" for d in range(10)))
+LAYOUT_FAMILY = ModelConfig(
+    name="fam-ldm-layout", family=Family.LDM,
+    unet=dataclasses.replace(_UNET, in_channels=3, out_channels=3, attention_resolutions=(1, 2)),
+    autoencoder=_VQ_F4_PLAIN, conditioner=BertConfig(vocab_size=200, n_embed=32, n_layer=2, heads=2, dim_head=16,
+                                                     max_seq_len=_LAYOUT.max_length),
+    scheduler=_LDM_SCHEDULER, scale_factor=1.0, default_image_size=32, layout=_LAYOUT)
+
+
 def shape_ranges(config: ModelConfig) -> ShapeRanges:
     """Latent sides 4..12 (opt 8), up to 3 images per call (6 for the guided UNet)."""
     f = config.downsampling_factor
@@ -121,7 +134,8 @@ def model_source(config: ModelConfig, seed: int = 0) -> ModelSource:
     """`config` with random weights (norm affines perturbed off 1/0) and synthetic tokenizer assets."""
     model = perturb_(build_model(config, seed=seed), seed=seed, scale=0.05)
     return ModelSource(model=model, source=f"test:{config.name}", random_weights=True,
-                       write_tokenizer=synthetic_tokenizer_writer(config.conditioner))
+                       write_tokenizer=None if config.is_layout_conditioned else
+                       synthetic_tokenizer_writer(config.conditioner))
 
 
 def export_small_tiny(out):

@@ -77,8 +77,8 @@ def tokenizer_writer(loaded: LoadedCheckpoint) -> Callable[[Path], str] | None:
     tokenizer is useless, but exporting only the UNet or VAE needs none.
     """
     conditioner = loaded.config.conditioner
-    if not isinstance(conditioner, (ClipTextConfig, BertConfig)):
-        return None
+    if not isinstance(conditioner, (ClipTextConfig, BertConfig)) or loaded.config.is_layout_conditioned:
+        return None          # layout tokens come from ldmrt.layout, not from tokenizer files
     source = loaded.tokenizer_dir
 
     def write(folder: Path) -> str:

@@ -13,6 +13,7 @@ import torch
 from ldmrt.config import (AutoencoderConfig, AutoencoderKind, BertConfig, ClassEmbedderConfig,
                           ClipTextConfig, Family, LayerChoice, ModelConfig, UNetConfig)
 from ldmrt.errors import CheckpointError, ConfigError
+from ldmrt.layout import LayoutTokenizerConfig
 from ldmrt.checkpoints.original import Detection, infer_conditioner
 from ldmrt.checkpoints.schedule import scheduler_from_compvis
 from ldmrt.checkpoints.yaml_spatial import cond_stage_target, is_concat_stage, spatial_from_yaml
@@ -65,6 +66,7 @@ def config_from_yaml(path: Path, data: Mapping[str, Any], state: Mapping[str, to
 
     spatial = spatial_from_yaml(target, params, path)
     conditioner, family = _conditioner(cond_stage, state, detection, ids, path)
+    layout = _layout(cond_stage, params, path)
     unet = _unet(unet_params, family, path, notes)
     autoencoder = _autoencoder(first_stage, path)
     scheduler = scheduler_from_compvis(params, f"{path}: model.params")
@@ -74,7 +76,7 @@ def config_from_yaml(path: Path, data: Mapping[str, Any], state: Mapping[str, to
             name=name, family=family, unet=unet, autoencoder=autoencoder, conditioner=conditioner,
             scheduler=scheduler, scale_factor=float(params.get("scale_factor", 1.0)),
             default_image_size=int(image_size) * autoencoder.downsampling_factor if image_size else 512,
-            spatial=spatial)
+            spatial=spatial, layout=layout)
     except (ConfigError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: the YAML does not describe a consistent model: {exc}") from None
     return config, notes
@@ -118,6 +120,32 @@ def _conditioner(section: Any, state: Mapping[str, torch.Tensor], detection: Det
             raise CheckpointError(f"{where}.params: ClassEmbedder needs embed_dim ({exc!r})") from None
     raise CheckpointError(f"{where}: target {target!r} is not supported; expected FrozenCLIPEmbedder, "
                           f"FrozenOpenCLIPEmbedder, BERTEmbedder, ClassEmbedder or __is_unconditional__")
+
+
+_LAYOUT_KEYS = ("coordinates_bbox", "objects_bbox")
+
+
+def _layout(section: Any, params: Mapping[str, Any], path: Path) -> LayoutTokenizerConfig | None:
+    """A BERTEmbedder with `use_tokenizer: false` over a bounding-box key is the paper's layout
+    conditioner: its vocabulary and length fix the tokens' constants (ldmrt.layout)."""
+    cond = dict(section.get("params") or {}) if isinstance(section, Mapping) else {}
+    if not cond_stage_target(section).endswith("BERTEmbedder") or cond.get("use_tokenizer", True):
+        return None
+    where = f"{path}: model.params.cond_stage_config"
+    key = params.get("cond_stage_key")
+    if key not in _LAYOUT_KEYS:
+        raise CheckpointError(f"{where}: a BERTEmbedder without its tokenizer over cond_stage_key {key!r}; "
+                              f"ldmrt reads token inputs as layouts only ({' or '.join(_LAYOUT_KEYS)})")
+    vocab, length = int(cond.get("vocab_size", 30522)), int(cond.get("max_seq_len", 77))
+    crop = (length - 2) % 3 == 0            # taming's builder: 3 tokens per object, 2 for the crop
+    if length % 3 and not crop:
+        raise CheckpointError(f"{where}.params: max_seq_len {length} is neither 3 x objects nor 3 x objects "
+                              f"+ 2 crop tokens")
+    try:
+        return LayoutTokenizerConfig(vocab_size=vocab, max_objects=(length - 2) // 3 if crop else length // 3,
+                                     n_classes=min(352, vocab - 1), encode_crop=crop)
+    except ConfigError as exc:
+        raise CheckpointError(f"{where}.params: {exc}") from None
 
 
 def _unet(params: Mapping[str, Any], family: Family, path: Path, notes: list[str]) -> UNetConfig:

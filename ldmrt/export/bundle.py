@@ -280,7 +280,8 @@ def preset_source(name: str, seed: int = 0) -> ModelSource:
     config = preset(name)
     log.info("preset %r: the weights are RANDOM (seed %d); images will be noise", name, seed)
     return ModelSource(model=build_model(config, seed=seed), source=f"preset:{name}", random_weights=True,
-                       write_tokenizer=synthetic_tokenizer_writer(config.conditioner),
+                       write_tokenizer=None if config.is_layout_conditioned else
+                       synthetic_tokenizer_writer(config.conditioner),
                        record=SourceRecord(kind="preset", location=name, seed=seed))
 
 

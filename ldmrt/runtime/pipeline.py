@@ -21,6 +21,7 @@ from ldmrt.engines.base import BackendRunners, ComponentRunner
 from ldmrt.engines.dispatch import open_runners
 from ldmrt.errors import ConfigError, GenerationCancelled, GenerationError
 from ldmrt.iospec import Component, Precision
+from ldmrt.layout import encode_layout
 from ldmrt.manifest import Manifest, load_manifest, verify_bundle
 from ldmrt.runtime.checks import check_array, integer, is_integer, real, show
 from ldmrt.runtime import spatial
@@ -64,6 +65,9 @@ class GenerationRequest:
     noise_level: int | None = None     # SD x4 upscaler: the low-res noise augmentation (None: 20)
     segmentation: np.ndarray | None = None   # semantic synthesis: class indices [B or 1, H, W]
     tile: bool | None = None           # VAE in tiles: None when the image exceeds the VAE's range; False never
+    # layout-to-image models (ldmrt.layout): [{"class": id or name, "box": [x0, y0, x1, y1]}, ...] in
+    # [0, 1], one layout for every image, or a list of such lists, one per image
+    layout: Sequence | None = None
 
 
 @dataclass
@@ -252,10 +256,12 @@ class Pipeline:
             for name in ("prompt", "negative_prompt"):
                 value = getattr(request, name)
                 if any(_expand(value, batch, name)):
+                    takes = {"class-conditional": "class_labels, not prompts",
+                             "layout-conditioned": "a layout, not prompts"}.get(kind, "no prompt")
                     raise GenerationError(f"{name} {show(value)}: this bundle's model is {kind} "
-                                          f"({config.name}); it takes " +
-                                          ("class_labels, not prompts" if kind == "class-conditional"
-                                           else "no prompt"), field=name)
+                                          f"({config.name}); it takes {takes}", field=name)
+        if kind == "layout-conditioned" or request.layout is not None:
+            self._layout_tokens(request, batch)                  # checked here, used by _conditioning
         labels = request.class_labels
         if labels is None:
             return
@@ -272,12 +278,35 @@ class Pipeline:
                                   f"[0, {n})", field="class_labels")
 
     def _conditioning_kind(self) -> str:
-        """How the UNet is conditioned: "text-conditioned", "class-conditional" or "unconditional"."""
+        """How the UNet is conditioned: "layout-conditioned", "text-conditioned", "class-conditional"
+        or "unconditional"."""
+        if self.config.is_layout_conditioned:
+            return "layout-conditioned"
         if self.config.is_text_conditioned:
             return "text-conditioned"
         if isinstance(self.config.conditioner, ClassEmbedderConfig) or self.config.unet.num_classes:
             return "class-conditional"
         return "unconditional"
+
+    def _layout_tokens(self, request: GenerationRequest, batch: int) -> np.ndarray:
+        """(B, L) int32 layout tokens of request.layout; GenerationError naming `layout`."""
+        if not self.config.is_layout_conditioned:
+            raise GenerationError(f"layout: this bundle's model is {self._conditioning_kind()} "
+                                  f"({self.config.name}); it takes no layout", field="layout")
+        layout = request.layout
+        if layout is None:
+            raise GenerationError(f"layout: this bundle's model ({self.config.name}) is layout-conditioned; it "
+                                  f"needs a layout [{{\"class\": ..., \"box\": [x0, y0, x1, y1]}}, ...]",
+                                  field="layout")
+        per_image = isinstance(layout, (list, tuple)) and bool(layout) and all(
+            isinstance(item, (list, tuple)) for item in layout)
+        layouts = list(layout) if per_image else [layout]
+        if len(layouts) not in (1, batch):
+            raise GenerationError(f"layout: {len(layouts)} layouts for {batch} images; expected 1 or {batch}",
+                                  field="layout")
+        tokens = [encode_layout(self.config.layout, one, "layout" if len(layouts) == 1 else f"layout[{i}]")
+                  for i, one in enumerate(layouts)]
+        return np.stack(tokens * (batch if len(tokens) == 1 else 1)).astype(np.int32)
 
     def _num_classes(self) -> int:
         config = self.config
@@ -334,6 +363,13 @@ class Pipeline:
         config = self.config
         guided = request.guidance > 1.0
         kind = self._conditioning_kind()
+        if kind == "layout-conditioned":
+            ids = self._layout_tokens(request, batch)                                  # (B, L)
+            if guided:    # the unconditional half: an empty layout (padding and the crop only)
+                ids = np.concatenate([np.broadcast_to(encode_layout(config.layout, []), ids.shape), ids])
+            embeddings = self.runners[Component.TEXT_ENCODER]({"input_ids": np.ascontiguousarray(ids, np.int32)})
+            self._check_model_output(embeddings, Component.TEXT_ENCODER, "layout embeddings")
+            return {"encoder_hidden_states": embeddings}, guided
         if kind == "text-conditioned":
             prompts = _expand(request.prompt, batch, "prompt")
             texts = prompts

@@ -1,0 +1,171 @@
+"""The paper's layout-to-image model (issue 18, first half without the trained proof): the preset
+at full size against the published parameter counts, its YAML read as the preset, and generation
+from a layout on ONNX Runtime against a loop written here: tokens by the paper's definition
+(tests/test_layout_tokens.py), diffusers' UNet2DConditionModel, DDIM and VQModel."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ldmrt.checkpoints.original import Detection
+from ldmrt.checkpoints.yaml_config import config_from_yaml
+from ldmrt.errors import CheckpointError, GenerationError
+from ldmrt.export.bundle import ExportOptions, ModelSource, export_bundle
+from ldmrt.iospec import ShapeRanges
+from ldmrt.models import LatentDiffusion, build_model
+from ldmrt.models.convert import autoencoder_from_diffusers, unet_from_diffusers
+from ldmrt.presets import preset
+from ldmrt.runtime.pipeline import GenerationRequest, Pipeline
+from tests.families import LAYOUT_FAMILY
+from tests.pipeline_reference import diffusers_scheduler
+from tests.reference import diffusers_autoencoder, diffusers_unet, perturb_
+from tests.test_layout_tokens import reference_tokens
+
+LAYOUT_YAML = """
+model:
+  target: ldm.models.diffusion.ddpm.LatentDiffusion
+  params:
+    linear_start: 0.0015
+    linear_end: 0.0205
+    timesteps: 1000
+    first_stage_key: image
+    cond_stage_key: coordinates_bbox
+    image_size: 64
+    channels: 3
+    conditioning_key: crossattn
+    cond_stage_trainable: true
+    unet_config:
+      target: ldm.modules.diffusionmodules.openaimodel.UNetModel
+      params: {image_size: 64, in_channels: 3, out_channels: 3, model_channels: 128, attention_resolutions: [8, 4, 2],
+               num_res_blocks: 2, channel_mult: [1, 2, 3, 4], num_head_channels: 32, use_spatial_transformer: true,
+               transformer_depth: 3, context_dim: 512}
+    first_stage_config:
+      target: ldm.models.autoencoder.VQModelInterface
+      params:
+        embed_dim: 3
+        n_embed: 8192
+        ddconfig: {double_z: false, z_channels: 3, resolution: 256, in_channels: 3, out_ch: 3, ch: 128,
+                   ch_mult: [1, 2, 4], num_res_blocks: 2, attn_resolutions: [], dropout: 0.0}
+        lossconfig: {target: torch.nn.Identity}
+    cond_stage_config:
+      target: ldm.modules.encoders.modules.BERTEmbedder
+      params: {n_embed: 512, n_layer: 16, vocab_size: 8192, max_seq_len: 92, use_tokenizer: false}
+"""
+
+
+def test_the_preset_has_the_published_parameter_counts():
+    import diffusers
+
+    with torch.device("meta"):
+        model = LatentDiffusion(preset("ldm-layout"))
+        reference = diffusers.UNet2DConditionModel(
+            in_channels=3, out_channels=3, block_out_channels=(128, 256, 384, 512), layers_per_block=2,
+            down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3,
+            up_block_types=("CrossAttnUpBlock2D",) * 3 + ("UpBlock2D",), cross_attention_dim=512,
+            attention_head_dim=(4, 8, 12, 16), transformer_layers_per_block=3)
+    assert sum(p.numel() for p in model.unet.parameters()) == sum(p.numel() for p in reference.parameters())
+    # CompVis' BERTEmbedder(n_embed 512, n_layer 16, vocab 8192, max_seq_len 92), built on the meta
+    # device from ldm's x_transformer.py (docs/research/layout-and-guidance.md, section 1.2)
+    assert sum(p.numel() for p in model.conditioner.parameters()) == 58_858_496
+
+
+def test_the_published_yaml_reads_as_the_preset(tmp_path):
+    import yaml
+
+    path = tmp_path / "layout2img.yaml"
+    path.write_text(LAYOUT_YAML)
+    expected = preset("ldm-layout")
+    config, _ = config_from_yaml(path, yaml.safe_load(LAYOUT_YAML), {}, Detection(expected.family, "bert",
+                                                                                  expected.autoencoder.kind, ""),
+                                 {}, "layout")
+    assert (config.unet, config.autoencoder, config.conditioner, config.layout) == \
+        (expected.unet, expected.autoencoder, expected.conditioner, expected.layout)
+    assert config.layout.max_length == 92 and config.layout.grid == 90
+    bad = LAYOUT_YAML.replace("cond_stage_key: coordinates_bbox", "cond_stage_key: caption")
+    path.write_text(bad)
+    with pytest.raises(CheckpointError, match="cond_stage_key 'caption'"):
+        config_from_yaml(path, yaml.safe_load(bad), {}, Detection(expected.family, "bert", expected.autoencoder.kind,
+                                                                  ""), {}, "layout")
+
+
+@pytest.fixture(scope="module")
+def golden(tmp_path_factory):
+    config = LAYOUT_FAMILY
+    torch.manual_seed(0)
+    unet = perturb_(diffusers_unet(config.unet), seed=0)
+    vae = perturb_(diffusers_autoencoder(config.autoencoder), seed=1)
+    ours = perturb_(build_model(config, seed=0), seed=2)         # the BERT conditioner stays ours
+    ours.unet.load_state_dict(unet_from_diffusers(unet.state_dict(), config.unet), strict=True)
+    ours.first_stage_model.load_state_dict(autoencoder_from_diffusers(vae.state_dict(), config.autoencoder),
+                                           strict=True)
+    ours.eval()
+    bundle = export_bundle(ModelSource(model=ours, source="test:layout", random_weights=True),
+                           tmp_path_factory.mktemp("layout") / "b",
+                           ExportOptions(shape_ranges=ShapeRanges(min_size=16, opt_size=32, max_size=48, max_batch=2))).path
+    return ours, unet, vae, bundle, Pipeline.load(bundle, threads=1)
+
+
+LAYOUT = [{"class": 3, "box": [0.1, 0.2, 0.55, 0.9]}, {"class": "digit 7", "box": [0.5, 0.05, 0.95, 0.6]}]
+OBJECTS = [(3, (0.1, 0.2, 0.55, 0.9)), (7, (0.5, 0.05, 0.95, 0.6))]
+
+
+@pytest.mark.parametrize("guidance", [1.0, 4.0])
+def test_generation_from_a_layout_matches_the_loop_written_here(golden, guidance):
+    ours, unet, vae, bundle, pipeline = golden
+    rng = np.random.default_rng(3)
+    latents = rng.standard_normal((1, 3, 8, 12)).astype(np.float32)
+    found = pipeline.generate(GenerationRequest(steps=5, sampler="ddim", guidance=guidance, latents=latents,
+                                                layout=LAYOUT, height=32, width=48)).images
+    layout = LAYOUT_FAMILY.layout
+    tokens = torch.tensor([reference_tokens(OBJECTS, vocab=layout.vocab_size, max_objects=layout.max_objects)])
+    empty = torch.tensor([reference_tokens([], vocab=layout.vocab_size, max_objects=layout.max_objects)])
+    scheduler = diffusers_scheduler("ddim", LAYOUT_FAMILY.scheduler)
+    scheduler.set_timesteps(5)
+    z = torch.from_numpy(latents)
+    with torch.no_grad():
+        context, uncond = ours.conditioner(tokens), ours.conditioner(empty)
+        for t in scheduler.timesteps:
+            eps = unet(z, t, encoder_hidden_states=context).sample
+            if guidance > 1:
+                eps_u = unet(z, t, encoder_hidden_states=uncond).sample
+                eps = eps_u + guidance * (eps - eps_u)
+            z = scheduler.step(eps, t, z).prev_sample
+        expected = ((vae.decode(z).sample.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
+    assert np.abs(found - expected).mean() <= 1e-3
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(layout=None), "it needs a layout"),
+    (dict(prompt="a cat"), "it takes a layout, not prompts"),
+    (dict(layout=[{"class": 11, "box": [0, 0, 1, 1]}]), "layout[0].class 11: expected a class id in [0, 10)"),
+    (dict(layout=[[{"class": 1, "box": [0, 0, 1, 1]}]] * 3, batch=2), "3 layouts for 2 images"),
+    (dict(layout=[[{"class": 1, "box": [0, 0, 1, 1]}], [{"class": 2, "box": [0.5, 0, 0.2, 1]}]], batch=2),
+     "layout[1][0].box"),
+    (dict(layout=[{"class": 1, "box": [0, 0, 1, 1]}] * 5), "5 objects, expected at most 4"),
+])
+def test_bad_layout_requests_are_refused_by_name(golden, change, words):
+    pipeline = golden[-1]
+    request = dataclasses.replace(GenerationRequest(steps=2, layout=LAYOUT), **change)
+    with pytest.raises(GenerationError) as caught:
+        pipeline.generate(request)
+    assert words in str(caught.value), str(caught.value)
+
+
+def test_per_image_layouts_and_the_manifest_record(golden):
+    """Each image gets its own layout: image 1 of a batch is the single-image run of its layout."""
+    pipeline, bundle = golden[-1], golden[3]
+    second = [{"class": 0, "box": [0.0, 0.0, 0.5, 0.5]}]
+    latents = np.random.default_rng(4).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    both = pipeline.generate(GenerationRequest(steps=3, layout=[LAYOUT, second], batch=2, guidance=1.0,
+                                               latents=latents)).images
+    alone = pipeline.generate(GenerationRequest(steps=3, layout=second, guidance=1.0, latents=latents[1:])).images
+    first = pipeline.generate(GenerationRequest(steps=3, layout=LAYOUT, guidance=1.0, latents=latents[1:])).images
+    assert np.abs(both[1] - alone[0]).max() <= 1e-5
+    assert np.abs(first[0] - alone[0]).mean() > 1e-3          # the layout changes the image
+    record = json.loads((bundle / "manifest.json").read_text())["config"]["layout"]
+    assert record["kind"] == "layout" and record["vocab_size"] == 200 and record["classes"][7] == "digit 7"
+    assert not (bundle / "tokenizer").exists()
