@@ -292,9 +292,13 @@ class _ContenderRunner:
         from ldmrt.runtime.pipeline import GenerationRequest
 
         # Class-conditional and unconditional models take no prompt (the pipeline refuses one).
-        prompt = "a photograph of an astronaut riding a horse" if self.pipeline.config.is_text_conditioned else ""
+        config = self.pipeline.config
+        prompt = "a photograph of an astronaut riding a horse" \
+            if config.is_text_conditioned and not config.is_layout_conditioned else ""
         from ldmrt.runtime.spatial import example_fields
-        maps = example_fields(self.pipeline.config, case.size, case.size)     # a concat model's inputs
+        maps = example_fields(config, case.size, case.size)     # a concat model's inputs
+        if config.is_layout_conditioned:                           # a layout model's: two boxes
+            maps["layout"] = [{"class": 0, "box": [0.1, 0.1, 0.6, 0.6]}, {"class": 1, "box": [0.4, 0.3, 0.9, 0.9]}]
         request = GenerationRequest(prompt=prompt, steps=case.steps,
                                     guidance=case.guidance, sampler=case.sampler, seed=0,
                                     height=case.size, width=case.size, batch=case.batch, **maps)

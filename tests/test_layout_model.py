@@ -169,3 +169,43 @@ def test_per_image_layouts_and_the_manifest_record(golden):
     record = json.loads((bundle / "manifest.json").read_text())["config"]["layout"]
     assert record["kind"] == "layout" and record["vocab_size"] == 200 and record["classes"][7] == "digit 7"
     assert not (bundle / "tokenizer").exists()
+
+
+def test_cli_and_triton_take_a_layout_file_and_text(golden, tmp_path, monkeypatch):
+    import sys
+
+    from typer.testing import CliRunner
+
+    from ldmrt.cli import app
+    from ldmrt.triton.repository import PipelineModelOptions, RepositoryOptions, write_repository
+    from tests.modules import load_file
+    from tests.test_triton import CPU, _Tensor, _fake_pb_utils
+
+    pipeline, bundle = golden[-1], golden[3]
+    (tmp_path / "boxes.json").write_text(json.dumps(LAYOUT))
+    out = tmp_path / "out.npy"
+    result = CliRunner().invoke(app, ["generate", str(bundle), "--layout", str(tmp_path / "boxes.json"),
+                                      "--steps", "3", "--guidance", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    expected = pipeline.generate(GenerationRequest(steps=3, guidance=1.0, layout=LAYOUT)).images
+    assert np.abs(np.load(out) - expected).max() <= 1e-6
+    for text, words in (("[{\"class\": 1,", "--layout"), ("{\"class\": 1}", "expected a JSON list")):
+        (tmp_path / "bad.json").write_text(text)
+        result = CliRunner().invoke(app, ["generate", str(bundle), "--layout", str(tmp_path / "bad.json"),
+                                          "--out", str(tmp_path / "x.npy")])
+        assert result.exit_code == 2 and words in result.output, result.output
+
+    repo = tmp_path / "repo"
+    write_repository(bundle, repo, RepositoryOptions(instances=CPU, pipeline=PipelineModelOptions(instances=CPU)))
+    assert 'name: "layout"' in (repo / "pipeline" / "config.pbtxt").read_text()
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
+    model = load_file(repo / "pipeline" / "1" / "model.py", "ldmrt_triton_layout_under_test").TritonPythonModel()
+    config = {"parameters": {k: {"string_value": v} for k, v in
+                             {"backend": "onnxruntime", "bundle": "bundle", "verify": "true"}.items()}}
+    model.initialize({"model_config": json.dumps(config), "model_instance_kind": "CPU",
+                      "model_instance_device_id": "0", "model_instance_name": "pipeline_0"})
+    request = {"layout": _Tensor("layout", np.array([json.dumps(LAYOUT).encode()], dtype=np.object_)),
+               "steps": _Tensor("steps", np.array([3], np.int32)),
+               "guidance": _Tensor("guidance", np.array([1.0], np.float32))}
+    (good,) = model.execute([request])
+    assert np.abs(good.output_tensors[0].as_numpy() - expected).max() <= 1e-6

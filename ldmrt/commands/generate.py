@@ -33,6 +33,8 @@ def generate(
     noise_level: Optional[int] = typer.Option(None, help="SD x4 upscaler: noise added to the low-res input "
                                                          "(0-350, default 20)."),
     segmentation: Optional[Path] = typer.Option(None, help="Semantic synthesis: class-index PNG (L/P mode) or .npy."),
+    layout: Optional[Path] = typer.Option(None, help="Layout-to-image models: a JSON list of {\"class\": id or "
+                                                     "name, \"box\": [x0, y0, x1, y1]} in [0, 1]."),
     tile: Optional[bool] = typer.Option(None, "--tile/--no-tile", help="VAE in tiles (default: only when the "
                                                                        "image exceeds the VAE's exported range)."),
     out: Path = typer.Option(..., "--out", "-o", help=".png (one file per image) or .npy [B, H, W, 3]; "
@@ -46,7 +48,7 @@ def generate(
 
         from ldmrt.errors import GenerationError
         from ldmrt.manifest import load_manifest
-        from ldmrt.runtime.images import check_out, read_image, read_maps, write_images
+        from ldmrt.runtime.images import check_out, read_image, read_layout, read_maps, write_images
         from ldmrt.runtime.pipeline import GenerationRequest, Pipeline, max_image_size
 
         check_out(out, batch)          # before any work: a long job never ends in a traceback
@@ -66,7 +68,8 @@ def generate(
                                     sampler=sampler, eta=eta, seed=seed, height=height, width=width,
                                     batch=batch, latents=initial, init_image=start_image,
                                     strength=strength, class_labels=class_label or None,
-                                    noise_level=noise_level, tile=tile, **maps)
+                                    noise_level=noise_level, tile=tile,
+                                    layout=None if layout is None else read_layout(layout), **maps)
         with console.status(f"loading {bundle} on {backend}"):
             pipeline = Pipeline.load(bundle, backend)
         if pipeline.manifest.random_weights:

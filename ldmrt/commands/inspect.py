@@ -27,6 +27,10 @@ def inspect(path: Path = typer.Argument(..., help="A bundle folder or a checkpoi
             out.print(f"scheduler: {sched.beta_schedule.value} {sched.beta_start}..{sched.beta_end}, "
                       f"{sched.prediction_type.value}, {sched.num_train_timesteps} steps; "
                       f"latent scale {manifest.latent_scale}")
+            layout = manifest.config.layout
+            if layout is not None:
+                out.print(f"layout tokens: {layout.max_objects} boxes on a {layout.grid}x{layout.grid} grid, "
+                          f"{layout.n_classes} classes, {layout.max_length} tokens (ldmrt.layout)", highlight=False)
             if manifest.config.spatial is not None:
                 out.print(f"spatial conditioning: {manifest.config.spatial.describe()}", highlight=False)
             table = Table()

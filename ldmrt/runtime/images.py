@@ -125,6 +125,30 @@ def _fit(array: np.ndarray, height: int | None, width: int | None, resize: bool,
     return np.clip(result, 0.0, 1.0).astype(np.float32)
 
 
+MAX_LAYOUT_BYTES = 1 << 20     # a layout file is a few hundred bytes; refuse anything near a megabyte
+
+
+def read_layout(path: Path) -> list:
+    """A layout JSON file (a list of {"class", "box"} objects, or one such list per image), its
+    size checked before it is read; its contents are checked by the pipeline (ldmrt.layout)."""
+    import json
+
+    try:
+        size = Path(path).stat().st_size
+        if size > MAX_LAYOUT_BYTES:
+            raise GenerationError(f"layout {path}: {size:,} bytes, expected a JSON layout of at most "
+                                  f"{MAX_LAYOUT_BYTES:,}", field="layout")
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except GenerationError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise GenerationError(f"layout {path}: cannot read a JSON layout ({exc})", field="layout") from None
+    if not isinstance(data, list):
+        raise GenerationError(f"layout {path}: expected a JSON list of objects, found {type(data).__name__}",
+                              field="layout")
+    return data
+
+
 def read_mask(path: Path, max_size: tuple[int, int] | None = None) -> np.ndarray:
     """A repaint mask as float32 [H, W] in [0, 1] (white = repaint, as diffusers): an image file's
     luminance (ITU-R 601, Pillow's "L"), or a 2-D .npy array of floats in [0, 1] or booleans."""

@@ -135,6 +135,14 @@ class TritonPythonModel:
                 raise LdmrtError(f"{name}: expected one element, found shape {list(tensor.as_numpy().shape)}",
                                  field=name)
             fields[name] = read(values[0].item() if hasattr(values[0], "item") else values[0])
+        layout = _strings(request, "layout")           # layout-to-image: one JSON text
+        if layout is not None:
+            if len(layout) != 1:
+                raise LdmrtError(f"layout: expected one JSON text, found {len(layout)}", field="layout")
+            try:
+                fields["layout"] = json.loads(layout[0])
+            except ValueError as exc:
+                raise LdmrtError(f"layout: not JSON ({exc})", field="layout") from None
         for name, dtype in _ARRAYS.items():
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is not None:       # shapes and ranges: checked by the Pipeline, named by field

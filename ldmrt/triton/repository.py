@@ -201,6 +201,8 @@ def pipeline_model(bundle: Path, manifest: Manifest, options: RepositoryOptions)
     taken = needed_fields(manifest.config)[1]
     inputs += tuple(TritonTensor(name, kind, dims, optional=True) for name, (kind, dims) in maps.items()
                     if name in taken)
+    if manifest.config.is_layout_conditioned:        # one JSON text, as `ldmrt generate --layout` reads
+        inputs += (TritonTensor("layout", string, scalar, optional=True),)
     outputs = (TritonTensor("images", "TYPE_FP32", (-1, -1, -1, 3)),
                TritonTensor("warnings", string, (-1,)))
     pipe = options.pipeline
