@@ -3,8 +3,6 @@ the Triton pipeline model's map inputs, and TensorRT-RTX builds of every new UNe
 profiles (the maps' shapes follow the latent's). Parity with diffusers: tests/test_concat_models.py."""
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +16,6 @@ from ldmrt.iospec import Component, ShapeRanges
 from ldmrt.runtime.images import read_image, read_mask, read_segmentation
 from ldmrt.runtime.pipeline import GenerationRequest, Pipeline
 from tests.families import CONCAT_FAMILIES, model_source
-from tests.modules import load_file
 
 RANGES = ShapeRanges(min_size=16, opt_size=32, max_size=48, max_batch=2, opt_batch=1)
 
@@ -119,20 +116,14 @@ def test_cli_upscales_and_reads_a_palette_segmentation(bundles, tmp_path):
 
 def test_triton_pipeline_model_takes_the_maps(bundles, tmp_path, monkeypatch):
     from ldmrt.triton.repository import PipelineModelOptions, RepositoryOptions, write_repository
-    from tests.test_triton import CPU, _Tensor, _fake_pb_utils
+    from tests.test_triton import CPU, _Tensor, load_pipeline_model
 
     bundle = bundles("sd-inpaint")
     repo = tmp_path / "repo"
     write_repository(bundle, repo, RepositoryOptions(instances=CPU, pipeline=PipelineModelOptions(instances=CPU)))
     text = (repo / "pipeline" / "config.pbtxt").read_text()
     assert 'name: "image"' in text and 'name: "mask"' in text and "noise_level" not in text
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
-    module = load_file(repo / "pipeline" / "1" / "model.py", "ldmrt_triton_concat_under_test")
-    model = module.TritonPythonModel()
-    config = {"parameters": {k: {"string_value": v} for k, v in
-                             {"backend": "onnxruntime", "bundle": "bundle", "verify": "true"}.items()}}
-    model.initialize({"model_config": json.dumps(config), "model_instance_kind": "CPU",
-                      "model_instance_device_id": "0", "model_instance_name": "pipeline_0"})
+    model = load_pipeline_model(repo, monkeypatch, "ldmrt_triton_concat_under_test")
     image = np.random.default_rng(5).random((1, 32, 48, 3)).astype(np.float32)
     mask = np.zeros((1, 32, 48), np.float32)
     mask[:, :, 20:] = 1.0

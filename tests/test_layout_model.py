@@ -172,14 +172,11 @@ def test_per_image_layouts_and_the_manifest_record(golden):
 
 
 def test_cli_and_triton_take_a_layout_file_and_text(golden, tmp_path, monkeypatch):
-    import sys
-
     from typer.testing import CliRunner
 
     from ldmrt.cli import app
     from ldmrt.triton.repository import PipelineModelOptions, RepositoryOptions, write_repository
-    from tests.modules import load_file
-    from tests.test_triton import CPU, _Tensor, _fake_pb_utils
+    from tests.test_triton import CPU, _Tensor, load_pipeline_model
 
     pipeline, bundle = golden[-1], golden[3]
     (tmp_path / "boxes.json").write_text(json.dumps(LAYOUT))
@@ -198,12 +195,7 @@ def test_cli_and_triton_take_a_layout_file_and_text(golden, tmp_path, monkeypatc
     repo = tmp_path / "repo"
     write_repository(bundle, repo, RepositoryOptions(instances=CPU, pipeline=PipelineModelOptions(instances=CPU)))
     assert 'name: "layout"' in (repo / "pipeline" / "config.pbtxt").read_text()
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
-    model = load_file(repo / "pipeline" / "1" / "model.py", "ldmrt_triton_layout_under_test").TritonPythonModel()
-    config = {"parameters": {k: {"string_value": v} for k, v in
-                             {"backend": "onnxruntime", "bundle": "bundle", "verify": "true"}.items()}}
-    model.initialize({"model_config": json.dumps(config), "model_instance_kind": "CPU",
-                      "model_instance_device_id": "0", "model_instance_name": "pipeline_0"})
+    model = load_pipeline_model(repo, monkeypatch, "ldmrt_triton_layout_under_test")
     request = {"layout": _Tensor("layout", np.array([json.dumps(LAYOUT).encode()], dtype=np.object_)),
                "steps": _Tensor("steps", np.array([3], np.int32)),
                "guidance": _Tensor("guidance", np.array([1.0], np.float32))}

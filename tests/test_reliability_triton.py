@@ -25,7 +25,6 @@ from ldmrt.triton.config import InstanceGroup, InstanceKind
 from ldmrt.triton.ownership import MARKER
 from ldmrt.triton.repository import PipelineModelOptions, RepositoryOptions, write_repository
 from tests.test_triton import triton_env  # noqa: F401  (the one fixture: skips, or fails under LDMRT_REQUIRE_TRITON=1)
-from tests.modules import load_file
 
 CPU = InstanceGroup(1, InstanceKind.CPU)
 CPU_OPTIONS = RepositoryOptions(instances=CPU, pipeline=PipelineModelOptions(instances=CPU, threads=1))
@@ -285,19 +284,9 @@ def test_bounded_options_are_usage_errors_before_any_work(bundle, tmp_path, args
 
 def _load_model(repo: Path, monkeypatch):
     """REPO's model.py, run with the stand-in for Triton's pb_utils from test_triton.py."""
-    import sys
+    from tests.test_triton import load_pipeline_model
 
-    from tests.test_triton import _fake_pb_utils
-
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
-    module = load_file(repo / "pipeline" / "1" / "model.py", "ldmrt_reliability_model")
-    model = module.TritonPythonModel()
-    config = json.loads(json.dumps({"name": "pipeline", "parameters": {
-        k: {"string_value": v} for k, v in {"backend": "onnxruntime", "bundle": "bundle", "verify": "false",
-                                              "max_cost": "2"}.items()}}))
-    model.initialize({"model_config": json.dumps(config), "model_instance_kind": "CPU",
-                      "model_instance_name": "pipeline_0"})
-    return model
+    return load_pipeline_model(repo, monkeypatch, "ldmrt_reliability_model", verify="false", max_cost="2")
 
 
 class _CancellableRequest(dict):

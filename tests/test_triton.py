@@ -349,6 +349,17 @@ def _fake_pb_utils() -> types.ModuleType:
     return module
 
 
+def load_pipeline_model(repo: Path, monkeypatch, name: str, **parameters: str):
+    """REPO's pipeline model.py, initialized in this process with the stand-in pb_utils."""
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
+    model = load_file(repo / "pipeline" / "1" / "model.py", name).TritonPythonModel()
+    values = {"backend": "onnxruntime", "bundle": "bundle", "verify": "true", **parameters}
+    config = {"name": "pipeline", "parameters": {k: {"string_value": v} for k, v in values.items()}}
+    model.initialize({"model_config": json.dumps(config), "model_instance_kind": "CPU",
+                      "model_instance_device_id": "0", "model_instance_name": "pipeline_0"})
+    return model
+
+
 def _request(**inputs) -> dict:
     arrays = {"prompt": np.object_, "negative_prompt": np.object_, "sampler": np.object_,
               "steps": np.int32, "guidance": np.float32, "seed": np.int64, "height": np.int32,
@@ -363,14 +374,7 @@ def _request(**inputs) -> dict:
 
 
 def test_pipeline_model_in_process_matches_the_pipeline_api(bundle, repo, monkeypatch):
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
-    path = repo / "pipeline" / "1" / "model.py"
-    module = load_file(path, "ldmrt_triton_model_under_test")
-    model = module.TritonPythonModel()
-    config = {"parameters": {k: {"string_value": v} for k, v in
-                             {"backend": "onnxruntime", "bundle": "bundle", "verify": "true"}.items()}}
-    model.initialize({"model_config": json.dumps(config), "model_instance_kind": "CPU",
-                      "model_instance_device_id": "0", "model_instance_name": "pipeline_0"})
+    model = load_pipeline_model(repo, monkeypatch, "ldmrt_triton_model_under_test")
     requests = [_request(prompt=["a red fox", "a blue bird"], negative_prompt="blurry", steps=3,
                          seed=5, sampler="euler", guidance=6.0, height=64, width=96),
                 _request(sampler="no-such-sampler"),
