@@ -350,7 +350,10 @@ def _fake_pb_utils() -> types.ModuleType:
 
 
 def load_pipeline_model(repo: Path, monkeypatch, name: str, **parameters: str):
-    """REPO's pipeline model.py, initialized in this process with the stand-in pb_utils."""
+    """REPO's pipeline model.py, initialized in this process with the stand-in pb_utils. model.py
+    puts its vendored runtime first on sys.path: restored after the test, or every process spawned
+    later (bench contenders) would import that copy, which has no torch backend."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
     model = load_file(repo / "pipeline" / "1" / "model.py", name).TritonPythonModel()
     values = {"backend": "onnxruntime", "bundle": "bundle", "verify": "true", **parameters}
