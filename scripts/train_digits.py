@@ -288,14 +288,28 @@ class Conditions:
         return self.model.conditioner(ids)                         # (B, L, D)
 
 
+@dataclass(frozen=True)
+class Finetune:
+    """How a fine-tune (scripts/train_digits_concat.py) departs from stage 2: maps concatenated to
+    the noisy latents, made from the pool rows' images; the conditioner frozen; every prompt empty."""
+    concat: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None   # images -> maps
+    freeze_conditioner: bool = False
+    unprompted: bool = False
+
+
 def train_diffusion(model: LatentDiffusion, pool: Pool, encodings: torch.Tensor, settings: Settings,
                     tokenizer_dir: Path | None, seconds: float = math.inf,
-                    progress: Callable[[int, float], None] | None = None) -> tuple[list[float], dict]:
+                    progress: Callable[[int, float], None] | None = None,
+                    finetune: Finetune = Finetune()) -> tuple[list[float], dict]:
     """Stage 2: epsilon prediction on the scaled latents, Min-SNR-weighted, for UNet and conditioner
-    together. Returns the plain eps MSE of every step and the EMA state of both (`load_ema`)."""
+    together (the UNet alone where `finetune` freezes the conditioner). Returns the plain eps MSE
+    of every step and the EMA state of what was trained (`load_ema`)."""
     config = model.config
-    unet, conditioner = model.unet.train().requires_grad_(True), model.conditioner.train().requires_grad_(True)
-    trained = torch.nn.ModuleDict({"unet": unet, "conditioner": conditioner})
+    unet = model.unet.train().requires_grad_(True)
+    parts = {"unet": unet}
+    if not finetune.freeze_conditioner:
+        parts["conditioner"] = model.conditioner.train().requires_grad_(True)
+    trained = torch.nn.ModuleDict(parts)
     conditions = Conditions(model, pool, tokenizer_dir)
     # One EMA over everything stage 2 trains: the UNet learnt its attention against the conditioner
     # of the same steps, so an averaged UNet beside the last conditioner would not match it.
@@ -318,12 +332,16 @@ def train_diffusion(model: LatentDiffusion, pool: Pool, encodings: torch.Tensor,
             group["lr"] = learning_rate(settings, step, done)
         rows = torch.randint(len(pool.prompts), (settings.batch,), generator=generator)
         z0 = sample_latents(config.autoencoder.kind, encodings[rows], generator) * config.scale_factor
+        maps = None if finetune.concat is None else finetune.concat(pool.images[rows], generator)
         t = torch.randint(config.scheduler.num_train_timesteps, (settings.batch,), generator=generator)
         noise = torch.randn(z0.shape, generator=generator)
         a = schedule[t][:, None, None, None]
         noisy = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        drop = torch.rand(settings.batch, generator=generator) < settings.drop_condition
-        prediction = unet(noisy, t.float(), conditions(rows, drop))
+        drop = torch.ones(settings.batch, dtype=torch.bool) if finetune.unprompted else \
+            torch.rand(settings.batch, generator=generator) < settings.drop_condition
+        with torch.set_grad_enabled(not finetune.freeze_conditioner):
+            context = conditions(rows, drop)
+        prediction = unet(noisy if maps is None else torch.cat([noisy, maps], dim=1), t.float(), context)
         per_sample = (prediction - noise).pow(2).mean(dim=(1, 2, 3))
         loss = (weights[t] * per_sample).mean()
         optimizer.zero_grad(set_to_none=True)
@@ -341,8 +359,8 @@ def train_diffusion(model: LatentDiffusion, pool: Pool, encodings: torch.Tensor,
             progress(step + 1, losses[-1])
         if time.perf_counter() - started > seconds:
             break
-    unet.eval().requires_grad_(False)
-    conditioner.eval().requires_grad_(False)
+    for module in trained.values():
+        module.eval().requires_grad_(False)
     return losses, ema
 
 
@@ -359,7 +377,9 @@ def load_ema(model: LatentDiffusion, ema: dict) -> None:
     """The EMA weights train_diffusion returned, into the model's UNet and conditioner."""
     for part, module in (("unet", model.unet), ("conditioner", model.conditioner)):
         prefix = part + "."
-        module.load_state_dict({k[len(prefix):]: v for k, v in ema.items() if k.startswith(prefix)})
+        state = {k[len(prefix):]: v for k, v in ema.items() if k.startswith(prefix)}
+        if state:                  # a frozen conditioner was not averaged
+            module.load_state_dict(state)
 
 
 # --- the checkpoint: CompVis single file + YAML ------------------------------------------

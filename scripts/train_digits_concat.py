@@ -9,7 +9,8 @@ nearest) and the latents of the masked image (repainted pixels 0 = grey, as SD),
 Both start from `digits` (its autoencoder and text encoder frozen and reused): the UNet's first
 convolution is widened with zero weights for the new channels, as Stability's
 LatentFinetuneDiffusion does, so training starts from the text-to-image model. Stage 2's recipe of
-scripts/train_digits.py otherwise (Min-SNR-5 eps loss, AdamW, warm-up + cosine, EMA). Writes
+scripts/train_digits.py otherwise, by its own train_diffusion (Min-SNR-5 eps loss, AdamW,
+warm-up + cosine, EMA). Writes
 `<model>.safetensors` + `<model>.yaml` (LatentUpscaleFinetuneDiffusion / LatentInpaintDiffusion,
 read back by ldmrt's YAML loader) + `<model>-training.json` + `<model>-loss.png`.
 
@@ -92,54 +93,15 @@ def concat_inputs(model: LatentDiffusion, images: torch.Tensor, generator: torch
 
 
 def fine_tune(model: LatentDiffusion, pool: base.Pool, encodings: torch.Tensor, settings: base.Settings,
-              tokenizer_dir: Path, progress=None) -> tuple[list[float], dict]:
-    """The UNet on [z_t, maps]; text encoder and autoencoder frozen. (eps MSE per step, EMA state)."""
-    config = model.config
-    unet = model.unet.train().requires_grad_(True)
-    conditions = base.Conditions(model, pool, tokenizer_dir)
-    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-    pairs = [(ema[k], v) for k, v in unet.state_dict().items()]
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=settings.lr, weight_decay=0.0)
-    schedule = base.alphas_cumprod(config.scheduler).float()
-    snr = schedule / (1 - schedule)
-    weights = snr.clamp(max=settings.min_snr_gamma) / snr
-    generator = torch.Generator().manual_seed(settings.seed + 1)
-    started, losses = time.perf_counter(), []
-    unprompted = config.name == "digits-sr"
-    for step in range(settings.steps):
-        done = max(step / settings.steps, (time.perf_counter() - started) / settings.seconds)
-        for group in optimizer.param_groups:
-            group["lr"] = base.learning_rate(settings, step, done)
-        rows = torch.randint(len(pool.prompts), (settings.batch,), generator=generator)
-        z0 = base.sample_latents(config.autoencoder.kind, encodings[rows], generator) * config.scale_factor
-        maps = concat_inputs(model, pool.images[rows], generator)
-        t = torch.randint(config.scheduler.num_train_timesteps, (settings.batch,), generator=generator)
-        noise = torch.randn(z0.shape, generator=generator)
-        a = schedule[t][:, None, None, None]
-        noisy = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        drop = torch.ones(settings.batch, dtype=torch.bool) if unprompted else \
-            torch.rand(settings.batch, generator=generator) < settings.drop_condition
-        with torch.no_grad():
-            context = conditions(rows, drop)
-        prediction = unet(torch.cat([noisy, maps], dim=1), t.float(), context)
-        per_sample = (prediction - noise).pow(2).mean(dim=(1, 2, 3))
-        loss = (weights[t] * per_sample).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        decay = min(settings.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for average, value in pairs:
-                average.lerp_(value, 1 - decay) if value.dtype.is_floating_point else average.copy_(value)
-        losses.append(per_sample.mean().item())
-        if progress:
-            progress(step + 1, losses[-1])
-        if time.perf_counter() - started > settings.seconds:
-            break
-    unet.load_state_dict(ema)
-    unet.eval().requires_grad_(False)
-    return losses, ema
+              tokenizer_dir: Path, progress=None) -> list[float]:
+    """Stage 2 of train_digits on [z_t, maps], text encoder and autoencoder frozen; the UNet ends
+    with its EMA weights. The eps MSE of every step."""
+    finetune = base.Finetune(concat=lambda images, generator: concat_inputs(model, images, generator),
+                             freeze_conditioner=True, unprompted=model.config.name == "digits-sr")
+    losses, ema = base.train_diffusion(model, pool, encodings, settings, tokenizer_dir, settings.seconds, progress,
+                                       finetune)
+    base.load_ema(model, ema)
+    return losses
 
 
 def train(name: str, out: Path, settings: base.Settings, pool_size: int, show_progress: bool = True) -> dict:
@@ -151,7 +113,7 @@ def train(name: str, out: Path, settings: base.Settings, pool_size: int, show_pr
     pool = base.make_pool(pool_size, settings.seed)
     encodings = base.encode_pool(model, pool.images)
     with base._bar(show_progress, settings.steps, f"{name} fine-tuning") as bar:
-        losses, _ = fine_tune(model, pool, encodings, settings, tokenizer_dir, bar)
+        losses = fine_tune(model, pool, encodings, settings, tokenizer_dir, bar)
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "tokenizer").exists():
         shutil.copytree(tokenizer_dir, out / "tokenizer")
