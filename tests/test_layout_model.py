@@ -21,6 +21,7 @@ from ldmrt.models.convert import autoencoder_from_diffusers, unet_from_diffusers
 from ldmrt.presets import preset
 from ldmrt.runtime.pipeline import GenerationRequest, Pipeline
 from tests.families import LAYOUT_FAMILY
+from tests.test_concat_checkpoints import _VQ_STAGE
 from tests.pipeline_reference import diffusers_scheduler
 from tests.reference import diffusers_autoencoder, diffusers_unet, perturb_
 from tests.test_layout_tokens import reference_tokens
@@ -43,14 +44,7 @@ model:
       params: {image_size: 64, in_channels: 3, out_channels: 3, model_channels: 128, attention_resolutions: [8, 4, 2],
                num_res_blocks: 2, channel_mult: [1, 2, 3, 4], num_head_channels: 32, use_spatial_transformer: true,
                transformer_depth: 3, context_dim: 512}
-    first_stage_config:
-      target: ldm.models.autoencoder.VQModelInterface
-      params:
-        embed_dim: 3
-        n_embed: 8192
-        ddconfig: {double_z: false, z_channels: 3, resolution: 256, in_channels: 3, out_ch: 3, ch: 128,
-                   ch_mult: [1, 2, 4], num_res_blocks: 2, attn_resolutions: [], dropout: 0.0}
-        lossconfig: {target: torch.nn.Identity}
+""" + _VQ_STAGE.format(attn="") + """
     cond_stage_config:
       target: ldm.modules.encoders.modules.BERTEmbedder
       params: {n_embed: 512, n_layer: 16, vocab_size: 8192, max_seq_len: 92, use_tokenizer: false}

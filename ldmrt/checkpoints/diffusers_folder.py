@@ -20,6 +20,7 @@ from ldmrt.checkpoints.files import read_weights
 from ldmrt.checkpoints.schedule import scheduler_from_diffusers
 from ldmrt.checkpoints.state import Assembly, StateDict, cast_to_float32, dtype_counts
 from ldmrt.checkpoints.tokenizer_assets import read_tokenizer_folder
+from ldmrt.checkpoints.yaml_spatial import spatial_from_shapes
 
 MODEL_INDEX = "model_index.json"
 _WEIGHT_NAMES = ("diffusion_pytorch_model", "model", "pytorch_model")
@@ -124,41 +125,28 @@ def read_diffusers_folder(folder: Path) -> Assembly:
                     notes=notes, tokenizer_dir=tokenizer_dir, dtypes=dtypes)
 
 
-_INPAINT_PIPELINES = ("StableDiffusionInpaintPipeline", "StableDiffusionInpaintPipelineLegacy")
-
-
 def spatial_from_pipeline(index: Mapping[str, Any], folder: Path, unet: UNetConfig,
                           autoencoder: AutoencoderConfig, has_text: bool) -> SpatialConditioning | None:
-    """The maps a diffusers pipeline concatenates to the latents, from its class and the UNet's
-    extra input channels (diffusers' own conventions: SD inpainting [z, mask, masked latents],
-    the x4 upscaler and LDM super-resolution [z, low-res image])."""
-    extra = unet.in_channels - autoencoder.embed_dim
+    """The maps a diffusers pipeline concatenates to the latents: the UNet's extra input channels
+    read as single files' are (yaml_spatial.spatial_from_shapes), except the x4 upscaler, whose
+    noise schedule and level the pipeline's own files give (low_res_scheduler, max_noise_level)."""
     pipeline = str(index.get("_class_name", ""))
-    where = f"{folder / MODEL_INDEX}: {pipeline or 'a pipeline'} with UNet in_channels {unet.in_channels}"
-    if extra == 0:
-        return None
-    if pipeline in _INPAINT_PIPELINES or (extra == autoencoder.embed_dim + 1 and has_text):
-        if extra != autoencoder.embed_dim + 1:
-            raise CheckpointError(f"{where}: expected {2 * autoencoder.embed_dim + 1} (latents + mask + "
-                                  f"masked-image latents)")
-        return SpatialConditioning(inputs=(ConcatKind.MASK, ConcatKind.MASKED_IMAGE_LATENTS))
-    if pipeline in ("StableDiffusionUpscalePipeline", "LDMSuperResolutionPipeline") and extra == autoencoder.in_channels:
-        noise = None
-        if pipeline == "StableDiffusionUpscalePipeline":
-            path = folder / "low_res_scheduler" / "scheduler_config.json"
-            level = index.get("max_noise_level", 350)
-            if not isinstance(level, int) or isinstance(level, bool):
-                raise CheckpointError(f"{folder / MODEL_INDEX}: max_noise_level {level!r}: expected an integer")
-            try:
-                noise = LowResNoise(schedule=_training_schedule(read_json(path), str(path)),
-                                    max_noise_level=level, default_noise_level=min(20, level))
-            except ConfigError as exc:
-                raise CheckpointError(f"{path}: {exc}") from None
+    if pipeline == "StableDiffusionUpscalePipeline" and unet.in_channels == autoencoder.embed_dim + autoencoder.in_channels:
+        path = folder / "low_res_scheduler" / "scheduler_config.json"
+        level = index.get("max_noise_level", 350)
+        if not isinstance(level, int) or isinstance(level, bool):
+            raise CheckpointError(f"{folder / MODEL_INDEX}: max_noise_level {level!r}: expected an integer")
+        try:
+            noise = LowResNoise(schedule=_training_schedule(read_json(path), str(path)),
+                                max_noise_level=level, default_noise_level=min(20, level))
+        except ConfigError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
         return SpatialConditioning(inputs=(ConcatKind.LOW_RES_IMAGE,), low_res_noise=noise)
-    raise CheckpointError(f"{where}: {extra} channels beyond the {autoencoder.embed_dim} latent ones, which "
-                          f"ldmrt reads as inpainting (StableDiffusionInpaintPipeline, {autoencoder.embed_dim + 1}) "
-                          f"or super-resolution (StableDiffusionUpscalePipeline, LDMSuperResolutionPipeline, "
-                          f"{autoencoder.in_channels}) only")
+    try:
+        return spatial_from_shapes(unet.in_channels, autoencoder.embed_dim, has_text, unet.num_classes is not None,
+                                   autoencoder.downsampling_factor, None, False)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{folder / MODEL_INDEX}: {pipeline or 'a pipeline'}: {exc}") from None
 
 
 def _training_schedule(cfg: Mapping[str, Any], where: str) -> SchedulerConfig:

@@ -142,10 +142,10 @@ def spatial_from_shapes(unet_in: int, latent: int, has_text: bool, has_labels: b
     if not has_text and extra == latent + 1:                  # the paper's inpainting
         return SpatialConditioning(inputs=(ConcatKind.MASKED_IMAGE_LATENTS, ConcatKind.MASK), mask_keep=-1.0,
                                    masked_pixel=-1.0, paste_back=True)
-    raise CheckpointError(f"the UNet takes {unet_in} input channels, {extra} beyond the {latent} latent ones, "
-                          f"in no layout ldmrt knows without a YAML (SD inpainting {2 * latent + 1}, the x4 "
-                          f"upscaler and LDM super-resolution {latent + 3}, LDM inpainting {2 * latent + 1}); "
-                          f"pass the model's YAML")
+    raise CheckpointError(f"the UNet takes {unet_in} input channels, {extra} channels beyond the {latent} latent "
+                          f"ones, in no layout ldmrt reads from shapes (SD inpainting {2 * latent + 1} with text, "
+                          f"LDM super-resolution {latent + 3} and LDM inpainting {2 * latent + 1} without); an "
+                          f"original checkpoint's YAML can say what it concatenates")
 
 
 def _low_res_noise(section: Any, path: Path) -> LowResNoise | None:

@@ -240,10 +240,12 @@ def _unet_call(graph, spec):
     names = [t.name for t in spec.inputs if t.name not in ("sample", "timestep")]
 
     def call(sample: torch.Tensor, timestep: torch.Tensor, conditioning) -> torch.Tensor:
-        if sorted(conditioning) != sorted(names):
+        try:                # every step: a lookup, no check on the hot path unless one is missing
+            inputs = [conditioning[name] for name in names]
+        except KeyError:
             raise ShapeError(f"conditioning: the {spec.name} takes {names or 'no conditioning inputs'}, "
-                             f"found {sorted(conditioning)}", field="conditioning")
-        return graph(sample, timestep, *(conditioning[name] for name in names))
+                             f"found {sorted(conditioning)}", field="conditioning") from None
+        return graph(sample, timestep, *inputs)
     return call
 
 

@@ -46,8 +46,9 @@ def real(name: str, value, finite: bool = True) -> float:
 
 
 def check_array(name: str, array, shape: tuple[int, ...], first_axis_one: bool = False,
-                 unit_range: bool = False) -> None:
-    """A float numpy array of `shape` (first axis 1 allowed too), finite, in [0, 1] when told."""
+                unit_range: bool = False, classes: int | None = None) -> None:
+    """A float numpy array of `shape` (first axis 1 allowed too), finite, in [0, 1] when told; with
+    `classes`, an integer array of class indices in [0, classes) instead."""
     if not isinstance(array, np.ndarray):
         raise ShapeError(f"{name}: expected a numpy array, found {type(array).__name__}", field=name)
     wanted = list(shape)
@@ -59,6 +60,15 @@ def check_array(name: str, array, shape: tuple[int, ...], first_axis_one: bool =
     if not ok:
         expected = "[" + ", ".join(map(str, wanted)) + "]"
         raise ShapeError(f"{name}: expected shape {expected}, found {list(array.shape)}", field=name)
+    if classes is not None:
+        if array.dtype.kind not in "iu":
+            raise GenerationError(f"{name}: expected an integer array of class indices, found dtype "
+                                  f"{array.dtype}", field=name)
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high >= classes:
+            raise GenerationError(f"{name}: expected class indices in [0, {classes}), found values in "
+                                  f"[{low}, {high}]", field=name)
+        return
     if array.dtype.kind != "f":
         raise ShapeError(f"{name}: expected a float array, found dtype {array.dtype}", field=name)
     finite = np.isfinite(array)

@@ -212,10 +212,10 @@ class Pipeline:
         if request.tile is not None and not isinstance(request.tile, (bool, np.bool_)):
             raise GenerationError(f"tile {show(request.tile)}: expected True, False or None (tiles where the "
                                   f"image exceeds the VAE's range)", field="tile")
-        hi = self.manifest.component(Component.VAE_DECODER).spec.ranges["latent_height"][2] \
-            if Component.VAE_DECODER in self.manifest.components else None
-        if request.tile is False and hi is not None and max(shape[2:]) > hi:
+        if request.tile is False and Component.VAE_DECODER in self.runners \
+                and not self._fits(Component.VAE_DECODER, *shape[2:]):
             f = config.downsampling_factor
+            hi = self.runners[Component.VAE_DECODER].spec.ranges["latent_height"][2]
             raise GenerationError(f"tile False: the image ({shape[2] * f}x{shape[3] * f}) exceeds the "
                                   f"vae_decoder's range (sides up to {hi * f} pixels); allow tiling or "
                                   f"re-export with a larger --vae-max-size", field="tile")
@@ -447,13 +447,19 @@ class Pipeline:
     def _tiling(self, component: str, height: int, width: int, tile: bool | None) -> Tiling | None:
         """Latent tiles for a VAE graph: None where the latent fits its range and tiles were not
         asked for; the range's largest tiles where it does not fit, its optimal ones when asked."""
-        ranges = self.runners[component].spec.ranges
-        (lo, opt, hi), (lo_w, opt_w, hi_w) = ranges["latent_height"], ranges["latent_width"]
-        fits = lo <= height <= hi and lo_w <= width <= hi_w
+        fits = self._fits(component, height, width)
         if tile is False or (tile is None and fits):
             return None
+        ranges = self.runners[component].spec.ranges
+        (_, opt, hi), (_, opt_w, hi_w) = ranges["latent_height"], ranges["latent_width"]
         side = (hi, hi_w) if not fits else (opt, opt_w)
         return Tiling(side, overlap=max(min(side) // 4, 1))
+
+    def _fits(self, component: str, height: int, width: int) -> bool:
+        """Whether a latent of this size is inside the VAE graph's exported range."""
+        ranges = self.runners[component].spec.ranges
+        (lo, _, hi), (lo_w, _, hi_w) = ranges["latent_height"], ranges["latent_width"]
+        return lo <= height <= hi and lo_w <= width <= hi_w
 
     # --- model outputs: non-finite values, with advice that fits the bundle ----------------
 

@@ -99,7 +99,8 @@ def check_arrays(config: ModelConfig, request, shape: tuple[int, int, int, int])
     if request.mask is not None:
         check_array("mask", request.mask, (batch, h * f, w * f), first_axis_one=True, unit_range=True)
     if request.segmentation is not None:
-        _check_segmentation(request.segmentation, (batch, h * f, w * f), spatial.rescaler.n_classes)
+        check_array("segmentation", request.segmentation, (batch, h * f, w * f), first_axis_one=True,
+                    classes=spatial.rescaler.n_classes)
     noise = spatial.low_res_noise
     if noise is None:
         return None
@@ -110,21 +111,6 @@ def check_arrays(config: ModelConfig, request, shape: tuple[int, int, int, int])
         raise GenerationError(f"noise_level {level}: expected an integer in [0, {noise.max_noise_level}]",
                               field="noise_level")
     return level
-
-
-def _check_segmentation(array, shape: tuple[int, int, int], n_classes: int) -> None:
-    if not isinstance(array, np.ndarray) or array.dtype.kind not in "iu":
-        found = f"dtype {array.dtype}" if isinstance(array, np.ndarray) else type(array).__name__
-        raise GenerationError(f"segmentation: expected an integer array of class indices, found {found}",
-                              field="segmentation")
-    if array.ndim != 3 or array.shape[1:] != shape[1:] or array.shape[0] not in (1, shape[0]):
-        count = "1" if shape[0] == 1 else f"1 or {shape[0]}"
-        raise GenerationError(f"segmentation: expected shape [{count}, {shape[1]}, {shape[2]}], found "
-                              f"{list(array.shape)}", field="segmentation")
-    low, high = int(array.min()), int(array.max())
-    if low < 0 or high >= n_classes:
-        raise GenerationError(f"segmentation: expected class indices in [0, {n_classes}), found values "
-                              f"in [{low}, {high}]", field="segmentation")
 
 
 def example_fields(config: ModelConfig, height: int, width: int, seed: int = 0) -> dict:
