@@ -101,7 +101,8 @@ def read_maps(config: ModelConfig, image: Path | None, mask: Path | None, segmen
     if image is not None:
         fields["image"] = _fit(read_image(image, max_size, field="image"), height, width, resize, "lanczos")[None]
     if mask is not None:
-        fields["mask"] = np.clip(_fit(read_mask(mask, max_size), height, width, resize, "lanczos"), 0.0, 1.0)[None]
+        # not clipped: a .npy mask outside [0, 1] is the pipeline's to refuse (Lanczos overshoot is clipped by _fit)
+        fields["mask"] = _fit(read_mask(mask, max_size), height, width, resize, "lanczos")[None]
     if segmentation is not None:
         fields["segmentation"] = _fit(read_segmentation(segmentation, max_size), height, width, resize,
                                       "nearest")[None]
