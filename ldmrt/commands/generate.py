@@ -35,6 +35,13 @@ def generate(
     segmentation: Optional[Path] = typer.Option(None, help="Semantic synthesis: class-index PNG (L/P mode) or .npy."),
     layout: Optional[Path] = typer.Option(None, help="Layout-to-image models: a JSON list of {\"class\": id or "
                                                      "name, \"box\": [x0, y0, x1, y1]} in [0, 1]."),
+    guide_image: Optional[Path] = typer.Option(None, help="Post-hoc image guidance (--backend torch): a target "
+                                                          "image the output, downsampled to its size, is steered "
+                                                          "towards (PNG/JPEG, at most the output's size)."),
+    guide_scale: Optional[float] = typer.Option(None, help="Image guidance: 1 / the guide's fixed variance "
+                                                           "(default 10)."),
+    guide_uncertainty: Optional[float] = typer.Option(None, help="Image guidance: the x0 estimate's error "
+                                                                 "variance (default 0.003; 0: the paper's guide)."),
     tile: Optional[bool] = typer.Option(None, "--tile/--no-tile", help="VAE in tiles (default: only when the "
                                                                        "image exceeds the VAE's exported range)."),
     out: Path = typer.Option(..., "--out", "-o", help=".png (one file per image) or .npy [B, H, W, 3]; "
@@ -63,12 +70,14 @@ def generate(
         largest = max_image_size(manifest)
         start_image = None if init_image is None else read_image(init_image, max_size=largest)[None]
         maps = read_maps(manifest.config, image, mask, segmentation, largest, height, width)
+        guide = None if guide_image is None else read_image(guide_image, max_size=largest, field="guide_image")[None]
         request = GenerationRequest(prompt=prompt if len(prompt) > 1 else prompt[0],
                                     negative_prompt=negative_prompt, steps=steps, guidance=guidance,
                                     sampler=sampler, eta=eta, seed=seed, height=height, width=width,
                                     batch=batch, latents=initial, init_image=start_image,
                                     strength=strength, class_labels=class_label or None,
-                                    noise_level=noise_level, tile=tile,
+                                    noise_level=noise_level, tile=tile, guide_image=guide,
+                                    guide_scale=guide_scale, guide_uncertainty=guide_uncertainty,
                                     layout=None if layout is None else read_layout(layout), **maps)
         with console.status(f"loading {bundle} on {backend}"):
             pipeline = Pipeline.load(bundle, backend)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Protocol
+from typing import Callable, Iterable, Mapping, Protocol
 
 import numpy as np
 
@@ -19,6 +19,7 @@ from ldmrt.engines.backend import Backend
 from ldmrt.iospec import Component, ComponentSpec
 from ldmrt.manifest import Manifest, verify_bundle
 from ldmrt.sampling.denoise import Denoiser, NumpyDenoiser
+from ldmrt.sampling.image_guide import GuideGradient
 
 BACKENDS = tuple(b.value for b in Backend)
 
@@ -34,6 +35,9 @@ class BackendRunners:
     """What a backend opens from a bundle: a runner per component, and the loop on that backend."""
     runners: dict[str, ComponentRunner]
     denoiser: Denoiser | None          # None when the UNet was not opened
+    # post-hoc image guidance: target (B, 3, h, w) in [0, 1] -> the gradient of its guide loss
+    # (ldmrt.sampling.image_guide); None where the backend cannot differentiate its decoder
+    image_gradient: Callable[[np.ndarray], GuideGradient] | None = None
 
     @classmethod
     def with_numpy_loop(cls, runners: dict[str, ComponentRunner]) -> "BackendRunners":

@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import numpy as np
 
 from ldmrt.engines import trt_api
-from ldmrt.errors import (BackendUnavailableError, BundleError, CorruptEngineError, LdmrtError,
+from ldmrt.errors import (BackendUnavailableError, BundleError, CorruptEngineError, GenerationError, LdmrtError,
                           ShapeError)
 from ldmrt.iospec import Component, ComponentSpec, GraphTensor
 from ldmrt.sampling.denoise import (MAX_HISTORY, STEP_TABLE_COLUMNS, DenoiseJob, DenoiseResult,
@@ -139,6 +139,9 @@ class TensorRTDenoiser:
     # --- the loop ---------------------------------------------------------------------------
 
     def __call__(self, job: DenoiseJob, on_step: StepCallback | None = None) -> DenoiseResult:
+        if job.image_guide is not None:     # the pipeline refuses first: this backend has no decoder gradient
+            raise GenerationError("guide_image: post-hoc image guidance needs the decoder's gradient; the "
+                                  "TensorRT loop has none: use --backend torch", field="guide_image")
         plan = job.plan
         total = plan.num_evaluations
         table = step_table(plan)                                       # (N, 17) float32

@@ -7,6 +7,7 @@ too, so one captured CUDA graph serves every step and the loop has no host round
 """
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from ldmrt.errors import ShapeError
 from ldmrt.iospec import Component
 from ldmrt.models import TORCH_DTYPES
 from ldmrt.sampling import DenoiseJob, DenoiseResult, SamplerPlan, guide
+from ldmrt.sampling.image_guide import guided_output
 
 
 
@@ -61,14 +63,17 @@ class FusedDenoiser:
         shape = DenoiseShape(*x0.shape, guided=job.guided, num_evaluations=plan.num_evaluations,
                              history=plan.history, clip_range=plan.clip_range)
         tables = _Tables.from_plan(plan, self.device)
-        step = self._step_for(shape) if self.use_cuda_graph else None
+        # image guidance differentiates through the decoder every step: eager, host-indexed
+        step = self._step_for(shape) if self.use_cuda_graph and job.image_guide is None else None
         state = _State.create(shape, self.device, job.stacked_noise())
         state.x.copy_(x0)
         guidance = 1.0 if job.guidance is None else job.guidance
         with torch.no_grad():
             if step is None:
                 for i in range(plan.num_evaluations):
-                    _denoise_step(self.unet, state, tables, context, guidance, self.dtype, job.guided)
+                    correct = None if job.image_guide is None else functools.partial(
+                        guided_output, plan, i, image_guide=job.image_guide)
+                    _denoise_step(self.unet, state, tables, context, guidance, self.dtype, job.guided, correct)
                     if on_step is not None:
                         on_step(i + 1, plan.num_evaluations)
                 latents = state.x
@@ -127,8 +132,9 @@ class _State:
 
 
 def _denoise_step(unet, state: _State, tables: _Tables, context: dict[str, torch.Tensor], guidance,
-                  dtype: torch.dtype, guided: bool) -> None:
-    """One evaluation: UNet (+ guidance) then x <- sum A x_past + B m_past (+ clip term) + C noise."""
+                  dtype: torch.dtype, guided: bool, correct=None) -> None:
+    """One evaluation: UNet (+ guidance, + `correct(x, output)`: image guidance) then
+    x <- sum A x_past + B m_past (+ clip term) + C noise."""
     i = state.index.view(1)          # gathers with index_select: no host sync, capturable
     x = state.x
     scaled = (x * tables.input_scale.index_select(0, i)).to(dtype)
@@ -138,6 +144,8 @@ def _denoise_step(unet, state: _State, tables: _Tables, context: dict[str, torch
     output = unet(scaled, timestep, context).float()
     if guided:
         output = guide(output, guidance)
+    if correct is not None:
+        output = correct(x, output)
     a, b = tables.a.index_select(0, i)[0], tables.b.index_select(0, i)[0]   # (K,)
     noise = state.noise.index_select(0, i)[0]
     x_next = a[0] * x + b[0] * output + tables.c.index_select(0, i) * noise
@@ -249,6 +257,33 @@ def _unet_call(graph, spec):
     return call
 
 
+class DecoderGradient:
+    """The image guide's gradient on this backend (ldmrt.sampling.image_guide): autograd through
+    the bundle's decoder module, d/dx0 of 1/2 ||T(D(x0 / latent_scale) / 2 + 1/2) - y||^2 summed
+    over the target's pixels and channels, T the antialiased bicubic downsampling to y's size
+    (the identity at the image's own size). numpy in, numpy out; a tensor in, a tensor out."""
+
+    def __init__(self, decoder: torch.nn.Module, latent_scale: float, device: torch.device, dtype: torch.dtype,
+                 target: np.ndarray):
+        self.decoder, self.latent_scale, self.device, self.dtype = decoder, float(latent_scale), device, dtype
+        self.target = torch.as_tensor(np.ascontiguousarray(target), dtype=torch.float32, device=device)
+
+    def loss(self, x0: torch.Tensor) -> torch.Tensor:
+        pixels = self.decoder((x0 / self.latent_scale).to(self.dtype)).float() / 2 + 0.5
+        size = tuple(self.target.shape[-2:])
+        if tuple(pixels.shape[-2:]) != size:
+            pixels = torch.nn.functional.interpolate(pixels, size=size, mode="bicubic", align_corners=False,
+                                                     antialias=True)
+        return 0.5 * (pixels - self.target).pow(2).sum()
+
+    def __call__(self, x0):
+        given_numpy = isinstance(x0, np.ndarray)
+        with torch.enable_grad():
+            z = torch.as_tensor(x0, device=self.device, dtype=torch.float32).detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(self.loss(z), z)
+        return grad.cpu().numpy().astype(x0.dtype) if given_numpy else grad
+
+
 def load_reference_model(manifest, device: torch.device, dtype: torch.dtype, bundle=None):
     """The PyTorch model a bundle was exported from, rebuilt from its recorded source (a seeded
     preset or a checkpoint with its loading options) and refused unless its weights digest is the
@@ -266,11 +301,13 @@ def open_torch(bundle, manifest, components, *, device: str | None = None, dtype
     unet_dtype = manifest.component(Component.UNET).dtype
     graph_dtype = TORCH_DTYPES[dtype or (unet_dtype if device_.type == "cuda" else "float32")]
     model = load_reference_model(manifest, device_, graph_dtype, bundle)
-    runners, denoiser = {}, None
+    runners, denoiser, image_gradient = {}, None, None
     for name in components:
         spec = manifest.component(name).spec
         graph = ComponentGraph(model, spec).eval()
         runners[name] = TorchRunner(graph, spec, device_, graph_dtype)
         if name == Component.UNET:
             denoiser = FusedDenoiser(_unet_call(graph, spec), device_, graph_dtype, cuda_graphs)
-    return BackendRunners(runners, denoiser)
+        if name == Component.VAE_DECODER:
+            image_gradient = functools.partial(DecoderGradient, graph, manifest.latent_scale, device_, graph_dtype)
+    return BackendRunners(runners, denoiser, image_gradient)

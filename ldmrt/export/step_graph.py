@@ -235,7 +235,8 @@ def _random_plan(rng: np.random.Generator, evaluations: int) -> SamplerPlan:
     return SamplerPlan(
         name="random", prediction_type=PredictionType.EPSILON, num_steps=evaluations, strength=1.0,
         eta=0.0, start_step=0, timesteps=table(evaluations, low=0, high=999).astype(np.float32),
-        input_scale=table(evaluations, low=0.1, high=2.0), sample_coefs=table(evaluations, MAX_HISTORY),
+        input_scale=table(evaluations, low=0.1, high=2.0), alpha_bars=table(evaluations, low=0.01, high=0.99),
+        sample_coefs=table(evaluations, MAX_HISTORY),
         output_coefs=table(evaluations, MAX_HISTORY), noise_coefs=noise, needs_noise=noise != 0,
         clip_range=float(np.float32(0.75)), clip_sample_coefs=table(evaluations),
         clip_output_coefs=table(evaluations), clip_coefs=table(evaluations), init_noise_sigma=1.0,

@@ -181,7 +181,10 @@ class VectorQuantizer(nn.Module):
         # |z - e|^2 = |z|^2 + |e|^2 - 2 z.e ; |z|^2 is constant per row and does not change argmin.
         distances = (codebook * codebook).sum(1)[None, :] - 2.0 * flat @ codebook.t()
         indices = distances.argmin(dim=1)
-        return codebook[indices].reshape(b, h, w, c).permute(0, 3, 1, 2)
+        quantized = codebook[indices].reshape(b, h, w, c).permute(0, 3, 1, 2)
+        if z.requires_grad and torch.is_grad_enabled():   # image guidance: the straight-through gradient
+            return z + (quantized - z).detach()           # (van den Oord et al. 2017); never in a graph
+        return quantized
 
 
 class Autoencoder(nn.Module):

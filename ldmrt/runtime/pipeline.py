@@ -28,6 +28,7 @@ from ldmrt.runtime import spatial
 from ldmrt.runtime.postprocess import postprocessor
 from ldmrt.runtime.tiling import Tiling, run_tiled
 from ldmrt.sampling import SAMPLERS, DenoiseJob, StepCallback, make_plan
+from ldmrt.sampling.image_guide import ImageGuide
 from ldmrt.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,9 @@ CancelCheck = Callable[[], bool]             # True: stop at the next check
 # What generate runs, of what a bundle holds (denoise_step is a device backend's, not the pipeline's).
 PIPELINE_COMPONENTS = (Component.TEXT_ENCODER, Component.UNET, Component.VAE_DECODER, Component.VAE_ENCODER)
 IMG2IMG_STRENGTH = 0.8     # how much of the schedule img2img runs unless told
+# image guidance (ldmrt.sampling.image_guide): what steers the built-in digits to 8x8 targets (docs/guidance.md)
+DEFAULT_GUIDE_SCALE = 10.0
+DEFAULT_GUIDE_UNCERTAINTY = 0.003
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,12 @@ class GenerationRequest:
     # layout-to-image models (ldmrt.layout): [{"class": id or name, "box": [x0, y0, x1, y1]}, ...] in
     # [0, 1], one layout for every image, or a list of such lists, one per image
     layout: Sequence | None = None
+    # post-hoc image guidance (ldmrt.sampling.image_guide): a target [B or 1, h, w, 3] in [0, 1] that
+    # the image, downsampled (bicubic) to h x w, is steered towards; h, w at most the image's size
+    guide_image: np.ndarray | None = None
+    guide_scale: float | None = None   # 1 / the guide's fixed variance; None: DEFAULT_GUIDE_SCALE
+    guide_uncertainty: float | None = None   # the x0 estimate's error variance; 0: the paper's guide;
+                                             # None: DEFAULT_GUIDE_UNCERTAINTY
 
 
 @dataclass
@@ -90,6 +100,7 @@ class Pipeline:
         self.bundle, self.manifest, self.backend = bundle, manifest, backend
         self.runners: dict[str, ComponentRunner] = opened.runners
         self.denoiser = opened.denoiser      # the loop on this backend (ldmrt.sampling.denoise)
+        self.image_gradient = opened.image_gradient    # image guidance's gradient; None: not on this backend
         self.max_cost = float(max_cost)     # per-request limit on steps x images x megapixels; 0: none
         self.config: ModelConfig = manifest.config
         self._to_images = postprocessor(manifest.postprocess, "images")     # as the bundle declares
@@ -161,7 +172,12 @@ class Pipeline:
                 _cancel_point(cancel, f"after denoising step {done} of {total}")
 
         start = time.perf_counter()
-        job = DenoiseJob(plan, x, conditioning, request.guidance if guided else None, step_noise)
+        image_guide = None
+        if request.guide_image is not None:
+            target = np.broadcast_to(request.guide_image, (batch, *request.guide_image.shape[1:]))
+            image_guide = ImageGuide(self.image_gradient(target.transpose(0, 3, 1, 2).astype(np.float32)),
+                                     request.guide_scale, request.guide_uncertainty)
+        job = DenoiseJob(plan, x, conditioning, request.guidance if guided else None, step_noise, image_guide)
         denoised = self.denoiser(job, after_step)
         timings["denoise"] = time.perf_counter() - start
         if denoised.unet_seconds is not None:
@@ -221,6 +237,7 @@ class Pipeline:
                                   f"re-export with a larger --vae-max-size", field="tile")
         if request.latents is not None:
             check_array("latents", request.latents, shape)
+        request = self._check_guide(request, shape)
         if spatial.encodes_image(config) and Component.VAE_ENCODER not in self.runners:
             raise GenerationError(f"image: {spatial.model_kind(config)} needs the vae_encoder component to "
                                   f"encode the masked image; export it too", field="image")
@@ -232,6 +249,39 @@ class Pipeline:
             check_array("init_image", request.init_image, (shape[0], shape[2] * f, shape[3] * f, 3),
                          first_axis_one=True, unit_range=True)
         return request, shape, self._plan(request)
+
+    def _check_guide(self, request: GenerationRequest, shape: tuple[int, int, int, int]) -> GenerationRequest:
+        """The request with its image guide's numbers filled in, after checking its three fields."""
+        if request.guide_image is None:
+            for name in ("guide_scale", "guide_uncertainty"):
+                if getattr(request, name) is not None:
+                    raise GenerationError(f"{name}: applies to image guidance only; pass a guide image too",
+                                          field=name)
+            return request
+        numbers = {}
+        for name, default, meaning in (("guide_scale", DEFAULT_GUIDE_SCALE, "1 / the guide's fixed variance"),
+                                       ("guide_uncertainty", DEFAULT_GUIDE_UNCERTAINTY,
+                                        "the x0 estimate's error variance")):
+            value = getattr(request, name)
+            numbers[name] = default if value is None else real(name, value)
+            if not 0.0 <= numbers[name] <= 1e6:
+                raise GenerationError(f"{name} {numbers[name]:g}: expected a number in [0, 1e6] ({meaning})",
+                                      field=name)
+        if self.image_gradient is None:
+            raise GenerationError(f"guide_image: post-hoc image guidance needs the gradient of the VAE decoder, "
+                                  f"which the {self.backend} backend cannot take; use --backend torch",
+                                  field="guide_image")
+        guide, f = request.guide_image, self.config.downsampling_factor
+        height, width = shape[2] * f, shape[3] * f
+        if not isinstance(guide, np.ndarray) or guide.ndim != 4 or guide.shape[-1] != 3 \
+                or guide.shape[0] not in (1, shape[0]) or not (1 <= guide.shape[1] <= height) \
+                or not (1 <= guide.shape[2] <= width):
+            found = list(guide.shape) if isinstance(guide, np.ndarray) else type(guide).__name__
+            raise GenerationError(f"guide_image: expected an RGB array [1 or {shape[0]}, h, w, 3] with h <= "
+                                  f"{height} and w <= {width} (the image, downsampled to the guide's size, is "
+                                  f"compared with it), found {found}", field="guide_image")
+        check_array("guide_image", guide, guide.shape, unit_range=True)
+        return dataclasses.replace(request, **numbers)
 
     def _check_cost(self, steps: int, shape: tuple[int, int, int, int]) -> None:
         """Refuse a request over `max_cost` (steps x images x megapixels) before any work: what a

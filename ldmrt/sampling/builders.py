@@ -64,6 +64,7 @@ class Table:
     clip: bool                     # clip_sample: keep the x0 term apart (P, Q, E), clipped
     timesteps: list = field(default_factory=list)
     input_scale: list = field(default_factory=list)
+    alpha_bars: list = field(default_factory=list)       # the UNet input's signal power (VP alpha^2)
     sample_coefs: list = field(default_factory=list)     # A rows: [weight of x_i, of x_{i-1}, ...]
     output_coefs: list = field(default_factory=list)     # B rows: [weight of m_i, of m_{i-1}, ...]
     noise_coefs: list = field(default_factory=list)      # C
@@ -73,9 +74,10 @@ class Table:
     init_noise_coef: float = 1.0   #                + init_noise_coef * noise
     start_step: int = 0
 
-    def add(self, timestep, a: list[float], b: list[float], *, c: float = 0.0,
+    def add(self, timestep, a: list[float], b: list[float], *, alpha_bar: float, c: float = 0.0,
             x0_term: tuple[float, float, float] | None = None, input_scale: float = 1.0) -> None:
-        """One evaluation (the row of the module docstring); x0_term is (P, Q, E) or None."""
+        """One evaluation (the row of the module docstring); x0_term is (P, Q, E) or None;
+        alpha_bar: the UNet input is sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps."""
         a, b = list(a), list(b)
         if x0_term is None:
             x0_term = (0.0, 0.0, 0.0)
@@ -84,6 +86,7 @@ class Table:
             a[0], b[0], x0_term = a[0] + p * e, b[0] + q * e, (0.0, 0.0, 0.0)
         self.timesteps.append(timestep)
         self.input_scale.append(input_scale)
+        self.alpha_bars.append(alpha_bar)
         self.sample_coefs.append(a)
         self.output_coefs.append(b)
         self.noise_coefs.append(c)
@@ -156,7 +159,7 @@ def ddim(inputs: SamplerInputs, table: Table) -> None:
         (x0_x, x0_m), (eps_x, eps_m) = x0_and_eps(inputs.prediction, math.sqrt(a), math.sqrt(1 - a))
         # eq. (12): x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - std^2) eps + std z
         direction = math.sqrt(1 - a_prev - std * std)
-        table.add(t, [eps_x * direction], [eps_m * direction], c=std,
+        table.add(t, [eps_x * direction], [eps_m * direction], alpha_bar=a, c=std,
                   x0_term=(x0_x, x0_m, math.sqrt(a_prev)))
     table.start_from_alpha_bar(inputs.alpha_bar(timesteps[0]))
 
@@ -175,7 +178,7 @@ def ddpm(inputs: SamplerInputs, table: Table) -> None:
         #   sqrt(a_prev) beta / (1 - a) x0 + sqrt(a / a_prev) (1 - a_prev) / (1 - a) x, variance
         #   (1 - a_prev) / (1 - a) beta (none at t = 0)
         std = math.sqrt((1 - a_prev) / (1 - a) * beta) if t > 0 else 0.0
-        table.add(t, [math.sqrt(a / a_prev) * (1 - a_prev) / (1 - a)], [0.0], c=std,
+        table.add(t, [math.sqrt(a / a_prev) * (1 - a_prev) / (1 - a)], [0.0], alpha_bar=a, c=std,
                   x0_term=(x0_x, x0_m, math.sqrt(a_prev) * beta / (1 - a)))
     table.start_from_alpha_bar(inputs.alpha_bar(full[table.start_step]))
 
@@ -214,7 +217,7 @@ def plms(inputs: SamplerInputs, table: Table) -> None:
         output_row = [0.0] * (max(output_lags) + 1)
         for lag, weight in zip(output_lags, weights):
             output_row[lag] -= weight * eps_m * transfer
-        table.add(t, sample_row, output_row)
+        table.add(t, sample_row, output_row, alpha_bar=inputs.alpha_bar(t))
     table.start_from_alpha_bar(inputs.alpha_bar(timesteps[0]))
 
 
@@ -239,7 +242,8 @@ def euler(inputs: SamplerInputs, table: Table, *, ancestral: bool = False) -> No
             sigma_down = math.sqrt(sigma_next ** 2 - sigma_up ** 2)
         # x_next = x + (sigma_down - sigma) d, d = (x - x0) / sigma
         ratio = (sigma_down - sigma) / sigma
-        table.add(timesteps[j], [1 + (1 - x0_x) * ratio], [-x0_m * ratio], c=sigma_up, input_scale=alpha)
+        table.add(timesteps[j], [1 + (1 - x0_x) * ratio], [-x0_m * ratio], alpha_bar=alpha * alpha, c=sigma_up,
+                  input_scale=alpha)
     sigma_max = max(sigmas)
     table.init_noise_sigma = (math.sqrt(sigma_max ** 2 + 1)
                               if inputs.scheduler.timestep_spacing == TimestepSpacing.LEADING else sigma_max)
@@ -303,7 +307,7 @@ def dpmpp_2m(inputs: SamplerInputs, table: Table, *, karras: bool = False) -> No
             second = 0.5 * alpha_t * (exp_neg_h - 1) / r
             sample_row = [sample_row[0] - x0_x * second, x0_prev[0] * second]
             output_row = [output_row[0] - x0_m * second, x0_prev[1] * second]
-        table.add(timesteps[j], sample_row, output_row)
+        table.add(timesteps[j], sample_row, output_row, alpha_bar=alpha_s * alpha_s)
         x0_prev = (x0_x, x0_m)
     alpha, sigma = _vp(sigmas[table.start_step])
     table.init_latent_coef, table.init_noise_coef = alpha, sigma
@@ -333,7 +337,7 @@ def lcm(inputs: SamplerInputs, table: Table) -> None:
             keep, noise = math.sqrt(a_next), math.sqrt(1 - a_next)
         else:                          # the last step returns the denoised estimate
             keep, noise = 1.0, 0.0
-        table.add(t, [keep * c_skip], [0.0], c=noise, x0_term=(x0_x, x0_m, keep * c_out))
+        table.add(t, [keep * c_skip], [0.0], alpha_bar=a, c=noise, x0_term=(x0_x, x0_m, keep * c_out))
     table.start_from_alpha_bar(inputs.alpha_bar(timesteps[0]))
 
 

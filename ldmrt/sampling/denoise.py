@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import numpy as np
 
 from ldmrt.errors import GenerationError, ShapeError
+from ldmrt.sampling.image_guide import ImageGuide, guided_output
 from ldmrt.sampling.plan import History, SamplerPlan, step
 
 __all__ = ["DenoiseJob", "DenoiseResult", "Denoiser", "NumpyDenoiser", "StepCallback", "guide",
@@ -54,6 +55,7 @@ class DenoiseJob:
     guidance: float | None                   # None: one unguided batch (G = 1); else G = 2
     noise: Sequence[np.ndarray | None]       # per evaluation: (B, C, h, w) standard normal, None where
                                              # the plan adds none
+    image_guide: ImageGuide | None = None    # post-hoc image guidance (ldmrt.sampling.image_guide)
 
     def __post_init__(self) -> None:
         x = self.latents
@@ -148,6 +150,8 @@ class NumpyDenoiser:
             model_output = np.asarray(model_output).astype(x.dtype, copy=False)
             if job.guided:
                 model_output = guide(model_output, job.guidance)
+            if job.image_guide is not None:
+                model_output = guided_output(plan, i, x, model_output, job.image_guide)
             x = step(plan, i, x, model_output, history, job.noise[i] if plan.needs_noise[i] else None)
             if not np.isfinite(x).all():
                 return DenoiseResult(x, i + 1, unet_seconds)

@@ -74,6 +74,7 @@ class SamplerPlan:
     start_step: int                # img2img: index of the first kept step of the full schedule
     timesteps: np.ndarray          # (N,) float32: the UNet's `timestep` input
     input_scale: np.ndarray        # (N,) the UNet sees x * input_scale[i]
+    alpha_bars: np.ndarray         # (N,) ... which is sqrt(a) x0 + sqrt(1 - a) eps (post-hoc image guidance)
     sample_coefs: np.ndarray       # A (N, K): weight of x_{i-k}
     output_coefs: np.ndarray       # B (N, K): weight of m_{i-k}
     noise_coefs: np.ndarray        # C (N,)

@@ -110,6 +110,7 @@ def _assemble(name: str, inputs: SamplerInputs, table: Table) -> SamplerPlan:
     tables = dict(
         timesteps=np.asarray(table.timesteps, dtype=np.float32),
         input_scale=np.asarray(table.input_scale, dtype=np.float64),
+        alpha_bars=np.asarray(table.alpha_bars, dtype=np.float64),
         sample_coefs=sample_coefs, output_coefs=output_coefs, noise_coefs=noise_coefs,
         needs_noise=noise_coefs != 0.0, clip_sample_coefs=clip_sample_coefs,
         clip_output_coefs=clip_output_coefs, clip_coefs=clip_coefs)
