@@ -290,11 +290,13 @@ class Conditions:
 
 @dataclass(frozen=True)
 class Finetune:
-    """How a fine-tune (scripts/train_digits_concat.py) departs from stage 2: maps concatenated to
-    the noisy latents, made from the pool rows' images; the conditioner frozen; every prompt empty."""
+    """How a fine-tune (scripts/train_digits_concat.py, train_digits_layout.py) departs from stage 2:
+    maps concatenated to the noisy latents, made from the pool rows' images; the conditioner frozen;
+    every prompt empty; the context made by another rule than the pool's prompts or labels."""
     concat: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None   # images -> maps
     freeze_conditioner: bool = False
     unprompted: bool = False
+    context: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None     # (rows, drop) -> context
 
 
 def train_diffusion(model: LatentDiffusion, pool: Pool, encodings: torch.Tensor, settings: Settings,
@@ -310,7 +312,7 @@ def train_diffusion(model: LatentDiffusion, pool: Pool, encodings: torch.Tensor,
     if not finetune.freeze_conditioner:
         parts["conditioner"] = model.conditioner.train().requires_grad_(True)
     trained = torch.nn.ModuleDict(parts)
-    conditions = Conditions(model, pool, tokenizer_dir)
+    conditions = finetune.context or Conditions(model, pool, tokenizer_dir)
     # One EMA over everything stage 2 trains: the UNet learnt its attention against the conditioner
     # of the same steps, so an averaged UNet beside the last conditioner would not match it.
     ema = {k: v.detach().clone() for k, v in trained.state_dict().items()}

@@ -13,6 +13,7 @@ import torch
 
 from ldmrt.checkpoints.original import Detection
 from ldmrt.checkpoints.yaml_config import config_from_yaml
+from ldmrt.engines import trt_api
 from ldmrt.errors import CheckpointError, GenerationError
 from ldmrt.export.bundle import ExportOptions, ModelSource, export_bundle
 from ldmrt.iospec import ShapeRanges
@@ -195,3 +196,28 @@ def test_cli_and_triton_take_a_layout_file_and_text(golden, tmp_path, monkeypatc
                "guidance": _Tensor("guidance", np.array([1.0], np.float32))}
     (good,) = model.execute([request])
     assert np.abs(good.output_tensors[0].as_numpy() - expected).max() <= 1e-6
+
+
+@pytest.mark.skipif(not trt_api.available(trt_api.TENSORRT_RTX), reason="TensorRT-RTX is not installed: "
+                    "pip install tensorrt-rtx-cu13-bindings tensorrt-rtx-cu13-libs")
+def test_tensorrt_rtx_builds_the_layout_conditioner_and_unet(golden, tmp_path):
+    """The layout BERT (int32 tokens of the fixed layout length) and its cross-attention UNet parse
+    and build with their profiles on CPU; running them needs a GPU (not verified here)."""
+    import shutil
+
+    from ldmrt.export.engines import BundleBuildOptions, build_bundle
+    from ldmrt.iospec import Component
+    from ldmrt.manifest import load_manifest
+
+    bundle = tmp_path / "b"
+    shutil.copytree(golden[3], bundle)
+    wanted = (Component.TEXT_ENCODER, Component.UNET)
+    records = {r.component: r for r in build_bundle(bundle, BundleBuildOptions(components=wanted), lambda e: None)}
+    manifest = load_manifest(bundle)
+    text = records[Component.TEXT_ENCODER]
+    spec = manifest.component(Component.TEXT_ENCODER).spec
+    assert text.profiles == (spec.profile(),)
+    shape = text.profiles[0]["input_ids"]
+    assert [dims[1] for dims in shape] == [LAYOUT_FAMILY.layout.max_length] * 3      # the layout length, fixed
+    for component in wanted:
+        assert (bundle / "engines" / records[component].key / records[component].file).is_file()

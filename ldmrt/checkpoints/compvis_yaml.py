@@ -32,6 +32,9 @@ def compvis_yaml(config: ModelConfig) -> dict:
                       "params": {"n_embed": cond.n_embed, "n_layer": cond.n_layer, "vocab_size": cond.vocab_size,
                                  "max_seq_len": cond.max_seq_len}}
         key = "caption"
+        if config.layout is not None:     # the paper's layout2img form: tokens straight into the transformer
+            cond_stage["params"]["use_tokenizer"] = False
+            key = "coordinates_bbox"
     else:
         cond_stage = {"target": "ldm.modules.encoders.modules.ClassEmbedder",
                       "params": {"n_classes": cond.n_classes, "embed_dim": cond.embed_dim, "key": "class_label"}}
@@ -62,4 +65,15 @@ def compvis_yaml(config: ModelConfig) -> dict:
                 "num_heads": unet.num_heads, "use_spatial_transformer": unet.use_spatial_transformer,
                 "transformer_depth": unet.transformer_depth, "context_dim": unet.context_dim}},
             "first_stage_config": {"target": ae_target, "params": ae_params},
-            "cond_stage_config": cond_stage}}}
+            "cond_stage_config": cond_stage}}, **_layout_data(config)}
+
+
+def _layout_data(config: ModelConfig) -> dict:
+    """A layout model's `data` section: its token builder's constants under the names of taming's
+    ObjectsBoundingBoxConditionalBuilder (the YAML reader takes the class count from it)."""
+    layout = config.layout
+    if layout is None:
+        return {}
+    builder = {"no_tokens": layout.vocab_size, "no_object_classes": layout.n_classes,
+               "no_max_objects": layout.max_objects, "encode_crop": layout.encode_crop}
+    return {"data": {"params": {"train": {"target": "ldmrt.digits.layouts.layout_samples", "params": builder}}}}

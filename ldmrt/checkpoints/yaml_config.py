@@ -66,7 +66,7 @@ def config_from_yaml(path: Path, data: Mapping[str, Any], state: Mapping[str, to
 
     spatial = spatial_from_yaml(target, params, path)
     conditioner, family = _conditioner(cond_stage, state, detection, ids, path)
-    layout = _layout(cond_stage, params, path)
+    layout = _layout(cond_stage, params, data.get("data"), path)
     unet = _unet(unet_params, family, path, notes)
     autoencoder = _autoencoder(first_stage, path)
     scheduler = scheduler_from_compvis(params, f"{path}: model.params")
@@ -125,9 +125,11 @@ def _conditioner(section: Any, state: Mapping[str, torch.Tensor], detection: Det
 _LAYOUT_KEYS = ("coordinates_bbox", "objects_bbox")
 
 
-def _layout(section: Any, params: Mapping[str, Any], path: Path) -> LayoutTokenizerConfig | None:
+def _layout(section: Any, params: Mapping[str, Any], data: Any, path: Path) -> LayoutTokenizerConfig | None:
     """A BERTEmbedder with `use_tokenizer: false` over a bounding-box key is the paper's layout
-    conditioner: its vocabulary and length fix the tokens' constants (ldmrt.layout)."""
+    conditioner: its vocabulary and length fix the tokens' constants (ldmrt.layout); the class
+    count is the data section's `no_object_classes` (taming's builder) where it names one, else
+    the released model's 352."""
     cond = dict(section.get("params") or {}) if isinstance(section, Mapping) else {}
     if not cond_stage_target(section).endswith("BERTEmbedder") or cond.get("use_tokenizer", True):
         return None
@@ -143,9 +145,28 @@ def _layout(section: Any, params: Mapping[str, Any], path: Path) -> LayoutTokeni
                               f"+ 2 crop tokens")
     try:
         return LayoutTokenizerConfig(vocab_size=vocab, max_objects=(length - 2) // 3 if crop else length // 3,
-                                     n_classes=min(352, vocab - 1), encode_crop=crop)
+                                     n_classes=_layout_classes(data, min(352, vocab - 1), path), encode_crop=crop)
     except ConfigError as exc:
         raise CheckpointError(f"{where}.params: {exc}") from None
+
+
+def _layout_classes(data: Any, default: int, path: Path) -> int:
+    """`no_object_classes` of data.params.{train,validation}.params, the same in both where both say."""
+    found = set()
+    splits = data.get("params") if isinstance(data, Mapping) else None
+    for split in ("train", "validation"):
+        section = splits.get(split) if isinstance(splits, Mapping) else None
+        builder = section.get("params") if isinstance(section, Mapping) else None
+        if isinstance(builder, Mapping) and "no_object_classes" in builder:
+            value = builder["no_object_classes"]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise CheckpointError(f"{path}: data.params.{split}.params.no_object_classes {value!r}: expected "
+                                      f"a positive integer")
+            found.add(value)
+    if len(found) > 1:
+        raise CheckpointError(f"{path}: data.params: train and validation disagree on no_object_classes "
+                              f"{sorted(found)}")
+    return found.pop() if found else default
 
 
 def _unet(params: Mapping[str, Any], family: Family, path: Path, notes: list[str]) -> UNetConfig:

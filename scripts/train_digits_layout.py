@@ -1,0 +1,141 @@
+#!/usr/bin/env python
+"""Fine-tune the built-in `digits` model into `digits-layout`, the LDM paper's layout-to-image
+system (sec. 4.3.1) in small: one to three digits placed by boxes on a 64x64 canvas (issue 18).
+
+tau_theta is an unmasked BERT over the layout tokens of ldmrt.layout ((class, top-left cell,
+bottom-right cell) per box on a 17x17 grid — one cell per latent pixel — then the crop), trained
+from scratch; the UNet and the autoencoder are `digits`' (the convolutional UNet runs on the 16x16
+latents of a 64x64 canvas as it is; the autoencoder is frozen). 10% of the layouts are dropped to
+the empty layout (padding and the crop only), the unconditional input of classifier-free guidance.
+Stage 2's recipe of scripts/train_digits.py otherwise, by its own train_diffusion. Writes
+`digits-layout.safetensors` + `.yaml` (CompVis' layout2img form: a BERTEmbedder with
+`use_tokenizer: false` over `coordinates_bbox`), `-training.json` and `-loss.png`.
+
+    python scripts/train_digits_layout.py --out ldmrt/builtin/digits --minutes 30
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_digits as base  # noqa: E402  (the from-scratch script: data, loss schedule, checkpoint)
+
+from ldmrt.checkpoints.builtin import BUILTIN_DIR, builtin_source  # noqa: E402
+from ldmrt.config import BertConfig, ModelConfig  # noqa: E402
+from ldmrt.digits.layouts import CANVAS, MAX_DIGITS, layout_samples  # noqa: E402
+from ldmrt.layout import LayoutTokenizerConfig, encode_layout  # noqa: E402
+from ldmrt.models import LatentDiffusion  # noqa: E402
+
+log = logging.getLogger("train_digits_layout")
+NAME = "digits-layout"
+# 17 x 17 cells (4 pixels, one latent pixel, apart) need more than 289 tokens; the last pads
+LAYOUT = LayoutTokenizerConfig(vocab_size=17 * 17 + 1, max_objects=MAX_DIGITS, n_classes=10)
+
+
+def layout_model(digits: LatentDiffusion) -> LatentDiffusion:
+    """`digits`' UNet and autoencoder with a fresh BERT over layout tokens (digits' width and depth)."""
+    config: ModelConfig = digits.config
+    conditioner = dataclasses.replace(config.conditioner, vocab_size=LAYOUT.vocab_size,
+                                      max_seq_len=LAYOUT.max_length, pad_token_id=LAYOUT.pad_token)
+    assert isinstance(conditioner, BertConfig)
+    model = LatentDiffusion(dataclasses.replace(config, name=NAME, conditioner=conditioner, layout=LAYOUT,
+                                                default_image_size=CANVAS))
+    kept = {k: v for k, v in digits.state_dict().items() if not k.startswith("cond_stage_model.")}
+    missing, unexpected = model.load_state_dict(kept, strict=False)
+    assert not unexpected and all(k.startswith("cond_stage_model.") for k in missing), (missing, unexpected)
+    return model
+
+
+def make_pool(count: int, seed: int, placement: str) -> tuple[base.Pool, torch.Tensor]:
+    """Canvases (N, 3, 64, 64) in [-1, 1] with their layouts (as JSON, the pool's prompts) and tokens (N, L)."""
+    samples = layout_samples(count, seed, placement=placement)
+    images = torch.from_numpy(np.stack([image for image, _ in samples])).permute(0, 3, 1, 2).contiguous() * 2 - 1
+    tokens = torch.from_numpy(np.stack([encode_layout(LAYOUT, layout) for _, layout in samples]).astype(np.int64))
+    pool = base.Pool(images=images, prompts=[json.dumps(layout) for _, layout in samples],
+                     digits=torch.tensor([layout[0]["class"] for _, layout in samples]))
+    return pool, tokens
+
+
+def train(out: Path, settings: base.Settings, pool_size: int, placement: str, resume: bool,
+          show_progress: bool = True) -> dict:
+    torch.manual_seed(settings.seed)
+    started = time.perf_counter()
+    if resume:       # a further stage from the shipped digits-layout (its record keeps the earlier ones)
+        model = builtin_source(NAME).model
+        model.config = dataclasses.replace(model.config, layout=LAYOUT, conditioner=dataclasses.replace(
+            model.config.conditioner, pad_token_id=LAYOUT.pad_token))
+        earlier = json.loads((BUILTIN_DIR / f"{NAME}-training.json").read_text())
+        stages = earlier.get("stages", [{k: earlier[k] for k in ("settings", "pool_size", "diffusion")}
+                                        | {"placement": "free", "from": earlier["from"]}])
+    else:
+        model = layout_model(builtin_source("digits").model)
+        stages = []
+    pool, tokens = make_pool(pool_size, settings.seed, placement)
+    data_seconds = time.perf_counter() - started
+    encodings = base.encode_pool(model, pool.images)
+    empty = torch.from_numpy(encode_layout(LAYOUT, []).astype(np.int64))
+
+    def context(rows: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+        return model.conditioner(torch.where(drop[:, None], empty, tokens[rows]))
+
+    with base._bar(show_progress, settings.steps, f"{NAME} fine-tuning") as bar:
+        losses, ema = base.train_diffusion(model, pool, encodings, settings, None, settings.seconds, bar,
+                                           base.Finetune(context=context))
+    base.load_ema(model, ema)
+    path, dtype = base.write_checkpoint(model, out)
+    base.plot_losses({f"{NAME}: fine-tuning stage {len(stages) + 1} (eps MSE)": losses}, out / f"{NAME}-loss.png")
+    stage = {"from": NAME if resume else "digits", "placement": placement,
+             "settings": dataclasses.asdict(settings) | {"seconds": settings.seconds}, "pool_size": pool_size,
+             "diffusion": {"steps": len(losses), "final_loss_mean100": base._mean_tail(losses),
+                           "seconds": round(time.perf_counter() - started - data_seconds, 1)}}
+    record = {
+        "model": NAME, "from": "digits", "seed": settings.seed, "stages": [*stages, stage],
+        "parameters": base.parameter_counts(model), "layout": dataclasses.asdict(LAYOUT),
+        "diffusion": {"steps": sum(s["diffusion"]["steps"] for s in [*stages, stage]),
+                      "seconds": round(sum(s["diffusion"]["seconds"] for s in [*stages, stage]), 1)},
+        "scale_factor": model.config.scale_factor, "data_seconds": round(data_seconds, 1),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "checkpoint": {"file": path.name, "bytes": path.stat().st_size, "dtype": dtype, "yaml": f"{NAME}.yaml",
+                       "tokenizer": None},
+        "machine": base.machine(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    (out / f"{NAME}-training.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--minutes", type=float, default=30.0)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--pool", type=int, default=8000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--placement", choices=["free", "cells"], default="free",
+                        help="boxes anywhere, or one per cell of the canvas' 2x2 grid")
+    parser.add_argument("--resume", action="store_true", help="continue from the shipped digits-layout")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(args.threads)
+    settings = base.Settings(batch=args.batch, lr=args.lr, warmup_steps=200, seed=args.seed,
+                             seconds=args.minutes * 60 if args.minutes > 0 else math.inf)
+    record = train(args.out, settings, args.pool, args.placement, args.resume, show_progress=not args.no_progress)
+    log.info("done: %s", json.dumps({k: record[k] for k in ("diffusion", "wall_seconds", "checkpoint")}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
