@@ -87,6 +87,33 @@ def test_the_published_yaml_reads_as_the_preset(tmp_path):
                                                                   ""), {}, "layout")
 
 
+def test_the_written_yaml_reads_back_with_its_class_count(tmp_path):
+    """compvis_yaml writes the layout2img form plus taming's builder constants (data.params.train);
+    the reader takes no_object_classes from there, and refuses splits that disagree."""
+    import yaml
+
+    from ldmrt.checkpoints.compvis_yaml import compvis_yaml
+
+    released = preset("ldm-layout")
+    model = dataclasses.replace(released, layout=dataclasses.replace(released.layout, n_classes=10))
+    written = compvis_yaml(model)
+    assert written["model"]["params"]["cond_stage_config"]["params"]["use_tokenizer"] is False
+    path = tmp_path / "layout.yaml"
+    detection = Detection(model.family, "bert", model.autoencoder.kind, "")
+    config, _ = config_from_yaml(path, written, {}, detection, {}, "layout")
+    assert (config.layout, config.conditioner, config.unet) == (model.layout, model.conditioner, model.unet)
+    assert config.layout.n_classes == 10          # not the released model's 352
+    builder = written["data"]["params"]["train"]["params"]
+    disagreeing = {**written, "data": {"params": {"train": {"params": builder},
+                                                  "validation": {"params": {**builder, "no_object_classes": 12}}}}}
+    with pytest.raises(CheckpointError, match=r"disagree on no_object_classes \[10, 12\]"):
+        config_from_yaml(path, disagreeing, {}, detection, {}, "layout")
+    written["data"]["params"]["train"]["params"]["no_object_classes"] = "ten"
+    with pytest.raises(CheckpointError, match="no_object_classes 'ten': expected a positive integer"):
+        config_from_yaml(path, written, {}, detection, {}, "layout")
+    yaml.safe_dump(written)                       # plain YAML types only
+
+
 @pytest.fixture(scope="module")
 def golden(tmp_path_factory):
     config = LAYOUT_FAMILY

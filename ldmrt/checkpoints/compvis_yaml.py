@@ -62,7 +62,9 @@ def compvis_yaml(config: ModelConfig) -> dict:
                 "image_size": latent_size, "in_channels": unet.in_channels, "out_channels": unet.out_channels,
                 "model_channels": unet.model_channels, "attention_resolutions": list(unet.attention_resolutions),
                 "num_res_blocks": unet.num_res_blocks, "channel_mult": list(unet.channel_mult),
-                "num_heads": unet.num_heads, "use_spatial_transformer": unet.use_spatial_transformer,
+                "num_heads": unet.num_heads, **({"num_head_channels": unet.num_head_channels}
+                                               if unet.num_head_channels != -1 else {}),
+                "use_spatial_transformer": unet.use_spatial_transformer,
                 "transformer_depth": unet.transformer_depth, "context_dim": unet.context_dim}},
             "first_stage_config": {"target": ae_target, "params": ae_params},
             "cond_stage_config": cond_stage}}, **_layout_data(config)}
