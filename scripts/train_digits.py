@@ -540,6 +540,26 @@ class _bar:
             self.bar.close()
 
 
+def add_finetune_arguments(parser: argparse.ArgumentParser, *, minutes: float, lr: float, batch: int,
+                           pool: int) -> None:
+    """The options every fine-tuning script of the digits (train_digits_concat.py, _layout.py) takes."""
+    parser.add_argument("--minutes", type=float, default=minutes, help="time budget (0: the step budget only)")
+    parser.add_argument("--lr", type=float, default=lr, help="peak learning rate")
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--pool", type=int, default=pool, help="training images drawn once")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def finetune_settings(args: argparse.Namespace, warmup_steps: int) -> Settings:
+    """Logging, torch's threads and the Settings of add_finetune_arguments' options."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(args.threads)
+    return Settings(batch=args.batch, lr=args.lr, warmup_steps=warmup_steps, seed=args.seed,
+                    seconds=args.minutes * 60 if args.minutes > 0 else math.inf)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=MODELS, required=True)

@@ -23,7 +23,6 @@ import dataclasses
 import datetime
 import json
 import logging
-import math
 import shutil
 import sys
 import time
@@ -138,18 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=sorted(MODELS), required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--minutes", type=float, default=8.0)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--pool", type=int, default=6000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-progress", action="store_true")
+    base.add_finetune_arguments(parser, minutes=8.0, lr=5e-4, batch=64, pool=6000)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    torch.set_num_threads(args.threads)
-    settings = base.Settings(batch=args.batch, lr=args.lr, warmup_steps=100, seed=args.seed,
-                             seconds=args.minutes * 60 if args.minutes > 0 else math.inf)
+    settings = base.finetune_settings(args, warmup_steps=100)
     record = train(args.model, args.out, settings, args.pool, show_progress=not args.no_progress)
     log.info("done: %s", json.dumps({k: record[k] for k in ("diffusion", "wall_seconds", "checkpoint")}))
     return 0

@@ -20,7 +20,6 @@ import dataclasses
 import datetime
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -117,21 +116,12 @@ def train(out: Path, settings: base.Settings, pool_size: int, placement: str, re
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--minutes", type=float, default=30.0)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--pool", type=int, default=8000)
-    parser.add_argument("--seed", type=int, default=0)
+    base.add_finetune_arguments(parser, minutes=30.0, lr=1e-3, batch=32, pool=8000)
     parser.add_argument("--placement", choices=["free", "cells"], default="free",
                         help="boxes anywhere, or one per cell of the canvas' 2x2 grid")
     parser.add_argument("--resume", action="store_true", help="continue from the shipped digits-layout")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    torch.set_num_threads(args.threads)
-    settings = base.Settings(batch=args.batch, lr=args.lr, warmup_steps=200, seed=args.seed,
-                             seconds=args.minutes * 60 if args.minutes > 0 else math.inf)
+    settings = base.finetune_settings(args, warmup_steps=200)
     record = train(args.out, settings, args.pool, args.placement, args.resume, show_progress=not args.no_progress)
     log.info("done: %s", json.dumps({k: record[k] for k in ("diffusion", "wall_seconds", "checkpoint")}))
     return 0

@@ -268,9 +268,10 @@ class Pipeline:
                 raise GenerationError(f"{name} {numbers[name]:g}: expected a number in [0, 1e6] ({meaning})",
                                       field=name)
         if self.image_gradient is None:
+            why = (f"which the {self.backend} backend cannot take; use --backend torch" if self.backend != "torch"
+                   else "and this pipeline was loaded without the vae_decoder component")
             raise GenerationError(f"guide_image: post-hoc image guidance needs the gradient of the VAE decoder, "
-                                  f"which the {self.backend} backend cannot take; use --backend torch",
-                                  field="guide_image")
+                                  f"{why}", field="guide_image")
         guide, f = request.guide_image, self.config.downsampling_factor
         height, width = shape[2] * f, shape[3] * f
         if not isinstance(guide, np.ndarray) or guide.ndim != 4 or guide.shape[-1] != 3 \
