@@ -7,7 +7,8 @@ accuracy read by the independent classifier, the cost of a guided step, and the 
   64x64 canvas, each in its own cell of the 2x2 grid ("cells", as the last training stage) or
   anywhere ("free"); the judge reads each box's crop (share showing its digit, per CFG scale);
 - guidance: the unprompted `digits` model (torch backend, DDIM 20) with and without an 8x8 target
-  (a held-out digit, bicubic-downsampled), per guide setting: share read as the target's digit;
+  (a real digit the judge never saw, bicubic-downsampled), per guide setting: share read as the
+  target's digit;
 - cost: seconds per denoising step, guided and unguided, at 32x32 and 64x64 (twice the trained
   size), medians over `--rounds` interleaved rounds, each in a fresh process;
 - pictures: docs/layout-sheet.png (layouts with their boxes drawn) and docs/guided-upsampling.png
@@ -32,8 +33,8 @@ from PIL import Image, ImageDraw
 
 from ldmrt.bench import machine_info, write_report
 from ldmrt.checkpoints.builtin import builtin_source
-from ldmrt.digits import DigitJudge, data
-from ldmrt.digits.layouts import CANVAS, PLACEMENTS, box_crops, layout_of
+from ldmrt.digits import DigitJudge
+from ldmrt.digits.layouts import CANVAS, PLACEMENTS, box_crops, small_digits, two_digit_layouts
 from ldmrt.export.bundle import ExportOptions, export_bundle
 from ldmrt.runtime.pipeline import GenerationRequest, Pipeline
 
@@ -48,21 +49,6 @@ def export(name: str, work: Path) -> Path:
     if not out.exists():
         export_bundle(builtin_source(name), out, ExportOptions(validate=False))
     return out
-
-
-def two_digit_layouts(count: int, seed: int, placement: str = "cells") -> list[list[dict]]:
-    """`count` layouts of two distinct random digits, boxes placed as ldmrt.digits.layouts.PLACEMENTS says."""
-    rng = np.random.default_rng(seed)
-    return [layout_of(rng.choice(10, size=2, replace=False), PLACEMENTS[placement](rng, 2)) for _ in range(count)]
-
-
-def targets(count: int, seed: int, side: int) -> tuple[np.ndarray, list[int]]:
-    """Held-out digits (black on white), bicubic-downsampled to side x side: (N, side, side, 3), digits."""
-    images, _, digits = next(data.batches(count, seed=seed, split="heldout", augment=False, coloured_share=0.0))
-    small = [np.asarray(Image.fromarray((im * 255).round().astype(np.uint8)).resize((side, side),
-                                                                                  Image.Resampling.BICUBIC),
-                        np.float32) / 255 for im in images]
-    return np.stack(small), [int(d) for d in digits]
 
 
 def generate(pipeline: Pipeline, request: GenerationRequest, per_image: dict[str, list]) -> np.ndarray:
@@ -92,7 +78,7 @@ def layout_rows(pipeline: Pipeline, judge: DigitJudge, count: int) -> list[dict]
 
 
 def guidance_rows(pipeline: Pipeline, judge: DigitJudge, count: int) -> list[dict]:
-    small, digits = targets(count, seed=5, side=8)
+    small, digits = small_digits(count, seed=5, side=8)
     rows = []
     for scale, uncertainty in GUIDES:
         request = GenerationRequest(prompt="", guidance=1.0, steps=20, sampler="ddim", seed=1)
@@ -114,7 +100,7 @@ def measure_once(bundle: Path) -> dict:
     pipeline = Pipeline.load(bundle, "torch")
     out = {}
     for side in (32, 64):
-        guide = targets(1, seed=5, side=side // 4)[0]
+        guide = small_digits(1, seed=5, side=side // 4)[0]
         for guided in (False, True):
             extra = {"guide_image": guide} if guided else {}
             request = GenerationRequest(prompt="", guidance=1.0, steps=10, sampler="ddim", height=side,
@@ -160,7 +146,7 @@ def layout_sheet(pipeline: Pipeline, path: Path) -> None:
 
 def upsampling_sheet(pipeline: Pipeline, path: Path) -> None:
     """Rows: the 16x16 target (nearest), unguided and guided 64x64 samples (twice the trained size)."""
-    small, _ = targets(6, seed=9, side=16)
+    small, _ = small_digits(6, seed=9, side=16)
     request = GenerationRequest(prompt="", guidance=1.0, steps=20, sampler="ddim", seed=4, height=64, width=64)
     plain = generate(pipeline, request, {"prompt": [""] * len(small)})
     guided = generate(pipeline, request, {"guide_image": small})

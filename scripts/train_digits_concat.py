@@ -23,6 +23,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import math
 import shutil
 import sys
 import time
@@ -120,7 +121,8 @@ def train(name: str, out: Path, settings: base.Settings, pool_size: int, show_pr
     base.plot_losses({f"{name}: fine-tuning (eps MSE)": losses}, out / f"{name}-loss.png")
     record = {
         "model": name, "from": "digits", "seed": settings.seed,
-        "settings": dataclasses.asdict(settings) | {"seconds": settings.seconds}, "pool_size": pool_size,
+        "settings": dataclasses.asdict(settings) | {"seconds": None if math.isinf(settings.seconds) else
+                                                    settings.seconds}, "pool_size": pool_size,
         "parameters": base.parameter_counts(model),
         "diffusion": {"steps": len(losses), "final_loss_mean100": base._mean_tail(losses),
                       "seconds": round(time.perf_counter() - started, 1)},

@@ -20,6 +20,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -72,8 +73,7 @@ def train(out: Path, settings: base.Settings, pool_size: int, placement: str, re
     started = time.perf_counter()
     if resume:       # a further stage from the shipped digits-layout (its record keeps the earlier ones)
         model = builtin_source(NAME).model
-        model.config = dataclasses.replace(model.config, layout=LAYOUT, conditioner=dataclasses.replace(
-            model.config.conditioner, pad_token_id=LAYOUT.pad_token))
+        assert model.config.layout == LAYOUT, model.config.layout
         earlier = json.loads((BUILTIN_DIR / f"{NAME}-training.json").read_text())
         stages = earlier.get("stages", [{k: earlier[k] for k in ("settings", "pool_size", "diffusion")}
                                         | {"placement": "free", "from": earlier["from"]}])
@@ -95,7 +95,8 @@ def train(out: Path, settings: base.Settings, pool_size: int, placement: str, re
     path, dtype = base.write_checkpoint(model, out)
     base.plot_losses({f"{NAME}: fine-tuning stage {len(stages) + 1} (eps MSE)": losses}, out / f"{NAME}-loss.png")
     stage = {"from": NAME if resume else "digits", "placement": placement,
-             "settings": dataclasses.asdict(settings) | {"seconds": settings.seconds}, "pool_size": pool_size,
+             "settings": dataclasses.asdict(settings) | {"seconds": None if math.isinf(settings.seconds) else
+                                                         settings.seconds}, "pool_size": pool_size,
              "diffusion": {"steps": len(losses), "final_loss_mean100": base._mean_tail(losses),
                            "seconds": round(time.perf_counter() - started - data_seconds, 1)}}
     record = {

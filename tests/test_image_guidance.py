@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ldmrt.config import PredictionType
-from ldmrt.engines.torch import DecoderGradient
+from ldmrt.engines.torch import DecoderGradient, downsample
 from ldmrt.errors import LdmrtError
 from ldmrt.export.bundle import ExportOptions, ModelSource, export_bundle, synthetic_tokenizer_writer
 from ldmrt.iospec import Component
@@ -67,9 +67,11 @@ def test_downsampling_is_pillows_bicubic(size, small):
     image = rng.random((*size, 3), dtype=np.float32)
     expected = np.stack([np.asarray(Image.fromarray(image[..., c]).resize(small[::-1], Image.Resampling.BICUBIC))
                          for c in range(3)], axis=-1)
-    pixels = torch.from_numpy(image).permute(2, 0, 1)[None]
-    found = F.interpolate(pixels, size=small, mode="bicubic", align_corners=False, antialias=True)
+    found = downsample(torch.from_numpy(image).permute(2, 0, 1)[None], small)
     assert np.abs(found[0].permute(1, 2, 0).numpy() - expected).max() <= 1e-5
+    wrong = F.interpolate(torch.from_numpy(image).permute(2, 0, 1)[None], size=small, mode="bicubic",
+                          align_corners=False)                  # without the antialiasing: not Pillow's
+    assert np.abs(wrong[0].permute(1, 2, 0).numpy() - expected).max() > 1e-2
 
 
 def _reference_gradient(vae, x0: torch.Tensor, target: torch.Tensor, scale_factor: float) -> torch.Tensor:
@@ -156,6 +158,8 @@ def _reference_trajectory(g: Guided, sampler: str, latents: np.ndarray, target: 
     ("sd1", "ddim", 1.0, (8, 8), 0.003),            # epsilon, the paper's 8x8 target
     ("sd1", "dpmpp-2m", 3.0, (16, 16), 0.0),        # with classifier-free guidance; the paper's fixed variance
     ("sd2", "euler", 1.0, (32, 32), 0.01),          # v prediction, sigma space, T the identity
+    ("sd1", "plms", 1.0, (8, 8), 0.003),            # PLMS' warm-up evaluates its second timestep twice
+    ("sd2", "ddim", 2.0, (16, 8), 0.003),           # v prediction at alpha-bar timesteps, with CFG
 ])
 def test_guided_trajectory_matches_the_papers_update(guided, model, sampler, guidance, guide, uncertainty):
     g = guided(model)
@@ -196,7 +200,7 @@ def test_the_numpy_loop_applies_the_same_guide(guided):
 
 @pytest.mark.parametrize("change, field, words", [
     (dict(guide_image=np.zeros((1, 40, 8, 3), np.float32)), "guide_image", "h <= 32 and w <= 32"),
-    (dict(guide_image=np.zeros((3, 8, 8, 3), np.float32)), "guide_image", "[1 or 1, h, w, 3]"),
+    (dict(guide_image=np.zeros((3, 8, 8, 3), np.float32)), "guide_image", "expected an RGB array [1, h, w, 3]"),
     (dict(guide_image=np.zeros((8, 8, 3), np.float32)), "guide_image", "found [8, 8, 3]"),
     (dict(guide_image=np.full((1, 8, 8, 3), 1.5, np.float32)), "guide_image", "expected values in [0, 1]"),
     (dict(guide_image=np.zeros((1, 8, 8, 3), np.uint8)), "guide_image", "expected a float array"),
@@ -252,5 +256,10 @@ def test_vq_decoders_pass_the_straight_through_gradient():
                                antialias=True)
         (expected,) = torch.autograd.grad(0.5 * (pixels - torch.from_numpy(target)).pow(2).sum(), q)
     assert expected.abs().sum() > 0 and rel_l2(found, expected) <= 1e-5
-    with torch.no_grad():                     # no gradient asked: the plain lookup, as the graphs export it
-        assert torch.equal(ae.quantize(x0), q.detach())
+    codebook = ae.quantize.embedding.weight
+    with torch.enable_grad():                 # asked for a gradient: the same values, and one that passes
+        passed = ae.quantize(x0.clone().requires_grad_(True))
+    assert torch.allclose(passed, q.detach(), atol=1e-6) and passed.requires_grad
+    with torch.no_grad():                     # no gradient asked: exact codebook rows, as the graphs export it
+        rows = ae.quantize(x0).permute(0, 2, 3, 1).reshape(-1, codebook.shape[1])
+        assert all(any(torch.equal(row, entry) for entry in codebook) for row in rows)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ldmrt.config import AutoencoderKind, BertConfig, ConcatKind, ModelConfig
 
 _DDPM = "ldm.models.diffusion.ddpm."
+_BUILDER = "taming.data.conditional_builder.objects_bbox.ObjectsBoundingBoxConditionalBuilder"
 
 
 def _concat_form(config: ModelConfig) -> tuple[str, str, dict]:
@@ -71,11 +72,12 @@ def compvis_yaml(config: ModelConfig) -> dict:
 
 
 def _layout_data(config: ModelConfig) -> dict:
-    """A layout model's `data` section: its token builder's constants under the names of taming's
-    ObjectsBoundingBoxConditionalBuilder (the YAML reader takes the class count from it)."""
+    """A layout model's `data` section: the token builder, taming's ObjectsBoundingBoxConditionalBuilder,
+    with its constructor's arguments (the YAML reader takes the class count from it)."""
     layout = config.layout
     if layout is None:
         return {}
-    builder = {"no_tokens": layout.vocab_size, "no_object_classes": layout.n_classes,
-               "no_max_objects": layout.max_objects, "encode_crop": layout.encode_crop}
-    return {"data": {"params": {"train": {"target": "ldmrt.digits.layouts.layout_samples", "params": builder}}}}
+    builder = {"no_object_classes": layout.n_classes, "no_max_objects": layout.max_objects,
+               "no_tokens": layout.vocab_size, "encode_crop": layout.encode_crop,
+               "use_group_parameter": False, "use_additional_parameters": False}
+    return {"data": {"params": {"train": {"target": _BUILDER, "params": builder}}}}

@@ -7,6 +7,7 @@ from typing import List, Optional
 import typer
 
 from ldmrt.commands.terminal import console, user_errors
+from ldmrt.runtime.pipeline import DEFAULT_GUIDE_SCALE, DEFAULT_GUIDE_UNCERTAINTY
 
 
 def generate(
@@ -39,9 +40,10 @@ def generate(
                                                           "image the output, downsampled to its size, is steered "
                                                           "towards (PNG/JPEG, at most the output's size)."),
     guide_scale: Optional[float] = typer.Option(None, help="Image guidance: 1 / the guide's fixed variance "
-                                                           "(default 10)."),
-    guide_uncertainty: Optional[float] = typer.Option(None, help="Image guidance: the x0 estimate's error "
-                                                                 "variance (default 0.003; 0: the paper's guide)."),
+                                                           f"(default {DEFAULT_GUIDE_SCALE:g})."),
+    guide_uncertainty: Optional[float] = typer.Option(None, help="Image guidance: the x0 estimate's error variance "
+                                                                 f"(default {DEFAULT_GUIDE_UNCERTAINTY:g}; 0: the "
+                                                                 f"paper's guide)."),
     tile: Optional[bool] = typer.Option(None, "--tile/--no-tile", help="VAE in tiles (default: only when the "
                                                                        "image exceeds the VAE's exported range)."),
     out: Path = typer.Option(..., "--out", "-o", help=".png (one file per image) or .npy [B, H, W, 3]; "

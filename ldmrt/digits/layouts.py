@@ -7,6 +7,8 @@
     layout_of(digits, boxes)        the request form: [{"class": digit, "box": [x0, y0, x1, y1]}] in [0, 1]
     box_crops(images, layouts)      each box of each image, resized to the judge's 32x32
     layout_samples(count, seed)     a deterministic list of (canvas, layout)
+    two_digit_layouts(count, seed)  request layouts of two distinct random digits (the trained proof's)
+    small_digits(count, seed, side) real digits bicubic-downsampled: image guidance's targets
 
 A box is the frame of a rendered digit (data.render draws the digit over the middle 3/4 of its
 frame), so the digit's strokes stay inside the box it is asked for.
@@ -18,11 +20,12 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from ldmrt.digits.data import IMAGE_SIZE, SPLITS, digit_images, render, split_indices
+from ldmrt.digits.data import IMAGE_SIZE, SPLITS, batches, digit_images, render, split_indices
 from ldmrt.digits.palette import PLAIN_BACKGROUND, PLAIN_INK
 from ldmrt.errors import ConfigError
 
-__all__ = ["CANVAS", "MAX_DIGITS", "BOX_SIDES", "PLACEMENTS", "random_boxes", "cell_boxes", "render_canvas", "layout_of", "box_crops",
+__all__ = ["CANVAS", "MAX_DIGITS", "BOX_SIDES", "PLACEMENTS", "random_boxes", "cell_boxes", "render_canvas",
+           "two_digit_layouts", "small_digits", "layout_of", "box_crops",
            "layout_samples"]
 
 CANVAS = 64
@@ -129,6 +132,10 @@ def layout_samples(count: int, seed: int, split: str = "train", augment: bool = 
     anywhere ("free") or one per cell of the 2x2 grid ("cells")."""
     if placement not in PLACEMENTS:
         raise ConfigError(f"placement {placement!r}: expected one of {list(PLACEMENTS)}", field="placement")
+    if digits_per_canvas is not None and (isinstance(digits_per_canvas, bool) or not isinstance(digits_per_canvas, int)
+                                          or not 1 <= digits_per_canvas <= MAX_DIGITS):
+        raise ConfigError(f"digits_per_canvas {digits_per_canvas!r}: expected None (1 to {MAX_DIGITS}, mostly 2) "
+                          f"or an integer from 1 to {MAX_DIGITS}", field="digits_per_canvas")
     if split not in SPLITS:
         raise ConfigError(f"split {split!r}: expected one of {list(SPLITS)}", field="split")
     images, targets = digit_images()
@@ -136,9 +143,30 @@ def layout_samples(count: int, seed: int, split: str = "train", augment: bool = 
     rng = np.random.default_rng([seed, 0x1A70, SPLITS.index(split)])
     out = []
     for _ in range(count):
-        n = digits_per_canvas or 1 + int(rng.choice(len(_COUNT_SHARES), p=_COUNT_SHARES))
+        n = digits_per_canvas if digits_per_canvas is not None else \
+            1 + int(rng.choice(len(_COUNT_SHARES), p=_COUNT_SHARES))
         chosen = pool[rng.choice(len(pool), size=n, replace=False)]
         boxes = PLACEMENTS[placement](rng, n)
         out.append((render_canvas([images[i] for i in chosen], boxes, rng, augment),
                     layout_of(targets[chosen], boxes)))
     return out
+
+
+def two_digit_layouts(count: int, seed: int, placement: str = "cells") -> list[list[dict]]:
+    """`count` request layouts of two distinct random digits, boxes placed as PLACEMENTS[placement]."""
+    if placement not in PLACEMENTS:
+        raise ConfigError(f"placement {placement!r}: expected one of {list(PLACEMENTS)}", field="placement")
+    rng = np.random.default_rng([seed, 0x2D16])
+    return [layout_of(rng.choice(10, size=2, replace=False), PLACEMENTS[placement](rng, 2)) for _ in range(count)]
+
+
+def small_digits(count: int, seed: int, side: int, split: str = "train") -> tuple[np.ndarray, list[int]]:
+    """`count` real digits of `split` (black on white, unaugmented) bicubic-downsampled to side x
+    side: (N, side, side, 3) float32 in [0, 1], and their digits. The default split is the one the
+    judge never saw, so reading a guided image as its target's digit owes nothing to the judge
+    having seen the target."""
+    images, _, digits = next(batches(count, seed=seed, split=split, augment=False, coloured_share=0.0))
+    small = [np.asarray(Image.fromarray((im * 255).round().astype(np.uint8)).resize((side, side),
+                                                                                  Image.Resampling.BICUBIC),
+                        np.float32) / 255 for im in images]
+    return np.stack(small), [int(d) for d in digits]

@@ -257,6 +257,14 @@ def _unet_call(graph, spec):
     return call
 
 
+def downsample(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The guide's T: (B, C, H, W) -> (B, C, *size) by antialiased bicubic resampling (Pillow's
+    BICUBIC resize, a = -0.5); the identity at the same size."""
+    if tuple(pixels.shape[-2:]) == tuple(size):
+        return pixels
+    return torch.nn.functional.interpolate(pixels, size=size, mode="bicubic", align_corners=False, antialias=True)
+
+
 class DecoderGradient:
     """The image guide's gradient on this backend (ldmrt.sampling.image_guide): autograd through
     the bundle's decoder module, d/dx0 of 1/2 ||T(D(x0 / latent_scale) / 2 + 1/2) - y||^2 summed
@@ -270,11 +278,7 @@ class DecoderGradient:
 
     def loss(self, x0: torch.Tensor) -> torch.Tensor:
         pixels = self.decoder((x0 / self.latent_scale).to(self.dtype)).float() / 2 + 0.5
-        size = tuple(self.target.shape[-2:])
-        if tuple(pixels.shape[-2:]) != size:
-            pixels = torch.nn.functional.interpolate(pixels, size=size, mode="bicubic", align_corners=False,
-                                                     antialias=True)
-        return 0.5 * (pixels - self.target).pow(2).sum()
+        return 0.5 * (downsample(pixels, tuple(self.target.shape[-2:])) - self.target).pow(2).sum()
 
     def __call__(self, x0):
         given_numpy = isinstance(x0, np.ndarray)

@@ -19,7 +19,7 @@ from ldmrt.config import ClassEmbedderConfig, ModelConfig
 from ldmrt.engines.backend import Backend
 from ldmrt.engines.base import BackendRunners, ComponentRunner
 from ldmrt.engines.dispatch import open_runners
-from ldmrt.errors import ConfigError, GenerationCancelled, GenerationError
+from ldmrt.errors import ConfigError, GenerationCancelled, GenerationError, ShapeError
 from ldmrt.iospec import Component, Precision
 from ldmrt.layout import encode_layout
 from ldmrt.manifest import Manifest, load_manifest, verify_bundle
@@ -39,9 +39,11 @@ CancelCheck = Callable[[], bool]             # True: stop at the next check
 # What generate runs, of what a bundle holds (denoise_step is a device backend's, not the pipeline's).
 PIPELINE_COMPONENTS = (Component.TEXT_ENCODER, Component.UNET, Component.VAE_DECODER, Component.VAE_ENCODER)
 IMG2IMG_STRENGTH = 0.8     # how much of the schedule img2img runs unless told
-# image guidance (ldmrt.sampling.image_guide): what steers the built-in digits to 8x8 targets (docs/guidance.md)
+# image guidance (ldmrt.sampling.image_guide): what steers the built-in digits to 8x8 targets
+# (docs/layout-and-guidance.md)
 DEFAULT_GUIDE_SCALE = 10.0
 DEFAULT_GUIDE_UNCERTAINTY = 0.003
+GUIDED_STEP_COST = 3       # a guided step (UNet + decoder forward and backward) in plain steps, rounded up
 
 
 @dataclass(frozen=True)
@@ -173,7 +175,7 @@ class Pipeline:
 
         start = time.perf_counter()
         image_guide = None
-        if request.guide_image is not None:
+        if request.guide_image is not None and request.guide_scale > 0:    # scale 0: no pull, no gradient
             target = np.broadcast_to(request.guide_image, (batch, *request.guide_image.shape[1:]))
             image_guide = ImageGuide(self.image_gradient(target.transpose(0, 3, 1, 2).astype(np.float32)),
                                      request.guide_scale, request.guide_uncertainty)
@@ -222,7 +224,7 @@ class Pipeline:
                                   f"(|guidance| <= 3.4e38)", field="guidance")
         spatial.check_fields(config, request)
         shape = self._latent_shape(request)
-        self._check_cost(request.steps, shape)
+        self._check_cost(request.steps, shape, guided=request.guide_image is not None)
         self._check_conditioning_fields(request, shape[0])
         request = dataclasses.replace(request, noise_level=spatial.check_arrays(config, request, shape))
         if request.tile is not None and not isinstance(request.tile, (bool, np.bool_)):
@@ -278,24 +280,27 @@ class Pipeline:
                 or guide.shape[0] not in (1, shape[0]) or not (1 <= guide.shape[1] <= height) \
                 or not (1 <= guide.shape[2] <= width):
             found = list(guide.shape) if isinstance(guide, np.ndarray) else type(guide).__name__
-            raise GenerationError(f"guide_image: expected an RGB array [1 or {shape[0]}, h, w, 3] with h <= "
-                                  f"{height} and w <= {width} (the image, downsampled to the guide's size, is "
-                                  f"compared with it), found {found}", field="guide_image")
+            images = "1" if shape[0] == 1 else f"1 or {shape[0]}"
+            raise ShapeError(f"guide_image: expected an RGB array [{images}, h, w, 3] with h <= {height} and "
+                             f"w <= {width} (the image, downsampled to the guide's size, is compared with it), "
+                             f"found {found}", field="guide_image")
         check_array("guide_image", guide, guide.shape, unit_range=True)
         return dataclasses.replace(request, **numbers)
 
-    def _check_cost(self, steps: int, shape: tuple[int, int, int, int]) -> None:
-        """Refuse a request over `max_cost` (steps x images x megapixels) before any work: what a
-        server sets so that no single request can hold an instance for long."""
+    def _check_cost(self, steps: int, shape: tuple[int, int, int, int], guided: bool = False) -> None:
+        """Refuse a request over `max_cost` (steps x images x megapixels, x GUIDED_STEP_COST with an
+        image guide) before any work: what a server sets so that no single request can hold an
+        instance for long."""
         if self.max_cost <= 0:
             return
         batch, _, latent_height, latent_width = shape
         f = self.config.downsampling_factor
         megapixels = latent_height * f * latent_width * f / 1e6
-        cost = steps * batch * megapixels
+        cost = steps * batch * megapixels * (GUIDED_STEP_COST if guided else 1)
         if cost > self.max_cost:
+            extra = f" x {GUIDED_STEP_COST} (image guidance)" if guided else ""
             raise GenerationError(f"request: costs {cost:.4g} (steps {steps} x {batch} images x "
-                                  f"{megapixels:.4g} megapixels), over this model's limit max_cost "
+                                  f"{megapixels:.4g} megapixels{extra}), over this model's limit max_cost "
                                   f"{self.max_cost:g}; ask for fewer steps, images or pixels", field="request")
 
     def _check_conditioning_fields(self, request: GenerationRequest, batch: int) -> None:

@@ -1,0 +1,92 @@
+"""The paper's last two systems, proven on the trained digits (issue 18): `digits-layout` draws the
+asked digit inside each box of a layout on a 64x64 canvas, and post-hoc image guidance steers the
+unprompted `digits` model to the digit of an 8x8 target; the independent classifier
+(ldmrt.digits.judge) reads each box's crop and each guided image."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from ldmrt.checkpoints.builtin import builtin_files
+from ldmrt.cli import app
+from ldmrt.digits import DigitJudge
+from ldmrt.digits.layouts import CANVAS, box_crops, small_digits, two_digit_layouts
+from ldmrt.runtime.pipeline import GenerationRequest, Pipeline
+
+BOUND = 0.85         # issue 18: >= 85% per box, and of guided images
+CANVASES = 12        # two boxes each
+TARGETS = 20         # 8x8 guides
+LAYOUT_GUIDANCE = 3.0
+
+
+@pytest.fixture(scope="module")
+def judge() -> DigitJudge:
+    return DigitJudge.train(seed=0)
+
+
+def _export(name: str, root, max_batch: int) -> str:
+    out = root / name
+    result = CliRunner().invoke(app, ["export", name, "--out", str(out), "--no-validate", "--max-batch", str(max_batch)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def layout_pipeline(tmp_path_factory) -> Pipeline:
+    return Pipeline.load(_export("digits-layout", tmp_path_factory.mktemp("builtin"), CANVASES), threads=2)
+
+
+def test_the_layout_model_ships_in_compvis_layout2img_form():
+    checkpoint, yaml, tokenizer = builtin_files("digits-layout")
+    text = yaml.read_text()
+    assert checkpoint.stat().st_size <= 10 * 2 ** 20 and tokenizer is None
+    assert "coordinates_bbox" in text and "use_tokenizer: false" in text and "no_object_classes: 10" in text
+
+
+def test_each_box_shows_its_digit(layout_pipeline, judge):
+    layouts = two_digit_layouts(CANVASES, seed=7)
+    images = layout_pipeline.generate(GenerationRequest(layout=layouts, batch=len(layouts), steps=20, sampler="ddim",
+                                                        guidance=LAYOUT_GUIDANCE, seed=3)).images
+    assert images.shape == (CANVASES, CANVAS, CANVAS, 3)
+    crops, classes = box_crops(images, layouts)
+    read = np.array([r.digit for r in judge.read(crops)])
+    assert (read == classes).mean() >= BOUND, (read, classes)
+    # and the reading can fail: the same crops against the other box's digit
+    swapped = np.array([c for pair in classes.reshape(-1, 2) for c in pair[::-1]])
+    assert (read == swapped).mean() <= 0.3
+
+
+def test_guidance_steers_the_unprompted_digits_model_to_an_8x8_target(tmp_path_factory, judge):
+    pipeline = Pipeline.load(_export("digits", tmp_path_factory.mktemp("builtin"), TARGETS), "torch")
+    targets, digits = small_digits(TARGETS, seed=5, side=8)                  # digits the judge never saw
+    request = GenerationRequest(prompt="", guidance=1.0, steps=20, sampler="ddim", batch=len(targets), seed=1)
+    guided = pipeline.generate(dataclasses.replace(request, guide_image=targets)).images
+    unguided = pipeline.generate(request).images
+    guided_share = np.mean([r.digit == d for r, d in zip(judge.read(guided), digits)])
+    unguided_share = np.mean([r.digit == d for r, d in zip(judge.read(unguided), digits)])
+    assert guided_share >= BOUND and unguided_share <= 0.35, (guided_share, unguided_share)
+
+
+def test_the_training_script_writes_a_layout_checkpoint_the_loader_reads(tmp_path):
+    """scripts/train_digits_layout.py for a few steps: its YAML and weights load back as a layout
+    model with the script's token constants, and its layout tokens reach the conditioner."""
+    import torch
+
+    from ldmrt.checkpoints.source import checkpoint_source
+    from ldmrt.layout import encode_layout
+    from tests.modules import load_file
+
+    script = load_file(Path(__file__).resolve().parents[1] / "scripts" / "train_digits_layout.py",
+                       "ldmrt_train_digits_layout")
+    settings = script.base.Settings(batch=4, steps=3, warmup_steps=1)
+    record = script.train(tmp_path, settings, pool_size=8, placement="cells", resume=False, show_progress=False)
+    assert record["diffusion"]["steps"] == 3 and record["stages"][0]["placement"] == "cells"
+    loaded = checkpoint_source(tmp_path / "digits-layout.safetensors", yaml=tmp_path / "digits-layout.yaml").model
+    assert loaded.config.layout == script.LAYOUT and loaded.config.default_image_size == CANVAS
+    tokens = torch.from_numpy(encode_layout(loaded.config.layout, [{"class": 3, "box": [0, 0, 0.5, 0.5]}])[None])
+    with torch.no_grad():
+        assert loaded.conditioner(tokens.long()).shape == (1, script.LAYOUT.max_length, 64)
