@@ -36,6 +36,7 @@ from ldmrt.checkpoints.builtin import builtin_source
 from ldmrt.digits import DigitJudge
 from ldmrt.digits.layouts import CANVAS, PLACEMENTS, box_crops, small_digits, two_digit_layouts
 from ldmrt.export.bundle import ExportOptions, export_bundle
+from ldmrt.iospec import ShapeRanges
 from ldmrt.runtime.pipeline import GenerationRequest, Pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,10 +45,15 @@ CFG_SCALES = (1.0, 3.0, 5.0)
 GUIDES = ((0.0, 0.0), (0.1, 0.0), (10.0, 0.0), (10.0, 0.003), (3.0, 0.003), (30.0, 0.003))   # (scale, uncertainty)
 
 
-def export(name: str, work: Path) -> Path:
+def export(name: str, work: Path, max_size: int | None = None) -> Path:
+    """The built-in model's bundle (its default sizes, or up to `max_size` pixels)."""
     out = work / name
     if not out.exists():
-        export_bundle(builtin_source(name), out, ExportOptions(validate=False))
+        source = builtin_source(name)
+        ranges = ShapeRanges.for_model(source.model.config)
+        if max_size:
+            ranges = dataclasses.replace(ranges, max_size=max_size)
+        export_bundle(source, out, ExportOptions(shape_ranges=ranges, validate=False))
     return out
 
 
@@ -178,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     judge = DigitJudge.train(seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        layout, digits = Pipeline.load(export("digits-layout", work)), export("digits", work)
+        layout, digits = Pipeline.load(export("digits-layout", work)), export("digits", work, max_size=64)
         guided = Pipeline.load(digits, "torch")
         report = {"schema": SCHEMA, "machine": machine_info(),
                   "layout": layout_rows(layout, judge, args.canvases),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from ldmrt.checkpoints.builtin import builtin_files
@@ -60,8 +61,13 @@ def test_each_box_shows_its_digit(layout_pipeline, judge):
     assert (read == swapped).mean() <= 0.3
 
 
-def test_guidance_steers_the_unprompted_digits_model_to_an_8x8_target(tmp_path_factory, judge):
-    pipeline = Pipeline.load(_export("digits", tmp_path_factory.mktemp("builtin"), TARGETS), "torch")
+@pytest.fixture(scope="module")
+def digits_bundle(tmp_path_factory):
+    return _export("digits", tmp_path_factory.mktemp("builtin"), TARGETS)
+
+
+def test_guidance_steers_the_unprompted_digits_model_to_an_8x8_target(digits_bundle, judge):
+    pipeline = Pipeline.load(digits_bundle, "torch")
     targets, digits = small_digits(TARGETS, seed=5, side=8)                  # digits the judge never saw
     request = GenerationRequest(prompt="", guidance=1.0, steps=20, sampler="ddim", batch=len(targets), seed=1)
     guided = pipeline.generate(dataclasses.replace(request, guide_image=targets)).images
@@ -90,3 +96,19 @@ def test_the_training_script_writes_a_layout_checkpoint_the_loader_reads(tmp_pat
     tokens = torch.from_numpy(encode_layout(loaded.config.layout, [{"class": 3, "box": [0, 0, 0.5, 0.5]}])[None])
     with torch.no_grad():
         assert loaded.conditioner(tokens.long()).shape == (1, script.LAYOUT.max_length, 64)
+
+
+def test_the_cli_guides_with_an_image_file_and_refuses_backends_without_gradients(digits_bundle, judge, tmp_path):
+    targets, digits = small_digits(2, seed=8, side=8)
+    guide = tmp_path / "target.png"
+    Image.fromarray((targets[0] * 255).round().astype(np.uint8)).save(guide)
+    out = tmp_path / "guided.png"
+    result = CliRunner().invoke(app, ["generate", str(digits_bundle), "--backend", "torch", "--guidance", "1",
+                                      "--guide-image", str(guide), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    image = np.asarray(Image.open(out).convert("RGB"), np.float32)[None] / 255
+    assert judge.read(image)[0].digit == digits[0]
+    refused = CliRunner().invoke(app, ["generate", str(digits_bundle), "--guide-image", str(guide),
+                                       "--out", str(tmp_path / "no.png")])
+    assert refused.exit_code == 2 and "--guide-image" in refused.output and "--backend torch" in refused.output
+    assert not (tmp_path / "no.png").exists()
