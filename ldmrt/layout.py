@@ -9,10 +9,8 @@ to even as Python's round does) — in the order given, padded with (pad, pad, p
 `max_objects` (pad = vocab_size - 1), then the crop window's two corner cells (the whole image:
 0 and G^2 - 1). Class ids and cells share the vocabulary without offsets: a token's meaning is its
 position. Every constant is in `LayoutTokenizerConfig`, which a bundle's manifest records, so a
-C++ or Triton client can reproduce the tokens. Torch-free.
-
-Status (issue 18): the tokenizer and its checks; the layout model, its loading and its request
-field are not built yet.
+C++ or Triton client can reproduce the tokens. Torch-free. The model that reads them:
+ModelConfig.layout (presets `ldm-layout`, built-in `digits-layout`; docs/layout-and-guidance.md).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The paper's layout-to-image model (issue 18, first half without the trained proof): the preset
+"""The paper's layout-to-image model (issue 18; its trained proof: tests/test_builtin_layout.py): the preset
 at full size against the published parameter counts, its YAML read as the preset, and generation
 from a layout on ONNX Runtime against a loop written here: tokens by the paper's definition
 (tests/test_layout_tokens.py), diffusers' UNet2DConditionModel, DDIM and VQModel."""
