@@ -5,7 +5,8 @@ accuracy read by the independent classifier, the cost of a guided step, and the 
 
 - layout: `digits-layout` (ONNX Runtime) draws two distinct random digits in random boxes of a
   64x64 canvas, each in its own cell of the 2x2 grid ("cells", as the last training stage) or
-  anywhere ("free"); the judge reads each box's crop (share showing its digit, per CFG scale);
+  anywhere ("free"); the judge reads each box's crop (share showing its own digit, the other box's,
+  either: per CFG scale);
 - guidance: the unprompted `digits` model (torch backend, DDIM 20) with and without an 8x8 target
   (a real digit the judge never saw, bicubic-downsampled), per guide setting: share read as the
   target's digit;
@@ -77,9 +78,12 @@ def layout_rows(pipeline: Pipeline, judge: DigitJudge, count: int) -> list[dict]
             images = generate(pipeline, GenerationRequest(steps=20, sampler="ddim", guidance=cfg, seed=3),
                               {"layout": layouts})
             crops, classes = box_crops(images, layouts)
+            other = np.array([c for pair in classes.reshape(-1, 2) for c in pair[::-1]])
             read = np.array([r.digit for r in judge.read(crops)])
             rows.append({"placement": placement, "guidance": cfg, "boxes": len(classes),
-                         "box_accuracy": float((read == classes).mean())})
+                         "box_accuracy": float((read == classes).mean()),            # its own digit
+                         "other_box_digit": float((read == other).mean()),           # the other box's
+                         "in_layout": float(((read == classes) | (read == other)).mean())})
     return rows
 
 

@@ -75,8 +75,8 @@ def train(out: Path, settings: base.Settings, pool_size: int, placement: str, re
         model = builtin_source(NAME).model
         assert model.config.layout == LAYOUT, model.config.layout
         earlier = json.loads((BUILTIN_DIR / f"{NAME}-training.json").read_text())
-        stages = earlier.get("stages", [{k: earlier[k] for k in ("settings", "pool_size", "diffusion")}
-                                        | {"placement": "free", "from": earlier["from"]}])
+        stages = earlier["stages"] if "stages" in earlier else \
+            [{k: earlier[k] for k in ("settings", "pool_size", "diffusion")} | {"placement": "free", "from": "digits"}]
     else:
         model = layout_model(builtin_source("digits").model)
         stages = []

@@ -15,8 +15,9 @@ from ldmrt.checkpoints.source import ModelSource, checkpoint_source
 from ldmrt.errors import CheckpointError
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "builtin" / "digits"
-# digits-sr / digits-inpaint: digits fine-tuned with concatenated maps (scripts/train_digits_concat.py)
-BUILTIN_NAMES = ("digits", "digits-vq", "digits-sr", "digits-inpaint")
+# digits-sr / digits-inpaint: digits fine-tuned with concatenated maps (scripts/train_digits_concat.py);
+# digits-layout: digits fine-tuned on layouts of digits (scripts/train_digits_layout.py)
+BUILTIN_NAMES = ("digits", "digits-vq", "digits-sr", "digits-inpaint", "digits-layout")
 
 
 def builtin_files(name: str) -> tuple[Path, Path, Path | None]:

@@ -14,7 +14,7 @@ from ldmrt.iospec import Component
 
 def export(
     source: str = typer.Argument("digits", help="A built-in trained model (digits, digits-vq, digits-sr, "
-                                              "digits-inpaint), a preset name (random weights) or a "
+                                              "digits-inpaint, digits-layout), a preset name (random weights) or a "
                                               "checkpoint path."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Bundle folder to create."),
     precision: str = typer.Option("fp32", help="fp32 | fp16 | bf16 (graph precision) | int8 (CPU: int8 UNet)."),
