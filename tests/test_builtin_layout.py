@@ -1,7 +1,7 @@
-"""The paper's last two systems, proven on the trained digits (issue 18): `digits-layout` draws the
-asked digit inside each box of a layout on a 64x64 canvas, and post-hoc image guidance steers the
-unprompted `digits` model to the digit of an 8x8 target; the independent classifier
-(ldmrt.digits.judge) reads each box's crop and each guided image."""
+"""The paper's last two systems on the trained digits (issue 18): `digits-layout` draws the layout's
+digits in its boxes on a 64x64 canvas (each in its own box: not yet, a strict xfail), and post-hoc
+image guidance steers the unprompted `digits` model to the digit of an 8x8 target; the independent
+classifier (ldmrt.digits.judge) reads each box's crop and each guided image."""
 from __future__ import annotations
 
 import dataclasses
