@@ -292,11 +292,13 @@ class Conditions:
 class Finetune:
     """How a fine-tune (scripts/train_digits_concat.py, train_digits_layout.py) departs from stage 2:
     maps concatenated to the noisy latents, made from the pool rows' images; the conditioner frozen;
-    every prompt empty; the context made by another rule than the pool's prompts or labels."""
+    every prompt empty; the context made by another rule than the pool's prompts or labels; a further
+    loss term, computed after the UNet's forward pass (e.g. from what its hooks saw)."""
     concat: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None   # images -> maps
     freeze_conditioner: bool = False
     unprompted: bool = False
     context: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None     # (rows, drop) -> context
+    auxiliary: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None   # (rows, drop) -> loss
 
 
 def train_diffusion(model: LatentDiffusion, pool: Pool, encodings: torch.Tensor, settings: Settings,
@@ -346,6 +348,8 @@ def train_diffusion(model: LatentDiffusion, pool: Pool, encodings: torch.Tensor,
         prediction = unet(noisy if maps is None else torch.cat([noisy, maps], dim=1), t.float(), context)
         per_sample = (prediction - noise).pow(2).mean(dim=(1, 2, 3))
         loss = (weights[t] * per_sample).mean()
+        if finetune.auxiliary is not None:
+            loss = loss + finetune.auxiliary(rows, drop)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)

@@ -107,8 +107,10 @@ def test_the_training_script_writes_a_layout_checkpoint_the_loader_reads(tmp_pat
     script = load_file(Path(__file__).resolve().parents[1] / "scripts" / "train_digits_layout.py",
                        "ldmrt_train_digits_layout")
     settings = script.base.Settings(batch=4, steps=3, warmup_steps=1)
-    record = script.train(tmp_path, settings, pool_size=8, placement="cells", resume=False, show_progress=False)
+    record = script.train(tmp_path, settings, pool_size=8, placement="cells", resume=False, show_progress=False,
+                          attention_weight=0.1)
     assert record["diffusion"]["steps"] == 3 and record["stages"][0]["placement"] == "cells"
+    assert record["stages"][0]["attention_loss_mean100"] > 0
     loaded = checkpoint_source(tmp_path / "digits-layout.safetensors", yaml=tmp_path / "digits-layout.yaml").model
     assert loaded.config.layout == script.LAYOUT and loaded.config.default_image_size == CANVAS
     tokens = torch.from_numpy(encode_layout(loaded.config.layout, [{"class": 3, "box": [0, 0, 0.5, 0.5]}])[None])
@@ -134,3 +136,56 @@ def test_the_cli_guides_with_an_image_file_and_refuses_backends_without_gradient
                                        "--out", str(tmp_path / "no.png")])
     assert refused.exit_code == 2 and "--guide-image" in refused.output and "--backend torch" in refused.output
     assert not (tmp_path / "no.png").exists()
+
+
+def test_the_attention_supervision_loss_matches_its_definition():
+    """train_digits_layout's binding loss, against numpy in float64 from the layers' weights: the mean
+    over attention layers of -log(the share of each head's attention, at each pixel inside box k,
+    on object k's three tokens), dropped rows and pixels outside every box left out."""
+    import torch
+
+    from ldmrt.checkpoints.builtin import builtin_source
+    from tests.modules import load_file
+
+    script = load_file(Path(__file__).resolve().parents[1] / "scripts" / "train_digits_layout.py",
+                       "ldmrt_train_digits_layout")
+    layouts = [[{"class": 1, "box": [0.0, 0.0, 0.5, 0.5]}, {"class": 7, "box": [0.5, 0.5, 1.0, 0.75]}],
+               [{"class": 3, "box": [0.25, 0.0, 0.75, 1.0]}], [{"class": 2, "box": [0, 0, 1, 1]}]]
+    maps = script.object_maps(layouts, 8).numpy().reshape(3, 8, 8)
+    for n, layout in enumerate(layouts):
+        for y in range(8):
+            for x in range(8):
+                inside = [k for k, o in enumerate(layout) if o["box"][0] * 8 <= x + 0.5 < o["box"][2] * 8
+                          and o["box"][1] * 8 <= y + 0.5 < o["box"][3] * 8]
+                assert maps[n, y, x] == (inside[0] if inside else -1)
+    model = builtin_source("digits-layout").model
+    supervision = script.AttentionSupervision(model, layouts, weight=0.5)
+    from ldmrt.layout import encode_layout
+    tokens = torch.from_numpy(np.stack([encode_layout(script.LAYOUT, o) for o in layouts]).astype(np.int64))
+    rows, drop = torch.tensor([0, 1, 2]), torch.tensor([False, False, True])
+    model.unet.train()
+    with torch.no_grad():
+        model.unet(torch.randn(3, 4, 16, 16), torch.tensor([10.0, 500.0, 900.0]), model.conditioner(tokens))
+        seen = [(layer, x.double().numpy(), c.double().numpy()) for layer, x, c in supervision.seen]
+        loss = supervision(rows, drop).item()
+    model.unet.eval()
+    assert len(seen) == len(supervision.layers) > 0
+    terms = []
+    for layer, x, context in seen:
+        side = int(round(x.shape[1] ** 0.5))
+        where = script.object_maps(layouts, side).numpy()
+        q = x @ layer.to_q.weight.double().numpy().T
+        k = context @ layer.to_k.weight.double().numpy().T
+        d = q.shape[-1] // layer.heads
+        values = []
+        for b in (0, 1):                                   # row 2 is dropped
+            for h in range(layer.heads):
+                logits = q[b, :, h * d:(h + 1) * d] @ k[b, :, h * d:(h + 1) * d].T / np.sqrt(d)
+                weights = np.exp(logits - logits.max(-1, keepdims=True))
+                weights /= weights.sum(-1, keepdims=True)
+                for p in np.flatnonzero(where[b] >= 0):
+                    j = 3 * where[b, p]
+                    values.append(-np.log(weights[p, j:j + 3].sum()))
+        terms.append(np.mean(values))
+    assert loss == pytest.approx(0.5 * np.mean(terms), rel=1e-5)
+    assert supervision.values[-1] == pytest.approx(np.mean(terms), rel=1e-5)
