@@ -10,8 +10,13 @@ the empty layout (padding and the crop only), the unconditional input of classif
 Stage 2's recipe of scripts/train_digits.py otherwise, by its own train_diffusion. Writes
 `digits-layout.safetensors` + `.yaml` (CompVis' layout2img form: a BERTEmbedder with
 `use_tokenizer: false` over `coordinates_bbox`), `-training.json` and `-loss.png`.
+`--attention-weight W` adds AttentionSupervision (a training-only loss on the cross-attention that
+teaches which class goes in which box; docs/layout-and-guidance.md). The shipped model's stages:
 
-    python scripts/train_digits_layout.py --out ldmrt/builtin/digits --minutes 30
+    python scripts/train_digits_layout.py --out ldmrt/builtin/digits --minutes 38 --placement free
+    python scripts/train_digits_layout.py --out ldmrt/builtin/digits --minutes 32 --placement cells --resume --lr 5e-4 --seed 1
+    python scripts/train_digits_layout.py --out ldmrt/builtin/digits --minutes 10 --placement cells --resume --lr 5e-4 --attention-weight 0.1
+    python scripts/train_digits_layout.py --out ldmrt/builtin/digits --minutes 12 --placement cells --resume --lr 3e-4 --attention-weight 0.1 --seed 2
 """
 from __future__ import annotations
 

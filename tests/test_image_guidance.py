@@ -227,6 +227,20 @@ def test_backends_without_the_decoder_gradient_refuse_before_any_work(guided):
     assert calls == []
 
 
+def test_max_cost_counts_a_guided_step_as_several_and_a_zero_scale_as_plain(guided):
+    g = guided("sd1")
+    request = GenerationRequest(steps=2, guide_image=np.zeros((1, 8, 8, 3), np.float32))
+    plain = g.torch.generate(dataclasses.replace(request, guide_image=None)).latents
+    side = plain.shape[-1] * g.config.downsampling_factor
+    plain_cost = 2 * (side * side / 1e6)
+    with mock.patch.object(g.torch, "max_cost", plain_cost * 2):
+        with pytest.raises(LdmrtError) as caught:
+            g.torch.generate(request)
+        assert caught.value.field == "request" and "(image guidance)" in str(caught.value)
+        unpulled = g.torch.generate(dataclasses.replace(request, guide_scale=0.0)).latents   # no gradient: plain
+    np.testing.assert_allclose(unpulled, plain, atol=1e-6)
+
+
 class _Counting:
     def __init__(self, runner, calls):
         self.runner, self.calls, self.spec = runner, calls, runner.spec
