@@ -35,20 +35,23 @@ class SourceRecord:
     yaml: str | None = None            # checkpoint: its inference YAML, absolute (--yaml)
     tokenizer: str | None = None       # checkpoint: its tokenizer folder, absolute (--tokenizer)
     strict: bool = True                # checkpoint: False = loaded with --no-strict
+    ema: bool | None = None            # checkpoint: --ema (True) / --no-ema (False) / neither (None)
 
     def describe(self) -> str:
         """'preset 'tiny' (seed 5)' or 'checkpoint /x.safetensors (preset 'tiny', ...)', for messages."""
         if self.kind == "preset":
             return f"preset {self.location!r} (seed {self.seed})"
         options = [f"preset {self.preset!r}" if self.preset else "", f"yaml {self.yaml}" if self.yaml else "",
-                   f"tokenizer {self.tokenizer}" if self.tokenizer else "", "" if self.strict else "no-strict"]
+                   f"tokenizer {self.tokenizer}" if self.tokenizer else "", "" if self.strict else "no-strict",
+                   {True: "ema", False: "no-ema", None: ""}[self.ema]]
         shown = ", ".join(o for o in options if o)
         return f"checkpoint {self.location}" + (f" ({shown})" if shown else "")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "location": self.location, "seed": self.seed, "preset": self.preset,
+        data = {"kind": self.kind, "location": self.location, "seed": self.seed, "preset": self.preset,
                 "yaml": self.yaml, "tokenizer": self.tokenizer, "strict": self.strict,
                 "weights_sha256": self.weights_sha256}
+        return data if self.ema is None else {**data, "ema": self.ema}     # absent: neither option given
 
     @classmethod
     def from_dict(cls, data: Any, origin: str = "<in memory>") -> "SourceRecord":
@@ -58,10 +61,13 @@ class SourceRecord:
 def parse_source(reader: Reader, data: Any, where: str) -> SourceRecord:
     """The model source: a preset (name, seed) or a checkpoint (absolute paths, loading options)."""
     reader.json_value(data, where)
-    reader.record(data, where, _SOURCE_KEYS)
+    reader.record(data, where, _SOURCE_KEYS, optional=("ema",))      # ema: written since issue 19
     kind = reader.choice(data["kind"], join_path(where, "kind"), SOURCE_KINDS)
     digest = reader.sha256(data["weights_sha256"], join_path(where, "weights_sha256"))
     strict = reader.boolean(data["strict"], join_path(where, "strict"))
+    ema = data.get("ema")
+    if ema is not None:
+        ema = reader.boolean(ema, join_path(where, "ema"))
 
     def absent(key: str) -> None:
         if data[key] is not None:
@@ -84,6 +90,8 @@ def parse_source(reader: Reader, data: Any, where: str) -> SourceRecord:
             absent(key)
         if not strict:
             reader.fail(join_path(where, "strict"), "true (a preset is built, not loaded)", strict)
+        if ema is not None:
+            reader.fail(join_path(where, "ema"), "null (a preset is built, not loaded)", ema)
         return SourceRecord(kind=kind, location=location, weights_sha256=digest, seed=seed)
     location = path("location", required=True)
     absent("seed")
@@ -93,4 +101,4 @@ def parse_source(reader: Reader, data: Any, where: str) -> SourceRecord:
     if preset is not None and yaml is not None:
         reader.fail(join_path(where, "yaml"), "null when a preset is given (one or the other)", yaml)
     return SourceRecord(kind=kind, location=location, weights_sha256=digest, preset=preset, yaml=yaml,
-                        tokenizer=path("tokenizer"), strict=strict)
+                        tokenizer=path("tokenizer"), strict=strict, ema=ema)

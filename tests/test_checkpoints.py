@@ -376,6 +376,24 @@ def test_yaml_described_single_file(sd2, tmp_path) -> None:
     assert found.config_source.endswith("m.yaml")
 
 
+@pytest.mark.parametrize("edit, words", [
+    (("use_spatial_transformer: True, ", ""),
+     "model.params.unet_config.params.use_spatial_transformer is false, the weights say true"),
+    (("channel_mult: [1, 2]", "channel_mult: [1, 4]"),
+     "model.params.unet_config.params.channel_mult is [1, 4], the weights say [1, 2]"),
+    (("use_linear_in_transformer: True", "use_linear_in_transformer: False"),
+     "use_linear_in_transformer is false, the weights say true"),
+])
+def test_a_yaml_that_does_not_fit_the_weights_names_its_field(sd2, tmp_path, edit, words) -> None:
+    yaml_path = tmp_path / "v2-inference.yaml"
+    text = SD2_YAML.format(parameterization="eps", channel_mult="[1, 2]")
+    assert edit[0] in text
+    yaml_path.write_text(text.replace(*edit))
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(sd2.safetensors, yaml=yaml_path)
+    assert words in str(caught.value) and "do not fit" in str(caught.value), str(caught.value)
+
+
 def test_vq_ldm_single_ckpt_matches_its_models(vq) -> None:
     loaded = load_checkpoint(vq.ckpt)
     assert loaded.format == "torch-legacy" and loaded.family == Family.LDM
@@ -451,6 +469,71 @@ def test_preset_and_an_ema_only_single_file(tmp_path) -> None:
     assert any("only EMA" in n for n in loaded.notes) and any("scale_factor buffer" in n for n in loaded.notes)
     with pytest.raises(CheckpointError, match="only EMA weights"):
         load_checkpoint(tmp_path / "ema.safetensors")
+
+
+def _with_ema(sd1, tmp_path: Path) -> tuple[Path, dict]:
+    """sd1's file with a second, different UNet as its EMA set (LitEma names: dots removed)."""
+    averaged = perturb_(diffusers_unet(SD1.unet), seed=5)
+    state = dict(sd1.state)
+    state.update({"model_ema." + k[len("model."):].replace(".", ""): v for k, v in _prefixed(
+        "model.diffusion_model.", unet_from_diffusers(averaged.state_dict(), SD1.unet)).items()})
+    safetensors_torch.save_file(state, tmp_path / "both.safetensors")
+    return tmp_path / "both.safetensors", state
+
+
+def test_a_file_with_both_unet_sets_gives_the_one_asked_for(sd1, tmp_path) -> None:
+    """As diffusers' single-file converter: the non-EMA set by default, the EMA set with ema=True
+    (its extract_ema=True is the reference); asking for a set the file lacks is refused by name."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    path, state = _with_ema(sd1, tmp_path)
+    extracted = diffusers_unet(SD1.unet)
+    extracted.load_state_dict(convert_ldm_unet_checkpoint(state, extracted.config, extract_ema=True))
+    for ema, reference, words in ((None, sd1.unet, "the default; --ema"), (False, sd1.unet, "asked by --no-ema"),
+                                  (True, extracted, "asked by --ema")):
+        loaded = load_checkpoint(path, ema=ema)
+        assert words in loaded.unet_weights and any(words in note for note in loaded.notes)
+        assert_unet_matches(loaded.model, reference, SD1.unet)
+    with pytest.raises(AssertionError):                 # the two sets differ: the check can fail
+        assert_unet_matches(load_checkpoint(path).model, extracted, SD1.unet)
+    only_plain = tmp_path / "plain.safetensors"
+    safetensors_torch.save_file({k: v for k, v in state.items() if not k.startswith("model_ema.")}, only_plain)
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(only_plain, ema=True)
+    assert caught.value.field == "ema" and "holds none" in str(caught.value)
+    assert "no EMA set" in load_checkpoint(only_plain).unet_weights
+    only_ema = tmp_path / "ema.safetensors"
+    safetensors_torch.save_file({k: v for k, v in state.items() if not k.startswith("model.diffusion_model.")},
+                                only_ema)
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(only_ema, ema=False)
+    assert caught.value.field == "ema" and "holds only EMA" in str(caught.value)
+    with pytest.raises(ConfigError) as caught:
+        load_checkpoint(sd1.folder, ema=True)
+    assert caught.value.field == "ema"
+
+
+def test_export_says_which_unet_set_it_used_and_the_torch_backend_rebuilds_that_one(sd1, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from ldmrt.checkpoints.source import rebuild_model, weights_digest
+    from ldmrt.cli import app
+    from ldmrt.manifest import load_manifest
+
+    path, _ = _with_ema(sd1, tmp_path)
+    for flag, words in (("--ema", "UNet weights: EMA"), (None, "UNet weights: non-EMA")):
+        out = tmp_path / f"bundle{flag}"
+        result = CliRunner().invoke(app, ["export", str(path), "--out", str(out), "--components", "unet",
+                                          "--min-size", "64", "--opt-size", "64", "--max-size", "64", "--max-batch",
+                                          "1", "--no-validate", *([flag] if flag else [])], terminal_width=200)
+        assert result.exit_code == 0, result.output
+        assert words in " ".join(result.output.split()), result.output
+        assert load_manifest(out).model_source.ema == (True if flag else None)
+    manifest = load_manifest(tmp_path / "bundle--ema")       # the torch backend's rebuild: ema=True, digest holds
+    assert weights_digest(rebuild_model(manifest, tmp_path / "bundle--ema")) == manifest.model_source.weights_sha256
+    assert manifest.model_source.weights_sha256 != load_manifest(tmp_path / "bundleNone").model_source.weights_sha256
+    refused = CliRunner().invoke(app, ["export", "tiny", "--out", str(tmp_path / "t"), "--ema"])
+    assert refused.exit_code == 2 and "--ema" in refused.output and not (tmp_path / "t").exists()
 
 
 def test_describe_reports_components_schedule_and_oddities(sd1, tmp_path) -> None:

@@ -154,6 +154,8 @@ MALFORMED = [
     ("checkpoint-seed", CHECKPOINT, {"seed": 0}, r"model_source\.seed: expected null"),
     ("preset-and-yaml", CHECKPOINT, {"yaml": "/m/x.yaml"}, r"model_source\.yaml: expected null when a preset"),
     ("strict", CHECKPOINT, {"strict": 1}, r"model_source\.strict: expected true or false"),
+    ("ema", CHECKPOINT, {"ema": "yes"}, r"model_source\.ema: expected true or false"),
+    ("preset-ema", PRESET, {"ema": False}, r"model_source\.ema: expected null"),
     ("missing", PRESET, {"seed": ...}, r"model_source\.seed: expected a value \(the key is required\)"),
     ("unknown", PRESET, {"url": "x"}, r"model_source: expected only the keys .*unknown key 'url'"),
     ("not-an-object", PRESET, None, r"model_source: expected an object"),
@@ -164,7 +166,7 @@ MALFORMED = [
 def test_the_parser_checks_the_record_and_reads_bundles_without_one(base, change, message) -> None:
     data = make_manifest("tiny").to_dict()
     assert Manifest.from_dict(data).model_source is None          # written before the record
-    for good in (PRESET, CHECKPOINT):
+    for good in (PRESET, CHECKPOINT, {**CHECKPOINT, "ema": True}):
         data["model_source"] = good
         assert Manifest.from_dict(data).model_source.to_dict() == good
         assert Manifest.from_dict(Manifest.from_dict(data).to_dict()) == Manifest.from_dict(data)
@@ -178,3 +180,4 @@ def test_the_parser_checks_the_record_and_reads_bundles_without_one(base, change
     assert SourceRecord.from_dict(PRESET).describe() == "preset 'tiny' (seed 5)"
     assert SourceRecord.from_dict(CHECKPOINT).describe() == \
         "checkpoint /models/x.safetensors (preset 'tiny', tokenizer /models/tokenizer, no-strict)"
+    assert SourceRecord.from_dict({**CHECKPOINT, "ema": False}).describe().endswith("no-strict, no-ema)")

@@ -30,10 +30,11 @@ class LoadedCheckpoint:
     notes: tuple[str, ...]              # benign things done knowingly (dropped buffers, casts)
     tokenizer_dir: Path | None          # where the tokenizer assets are, if any
     partially_random: bool = False      # strict=False left some weights random
+    unet_weights: str = "the file's UNet weights"   # which set loaded (EMA or not)
 
 
 def assemble(path: Path, *, preset: str | None = None, yaml: Path | None = None,
-             tokenizer: Path | None = None) -> Assembly:
+             tokenizer: Path | None = None, ema: bool | None = None) -> Assembly:
     """Config + CompVis-named fp32 weights of `path`, before any model is built."""
     path = Path(path)
     if not path.exists():
@@ -47,7 +48,11 @@ def assemble(path: Path, *, preset: str | None = None, yaml: Path | None = None,
                                   f"folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
         if preset is not None or yaml is not None:
             raise ConfigError(f"{path}: a diffusers folder describes itself; preset/YAML apply to single files")
+        if ema is not None:
+            raise ConfigError(f"{path}: ema={ema} (--ema/--no-ema) chooses between an original file's two UNet "
+                              f"weight sets; a diffusers folder holds one (its unet/): drop the option", field="ema")
         assembly = read_diffusers_folder(path)
+        assembly.unet_weights = "the folder's unet/ (a diffusers folder holds one set)"
         if tokenizer is not None:
             assembly.tokenizer_dir = Path(tokenizer)
         return assembly
@@ -62,18 +67,19 @@ def assemble(path: Path, *, preset: str | None = None, yaml: Path | None = None,
     if tokenizer is None and (path.parent / "tokenizer").is_dir():
         tokenizer = path.parent / "tokenizer"
     return read_single_file(path, preset_name=preset, yaml_path=None if yaml is None else Path(yaml),
-                            tokenizer_dir=None if tokenizer is None else Path(tokenizer))
+                            tokenizer_dir=None if tokenizer is None else Path(tokenizer), ema=ema)
 
 
-def load_checkpoint(path: Path, *, preset: str | None = None, yaml: Path | None = None,
-                    strict: bool = True, tokenizer: Path | None = None) -> LoadedCheckpoint:
+def load_checkpoint(path: Path, *, preset: str | None = None, yaml: Path | None = None, strict: bool = True,
+                    tokenizer: Path | None = None, ema: bool | None = None) -> LoadedCheckpoint:
     """Load a diffusers folder or an original .safetensors/.ckpt into ldmrt's LatentDiffusion (fp32, eval).
 
     strict (default): any missing, unexpected or mis-shaped weight raises a CheckpointError that
-    lists them; strict=False logs them and leaves missing weights random.
+    lists them; strict=False logs them and leaves missing weights random. ema: which UNet weights
+    an original file with both sets gives (None: the non-EMA set, as diffusers; True: the EMA set).
     """
     path = Path(path)
-    assembly = assemble(path, preset=preset, yaml=yaml, tokenizer=tokenizer)
+    assembly = assemble(path, preset=preset, yaml=yaml, tokenizer=tokenizer, ema=ema)
     warnings = list(assembly.warnings)
     bad = non_finite(assembly.state)
     if bad:
@@ -89,4 +95,4 @@ def load_checkpoint(path: Path, *, preset: str | None = None, yaml: Path | None 
                             family=assembly.config.family, detected=assembly.detected,
                             config_source=assembly.config_source, warnings=tuple(warnings),
                             notes=tuple(assembly.notes), tokenizer_dir=assembly.tokenizer_dir,
-                            partially_random=bool(load_warnings))
+                            partially_random=bool(load_warnings), unet_weights=assembly.unet_weights)

@@ -47,7 +47,7 @@ class Cleaned:
     state: StateDict                 # model weights only, CompVis/ldmrt names
     betas: torch.Tensor | None
     scale_factor: float | None
-    ema_state: StateDict             # model_ema.* (used only when the plain UNet weights are absent)
+    ema_state: StateDict             # model_ema.* (which UNet set loads: single_file.choose_unet_weights)
     openclip: bool                   # the text encoder came with OpenCLIP names (SD 2.x)
     notes: list[str]
 
@@ -78,9 +78,6 @@ def clean_keys(tensors: Mapping[str, torch.Tensor], where: str) -> Cleaned:
                      f"the schedule is recomputed from the scheduler config")
     for reason, keys in dropped.items():
         notes.append(f"dropped {plural(len(keys), 'key')}: {reason}")
-    if any(k.startswith(UNET) for k in state) and ema:
-        notes.append(f"ignored {plural(len(ema), 'EMA tensor')} (model_ema.*): the file's "
-                     f"model.diffusion_model.* weights are used")
     openclip = any(k.startswith(OPENCLIP + "transformer.resblocks.") for k in state)
     if openclip:
         state, openclip_notes = openclip_to_transformers(state)

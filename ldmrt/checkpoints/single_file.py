@@ -14,8 +14,9 @@ import torch
 
 from ldmrt.config import AutoencoderKind, Family, ModelConfig, PredictionType, SchedulerConfig
 from ldmrt.presets import PRESETS, preset as get_preset
-from ldmrt.errors import CheckpointError, ConfigError
+from ldmrt.errors import CheckpointError, ConfigError, LdmrtError
 from ldmrt.models import LatentDiffusion
+from ldmrt.models.unet import UNetModel
 from ldmrt.checkpoints.files import read_weights
 from ldmrt.checkpoints.original import (UNET, clean_keys, detect, ema_as_model, infer_autoencoder,
                                         infer_conditioner, infer_unet)
@@ -34,11 +35,17 @@ def sidecar_yaml(path: Path) -> Path | None:
 
 
 def read_single_file(path: Path, *, preset_name: str | None, yaml_path: Path | None,
-                     tokenizer_dir: Path | None) -> Assembly:
-    """Weights of an original checkpoint and the config that describes them."""
+                     tokenizer_dir: Path | None, ema: bool | None = None) -> Assembly:
+    """Weights of an original checkpoint and the config that describes them. `ema`: which UNet
+    weights a file with both sets gives (None: the non-EMA set, as diffusers' extract_ema=False;
+    a file with one set gives that one, and asking for the other is refused)."""
     where = str(path)
+    if ema is not None and not isinstance(ema, bool):
+        raise ConfigError(f"ema {ema!r}: expected True (the EMA UNet weights), False (the non-EMA ones) or "
+                          f"None (the non-EMA ones when the file has both)", field="ema")
     weights = read_weights(path)
     cleaned = clean_keys(weights.tensors, where)
+    use_ema, unet_weights = choose_unet_weights(cleaned.state, cleaned.ema_state, ema, where)
     notes, warnings = list(cleaned.notes), []
     if weights.extras:
         shown = ", ".join(f"{k}={v}" for k, v in list(weights.extras.items())[:6])
@@ -76,17 +83,71 @@ def read_single_file(path: Path, *, preset_name: str | None, yaml_path: Path | N
     notes += schedule_notes
     warnings += schedule_warnings
     state = cleaned.state
-    if not any(k.startswith(UNET) for k in state):
+    if use_ema:
         with torch.device("meta"):
             expected = [k for k in LatentDiffusion(config).state_dict() if k.startswith(UNET)]
-        state = {**state, **ema_as_model(cleaned.ema_state, expected)}
-        notes.append("the file holds only EMA UNet weights (model_ema.*); loaded them as the UNet")
+        state = {**{k: v for k, v in state.items() if not k.startswith(UNET)},
+                 **ema_as_model(cleaned.ema_state, expected)}
+    notes.append(f"UNet weights: {unet_weights}")
+    if yaml_path is not None:
+        hint = yaml_unet_hint(config.unet, state, detection, where)
+        config_source = source if hint is None else f"{source} ({hint})"
+    else:
+        config_source = source
     dtypes = dtype_counts(state)
     state, cast_note = cast_to_float32(state, where)
     notes += [cast_note] if cast_note else []
-    return Assembly(format=weights.format, config=config, state=state, config_source=source,
+    return Assembly(format=weights.format, config=config, state=state, config_source=config_source,
                     detected=detection.evidence, notes=notes, warnings=warnings, tokenizer_dir=tokenizer_dir,
-                    dtypes=dtypes, ema_tensors=len(cleaned.ema_state))
+                    dtypes=dtypes, ema_tensors=len(cleaned.ema_state), unet_weights=unet_weights)
+
+
+# UNetConfig fields the weights' shapes show, under the CompVis YAML's own names
+_SHAPE_FIELDS = ("in_channels", "out_channels", "model_channels", "channel_mult", "num_res_blocks",
+                 "attention_resolutions", "context_dim", "use_spatial_transformer", "use_linear_in_transformer",
+                 "num_classes")
+
+
+def yaml_unet_hint(unet, state, detection, where: str) -> str | None:
+    """When the YAML's UNet does not fit the weights: which of its fields differ from what the shapes
+    say, by their YAML path (None when the keys fit, or the shapes cannot be read)."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in UNetModel(unet).state_dict().items()}
+    found = {k[len(UNET):]: tuple(v.shape) for k, v in state.items() if k.startswith(UNET)}
+    if found == expected:
+        return None
+    try:
+        inferred, _ = infer_unet(state, detection, where)
+    except LdmrtError:
+        return None
+    wrong = [f"model.params.unet_config.params.{name} is {_yaml_value(getattr(unet, name))}, the weights say "
+             f"{_yaml_value(getattr(inferred, name))}" for name in _SHAPE_FIELDS
+             if getattr(unet, name) != getattr(inferred, name)]
+    return "; ".join(wrong) or None
+
+
+def _yaml_value(value) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else \
+        str(list(value)) if isinstance(value, tuple) else str(value)
+
+
+def choose_unet_weights(state, ema_state, ema: bool | None, where: str) -> tuple[bool, str]:
+    """(load the EMA set?, how to say which set loaded) for a file's plain and EMA UNet weights."""
+    plain, averaged = any(k.startswith(UNET) for k in state), bool(ema_state)
+    if ema is True and not averaged:
+        raise CheckpointError(f"{where}: ema=True (--ema) asks for the EMA UNet weights, but the file holds "
+                              f"none (no model_ema.* tensors); drop --ema", field="ema")
+    if ema is False and not plain:
+        raise CheckpointError(f"{where}: ema=False (--no-ema) asks for the non-EMA UNet weights, but the file "
+                              f"holds only EMA ones (model_ema.*); drop --no-ema", field="ema")
+    if not averaged:
+        return False, "non-EMA (model.diffusion_model.*; the file holds no EMA set)"
+    if not plain:
+        return True, "EMA (model_ema.*; the file holds only EMA weights)"
+    if ema:
+        return True, "EMA (model_ema.*, asked by --ema; the file's non-EMA set is not used)"
+    chosen = "asked by --no-ema" if ema is False else "the default; --ema loads the EMA set"
+    return False, f"non-EMA (model.diffusion_model.*, {chosen}; the file's {len(ema_state)} EMA tensors are not used)"
 
 
 def infer_config(state, detection, ids, name: str, where: str) -> tuple[ModelConfig, list[str]]:

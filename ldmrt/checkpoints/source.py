@@ -38,6 +38,7 @@ class ModelSource:
     # Prompts in the model's own domain, when known (a built-in model's): int8 calibration uses
     # all but the last, its held-out parity run the last. None: generic prompts.
     prompts: tuple[str, ...] | None = None
+    unet_weights: str | None = None                # a checkpoint's: which UNet set loaded (EMA or not)
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -52,22 +53,22 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 
 def checkpoint_record(path: Path, *, preset: str | None, yaml: Path | None, strict: bool,
-                      tokenizer: Path | None) -> SourceRecord:
+                      tokenizer: Path | None, ema: bool | None = None) -> SourceRecord:
     """What `ldmrt export PATH` loaded, with every path absolute (the export's working directory
     is not the runtime's); the digest is filled in at export."""
     def absolute(value: Path | None) -> str | None:
         return None if value is None else str(Path(value).absolute())
     return SourceRecord(kind="checkpoint", location=absolute(path), preset=preset, yaml=absolute(yaml),
-                        tokenizer=absolute(tokenizer), strict=strict)
+                        tokenizer=absolute(tokenizer), strict=strict, ema=ema)
 
 
 def checkpoint_source(path: Path, *, preset: str | None = None, yaml: Path | None = None,
-                      strict: bool = True, tokenizer: Path | None = None) -> ModelSource:
+                      strict: bool = True, tokenizer: Path | None = None, ema: bool | None = None) -> ModelSource:
     """What `ldmrt export PATH` exports: the loaded model and a writer for its tokenizer assets."""
-    loaded = load_checkpoint(path, preset=preset, yaml=yaml, strict=strict, tokenizer=tokenizer)
-    record = checkpoint_record(path, preset=preset, yaml=yaml, strict=strict, tokenizer=tokenizer)
+    loaded = load_checkpoint(path, preset=preset, yaml=yaml, strict=strict, tokenizer=tokenizer, ema=ema)
+    record = checkpoint_record(path, preset=preset, yaml=yaml, strict=strict, tokenizer=tokenizer, ema=ema)
     return ModelSource(model=loaded.model, source=record.location, random_weights=loaded.partially_random,
-                       write_tokenizer=tokenizer_writer(loaded), record=record)
+                       write_tokenizer=tokenizer_writer(loaded), record=record, unet_weights=loaded.unet_weights)
 
 
 def tokenizer_writer(loaded: LoadedCheckpoint) -> Callable[[Path], str] | None:
@@ -134,7 +135,7 @@ def _load_checkpoint(record: SourceRecord, where: str) -> LatentDiffusion:
         return None if value is None else Path(value)
     try:
         return load_checkpoint(Path(record.location), preset=record.preset, yaml=path(record.yaml),
-                               strict=record.strict, tokenizer=path(record.tokenizer)).model
+                               strict=record.strict, tokenizer=path(record.tokenizer), ema=record.ema).model
     except LdmrtError as exc:
         raise BackendUnavailableError(
             f"{where}: the torch backend rebuilds the model from {record.describe()}, the source the "

@@ -30,6 +30,7 @@ class Assembly:
     tokenizer_dir: Path | None = None
     dtypes: dict[str, Counter] = field(default_factory=dict)   # component -> stored dtypes
     ema_tensors: int = 0                                       # model_ema.* tensors in the file
+    unet_weights: str = "the file's UNet weights"               # which set loaded (EMA or not), for the export table
 
 
 def dtype_counts(state: StateDict) -> dict[str, Counter]:
@@ -56,7 +57,7 @@ def names(keys: Iterable[str], limit: int = SHOWN) -> str:
 
 
 def plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" + ("" if count == 1 else "s")
+    return f"{count} {noun}" + ("" if count == 1 else "es" if noun.endswith(("s", "sh", "ch", "x")) else "s")
 
 
 def cast_to_float32(state: StateDict, origin: str = "checkpoint") -> tuple[StateDict, str | None]:

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from ldmrt.commands.terminal import choice, comma_list, console, out, size_text, user_errors
+from ldmrt.errors import ConfigError
 from ldmrt.iospec import Component
 
 
@@ -34,6 +35,8 @@ def export(
     yaml_path: Optional[Path] = typer.Option(None, "--yaml", help="Checkpoint: its original inference YAML."),
     tokenizer_dir: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer folder for a single file."),
     no_strict: bool = typer.Option(False, "--no-strict", help="Load despite missing/unexpected weights (warned)."),
+    ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Checkpoint with EMA and non-EMA UNet weights: "
+                                       "which to export (default: non-EMA, as diffusers)."),
     engine: Optional[str] = typer.Option(None, "--engine", help="Then build engines: tensorrt | tensorrt-rtx."),
     int8_calibration_size: str = typer.Option(
         "opt", help="int8: calibrate at the optimal size (most accurate there) or min (less memory and time)."),
@@ -52,7 +55,12 @@ def export(
         precision_value = choice(Precision, precision, "--precision")
         calibration_size = choice(CalibrationSize, int8_calibration_size, "--int8-calibration-size")
         engine = None if engine is None else check_engine_backend(engine)   # before minutes of export
-        if source in BUILTIN_NAMES and not Path(source).exists():
+        builtin = source in BUILTIN_NAMES and not Path(source).exists()
+        if ema is not None and (builtin or source in PRESETS):
+            flag = "--ema" if ema else "--no-ema"
+            raise ConfigError(f"{flag}: chooses between a checkpoint file's EMA and non-EMA UNet weights; "
+                              f"{source!r} is a built-in name, not a file", field=flag)
+        if builtin:
             model_source = builtin_source(source)          # a trained model shipped with ldmrt
             console.print(f"built-in model {source!r}: trained here on scikit-learn's digits "
                           f"({model_source.source})")
@@ -63,7 +71,7 @@ def export(
         else:
             from ldmrt.checkpoints import checkpoint_source
             model_source = checkpoint_source(Path(source), preset=preset_name, yaml=yaml_path,
-                                             strict=not no_strict, tokenizer=tokenizer_dir)
+                                             strict=not no_strict, tokenizer=tokenizer_dir, ema=ema)
             if model_source.random_weights:
                 console.print("[bold yellow]--no-strict left some weights RANDOM[/]")
         config = model_source.model.config
@@ -80,7 +88,9 @@ def export(
             def progress(component: str, stage: str) -> None:
                 status.update(f"[bold]{component}[/]: {stage} ({time.perf_counter() - start:.0f} s)")
             result = export_bundle(model_source, out_dir, options, progress)
-        table = Table(title=f"bundle {result.path} ({time.perf_counter() - start:.1f} s)")
+        table = Table(title=f"bundle {result.path} ({time.perf_counter() - start:.1f} s)",
+                      caption=None if model_source.unet_weights is None else
+                      f"UNet weights: {model_source.unet_weights}")
         for column in ("component", "weights", "size", "rel L2", "tolerance", "vs", "seconds"):
             table.add_column(column)
         int8 = result.manifest.precision == Precision.INT8
