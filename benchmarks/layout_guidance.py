@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw
 from ldmrt.bench import machine_info, write_report
 from ldmrt.checkpoints.builtin import builtin_source
 from ldmrt.digits import DigitJudge
-from ldmrt.digits.layouts import CANVAS, PLACEMENTS, box_crops, small_digits, two_digit_layouts
+from ldmrt.digits.layouts import CANVAS, PLACEMENTS, box_crops, other_box_classes, small_digits, two_digit_layouts
 from ldmrt.export.bundle import ExportOptions, export_bundle
 from ldmrt.iospec import ShapeRanges
 from ldmrt.runtime.pipeline import GenerationRequest, Pipeline
@@ -78,7 +78,7 @@ def layout_rows(pipeline: Pipeline, judge: DigitJudge, count: int) -> list[dict]
             images = generate(pipeline, GenerationRequest(steps=20, sampler="ddim", guidance=cfg, seed=3),
                               {"layout": layouts})
             crops, classes = box_crops(images, layouts)
-            other = np.array([c for pair in classes.reshape(-1, 2) for c in pair[::-1]])
+            other = other_box_classes(classes)
             read = np.array([r.digit for r in judge.read(crops)])
             rows.append({"placement": placement, "guidance": cfg, "boxes": len(classes),
                          "box_accuracy": float((read == classes).mean()),            # its own digit

@@ -41,6 +41,7 @@ from ldmrt.config import BertConfig, ModelConfig  # noqa: E402
 from ldmrt.digits.layouts import CANVAS, MAX_DIGITS, layout_samples  # noqa: E402
 from ldmrt.layout import TOKENS_PER_OBJECT, LayoutTokenizerConfig, encode_layout  # noqa: E402
 from ldmrt.models import LatentDiffusion  # noqa: E402
+from ldmrt.models.layers import split_heads  # noqa: E402
 from ldmrt.models.unet import CrossAttention  # noqa: E402
 
 log = logging.getLogger("train_digits_layout")
@@ -95,11 +96,10 @@ class AttentionSupervision:
     which digit goes in which box at chance (docs/layout-and-guidance.md)."""
 
     def __init__(self, model: LatentDiffusion, layouts: list[list[dict]], weight: float):
-        self.weight, self.seen, self.values = weight, [], []
+        self.weight, self.layouts, self.seen, self.values = weight, layouts, [], []
+        self.maps: dict[int, torch.Tensor] = {}     # pixels of an attention level's grid -> object_maps
         self.layers = [m for name, m in model.unet.named_modules() if name.endswith("attn2")
                        and isinstance(m, CrossAttention)]
-        sides = {16, 8, 4, 2}           # the attention levels' grids of a 16 x 16 latent
-        self.maps = {side * side: object_maps(layouts, side) for side in sides}
         for layer in self.layers:
             layer.register_forward_pre_hook(self._keep)
 
@@ -107,15 +107,21 @@ class AttentionSupervision:
         if layer.training:
             self.seen.append((layer, args[0], args[1]))
 
+    def _maps(self, pixels: int) -> torch.Tensor:
+        """object_maps of every layout on a level's square grid of `pixels` (made once per level)."""
+        if pixels not in self.maps:
+            self.maps[pixels] = object_maps(self.layouts, math.isqrt(pixels))
+        return self.maps[pixels]
+
     def __call__(self, rows: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
         terms = []
         for layer, x, context in self.seen:
-            q = layer.to_q(x).unflatten(-1, (layer.heads, -1)).transpose(1, 2)        # (B, h, T, d)
-            k = layer.to_k(context).unflatten(-1, (layer.heads, -1)).transpose(1, 2)  # (B, h, S, d)
+            q = split_heads(layer.to_q(x), layer.heads)                               # (B, h, T, d)
+            k = split_heads(layer.to_k(context), layer.heads)                         # (B, h, S, d)
             weights = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
             objects = weights[..., :TOKENS_PER_OBJECT * LAYOUT.max_objects]
             share = objects.unflatten(-1, (LAYOUT.max_objects, TOKENS_PER_OBJECT)).sum(-1)  # (B, h, T, K)
-            where = self.maps[x.shape[1]][rows]                                        # (B, T)
+            where = self._maps(x.shape[1])[rows]                                       # (B, T)
             where = torch.where(drop[:, None], -1, where)
             chosen = share.gather(-1, where.clamp(min=0)[:, None, :, None].expand(-1, share.shape[1], -1, 1))[..., 0]
             inside = (where >= 0)[:, None, :].expand_as(chosen)

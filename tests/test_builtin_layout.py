@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from ldmrt.checkpoints.builtin import builtin_files
 from ldmrt.cli import app
 from ldmrt.digits import DigitJudge
-from ldmrt.digits.layouts import CANVAS, box_crops, small_digits, two_digit_layouts
+from ldmrt.digits.layouts import CANVAS, box_crops, other_box_classes, small_digits, two_digit_layouts
 from ldmrt.runtime.pipeline import GenerationRequest, Pipeline
 
 BOUND = 0.85         # issue 18: >= 85% per box, and of guided images
@@ -57,7 +57,7 @@ def layout_readings(layout_pipeline, judge):
                                                         guidance=LAYOUT_GUIDANCE, seed=3)).images
     assert images.shape == (CANVASES, CANVAS, CANVAS, 3)
     crops, classes = box_crops(images, layouts)
-    other = np.array([c for pair in classes.reshape(-1, 2) for c in pair[::-1]])
+    other = other_box_classes(classes)
     return np.array([r.digit for r in judge.read(crops)]), classes, other
 
 

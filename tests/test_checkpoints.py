@@ -392,6 +392,8 @@ def test_a_yaml_that_does_not_fit_the_weights_names_its_field(sd2, tmp_path, edi
     with pytest.raises(CheckpointError) as caught:
         load_checkpoint(sd2.safetensors, yaml=yaml_path)
     assert words in str(caught.value) and "do not fit" in str(caught.value), str(caught.value)
+    described = describe_checkpoint(sd2.safetensors, yaml=yaml_path)          # `ldmrt inspect` says it too
+    assert "fields at fault: " in described and words in described, described
 
 
 def test_vq_ldm_single_ckpt_matches_its_models(vq) -> None:

@@ -91,7 +91,8 @@ def _mismatch(assembly: Assembly) -> list[str]:
         out.append(f"{plural(len(extra), 'extra key')} (a strict load fails): {names(extra)}")
     if shapes:
         out.append(f"{plural(len(shapes), 'shape mismatch')} (a strict load fails): {names(shapes)}")
-    return out
+    fault = assembly.explain_mismatch() if out and assembly.explain_mismatch else None
+    return out + ([f"fields at fault: {fault}"] if fault else [])
 
 
 def _what(component: str, config: ModelConfig) -> str:

@@ -7,6 +7,7 @@ conventions. The noise schedule: the YAML or preset; else the `betas` buffer; el
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from pathlib import Path
 
@@ -16,7 +17,6 @@ from ldmrt.config import AutoencoderKind, Family, ModelConfig, PredictionType, S
 from ldmrt.presets import PRESETS, preset as get_preset
 from ldmrt.errors import CheckpointError, ConfigError, LdmrtError
 from ldmrt.models import LatentDiffusion
-from ldmrt.models.unet import UNetModel
 from ldmrt.checkpoints.files import read_weights
 from ldmrt.checkpoints.original import (UNET, clean_keys, detect, ema_as_model, infer_autoencoder,
                                         infer_conditioner, infer_unet)
@@ -89,17 +89,14 @@ def read_single_file(path: Path, *, preset_name: str | None, yaml_path: Path | N
         state = {**{k: v for k, v in state.items() if not k.startswith(UNET)},
                  **ema_as_model(cleaned.ema_state, expected)}
     notes.append(f"UNet weights: {unet_weights}")
-    if yaml_path is not None:
-        hint = yaml_unet_hint(config.unet, state, detection, where)
-        config_source = source if hint is None else f"{source} ({hint})"
-    else:
-        config_source = source
+    explain = None if yaml_path is None else functools.partial(yaml_unet_hint, config.unet, state, detection, where)
     dtypes = dtype_counts(state)
     state, cast_note = cast_to_float32(state, where)
     notes += [cast_note] if cast_note else []
-    return Assembly(format=weights.format, config=config, state=state, config_source=config_source,
+    return Assembly(format=weights.format, config=config, state=state, config_source=source,
                     detected=detection.evidence, notes=notes, warnings=warnings, tokenizer_dir=tokenizer_dir,
-                    dtypes=dtypes, ema_tensors=len(cleaned.ema_state), unet_weights=unet_weights)
+                    dtypes=dtypes, ema_tensors=len(cleaned.ema_state), unet_weights=unet_weights,
+                    explain_mismatch=explain)
 
 
 # UNetConfig fields the weights' shapes show, under the CompVis YAML's own names
@@ -109,13 +106,8 @@ _SHAPE_FIELDS = ("in_channels", "out_channels", "model_channels", "channel_mult"
 
 
 def yaml_unet_hint(unet, state, detection, where: str) -> str | None:
-    """When the YAML's UNet does not fit the weights: which of its fields differ from what the shapes
-    say, by their YAML path (None when the keys fit, or the shapes cannot be read)."""
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in UNetModel(unet).state_dict().items()}
-    found = {k[len(UNET):]: tuple(v.shape) for k, v in state.items() if k.startswith(UNET)}
-    if found == expected:
-        return None
+    """For weights that do not fit the model a YAML describes: which of the YAML's UNet fields differ
+    from what the shapes say, by their YAML path (None when none does, or the shapes cannot be read)."""
     try:
         inferred, _ = infer_unet(state, detection, where)
     except LdmrtError:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -31,6 +31,8 @@ class Assembly:
     dtypes: dict[str, Counter] = field(default_factory=dict)   # component -> stored dtypes
     ema_tensors: int = 0                                       # model_ema.* tensors in the file
     unet_weights: str = "the file's UNet weights"               # which set loaded (EMA or not), for the export table
+    # when the weights do not fit the config: which config fields are at fault (a YAML's), or None
+    explain_mismatch: Callable[[], str | None] | None = None
 
 
 def dtype_counts(state: StateDict) -> dict[str, Counter]:
@@ -105,14 +107,16 @@ def load_model(path: Path, assembly: Assembly, strict: bool) -> tuple[LatentDiff
         more = f" and {len(mismatched) - SHOWN} more" if len(mismatched) > SHOWN else ""
         problems.append(f"{plural(len(mismatched), 'shape mismatch')}" + ": " + ", ".join(shown) + more)
     report = "; ".join(problems)
+    fault = assembly.explain_mismatch() if assembly.explain_mismatch else None
+    described = assembly.config_source if fault is None else f"{assembly.config_source} ({fault})"
     if strict:
         raise CheckpointError(
-            f"{path}: the weights do not fit the model described by {assembly.config_source}: {report}. "
+            f"{path}: the weights do not fit the model described by {described}: {report}. "
             f"Check the preset or YAML (or the file); strict=False loads anyway, leaving missing "
             f"and mismatched weights random")
     model = build_model(assembly.config, seed=0)
     usable = {k: v for k, v in state.items() if k in expected and tuple(v.shape) == expected[k]}
     model.load_state_dict(usable, strict=False)
     return model.eval().requires_grad_(False), [
-        f"strict=False: {report}; missing and mismatched weights are RANDOM (seed 0), "
-        f"unexpected ones were ignored"]
+        f"strict=False: {report}{'' if fault is None else f' ({fault})'}; missing and mismatched weights are "
+        f"RANDOM (seed 0), unexpected ones were ignored"]

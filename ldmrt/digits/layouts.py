@@ -25,7 +25,7 @@ from ldmrt.digits.palette import PLAIN_BACKGROUND, PLAIN_INK
 from ldmrt.errors import ConfigError
 
 __all__ = ["CANVAS", "MAX_DIGITS", "BOX_SIDES", "PLACEMENTS", "random_boxes", "cell_boxes", "render_canvas",
-           "two_digit_layouts", "small_digits", "layout_of", "box_crops",
+           "two_digit_layouts", "other_box_classes", "small_digits", "layout_of", "box_crops",
            "layout_samples"]
 
 CANVAS = 64
@@ -158,6 +158,11 @@ def two_digit_layouts(count: int, seed: int, placement: str = "cells") -> list[l
         raise ConfigError(f"placement {placement!r}: expected one of {list(PLACEMENTS)}", field="placement")
     rng = np.random.default_rng([seed, 0x2D16])
     return [layout_of(rng.choice(10, size=2, replace=False), PLACEMENTS[placement](rng, 2)) for _ in range(count)]
+
+
+def other_box_classes(classes: np.ndarray) -> np.ndarray:
+    """Of two-box layouts' classes in box_crops' order: each box's other box's class."""
+    return np.asarray(classes).reshape(-1, 2)[:, ::-1].reshape(-1)
 
 
 def small_digits(count: int, seed: int, side: int, split: str = "train") -> tuple[np.ndarray, list[int]]:

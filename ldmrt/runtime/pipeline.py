@@ -90,6 +90,12 @@ class GenerationResult:
     warnings: list[str] = field(default_factory=list)
 
 
+def _guide_pulls(request: GenerationRequest) -> bool:
+    """Whether the request's image guide pulls (and so needs the decoder's gradient every step):
+    a guide image with a scale other than 0 (None: DEFAULT_GUIDE_SCALE)."""
+    return request.guide_image is not None and (request.guide_scale is None or request.guide_scale != 0)
+
+
 class Pipeline:
     """A loaded bundle on one backend."""
 
@@ -175,7 +181,7 @@ class Pipeline:
 
         start = time.perf_counter()
         image_guide = None
-        if request.guide_image is not None and request.guide_scale > 0:    # scale 0: no pull, no gradient
+        if _guide_pulls(request):
             target = np.broadcast_to(request.guide_image, (batch, *request.guide_image.shape[1:]))
             image_guide = ImageGuide(self.image_gradient(target.transpose(0, 3, 1, 2).astype(np.float32)),
                                      request.guide_scale, request.guide_uncertainty)
@@ -224,8 +230,7 @@ class Pipeline:
                                   f"(|guidance| <= 3.4e38)", field="guidance")
         spatial.check_fields(config, request)
         shape = self._latent_shape(request)
-        self._check_cost(request.steps, shape, guided=request.guide_image is not None and (
-            request.guide_scale is None or request.guide_scale != 0))             # scale 0: no gradient
+        self._check_cost(request.steps, shape, guided=_guide_pulls(request))
         self._check_conditioning_fields(request, shape[0])
         request = dataclasses.replace(request, noise_level=spatial.check_arrays(config, request, shape))
         if request.tile is not None and not isinstance(request.tile, (bool, np.bool_)):
