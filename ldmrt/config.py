@@ -51,9 +51,12 @@ class AutoencoderKind(str, enum.Enum):
 
 
 class LayerChoice(str, enum.Enum):
-    """Which CLIP hidden state the UNet consumes (always followed by the final LayerNorm)."""
-    LAST = "last"
-    PENULTIMATE = "penultimate"
+    """Which CLIP hidden state the UNet consumes."""
+    LAST = "last"                      # the last layer, then the final LayerNorm (SD 1.x)
+    PENULTIMATE = "penultimate"        # the layer before the last, then the final LayerNorm (SD 2.x)
+    # the layer before the last as it is, no final LayerNorm (SDXL: diffusers hidden_states[-2],
+    # CompVis/SGM layer "hidden" with layer_idx = layers - 2)
+    PENULTIMATE_HIDDEN = "penultimate_hidden"
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,20 @@ class ClipTextConfig:
     pad_token_id: int = 49407          # SD 1.x pads with <|endoftext|>; SD 2.x pads with 0 ("!")
     bos_token_id: int = 49406
     eos_token_id: int = 49407
+    # > 0: transformers' CLIPTextModelWithProjection; the encoder also gives the pooled embedding
+    # text_projection(final_layer_norm(last layer)[first eos]) of this width (SDXL's OpenCLIP bigG)
+    projection_dim: int = field(default=0, metadata=_LATER)
+
+    def __post_init__(self) -> None:
+        _positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "max_position_embeddings")
+        if isinstance(self.projection_dim, bool) or not isinstance(self.projection_dim, int) \
+                or self.projection_dim < 0:
+            raise ConfigError(f"ClipTextConfig.projection_dim: expected an integer >= 0, found "
+                              f"{self.projection_dim!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"ClipTextConfig: hidden_size {self.hidden_size} not divisible by "
+                              f"num_attention_heads={self.num_attention_heads}")
 
     @property
     def context_dim(self) -> int:
