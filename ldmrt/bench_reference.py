@@ -60,23 +60,14 @@ def diffusers_modules(model, config: ModelConfig):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from ldmrt.checkpoints.diffusers_unet import diffusers_unet_config
     from ldmrt.models.convert import autoencoder_from_diffusers, to_diffusers, unet_from_diffusers
 
     u, a, c = config.unet, config.autoencoder, config.conditioner
     reason = diffusers_coverage(config)
     if reason:
         raise BackendUnavailableError(reason)
-    levels = len(u.channel_mult)
-    channels = [u.model_channels * m for m in u.channel_mult]
-    attn = [2 ** level in u.attention_resolutions for level in range(levels)]
-    unet = UNet2DConditionModel(
-        in_channels=u.in_channels, out_channels=u.out_channels,
-        down_block_types=tuple("CrossAttnDownBlock2D" if x else "DownBlock2D" for x in attn),
-        up_block_types=tuple("CrossAttnUpBlock2D" if x else "UpBlock2D" for x in reversed(attn)),
-        block_out_channels=tuple(channels), layers_per_block=u.num_res_blocks,
-        cross_attention_dim=u.context_dim, attention_head_dim=tuple(u.heads_and_dim(ch)[0] for ch in channels),
-        transformer_layers_per_block=u.transformer_depth, use_linear_projection=u.use_linear_in_transformer,
-        upcast_attention=u.upcast_attention, norm_num_groups=u.norm_num_groups)
+    unet = UNet2DConditionModel(**diffusers_unet_config(u))
     vae = AutoencoderKL(in_channels=a.in_channels, out_channels=a.out_ch,
                         down_block_types=("DownEncoderBlock2D",) * len(a.ch_mult),
                         up_block_types=("UpDecoderBlock2D",) * len(a.ch_mult),

@@ -25,21 +25,9 @@ def perturb_(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> tor
 def diffusers_unet(config: UNetConfig):
     from diffusers import UNet2DConditionModel
 
-    levels = len(config.channel_mult)
-    channels = [config.model_channels * m for m in config.channel_mult]
-    attn = [2 ** level in config.attention_resolutions for level in range(levels)]
-    heads = [config.heads_and_dim(c)[0] for c in channels]
-    return UNet2DConditionModel(
-        sample_size=16, in_channels=config.in_channels, out_channels=config.out_channels,
-        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-        block_out_channels=tuple(channels), layers_per_block=config.num_res_blocks,
-        cross_attention_dim=config.context_dim, attention_head_dim=tuple(heads),
-        transformer_layers_per_block=config.transformer_depth,
-        use_linear_projection=config.use_linear_in_transformer,
-        upcast_attention=config.upcast_attention, num_class_embeds=config.num_classes,
-        only_cross_attention=tuple(config.disable_self_attentions) or False,
-        norm_num_groups=config.norm_num_groups).eval()
+    from ldmrt.checkpoints.diffusers_unet import diffusers_unet_config
+
+    return UNet2DConditionModel(sample_size=16, **diffusers_unet_config(config)).eval()
 
 
 def diffusers_plain_unet(config: UNetConfig):
@@ -47,13 +35,13 @@ def diffusers_plain_unet(config: UNetConfig):
     UNetConfig; resblock_updown as downsample_type / upsample_type "resnet"."""
     from diffusers import UNet2DModel
 
-    attn = [2 ** level in config.attention_resolutions for level in range(len(config.channel_mult))]
+    attn = [config.has_attention(level) for level in range(config.levels)]
     resample = "resnet" if config.resblock_updown else "conv"
     return UNet2DModel(
         sample_size=8, in_channels=config.in_channels, out_channels=config.out_channels,
         down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
         up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-        block_out_channels=tuple(config.model_channels * m for m in config.channel_mult),
+        block_out_channels=tuple(config.width(level) for level in range(config.levels)),
         layers_per_block=config.num_res_blocks, attention_head_dim=config.num_head_channels,
         downsample_type=resample, upsample_type=resample, norm_num_groups=config.norm_num_groups).eval()
 

@@ -119,10 +119,14 @@ def test_clip_text_matches_transformers(layer: LayerChoice, act: str) -> None:
     ids = torch.randint(0, 500, (3, 77), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         out = reference(ids, output_hidden_states=True)
-        expected = (out.last_hidden_state if layer == LayerChoice.LAST
-                    else reference.get_submodule(_final_norm(reference))(out.hidden_states[-2]))
+        final_norm = reference.get_submodule(_final_norm(reference))
+        candidates = {LayerChoice.LAST: out.last_hidden_state,
+                      LayerChoice.PENULTIMATE: final_norm(out.hidden_states[-2]),
+                      LayerChoice.PENULTIMATE_HIDDEN: out.hidden_states[-2]}
         found = ours(ids.int())
-    assert rel_l2(found, expected) <= TOL
+    assert rel_l2(found, candidates[layer]) <= TOL
+    # the candidates differ from each other beyond TOL, so a wrong choice of layer fails
+    assert all(rel_l2(found, other) > TOL for choice, other in candidates.items() if choice != layer)
 
 
 def _final_norm(model: torch.nn.Module) -> str:

@@ -98,8 +98,9 @@ def _mismatch(assembly: Assembly) -> list[str]:
 def _what(component: str, config: ModelConfig) -> str:
     if component == "model.diffusion_model":
         u = config.unet
-        return (f"UNet {u.model_channels}x{list(u.channel_mult)}, attention at {list(u.attention_resolutions)}, "
-                f"context {u.context_dim}")
+        widths = f"{u.model_channels}x{list(u.channel_mult)}" if u.channel_mult else f"widths {list(u.level_channels)}"
+        return (f"UNet {widths}, attention at {list(u.attention_resolutions)}, context {u.context_dim}"
+                + (f", text_time ({u.time_ids} time ids)" if u.time_ids else ""))
     if component == "first_stage_model":
         a = config.autoencoder
         kind = f"VQ ({a.n_embed} codes)" if a.kind == AutoencoderKind.VQ else "KL"

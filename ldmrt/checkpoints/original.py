@@ -6,15 +6,16 @@ models of the detected family and says so; a preset or the original YAML overrid
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Mapping, Union
 
 import torch
 
 from ldmrt.config import (AutoencoderConfig, AutoencoderKind, BertConfig, ClassEmbedderConfig,
-                          ClipTextConfig, Family, LayerChoice, UNetConfig)
+                          ClipTextConfig, Family, LayerChoice, SDXL_REFINER_TIME_IDS, SDXL_TIME_IDS,
+                          UNetConfig, unet_from_levels)
 from ldmrt.errors import CheckpointError, ConfigError
+from ldmrt.checkpoints.openclip import openclip_text_to_transformers
 from ldmrt.checkpoints.state import StateDict, names, plural
 
 UNET = "model.diffusion_model."
@@ -80,7 +81,7 @@ def clean_keys(tensors: Mapping[str, torch.Tensor], where: str) -> Cleaned:
         notes.append(f"dropped {plural(len(keys), 'key')}: {reason}")
     openclip = any(k.startswith(OPENCLIP + "transformer.resblocks.") for k in state)
     if openclip:
-        state, openclip_notes = openclip_to_transformers(state)
+        state, openclip_notes = openclip_text_to_transformers(state, OPENCLIP, CLIP, keep_projection=False)
         notes += openclip_notes
     legacy = COND + "transformer.embeddings."           # old transformers CLIP layout, no text_model.
     if any(k.startswith(legacy) or k.startswith(COND + "transformer.encoder.") for k in state) \
@@ -92,47 +93,6 @@ def clean_keys(tensors: Mapping[str, torch.Tensor], where: str) -> Cleaned:
     scale = buffers.get("scale_factor")
     scale_factor = float(scale) if scale is not None and scale.numel() == 1 else None
     return Cleaned(state, betas, scale_factor, ema, openclip, notes)
-
-
-def openclip_to_transformers(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str]]:
-    """SD 2.x's OpenCLIP text tower (cond_stage_model.model.*) -> our transformers-style names.
-
-    in_proj (3D, D) is split into q, k, v in that order; text_projection, logit_scale and any
-    visual.* weights are dropped (text_embeddings do not use them).
-    """
-    out: StateDict = {}
-    dropped = []
-    simple = {"token_embedding.weight": "embeddings.token_embedding.weight",
-              "positional_embedding": "embeddings.position_embedding.weight",
-              "ln_final.weight": "final_layer_norm.weight", "ln_final.bias": "final_layer_norm.bias"}
-    inner = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
-             "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
-    # OpenCLIP's fused attention input is `attn.in_proj_weight` / `attn.in_proj_bias` (no dot)
-    block = re.compile(r"transformer\.resblocks\.(\d+)\.(.+?)[._](weight|bias)$")
-    for key, value in state.items():
-        if not key.startswith(OPENCLIP):
-            out[key] = value
-            continue
-        rest = key[len(OPENCLIP):]
-        if rest in simple:
-            out[CLIP + simple[rest]] = value
-            continue
-        match = block.match(rest)
-        if match and match.group(2) == "attn.in_proj":
-            layer, param = match.group(1), match.group(3)
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
-                out[f"{CLIP}encoder.layers.{layer}.self_attn.{name}.{param}"] = part
-        elif match and match.group(2) in inner:
-            out[f"{CLIP}encoder.layers.{match.group(1)}.{inner[match.group(2)]}.{match.group(3)}"] = value
-        elif rest in ("text_projection", "logit_scale") or rest.startswith("visual."):
-            dropped.append(key)
-        else:
-            out[key] = value                # unknown: kept, so a strict load reports it
-    notes = ["converted OpenCLIP text-encoder names (in_proj split into q/k/v)"]
-    if dropped:
-        notes.append(f"dropped {plural(len(dropped), 'OpenCLIP tensor')} text_embeddings do not use: "
-                     f"{names(dropped)}")
-    return out, notes
 
 
 def detect(state: Mapping[str, torch.Tensor], openclip: bool, where: str) -> Detection:
@@ -213,48 +173,54 @@ def infer_unet(state: Mapping[str, torch.Tensor], detection: Detection, where: s
     """UNetConfig from `model.diffusion_model.*` shapes; the heads from the family's convention."""
     s = _Shapes(state, where)
     model_channels, in_channels = s(UNET + "input_blocks.0.0.weight")[:2]
-    level_channels, level_blocks, attention_levels = [], [0], set()
+    depth = lambda prefix: s.count(prefix + "1.transformer_blocks.{}.attn1.to_q.weight")  # noqa: E731
+    widths, down_depths, attention_levels = [], [[]], set()
     block, current = 1, model_channels
     while s.has_prefix(f"{UNET}input_blocks.{block}."):
         if s.has(f"{UNET}input_blocks.{block}.0.op.weight"):
-            level_channels.append(current)
-            level_blocks.append(0)
+            widths.append(current)
+            down_depths.append([])
         else:
             current = s(f"{UNET}input_blocks.{block}.0.in_layers.2.weight")[0]
-            level_blocks[-1] += 1
+            down_depths[-1].append(depth(f"{UNET}input_blocks.{block}."))
             if s.has_prefix(f"{UNET}input_blocks.{block}.1."):
-                attention_levels.add(len(level_channels))
+                attention_levels.add(len(widths))
         block += 1
-    level_channels.append(current)
-    if len(set(level_blocks)) != 1 or any(c % model_channels for c in level_channels):
-        raise CheckpointError(f"{where}: unusual UNet layout (res blocks per level {level_blocks}, channels "
-                              f"{level_channels}); pass the model's YAML")
-    spatial = s.has(UNET + "middle_block.1.transformer_blocks.0.attn1.to_q.weight")
-    mid = UNET + "middle_block.1."
-    context_dim = s(mid + "transformer_blocks.0.attn2.to_k.weight")[1] if spatial else None
+    widths.append(current)
+    res_blocks = [len(d) for d in down_depths]
+    up_depths, block = [], 0
+    for level in reversed(range(len(widths))):
+        up_depths.insert(0, [depth(f"{UNET}output_blocks.{block + j}.") for j in range(res_blocks[level] + 1)])
+        block += res_blocks[level] + 1
+    middle = s.has_prefix(UNET + "middle_block.")
+    spatial = s.has_prefix(UNET + "middle_block.1.transformer_blocks.") or any(
+        k.startswith(UNET) and ".transformer_blocks." in k for k in state)
+    attn2 = next((k for k in state if k.startswith(UNET) and k.endswith("transformer_blocks.0.attn2.to_k.weight")), None)
+    proj_in = next((k for k in state if k.startswith(UNET) and k.endswith(".1.proj_in.weight")), None)
     if detection.conditioner in ("clip", "bert"):
         heads, head_channels, rule = 8, -1, "8 heads"
-    elif detection.conditioner == "openclip":
+    elif detection.conditioner in ("openclip", "sdxl", "sdxl_refiner"):
         heads, head_channels, rule = 8, 64, "64 channels per head"
     else:
         heads, head_channels, rule = 8, 32, "32 channels per head"
+    vector = s(UNET + "label_emb.0.0.weight")[1] if s.has(UNET + "label_emb.0.0.weight") else 0
+    time_ids = SDXL_REFINER_TIME_IDS if detection.conditioner == "sdxl_refiner" else SDXL_TIME_IDS
     try:
-        config = UNetConfig(
+        config = unet_from_levels(
+            widths=widths, res_blocks=res_blocks,
+            depths=(down_depths, up_depths, depth(UNET + "middle_block.") if middle else 1) if spatial else None,
             in_channels=in_channels, out_channels=s(UNET + "out.2.weight")[0], model_channels=model_channels,
-            channel_mult=tuple(c // model_channels for c in level_channels), num_res_blocks=level_blocks[0],
             attention_resolutions=tuple(sorted((2 ** level for level in attention_levels), reverse=True)),
-            num_heads=heads, num_head_channels=head_channels,
-            transformer_depth=s.count(mid + "transformer_blocks.{}.attn1.to_q.weight") if spatial else 1,
-            context_dim=context_dim, use_spatial_transformer=spatial,
-            use_linear_in_transformer=spatial and len(s(mid + "proj_in.weight")) == 2,
+            num_heads=heads, num_head_channels=head_channels, middle_block=middle,
+            context_dim=s(attn2)[1] if spatial and attn2 else None, use_spatial_transformer=spatial,
+            use_linear_in_transformer=spatial and proj_in is not None and len(s(proj_in)) == 2,
             upcast_attention=detection.family == Family.SD2,
-            num_classes=s(UNET + "label_emb.weight")[0] if s.has(UNET + "label_emb.weight") else None)
-        for c in {*level_channels}:
-            config.heads_and_dim(c)
+            num_classes=s(UNET + "label_emb.weight")[0] if s.has(UNET + "label_emb.weight") else None,
+            **({"text_embeds_dim": vector - time_ids * 256, "time_ids": time_ids} if vector else {}))
     except ConfigError as exc:
-        raise CheckpointError(f"{where}: the UNet's attention heads are not stored in the weights and "
-                              f"the {detection.family.value} convention ({rule}) does not fit: {exc}; "
-                              f"pass the model's YAML") from None
+        raise CheckpointError(f"{where}: the UNet's layout does not fit a UNetConfig (the attention heads "
+                              f"are not stored in the weights: the {detection.family.value} convention is "
+                              f"{rule}): {exc}; pass the model's YAML") from None
     return config, f"UNet attention heads assumed: {rule} ({detection.family.value} convention)"
 
 

@@ -11,7 +11,8 @@ from typing import Any, Mapping
 import torch
 
 from ldmrt.config import (AutoencoderConfig, AutoencoderKind, BertConfig, ClassEmbedderConfig,
-                          ClipTextConfig, Family, LayerChoice, ModelConfig, UNetConfig)
+                          ClipTextConfig, Family, LayerChoice, ModelConfig, SDXL_REFINER_TIME_IDS,
+                          SDXL_TIME_IDS, UNetConfig, unet_from_levels)
 from ldmrt.errors import CheckpointError, ConfigError
 from ldmrt.layout import LayoutTokenizerConfig
 from ldmrt.checkpoints.original import Detection, infer_conditioner
@@ -21,9 +22,9 @@ from ldmrt.checkpoints.yaml_spatial import cond_stage_target, is_concat_stage, s
 # openaimodel.UNetModel options we implement only at their default
 _UNET_FIXED = {"dims": 2, "use_scale_shift_norm": False,
                "use_new_attention_order": False, "n_embed": None, "num_attention_blocks": None,
-               "adm_in_channels": None, "conv_resample": True}
+               "conv_resample": True, "disable_middle_self_attn": False, "disable_middle_transformer": False}
 _UNET_IGNORED = {"use_checkpoint", "use_fp16", "image_size", "legacy", "dropout", "num_heads_upsample",
-                 "spatial_transformer_attn_type"}
+                 "spatial_transformer_attn_type", "transformer_depth_middle", "adm_in_channels"}
 _MODELS = ("LatentDiffusion", "LatentInpaintDiffusion", "LatentUpscaleDiffusion", "LatentUpscaleFinetuneDiffusion")
 
 
@@ -181,33 +182,65 @@ def _unet(params: Mapping[str, Any], family: Family, path: Path, notes: list[str
     unknown = sorted(set(params) - known)
     if unknown:
         notes.append(f"{where}: ignored unknown UNet options {unknown}")
-    depth = params.get("transformer_depth", 1)
-    if isinstance(depth, list):
-        if len(set(depth)) != 1:
-            raise CheckpointError(f"{where}: per-level transformer_depth {depth} is not supported")
-        depth = depth[0]
     num_head_channels = int(params.get("num_head_channels", -1))
     num_heads = int(params.get("num_heads", -1))
     if num_heads == -1 and num_head_channels == -1:
         raise CheckpointError(f"{where}: set num_heads or num_head_channels (CompVis requires one)")
     try:
-        return UNetConfig(
+        mult = [int(m) for m in _need(params, "channel_mult", where)]
+        model_channels = int(_need(params, "model_channels", where))
+        res_blocks = _levels(_need(params, "num_res_blocks", where), len(mult), "num_res_blocks", where)
+        depths = _levels(params.get("transformer_depth", 1), len(mult), "transformer_depth", where)
+        middle = int(params.get("transformer_depth_middle", depths[-1]))
+        return unet_from_levels(
+            widths=[model_channels * m for m in mult], res_blocks=res_blocks,
+            depths=(tuple((d,) * n for d, n in zip(depths, res_blocks)),
+                    tuple((d,) * (n + 1) for d, n in zip(depths, res_blocks)), middle),
             in_channels=int(_need(params, "in_channels", where)),
-            out_channels=int(_need(params, "out_channels", where)),
-            model_channels=int(_need(params, "model_channels", where)),
-            channel_mult=tuple(int(m) for m in _need(params, "channel_mult", where)),
-            num_res_blocks=int(_need(params, "num_res_blocks", where)),
+            out_channels=int(_need(params, "out_channels", where)), model_channels=model_channels,
             attention_resolutions=tuple(int(r) for r in _need(params, "attention_resolutions", where)),
             num_heads=num_heads if num_heads != -1 else 8, num_head_channels=num_head_channels,
-            transformer_depth=int(depth), context_dim=params.get("context_dim"),
+            context_dim=_context_dim(params.get("context_dim"), where),
             use_spatial_transformer=bool(params.get("use_spatial_transformer", False)),
             use_linear_in_transformer=bool(params.get("use_linear_in_transformer", False)),
             # CompVis' SD 2.x code runs attention softmax in fp32 (ATTN_PRECISION="fp32")
-            upcast_attention=family == Family.SD2, num_classes=params.get("num_classes"),
-            disable_self_attentions=tuple(cross_only) if any(cross_only) else (),
-            resblock_updown=bool(params.get("resblock_updown", False)))
+            upcast_attention=family == Family.SD2, disable_self_attentions=tuple(cross_only) if any(cross_only) else (),
+            resblock_updown=bool(params.get("resblock_updown", False)),
+            **_class_fields(params, family, where))
     except (ConfigError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{where}: {exc}") from None
+
+
+def _levels(value: Any, levels: int, key: str, where: str) -> list[int]:
+    """An int or SGM's list of one int per level."""
+    values = list(value) if isinstance(value, list) else [value] * levels
+    if len(values) != levels:
+        raise CheckpointError(f"{where}: {key} {value}: expected one value per level ({levels})")
+    return [int(v) for v in values]
+
+
+def _context_dim(value: Any, where: str) -> int | None:
+    """context_dim: an int, or SGM's list of one per transformer block (all equal)."""
+    if isinstance(value, list):
+        if len(set(value)) != 1:
+            raise CheckpointError(f"{where}: context_dim {value}: expected one width for every transformer block")
+        value = value[0]
+    return None if value is None else int(value)
+
+
+def _class_fields(params: Mapping[str, Any], family: Family, where: str) -> dict[str, Any]:
+    """num_classes: a class count, or SGM's "sequential" vector (SDXL's text_time: adm_in_channels)."""
+    classes = params.get("num_classes")
+    if classes != "sequential":
+        if params.get("adm_in_channels") is not None:
+            raise CheckpointError(f"{where}: adm_in_channels without num_classes 'sequential' is not supported")
+        return {"num_classes": classes}
+    if family not in (Family.SDXL, Family.SDXL_REFINER):
+        raise CheckpointError(f"{where}: num_classes 'sequential' is supported for SDXL's text_time vector "
+                              f"(a CLIP + OpenCLIP bigG conditioner); this model is {family.value}")
+    time_ids = SDXL_REFINER_TIME_IDS if family == Family.SDXL_REFINER else SDXL_TIME_IDS
+    width = int(_need(params, "adm_in_channels", where))
+    return {"text_embeds_dim": width - time_ids * 256, "time_ids": time_ids}
 
 
 def _autoencoder(section: Mapping[str, Any], path: Path) -> AutoencoderConfig:

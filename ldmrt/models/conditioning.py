@@ -1,5 +1,6 @@
-"""Conditioning encoders: CLIP text (SD 1.x / 2.x), the LDM paper's BERT-like transformer,
-the class embedder. Attribute names mirror `cond_stage_model.*` checkpoint keys.
+"""Conditioning encoders: CLIP text (SD 1.x / 2.x / XL, with XL's pooled projection), the LDM
+paper's BERT-like transformer, the class embedder. Attribute names mirror `cond_stage_model.*`
+checkpoint keys.
 """
 from __future__ import annotations
 
@@ -88,10 +89,14 @@ class _ClipTextModel(nn.Module):
     def __init__(self, config: ClipTextConfig):
         super().__init__()
         self.text_model = _ClipTextTransformer(config)
+        if config.projection_dim:
+            # transformers' CLIPTextModelWithProjection.text_projection (OpenCLIP's text_projection.T)
+            self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
 
 
 class ClipTextConditioner(nn.Module):
-    """input_ids (B, L) -> text_embeddings (B, L, D): last or penultimate layer + final LayerNorm.
+    """input_ids (B, L) -> text_embeddings (B, L, D) of `config.layer`; with projection_dim > 0
+    the tuple (text_embeddings, pooled (B, projection_dim)) as CLIPTextModelWithProjection.
 
     Our own module (not transformers' CLIPTextModel, whose module tree changes between
     transformers versions) so parameter names always match `cond_stage_model.transformer.*`.
@@ -102,19 +107,42 @@ class ClipTextConditioner(nn.Module):
         self.config = config
         self.transformer = _ClipTextModel(config)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         text = self.transformer.text_model
         hidden = text.embeddings(input_ids.long())                          # (B, L, D)
         length = input_ids.shape[1]
         # Causal mask as an additive fp32 bias: 0 on and below the diagonal.
         causal = torch.full((length, length), torch.finfo(torch.float32).min, device=hidden.device)
         causal = torch.triu(causal, diagonal=1)[None, None]                 # (1, 1, L, L)
-        layers = list(text.encoder.layers)
-        if self.config.layer == LayerChoice.PENULTIMATE:
-            layers = layers[:-1]
-        for layer in layers:
+        *body, last = text.encoder.layers
+        for layer in body:
             hidden = layer(hidden, causal)
-        return text.final_layer_norm(hidden)
+        penultimate = hidden                                                # (B, L, D)
+        choice, pooled_too = self.config.layer, self.config.projection_dim > 0
+        final = (text.final_layer_norm(last(penultimate, causal))
+                 if choice == LayerChoice.LAST or pooled_too else None)
+        if choice == LayerChoice.LAST:
+            text_embeddings = final
+        elif choice == LayerChoice.PENULTIMATE:
+            text_embeddings = text.final_layer_norm(penultimate)
+        else:
+            text_embeddings = penultimate                                   # PENULTIMATE_HIDDEN
+        if not pooled_too:
+            return text_embeddings
+        return text_embeddings, self.transformer.text_projection(self._eos_state(final, input_ids))
+
+    def _eos_state(self, final: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """final (B, L, D) at each sequence's first eos token -> (B, D), transformers' pooling rule.
+
+        eos_token_id == 2 is transformers' legacy config (before its PR #24773): the position of
+        the largest id. argmax takes the first maximum (torch and ONNX ArgMax alike), on int32 as
+        transformers does for ONNX exporters; a row without eos pools position 0.
+        """
+        ids = input_ids.int()
+        key = ids if self.config.eos_token_id == 2 else (ids == self.config.eos_token_id).int()
+        position = key.argmax(dim=-1)                                       # (B,)
+        index = position.long()[:, None, None].expand(-1, 1, self.config.hidden_size)  # (B, 1, D)
+        return torch.gather(final, 1, index)[:, 0]                          # (B, D)
 
 
 class XAttention(nn.Module):

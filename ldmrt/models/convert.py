@@ -44,31 +44,35 @@ def _rename(state: Mapping[str, torch.Tensor], prefixes: dict[str, str],
 
 def unet_from_diffusers(state: Mapping[str, torch.Tensor], config: UNetConfig) -> StateDict:
     """diffusers UNet2DConditionModel -> CompVis UNetModel names."""
-    n, levels = config.num_res_blocks, len(config.channel_mult)
+    levels = config.levels
     resnets: dict[str, str] = {"mid_block.resnets.0": "middle_block.0",
                                "mid_block.resnets.1": "middle_block.2"}
     others: dict[str, str] = {"time_embedding.linear_1": "time_embed.0",
                               "time_embedding.linear_2": "time_embed.2",
                               "class_embedding": "label_emb", "conv_in": "input_blocks.0.0",
+                              "add_embedding.linear_1": "label_emb.0.0",     # SDXL text_time
+                              "add_embedding.linear_2": "label_emb.0.2",
                               "conv_norm_out": "out.0", "conv_out": "out.2",
                               "mid_block.attentions.0": "middle_block.1"}
+    block = 1
     for level in range(levels):
-        for j in range(n):
-            block = 1 + level * (n + 1) + j
+        for j in range(config.res_blocks(level)):
             resnets[f"down_blocks.{level}.resnets.{j}"] = f"input_blocks.{block}.0"
             others[f"down_blocks.{level}.attentions.{j}"] = f"input_blocks.{block}.1"
+            block += 1
         if level != levels - 1 and config.resblock_updown:      # diffusers downsample_type "resnet"
-            resnets[f"down_blocks.{level}.downsamplers.0"] = f"input_blocks.{(level + 1) * (n + 1)}.0"
+            resnets[f"down_blocks.{level}.downsamplers.0"] = f"input_blocks.{block}.0"
         elif level != levels - 1:
-            others[f"down_blocks.{level}.downsamplers.0.conv"] = f"input_blocks.{(level + 1) * (n + 1)}.0.op"
+            others[f"down_blocks.{level}.downsamplers.0.conv"] = f"input_blocks.{block}.0.op"
+        block += level != levels - 1
+    block = 0
     for up in range(levels):
         level = levels - 1 - up
-        has_attention = 2 ** level in config.attention_resolutions
-        for j in range(n + 1):
-            block = up * (n + 1) + j
+        for j in range(config.res_blocks(level) + 1):
             resnets[f"up_blocks.{up}.resnets.{j}"] = f"output_blocks.{block}.0"
             others[f"up_blocks.{up}.attentions.{j}"] = f"output_blocks.{block}.1"
-        position = f"output_blocks.{up * (n + 1) + n}.{2 if has_attention else 1}"
+            block += 1
+        position = f"output_blocks.{block - 1}.{2 if config.has_attention(level) else 1}"
         if level and config.resblock_updown:                     # diffusers upsample_type "resnet"
             resnets[f"up_blocks.{up}.upsamplers.0"] = position
         elif level:
@@ -108,11 +112,14 @@ def autoencoder_from_diffusers(state: Mapping[str, torch.Tensor], config: Autoen
 
 
 def clip_from_transformers(state: Mapping[str, torch.Tensor]) -> StateDict:
-    """transformers CLIPTextModel (4.x `text_model.*` or 5.x flat) -> `transformer.text_model.*`."""
+    """transformers CLIPTextModel(WithProjection) (4.x `text_model.*` or 5.x flat) -> `transformer.*`."""
     out: StateDict = {}
     for key, value in state.items():
         if key.endswith("position_ids"):
             continue  # a buffer some versions saved; positions are computed, not stored
+        if key == "text_projection.weight":      # CLIPTextModelWithProjection's pooled projection
+            out["transformer.text_projection.weight"] = value
+            continue
         rest = key.removeprefix("text_model.")
         out[f"transformer.text_model.{rest}"] = value
     return out

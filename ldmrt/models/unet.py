@@ -81,7 +81,7 @@ class BasicTransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """GroupNorm, proj-in (1x1 conv or linear), N transformer blocks, proj-out, residual."""
 
-    def __init__(self, channels: int, heads: int, dim_head: int, config: UNetConfig,
+    def __init__(self, channels: int, heads: int, dim_head: int, depth: int, config: UNetConfig,
                  cross_only: bool = False):
         super().__init__()
         inner = heads * dim_head
@@ -92,7 +92,7 @@ class SpatialTransformer(nn.Module):
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, dim_head, config.context_dim, config.upcast_attention,
                                   cross_only)
-            for _ in range(config.transformer_depth))
+            for _ in range(depth))
         self.proj_out = project(inner, channels)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
@@ -209,7 +209,8 @@ class TimestepEmbedSequential(nn.Sequential):
 
 
 class UNetModel(nn.Module):
-    """eps/v = UNet(x (B, C, h, w), timesteps (B,), context (B, L, D), class labels (B,))."""
+    """eps/v = UNet(x (B, C, h, w), timesteps (B,), context (B, L, D), class labels (B,),
+    SDXL's text_embeds (B, P) and time_ids (B, n))."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -219,64 +220,81 @@ class UNetModel(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         if config.num_classes is not None:
             self.label_emb = nn.Embedding(config.num_classes, emb_dim)
+        if config.time_ids:     # SGM "sequential": the keys are label_emb.0.0 / label_emb.0.2
+            self.label_emb = nn.Sequential(nn.Sequential(
+                nn.Linear(config.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(config.in_channels, mc, 3, padding=1))])
-        skip_channels, ch, ds = [mc], mc, 1
-        for level, mult in enumerate(config.channel_mult):
-            for _ in range(config.num_res_blocks):
-                layers: list[nn.Module] = [ResBlock(ch, emb_dim, mc * mult, groups)]
-                ch = mc * mult
-                if ds in config.attention_resolutions:
-                    layers.append(self._attention(ch, level))
+        skip_channels, ch = [mc], mc
+        last = config.levels - 1
+        for level in range(config.levels):
+            for block in range(config.res_blocks(level)):
+                layers: list[nn.Module] = [ResBlock(ch, emb_dim, config.width(level), groups)]
+                ch = config.width(level)
+                if config.has_attention(level):
+                    layers.append(self._attention(ch, level, config.depth(level, block)))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
-            if level != len(config.channel_mult) - 1:
+            if level != last:
                 self.input_blocks.append(TimestepEmbedSequential(
                     ResBlock(ch, emb_dim, ch, groups, "down") if config.resblock_updown else Downsample(ch)))
                 skip_channels.append(ch)
-                ds *= 2
 
-        self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb_dim, ch, groups), self._attention(ch), ResBlock(ch, emb_dim, ch, groups))
+        if config.middle_block:
+            self.middle_block = TimestepEmbedSequential(
+                ResBlock(ch, emb_dim, ch, groups), self._attention(ch, None, config.depth(None)),
+                ResBlock(ch, emb_dim, ch, groups))
 
         self.output_blocks = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(config.channel_mult))):
-            for i in range(config.num_res_blocks + 1):
-                layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mc * mult, groups)]
-                ch = mc * mult
-                if ds in config.attention_resolutions:
-                    layers.append(self._attention(ch, level))
-                if level and i == config.num_res_blocks:
+        for level in reversed(range(config.levels)):
+            blocks = config.res_blocks(level) + 1
+            for block in range(blocks):
+                layers = [ResBlock(ch + skip_channels.pop(), emb_dim, config.width(level), groups)]
+                ch = config.width(level)
+                if config.has_attention(level):
+                    layers.append(self._attention(ch, level, config.depth(level, block, up=True)))
+                if level and block == blocks - 1:
                     layers.append(ResBlock(ch, emb_dim, ch, groups, "up") if config.resblock_updown
                                   else Upsample(ch))
-                    ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(_norm(ch, groups), nn.SiLU(), nn.Conv2d(mc, config.out_channels, 3, padding=1))
+        self.out = nn.Sequential(_norm(ch, groups), nn.SiLU(), nn.Conv2d(ch, config.out_channels, 3, padding=1))
 
-    def _attention(self, channels: int, level: int | None = None) -> nn.Module:
+    def _attention(self, channels: int, level: int | None, depth: int) -> nn.Module:
         """Attention at `level` (None: the middle block, which always attends to itself first)."""
-        heads, dim_head = self.config.heads_and_dim(channels)
+        heads, dim_head = self.config.heads_and_dim(level)
         if self.config.use_spatial_transformer:
             cross_only = level is not None and bool(self.config.disable_self_attentions) \
                 and self.config.disable_self_attentions[level]
-            return SpatialTransformer(channels, heads, dim_head, self.config, cross_only)
+            return SpatialTransformer(channels, heads, dim_head, depth, self.config, cross_only)
         return AttentionBlock(channels, heads, self.config.norm_num_groups)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
-                y: torch.Tensor | None = None) -> torch.Tensor:
+                y: torch.Tensor | None = None, text_embeds: torch.Tensor | None = None,
+                time_ids: torch.Tensor | None = None) -> torch.Tensor:
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(x.dtype))
         if self.config.num_classes is not None:
             if y is None:
                 raise ValueError("UNetModel: this model is class-conditional; pass class labels y")
             emb = emb + self.label_emb(y).to(emb.dtype)
+        if self.config.time_ids:
+            emb = emb + self.label_emb(self._text_time(text_embeds, time_ids).to(emb.dtype))
         skips = []
         h = x
         for block in self.input_blocks:
             h = block(h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
+        if self.config.middle_block:
+            h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
         return self.out(h)
+
+    def _text_time(self, text_embeds: torch.Tensor | None, time_ids: torch.Tensor | None) -> torch.Tensor:
+        """SDXL's vector: [text_embeds | each time id's fp32 sinusoid (cos first)], (B, adm_in)."""
+        if text_embeds is None or time_ids is None:
+            raise ValueError("UNetModel: this model takes text_time conditioning; pass text_embeds and time_ids")
+        batch = time_ids.shape[0]
+        ids = timestep_embedding(time_ids.float().reshape(-1), self.config.time_id_dim)
+        return torch.cat([text_embeds.float(), ids.reshape(batch, -1)], dim=-1)
