@@ -576,6 +576,12 @@ class ModelConfig:
     spatial: SpatialConditioning | None = field(default=None, metadata=_LATER)
     # the paper's layout-to-image model: its BERT conditioner reads layout tokens, not text
     layout: LayoutTokenizerConfig | None = field(default=None, metadata=_LATER)
+    # SDXL base: the second text encoder (OpenCLIP ViT-bigG with the pooled projection; diffusers
+    # text_encoder_2); the UNet's context is [conditioner | conditioner_2] on the last axis
+    conditioner_2: ClipTextConfig | None = field(default=None, metadata=_LATER)
+    # guidance without a negative prompt takes zero embeddings (context and pooled), not an
+    # encoded "" (diffusers force_zeros_for_empty_prompt: the SDXL base)
+    force_zeros_for_empty_prompt: bool = field(default=False, metadata=_LATER)
 
     def __post_init__(self) -> None:
         if isinstance(self.scale_factor, bool) or not isinstance(self.scale_factor, (int, float)) \
@@ -602,10 +608,24 @@ class ModelConfig:
         if self.unet.out_channels != self.latent_channels:
             raise ConfigError(f"ModelConfig {self.name!r}: UNet out_channels={self.unet.out_channels}"
                               f", expected the latent channels {self.latent_channels}")
-        context = None if self.conditioner is None else self.conditioner.context_dim
+        self._check_text_encoders()
+        context = None if self.conditioner is None else \
+            sum(encoder.context_dim for encoder in self.text_encoders) or self.conditioner.context_dim
         if self.unet.use_spatial_transformer and context != self.unet.context_dim:
             raise ConfigError(f"ModelConfig {self.name!r}: UNet context_dim={self.unet.context_dim}"
                               f" but the conditioner produces {context}")
+
+    def _check_text_encoders(self) -> None:
+        if self.conditioner_2 is not None and not isinstance(self.conditioner, ClipTextConfig):
+            raise ConfigError(f"ModelConfig {self.name!r}: conditioner_2 (a second text encoder) needs a "
+                              f"ClipTextConfig conditioner, found {type(self.conditioner).__name__}")
+        pooled = self.pooled_encoder
+        if self.unet.time_ids and (pooled is None or pooled.projection_dim != self.unet.text_embeds_dim):
+            raise ConfigError(f"ModelConfig {self.name!r}: the UNet's text_time vector takes a pooled text "
+                              f"embedding of {self.unet.text_embeds_dim}, the text encoders give "
+                              f"{pooled.projection_dim if pooled else 'none'} (ClipTextConfig.projection_dim)")
+        if self.force_zeros_for_empty_prompt and not self.text_encoders:
+            raise ConfigError(f"ModelConfig {self.name!r}: force_zeros_for_empty_prompt needs a text encoder")
 
     def _check_spatial(self) -> None:
         spatial = self.spatial
@@ -647,6 +667,19 @@ class ModelConfig:
     @property
     def downsampling_factor(self) -> int:
         return self.autoencoder.downsampling_factor
+
+    @property
+    def text_encoders(self) -> tuple[ClipTextConfig, ...]:
+        """The CLIP text encoders, in context order (SDXL base: two)."""
+        if not isinstance(self.conditioner, ClipTextConfig):
+            return ()
+        return (self.conditioner,) + ((self.conditioner_2,) if self.conditioner_2 is not None else ())
+
+    @property
+    def pooled_encoder(self) -> ClipTextConfig | None:
+        """The text encoder whose pooled embedding the UNet's text_time vector takes (the last
+        with a projection), None without one."""
+        return next((e for e in reversed(self.text_encoders) if e.projection_dim), None)
 
     @property
     def is_text_conditioned(self) -> bool:
