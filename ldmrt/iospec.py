@@ -20,6 +20,9 @@ Dim = int | str
 _DIM = re.compile(r"^(?:(\d+)\*)?([a-z_]+)$")
 TENSOR_DTYPES = ("float32", "float16", "bfloat16", "int32")   # every dtype a spec tensor may have
 _RE_EXPORT = "the manifest does not describe this graph: re-export the bundle with `ldmrt export`"
+# float inputs that stay float32 in reduced-precision graphs (exact step and size values)
+FP32_INPUTS = frozenset({"timestep", "time_ids"})
+TEXT_ENCODER_COMPONENTS = ("text_encoder", "text_encoder_2")   # in context order
 
 
 class Precision(str, enum.Enum):
@@ -37,6 +40,7 @@ class Component(enum.StrEnum):
     """Every component name: the one vocabulary of manifests, runners, engines and Triton models.
     A member is its name string ("unet"): equal to it, hashed as it, formatted and shown as it."""
     TEXT_ENCODER = "text_encoder"
+    TEXT_ENCODER_2 = "text_encoder_2"   # SDXL base: the second (OpenCLIP bigG) text encoder
     UNET = "unet"
     VAE_DECODER = "vae_decoder"
     VAE_ENCODER = "vae_encoder"
@@ -312,13 +316,16 @@ def component_specs(config: ModelConfig, ranges: ShapeRanges, precision: Precisi
 
     if config.is_text_conditioned:
         cond = config.conditioner
-        length, width = cond.max_length, cond.context_dim  # type: ignore[union-attr]
-        specs[Component.TEXT_ENCODER] = ComponentSpec(
-            Component.TEXT_ENCODER,
-            inputs=(TensorSpec("input_ids", "int32", ("batch", length)),),
-            outputs=(TensorSpec("text_embeddings", dtype(Component.TEXT_ENCODER),
-                                ("batch", length, width)),),
-            ranges={"batch": ranges.batch_range(guided)})
+        length, width = cond.max_length, config.unet.context_dim or cond.context_dim  # type: ignore[union-attr]
+        encoders = config.text_encoders or (cond,)
+        for name, encoder in zip(TEXT_ENCODER_COMPONENTS, encoders):
+            component = Component(name)
+            pooled = getattr(encoder, "projection_dim", 0)
+            specs[component] = ComponentSpec(
+                component, inputs=(TensorSpec("input_ids", "int32", ("batch", length)),),
+                outputs=(TensorSpec("text_embeddings", dtype(component), ("batch", length, encoder.context_dim)),)
+                + ((TensorSpec("pooled", dtype(component), ("batch", pooled)),) if pooled else ()),
+                ranges={"batch": ranges.batch_range(guided)})
     unet_dtype = dtype(Component.UNET)
     unet_inputs = [TensorSpec("sample", unet_dtype,
                               ("batch", config.latent_channels, "latent_height", "latent_width")),
@@ -328,6 +335,9 @@ def component_specs(config: ModelConfig, ranges: ShapeRanges, precision: Precisi
                                       ("batch", length, width)))
     if config.is_class_conditioned or config.unet.num_classes is not None:
         unet_inputs.append(TensorSpec("class_labels", "int32", ("batch",)))
+    if config.unet.time_ids:     # SDXL's text_time: the pooled text embedding and the size ids
+        unet_inputs += [TensorSpec("text_embeds", unet_dtype, ("batch", config.unet.text_embeds_dim)),
+                        TensorSpec("time_ids", "float32", ("batch", config.unet.time_ids))]
     # Maps concatenated to the latents inside the graph, in their order: they follow the latent
     # axes, so every profile and runtime check sizes them with the latents.
     for kind in (config.spatial.inputs if config.spatial else ()):
@@ -418,6 +428,8 @@ def example_inputs(config: ModelConfig, spec: ComponentSpec, values: dict[str, i
             array = rng.uniform(-1.0, 1.0, size=shape)
         elif tensor.name == "timestep":
             array = rng.uniform(0, config.scheduler.num_train_timesteps - 1, size=shape)
+        elif tensor.name == "time_ids":      # image sizes and crops, as SDXL's pipelines pass them
+            array = rng.integers(0, 1025, size=shape)
         elif tensor.name == "images":
             array = rng.uniform(-1.0, 1.0, size=shape)
         else:

@@ -6,7 +6,8 @@ import dataclasses
 
 from ldmrt.config import (AutoencoderConfig, AutoencoderKind, BertConfig, ClipTextConfig, ConcatKind, ClassEmbedderConfig,
                           Family, LayerChoice, LowResNoise, ModelConfig, PredictionType, SchedulerConfig,
-                          SpatialConditioning, SpatialRescalerConfig, UNetConfig)
+                          SDXL_REFINER_TIME_IDS, SDXL_TIME_IDS, SpatialConditioning, SpatialRescalerConfig,
+                          UNetConfig)
 from ldmrt.errors import ConfigError
 from ldmrt.layout import LayoutTokenizerConfig
 
@@ -124,6 +125,42 @@ PRESETS["ldm-layout"] = ModelConfig(
     autoencoder=_LDM_VQ_F4, conditioner=BertConfig(vocab_size=8192, n_embed=512, n_layer=16, max_seq_len=92),
     scheduler=SchedulerConfig(beta_start=0.0015, beta_end=0.0205), scale_factor=1.0, default_image_size=256,
     layout=LayoutTokenizerConfig())
+
+
+# Stable Diffusion XL 1.0 (stabilityai/stable-diffusion-xl-base-1.0 and -refiner-1.0; SGM
+# configs/inference/sd_xl_base.yaml, sd_xl_refiner.yaml). Both text encoders feed the UNet their
+# penultimate layer without the final LayerNorm; the bigG encoder's pooled projection goes into the
+# text_time vector with the size ids. The VAE is SD's architecture with another latent scale.
+_CLIP_L_XL = ClipTextConfig(layer=LayerChoice.PENULTIMATE_HIDDEN)
+_OPENCLIP_BIGG = ClipTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                num_attention_heads=20, hidden_act="gelu", layer=LayerChoice.PENULTIMATE_HIDDEN,
+                                pad_token_id=0, projection_dim=1280)
+# as the hub's scheduler_config.json reads: the sampler fields it leaves unset are marked defaulted
+_SDXL_SCHEDULER = SchedulerConfig(default_sampler="euler", scheduler_class="EulerDiscreteScheduler",
+                                  defaulted_fields=("clip_sample_range", "original_inference_steps",
+                                                    "timestep_scaling"))
+# transformer blocks per level (diffusers transformer_layers_per_block); the first level has no
+# attention, its 1 is kept so that the config equals the one read from diffusers' config.json
+_SDXL_DEPTHS = (1, 2, 10)
+PRESETS.update({
+    "sdxl": ModelConfig(
+        name="sdxl", family=Family.SDXL,
+        unet=UNetConfig(model_channels=320, channel_mult=(1, 2, 4), attention_resolutions=(4, 2),
+                        num_head_channels=64, context_dim=768 + 1280, use_linear_in_transformer=True,
+                        down_depths=tuple((depth,) * 2 for depth in _SDXL_DEPTHS),
+                        up_depths=tuple((depth,) * 3 for depth in _SDXL_DEPTHS), middle_depth=_SDXL_DEPTHS[-1],
+                        text_embeds_dim=1280, time_ids=SDXL_TIME_IDS),
+        autoencoder=_KL_F8, conditioner=_CLIP_L_XL, conditioner_2=_OPENCLIP_BIGG, scheduler=_SDXL_SCHEDULER,
+        scale_factor=0.13025, default_image_size=1024, force_zeros_for_empty_prompt=True),
+    # the refiner: bigG alone, wider levels (384 x [1, 2, 4, 4]), depth 4, aesthetic-score time ids
+    "sdxl-refiner": ModelConfig(
+        name="sdxl-refiner", family=Family.SDXL_REFINER,
+        unet=UNetConfig(model_channels=384, channel_mult=(1, 2, 4, 4), attention_resolutions=(4, 2),
+                        num_head_channels=64, transformer_depth=4, context_dim=1280,
+                        use_linear_in_transformer=True, text_embeds_dim=1280, time_ids=SDXL_REFINER_TIME_IDS),
+        autoencoder=_KL_F8, conditioner=_OPENCLIP_BIGG, scheduler=_SDXL_SCHEDULER,
+        scale_factor=0.13025, default_image_size=1024),
+})
 
 
 def preset(name: str) -> ModelConfig:

@@ -120,8 +120,9 @@ def test_round_trip_every_preset(tmp_path, preset_name, precision):
     assert on_disk["latent_scale"] == PRESETS[preset_name].scale_factor
     assert on_disk["precision"] == precision.value
     assert on_disk["postprocess"] == {"images": "clamp(x / 2 + 0.5, 0, 1)"}
+    encoders = {"text_encoder", "text_encoder_2"} if PRESETS[preset_name].conditioner_2 else {"text_encoder"}
     expected = {"unet", "vae_decoder", "vae_encoder", "denoise_step"} | (
-        {"text_encoder"} if PRESETS[preset_name].is_text_conditioned else set())
+        encoders if PRESETS[preset_name].is_text_conditioned else set())
     assert set(on_disk["components"]) == expected
     assert on_disk["components"]["unet"]["sha256"] == {
         f: hashlib.sha256(f.encode()).hexdigest() for f in ("unet.onnx", "unet.onnx.data")}

@@ -5,14 +5,15 @@ modules do not implement fail by name instead of being ignored.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
-from ldmrt.config import (AutoencoderConfig, AutoencoderKind, BertConfig, BetaSchedule, ClipTextConfig,
-                          ConcatKind, Family, LayerChoice, LowResNoise, ModelConfig, SchedulerConfig,
-                          SpatialConditioning, UNetConfig)
+from ldmrt.config import (SDXL_REFINER_TIME_IDS, SDXL_TIME_IDS, AutoencoderConfig, AutoencoderKind, BertConfig,
+                          BetaSchedule, ClipTextConfig, ConcatKind, Family, LayerChoice, LowResNoise, ModelConfig,
+                          SchedulerConfig, SpatialConditioning, UNetConfig)
 from ldmrt.errors import CheckpointError, ConfigError
 from ldmrt.models import convert
 from ldmrt.checkpoints.diffusers_json import class_name, get_value, read_json, require_defaults, uniform
@@ -39,12 +40,12 @@ def read_diffusers_folder(folder: Path) -> Assembly:
     components = {name: spec for name, spec in index.items()
                   if not name.startswith("_") and isinstance(spec, list) and len(spec) == 2 and spec[1]}
     notes = [f"{name}: {spec[1]} not used by ldmrt" for name, spec in components.items() if name in _IGNORED]
-    unknown = sorted(set(components) - _IGNORED - {"unet", "vae", "vqvae", "text_encoder", "bert",
-                                                    "tokenizer", "scheduler", "low_res_scheduler"})
+    unknown = sorted(set(components) - _IGNORED - {"unet", "vae", "vqvae", "text_encoder", "bert", "tokenizer",
+                                                    "text_encoder_2", "tokenizer_2", "scheduler", "low_res_scheduler"})
     if unknown:
         raise CheckpointError(f"{folder / MODEL_INDEX}: components {unknown} are not supported; ldmrt "
-                              f"loads unet, vae/vqvae, text_encoder/bert, tokenizer and scheduler "
-                              f"(Stable Diffusion 1.x/2.x and LDM pipelines)")
+                              f"loads unet, vae/vqvae, text_encoder(_2)/bert, tokenizer(_2) and scheduler "
+                              f"(Stable Diffusion 1.x/2.x/XL and LDM pipelines)")
     vae_name = "vae" if "vae" in components else "vqvae" if "vqvae" in components else None
     for required in ("unet", "scheduler"):
         if required not in components:
@@ -55,7 +56,9 @@ def read_diffusers_folder(folder: Path) -> Assembly:
 
     unet_cfg = _component_config(folder, "unet")
     vae_cfg = _component_config(folder, vae_name)
-    unet_config = unet_config_from_diffusers(unet_cfg, f"{folder}/unet/config.json")
+    xl = _xl_options(index, folder)
+    unet_config = unet_config_from_diffusers(unet_cfg, f"{folder}/unet/config.json",
+                                             SDXL_REFINER_TIME_IDS if xl.get("requires_aesthetics_score") else SDXL_TIME_IDS)
     autoencoder, scale = autoencoder_config_from_diffusers(vae_cfg, f"{folder}/{vae_name}/config.json")
     schedule_path = folder / "scheduler" / "scheduler_config.json"
     scheduler, schedule_notes = scheduler_from_diffusers(read_json(schedule_path), str(schedule_path))
@@ -63,7 +66,11 @@ def read_diffusers_folder(folder: Path) -> Assembly:
 
     encoder_name = "text_encoder" if "text_encoder" in components else "bert" if "bert" in components else None
     conditioner, tokenizer_dir, family, detected = None, None, Family.LDM, "LDM: no text encoder"
-    if encoder_name is not None:
+    conditioner_2 = None
+    if "text_encoder_2" in components or xl:
+        conditioner, conditioner_2, tokenizer_dir, family, detected = _xl_text_configs(folder, components)
+        encoder_name = "text_encoder" if conditioner_2 is not None else "text_encoder_2"
+    elif encoder_name is not None:
         encoder_cfg = _component_config(folder, encoder_name)
         tokenizer_dir = folder / "tokenizer" if "tokenizer" in components else None
         if tokenizer_dir is None:
@@ -79,7 +86,8 @@ def read_diffusers_folder(folder: Path) -> Assembly:
     try:
         config = ModelConfig(name=folder.name, family=family, unet=unet_config, autoencoder=autoencoder,
                              conditioner=conditioner, scheduler=scheduler, scale_factor=scale,
-                             default_image_size=image_size, spatial=spatial)
+                             default_image_size=image_size, spatial=spatial, conditioner_2=conditioner_2,
+                             force_zeros_for_empty_prompt=bool(xl.get("force_zeros_for_empty_prompt", False)))
     except ConfigError as exc:
         raise CheckpointError(f"{folder}: the component configs do not fit together: {exc}") from None
 
@@ -91,10 +99,12 @@ def read_diffusers_folder(folder: Path) -> Assembly:
     vae_state = _component_weights(folder, vae_name, notes)
     state.update(_prefixed("first_stage_model.", convert.autoencoder_from_diffusers(vae_state, autoencoder)))
     if isinstance(conditioner, ClipTextConfig):
-        text_state = _component_weights(folder, encoder_name, notes)
-        if any(k.endswith("position_ids") for k in text_state):
-            notes.append("text_encoder: dropped the position_ids buffer (positions are computed)")
-        state.update(_prefixed("cond_stage_model.", convert.clip_from_transformers(text_state)))
+        second = (("text_encoder_2", "cond_stage_model_2."),) if conditioner_2 is not None else ()
+        for name, prefix in ((encoder_name, "cond_stage_model."),) + second:
+            text_state = _component_weights(folder, name, notes)
+            if any(k.endswith("position_ids") for k in text_state):
+                notes.append(f"{name}: dropped the position_ids buffer (positions are computed)")
+            state.update(_prefixed(prefix, convert.clip_from_transformers(text_state)))
     elif isinstance(conditioner, BertConfig):
         bert_state = convert.bert_from_diffusers(_component_weights(folder, encoder_name, notes), conditioner)
         if not any(k.startswith("transformer.to_logits.") for k in bert_state):
@@ -110,6 +120,70 @@ def read_diffusers_folder(folder: Path) -> Assembly:
     return Assembly(format="diffusers", config=config, state=state,
                     config_source=f"the diffusers configs in {folder}", detected=detected,
                     notes=notes, tokenizer_dir=tokenizer_dir, dtypes=dtypes)
+
+
+_XL_PIPELINES = {"StableDiffusionXLPipeline": {"force_zeros_for_empty_prompt": True},
+                 "StableDiffusionXLImg2ImgPipeline": {"force_zeros_for_empty_prompt": True,
+                                                      "requires_aesthetics_score": False}}
+
+
+def _xl_options(index: Mapping[str, Any], folder: Path) -> dict[str, bool]:
+    """An SDXL pipeline's options from model_index.json, with diffusers' defaults ({} otherwise)."""
+    pipeline = str(index.get("_class_name", ""))
+    if pipeline not in _XL_PIPELINES:
+        return {}
+    options = dict(_XL_PIPELINES[pipeline])
+    for key in options:
+        value = index.get(key, options[key])
+        if not isinstance(value, bool):
+            raise CheckpointError(f"{folder / MODEL_INDEX}: {key} {value!r}: expected true or false")
+        options[key] = value
+    return options
+
+
+def _xl_text_configs(folder: Path, components: Mapping[str, Any]):
+    """SDXL's text encoders: (conditioner, conditioner_2, tokenizer folder, family, detected). The
+    base has CLIP ViT-L (text_encoder) and OpenCLIP bigG (text_encoder_2); the refiner bigG alone,
+    which is then ldmrt's only conditioner. Both read hidden_states[-2], without the final norm.
+    One tokenizer serves both (each pads with its own encoder's pad token): tokenizer_2 must hold
+    the same vocabulary, merges and added tokens as tokenizer."""
+    if "text_encoder_2" not in components:
+        raise CheckpointError(f"{folder / MODEL_INDEX}: an SDXL pipeline without text_encoder_2 (OpenCLIP bigG)")
+    names = [n for n in ("text_encoder", "text_encoder_2") if n in components]
+    tokenizers = {n: folder / f"tokenizer{n[len('text_encoder'):]}" for n in names
+                  if f"tokenizer{n[len('text_encoder'):]}" in components}
+    if len(tokenizers) != len(names):
+        missing = sorted(f"tokenizer{n[len('text_encoder'):]}" for n in names if n not in tokenizers)
+        raise CheckpointError(f"{folder / MODEL_INDEX}: no {missing} component for the SDXL text encoders")
+    read = {n: read_tokenizer_folder(path) for n, path in tokenizers.items()}
+    if len(read) == 2:
+        first, second = read["text_encoder"], read["text_encoder_2"]
+        pads = {first.pad_token, second.pad_token}
+        same = lambda t: (t.kind, t.base_vocab, t.merges, _added_except(t.added, pads))  # noqa: E731
+        if same(first) != same(second):
+            raise CheckpointError(f"{folder}/tokenizer_2: differs from tokenizer/ beyond its pad token; ldmrt "
+                                  f"runs both SDXL text encoders on one tokenizer")
+    configs = []
+    for name in names:
+        cfg = _component_config(folder, name)
+        kind = class_name(cfg)
+        if kind not in ("CLIPTextModel", "CLIPTextModelWithProjection"):
+            raise CheckpointError(f"{folder}/{name}/config.json: text encoder {kind!r} is not supported; expected "
+                                  f"CLIPTextModel or CLIPTextModelWithProjection")
+        clip = clip_config_from_transformers(cfg, read[name].clip_ids(), f"{folder}/{name}/config.json")
+        projection = int(get_value(cfg, "projection_dim", f"{folder}/{name}/config.json", int)) \
+            if kind == "CLIPTextModelWithProjection" else 0
+        configs.append(dataclasses.replace(clip, layer=LayerChoice.PENULTIMATE_HIDDEN, projection_dim=projection))
+    base = len(configs) == 2
+    family = Family.SDXL if base else Family.SDXL_REFINER
+    detected = (f"{family.value}: " + " + ".join(f"CLIP text {c.num_hidden_layers}x{c.hidden_size}" for c in configs)
+                + " (penultimate hidden states" + (", the second's pooled projection)" if base else ", pooled projection)"))
+    return configs[0], configs[1] if base else None, tokenizers[names[0]], family, detected
+
+
+def _added_except(added, pads) -> tuple:
+    """Added tokens other than pad tokens, comparable between two tokenizer folders."""
+    return tuple(sorted((t.content, t.id) for t in added if t.content not in pads))
 
 
 def spatial_from_pipeline(index: Mapping[str, Any], folder: Path, unet: UNetConfig,

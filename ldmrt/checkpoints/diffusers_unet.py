@@ -119,7 +119,7 @@ def _conditional_fields(cfg: Mapping[str, Any], levels: int, res_blocks: list[in
         raise CheckpointError(f"{where}: only_cross_attention={cross_only!r}: expected a bool or one per level")
     if any(flags[i] for i in range(levels) if attention[i]):
         fields["disable_self_attentions"] = tuple(flags)
-    fields.update(_depths(cfg, levels, res_blocks, where))
+    fields.update(_depths(cfg, res_blocks, attention, where))
     fields.update(_addition(cfg, time_ids, where))
     return fields
 
@@ -135,26 +135,30 @@ def _context_dim(cfg: Mapping[str, Any], levels: int, where: str) -> int:
     return integer(value, "cross_attention_dim", where, 1)
 
 
-def _depths(cfg: Mapping[str, Any], levels: int, res_blocks: list[int], where: str) -> dict[str, Any]:
+def _depths(cfg: Mapping[str, Any], res_blocks: list[int], attention: list[bool], where: str) -> dict[str, Any]:
     """transformer_layers_per_block (int, per level, or per level and ResNet) and its up-path
-    mirror reverse_transformer_layers_per_block -> UNetConfig's depth fields."""
+    mirror reverse_transformer_layers_per_block -> UNetConfig's depth fields. Attention-free
+    levels ignore their entries, as diffusers' DownBlock2D / UpBlock2D do (depth 1 recorded)."""
+    levels = len(res_blocks)
     key, value = "transformer_layers_per_block", cfg.get("transformer_layers_per_block", 1)
     entries = list(value) if isinstance(value, (list, tuple)) else [value] * levels
     if len(entries) != levels:
         raise CheckpointError(f"{where}: {key}={value!r}: expected one entry per level ({levels})")
-    down = tuple(_blocks(e, res_blocks[i], key, where) for i, e in enumerate(entries))
+    down = tuple(_blocks(e, res_blocks[i], key, where) if attention[i] else (1,) * res_blocks[i]
+                 for i, e in enumerate(entries))
     reverse = cfg.get("reverse_transformer_layers_per_block")
     if reverse is None:
         if any(isinstance(e, (list, tuple)) for e in entries):
             raise CheckpointError(f"{where}: {key}={value!r} lists depths per ResNet; diffusers then needs "
                                   f"reverse_transformer_layers_per_block for the up blocks, found none")
-        up = tuple(_blocks(e, res_blocks[i] + 1, key, where) for i, e in enumerate(entries))
+        up = tuple(_blocks(e, res_blocks[i] + 1, key, where) if attention[i] else (1,) * (res_blocks[i] + 1)
+                   for i, e in enumerate(entries))
     else:
         if not isinstance(reverse, (list, tuple)) or len(reverse) != levels:
             raise CheckpointError(f"{where}: reverse_transformer_layers_per_block={reverse!r}: expected one "
                                   f"entry per up block ({levels})")
         up = tuple(_blocks(reverse[levels - 1 - i], res_blocks[i] + 1, "reverse_transformer_layers_per_block",
-                           where) for i in range(levels))
+                           where) if attention[i] else (1,) * (res_blocks[i] + 1) for i in range(levels))
     middle = entries[-1][0] if isinstance(entries[-1], (list, tuple)) else entries[-1]
     return {"depths": (down, up, middle)}
 
@@ -173,6 +177,9 @@ def _addition(cfg: Mapping[str, Any], time_ids: int, where: str) -> dict[str, An
         raise CheckpointError(f"{where}: addition_embed_type={addition!r} is not supported; expected one of "
                               f"{list(_ADDITIONS)}")
     projection = cfg.get("projection_class_embeddings_input_dim")
+    if addition is not None and cfg.get("num_class_embeds") is not None:
+        raise CheckpointError(f"{where}: num_class_embeds with addition_embed_type {addition!r}: not supported "
+                              f"(no diffusers pipeline passes both class labels and SDXL's added conditioning)")
     if addition is None:
         if projection is not None:
             raise CheckpointError(f"{where}: projection_class_embeddings_input_dim={projection!r} without "

@@ -13,7 +13,7 @@ from ldmrt.errors import CheckpointError
 from ldmrt.models import LatentDiffusion, build_model
 
 StateDict = dict[str, torch.Tensor]
-COMPONENT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
+COMPONENT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "cond_stage_model_2.")
 SHOWN = 5   # names listed per kind of problem
 
 

@@ -2,7 +2,8 @@
 them from a bundle; each backend module implements them).
 
 Torch-free. A runner takes numpy arrays named and typed as the component's I/O spec says,
-checks them against the spec before running, and returns the first output as numpy. The
+checks them against the spec before running, and returns the first output as numpy (`run_all`:
+every output by name, for components with more than one, e.g. SDXL's pooled embedding). The
 denoiser runs the whole loop (ldmrt.sampling.denoise): every backend offers one, the numpy
 reference over its UNet runner unless it does better on its device.
 """
@@ -28,6 +29,8 @@ class ComponentRunner(Protocol):
     spec: ComponentSpec
 
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray: ...
+
+    def run_all(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,12 @@ class OnnxRuntimeRunner:
         output = self.session.run([self.output], dict(inputs))[0]
         return self.spec.check_output(self.output, output, values)
 
+    def run_all(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = self.spec.bind(inputs)
+        names = [t.name for t in self.spec.outputs]
+        outputs = self.session.run(names, dict(inputs))
+        return {name: self.spec.check_output(name, array, values) for name, array in zip(names, outputs)}
+
 
 def _graph_tensors(args) -> list[GraphTensor]:
     """A session's NodeArgs as GraphTensors: ORT gives ints, dim_param names, or None per dim.

@@ -466,6 +466,11 @@ class _ComponentEngine:
         values = self.spec.bind(inputs)
         return self.spec.check_output(self.output, self.runner.run(inputs)[self.output], values)
 
+    def run_all(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = self.spec.bind(inputs)
+        outputs = self.runner.run(inputs)
+        return {t.name: self.spec.check_output(t.name, outputs[t.name], values) for t in self.spec.outputs}
+
 
 def open_tensorrt(bundle: Path, manifest: Any, components: Sequence[str], *, backend: str = "tensorrt",
                   cuda_graphs: bool = True, allow_version_compatible: bool = False,

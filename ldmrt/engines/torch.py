@@ -16,7 +16,7 @@ import torch
 
 from ldmrt.engines.base import BackendRunners
 from ldmrt.errors import ShapeError
-from ldmrt.iospec import Component
+from ldmrt.iospec import FP32_INPUTS, Component
 from ldmrt.models import TORCH_DTYPES
 from ldmrt.sampling import DenoiseJob, DenoiseResult, SamplerPlan, guide
 from ldmrt.sampling.image_guide import guided_output
@@ -231,15 +231,20 @@ class TorchRunner:
         self.graph, self.spec, self.device, self.dtype = graph, spec, device, dtype
 
     def __call__(self, inputs) -> np.ndarray:
+        return self.run_all(inputs)[self.spec.outputs[0].name]
+
+    def run_all(self, inputs) -> dict[str, np.ndarray]:
         self.spec.bind(inputs)
         tensors = []
         for tensor in self.spec.inputs:
             value = torch.from_numpy(np.ascontiguousarray(inputs[tensor.name])).to(self.device)
-            if value.is_floating_point() and tensor.name != "timestep":
+            if value.is_floating_point() and tensor.name not in FP32_INPUTS:
                 value = value.to(self.dtype)
             tensors.append(value)
         with torch.no_grad():
-            return self.graph(*tensors).float().cpu().numpy()
+            outputs = self.graph(*tensors)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        return {t.name: o.float().cpu().numpy() for t, o in zip(self.spec.outputs, outputs)}
 
 
 def _unet_call(graph, spec):

@@ -34,6 +34,8 @@ class LatentDiffusion(nn.Module):
         conditioner = build_conditioner(config.conditioner or rescaler)
         if conditioner is not None:
             self.cond_stage_model = conditioner
+        if config.conditioner_2 is not None:      # SDXL's second text encoder (ldmrt's own prefix)
+            self.cond_stage_model_2 = build_conditioner(config.conditioner_2)
 
     @property
     def unet(self) -> UNetModel:
@@ -42,6 +44,10 @@ class LatentDiffusion(nn.Module):
     @property
     def conditioner(self) -> nn.Module | None:
         return getattr(self, "cond_stage_model", None)
+
+    @property
+    def conditioner_2(self) -> nn.Module | None:
+        return getattr(self, "cond_stage_model_2", None)
 
 
 def build_model(config: ModelConfig, seed: int | None = 0, dtype: torch.dtype = torch.float32) -> LatentDiffusion:

@@ -29,7 +29,8 @@ from ldmrt.runtime.postprocess import postprocessor
 from ldmrt.runtime.tiling import Tiling, run_tiled
 from ldmrt.sampling import SAMPLERS, DenoiseJob, StepCallback, make_plan
 from ldmrt.sampling.image_guide import ImageGuide
-from ldmrt.tokenizer import load_tokenizer
+from ldmrt.runtime.text import (AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE, SizeConditioning, TextEncoders,
+                                check_sizes, expand)
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,8 @@ CancelCheck = Callable[[], bool]             # True: stop at the next check
 
 
 # What generate runs, of what a bundle holds (denoise_step is a device backend's, not the pipeline's).
-PIPELINE_COMPONENTS = (Component.TEXT_ENCODER, Component.UNET, Component.VAE_DECODER, Component.VAE_ENCODER)
+PIPELINE_COMPONENTS = (Component.TEXT_ENCODER, Component.TEXT_ENCODER_2, Component.UNET, Component.VAE_DECODER,
+                       Component.VAE_ENCODER)
 IMG2IMG_STRENGTH = 0.8     # how much of the schedule img2img runs unless told
 # image guidance (ldmrt.sampling.image_guide): what steers the built-in digits to 8x8 targets
 # (docs/layout-and-guidance.md)
@@ -51,7 +53,8 @@ class GenerationRequest:
     """One call's inputs. Numbers may be Python or numpy scalars (never bools); `Pipeline.generate`
     checks every field before any model runs and names the field at fault (`LdmrtError.field`)."""
     prompt: str | Sequence[str] = ""
-    negative_prompt: str | Sequence[str] | None = ""   # None: "" (as diffusers)
+    # None: "" (as diffusers), or zero embeddings where the model says force_zeros_for_empty_prompt (SDXL)
+    negative_prompt: str | Sequence[str] | None = None
     steps: int = 20
     guidance: float = 7.5     # > 1: classifier-free guidance; <= 1: the prompt's prediction only (diffusers)
     sampler: str | None = None          # None: the bundle's default (its checkpoint's scheduler class)
@@ -80,6 +83,12 @@ class GenerationRequest:
     guide_scale: float | None = None   # 1 / the guide's fixed variance; None: DEFAULT_GUIDE_SCALE
     guide_uncertainty: float | None = None   # the x0 estimate's error variance; 0: the paper's guide;
                                              # None: DEFAULT_GUIDE_UNCERTAINTY
+    # SDXL's size ids (ldmrt.runtime.text), (height, width) in pixels; None: the image's size
+    original_size: Sequence[int] | None = None
+    crops_coords_top_left: Sequence[int] = (0, 0)
+    target_size: Sequence[int] | None = None          # the base only
+    aesthetic_score: float = AESTHETIC_SCORE          # the refiner only
+    negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE
 
 
 @dataclass
@@ -112,10 +121,15 @@ class Pipeline:
         self.max_cost = float(max_cost)     # per-request limit on steps x images x megapixels; 0: none
         self.config: ModelConfig = manifest.config
         self._to_images = postprocessor(manifest.postprocess, "images")     # as the bundle declares
-        self.tokenizer = None
+        self.text = None
         if self.config.is_text_conditioned and manifest.tokenizer is not None:
-            self.tokenizer = load_tokenizer(bundle / "tokenizer", self.config.conditioner)
+            self.text = TextEncoders(self.config, bundle / "tokenizer")
         self._lock = threading.Lock()
+
+    @property
+    def tokenizer(self):
+        """The (first) text encoder's PromptTokenizer; None without one."""
+        return self.text.tokenizers[0] if self.text is not None else None
 
     @classmethod
     def load(cls, bundle: str | Path, backend: str = "onnxruntime", *, verify: bool = True,
@@ -149,9 +163,9 @@ class Pipeline:
         batch = shape[0]
         rng = np.random.default_rng(request.seed)
 
-        _cancel_point(cancel, "before the text encoder" if self.tokenizer is not None else "before denoising")
+        _cancel_point(cancel, "before the text encoder" if self.text is not None else "before denoising")
         start = time.perf_counter()
-        conditioning, guided = self._conditioning(request, batch, warnings)
+        conditioning, guided = self._conditioning(request, shape, warnings)
         timings["conditioning"] = time.perf_counter() - start
 
         noise = self._initial_noise(request, shape, rng)
@@ -214,9 +228,12 @@ class Pipeline:
         sampler = config.scheduler.default_sampler if request.sampler is None else request.sampler
         if not isinstance(sampler, str) or sampler not in SAMPLERS:
             raise GenerationError(f"sampler {show(sampler)}: expected one of {list(SAMPLERS)}", field="sampler")
-        negative = "" if request.negative_prompt is None else request.negative_prompt
+        negative = request.negative_prompt
+        if negative is None and not config.force_zeros_for_empty_prompt:
+            negative = ""
+        sizes = check_sizes(config, SizeConditioning.of(request))
         request = dataclasses.replace(
-            request, sampler=sampler, negative_prompt=negative,
+            request, sampler=sampler, negative_prompt=negative, **dataclasses.asdict(sizes),
             steps=integer("steps", request.steps, 1),
             guidance=real("guidance", request.guidance),
             eta=real("eta", request.eta, finite=False),            # range: make_plan
@@ -311,13 +328,14 @@ class Pipeline:
 
     def _check_conditioning_fields(self, request: GenerationRequest, batch: int) -> None:
         config = self.config
-        _expand(request.prompt, batch, "prompt")
-        _expand(request.negative_prompt, batch, "negative_prompt")
+        expand(request.prompt, batch, "prompt")
+        if request.negative_prompt is not None:
+            expand(request.negative_prompt, batch, "negative_prompt")
         kind = self._conditioning_kind()
         if kind != "text-conditioned":
             for name in ("prompt", "negative_prompt"):
                 value = getattr(request, name)
-                if any(_expand(value, batch, name)):
+                if value is not None and any(expand(value, batch, name)):
                     takes = {"class-conditional": "class_labels, not prompts",
                              "layout-conditioned": "a layout, not prompts"}.get(kind, "no prompt")
                     raise GenerationError(f"{name} {show(value)}: this bundle's model is {kind} "
@@ -416,13 +434,14 @@ class Pipeline:
         return make_plan(request.sampler, self.config.scheduler, request.steps, eta=request.eta,
                          strength=strength)
 
-    def _conditioning(self, request: GenerationRequest, batch: int, warnings: list[str]):
+    def _conditioning(self, request: GenerationRequest, shape: tuple[int, int, int, int], warnings: list[str]):
         """The UNet's conditioning inputs and whether guided: encoder_hidden_states (2B, L, D)
-        [uncond; cond] when guided, else (B, L, D); or class_labels; {} when unconditional.
+        [uncond; cond] when guided, else (B, L, D) (SDXL: and text_embeds, time_ids; see
+        ldmrt.runtime.text); or class_labels; {} when unconditional.
 
         Guidance <= 1 runs the conditional prediction alone, as diffusers does
         (`do_classifier_free_guidance = guidance_scale > 1`): one UNet batch, half the work."""
-        config = self.config
+        config, batch = self.config, shape[0]
         guided = request.guidance > 1.0
         kind = self._conditioning_kind()
         if kind == "layout-conditioned":
@@ -433,23 +452,16 @@ class Pipeline:
             self._check_model_output(embeddings, Component.TEXT_ENCODER, "layout embeddings")
             return {"encoder_hidden_states": embeddings}, guided
         if kind == "text-conditioned":
-            prompts = _expand(request.prompt, batch, "prompt")
-            texts = prompts
-            names = ["prompt"] * batch
-            if guided:
-                texts = _expand(request.negative_prompt, batch, "negative_prompt") + prompts
-                names = ["negative prompt"] * batch + names
-            if self.tokenizer is None:
+            if self.text is None:
                 raise GenerationError("this bundle has no tokenizer/ folder; re-export it")
-            tokens = self.tokenizer.encode(texts)
-            for name, text, cut in zip(names, texts, tokens.truncated):
-                if cut:
-                    warnings.append(f"{name} truncated to {self.tokenizer.max_length} tokens: "
-                                    f"{text[:60]!r}...")
-            runner = self.runners[Component.TEXT_ENCODER]
-            embeddings = runner({"input_ids": tokens.input_ids})
-            self._check_model_output(embeddings, Component.TEXT_ENCODER, "text embeddings")
-            return {"encoder_hidden_states": embeddings}, guided
+            negative = request.negative_prompt
+            f = config.downsampling_factor
+            unet = self.manifest.component(Component.UNET).spec
+            negatives = None if negative is None else expand(negative, batch, "negative_prompt")
+            return self.text.conditioning(
+                self.runners, expand(request.prompt, batch, "prompt"), negatives, guided, SizeConditioning.of(request),
+                (shape[2] * f, shape[3] * f), warnings, self._check_model_output,
+                {t.name: t.dtype for t in unet.inputs}), guided
         if kind == "class-conditional":
             n = self._num_classes()
             labels = [int(c) for c in (request.class_labels if request.class_labels is not None else [0])]
@@ -563,13 +575,4 @@ def _cancel_point(cancel: CancelCheck | None, where: str) -> None:
         raise GenerationCancelled(f"generation cancelled by the caller {where}; no image was made")
 
 
-def _expand(prompt, batch: int, name: str) -> list[str]:
-    if not isinstance(prompt, (str, list, tuple)):
-        raise GenerationError(f"{name}: expected a string or a list of strings, found {type(prompt).__name__}",
-                              field=name)
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if len(prompts) == 1:
-        prompts = prompts * batch
-    if len(prompts) != batch or not all(isinstance(p, str) for p in prompts):
-        raise GenerationError(f"{name}: expected 1 or {batch} strings, found {len(prompts)}", field=name)
-    return prompts
+
