@@ -267,6 +267,10 @@ def load_tokenizer(folder: Path, conditioner_config: TextConfig, *,
                     f"expected the tokenizer of the bundle: re-export it")
     if path.is_file():
         backend = read_tokenizer_json(path, "clip" if clip else "wordpiece", error)
+        if clip:    # SDXL's second encoder reads the first's tokenizer: its own pad token is special too
+            added = {token.content for token in backend.get_added_tokens_decoder().values()}
+            specials = clip_specials(backend.get_vocab(), conditioner_config.pad_token_id)
+            backend = _add_tokens(backend, [t for t in specials if t.content not in added], str(path), error)
     elif clip:
         path = folder / "vocab.json"
         vocab = read_clip_vocab(path, error)

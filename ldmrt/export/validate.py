@@ -79,12 +79,10 @@ def validate_graph(path: Path, reference: torch.nn.Module, config: ModelConfig, 
     if precision == Precision.BF16:
         return _validate_bf16_in_torch(reference, spec, arrays)
     session = cpu_session(path)
-    (found,) = session.run([spec.outputs[0].name], arrays)
+    found = session.run([t.name for t in spec.outputs], arrays)
     with torch.no_grad():
-        expected = reference(*to_torch(arrays, spec, torch.float32)).float().numpy()
-    rel, max_abs = relative_l2(found, expected)
-    if found.shape != expected.shape:
-        rel = max_abs = float("inf")
+        expected = _numpy_outputs(reference(*to_torch(arrays, spec, torch.float32)))
+    rel, max_abs = _worst(found, expected)
     return ParityRecord(reference="torch-fp32", rel_l2=rel, max_abs=max_abs,
                         tolerance=tolerance(spec.name, precision),
                         shapes={name: tuple(a.shape) for name, a in arrays.items()})
@@ -100,10 +98,23 @@ def _validate_bf16_in_torch(reference: torch.nn.Module, spec: ComponentSpec,
     import copy
 
     with torch.no_grad():
-        expected = reference(*to_torch(arrays, spec, torch.float32)).float().numpy()
+        expected = _numpy_outputs(reference(*to_torch(arrays, spec, torch.float32)))
         bf16 = copy.deepcopy(reference).to(torch.bfloat16)
-        found = bf16(*to_torch(arrays, spec, torch.bfloat16)).float().numpy()
-    rel, max_abs = relative_l2(found, expected)
+        found = _numpy_outputs(bf16(*to_torch(arrays, spec, torch.bfloat16)))
+    rel, max_abs = _worst(found, expected)
     return ParityRecord(reference="torch-fp32 vs torch-bf16 (graph not run: no bf16 in ONNX Runtime CPU)",
                         rel_l2=rel, max_abs=max_abs, tolerance=TOLERANCE[Precision.BF16],
                         shapes={name: tuple(a.shape) for name, a in arrays.items()})
+
+
+def _numpy_outputs(result) -> list[np.ndarray]:
+    """A module's output (a tensor, or a tuple for components with several) as float arrays."""
+    return [r.float().numpy() for r in (result if isinstance(result, tuple) else (result,))]
+
+
+def _worst(found: list[np.ndarray], expected: list[np.ndarray]) -> tuple[float, float]:
+    """The largest (rel L2, max abs) over the outputs; inf where a shape or the count differs."""
+    if len(found) != len(expected) or any(f.shape != e.shape for f, e in zip(found, expected)):
+        return float("inf"), float("inf")
+    pairs = [relative_l2(f, e) for f, e in zip(found, expected)]
+    return max(p[0] for p in pairs), max(p[1] for p in pairs)

@@ -78,3 +78,22 @@ def check_array(name: str, array, shape: tuple[int, ...], first_axis_one: bool =
     if unit_range and (array.min() < 0.0 or array.max() > 1.0):
         raise GenerationError(f"{name}: expected values in [0, 1], found values in "
                               f"[{float(array.min()):g}, {float(array.max()):g}]", field=name)
+
+
+def check_handoff(request, shape: tuple[int, ...]) -> None:
+    """A GenerationRequest's SDXL hand-off fields: denoising_start continues `init_latents` (the
+    base's latents, of the latent `shape`) and takes no image or strength; the fractions' values
+    are make_plan's to check."""
+    if request.denoising_start is None:
+        if request.init_latents is not None:
+            raise GenerationError("init_latents: the base's latents continue a hand-off; pass "
+                                  "denoising_start too", field="init_latents")
+        return
+    for name in ("init_image", "strength"):
+        if getattr(request, name) is not None:
+            raise GenerationError(f"{name}: denoising_start continues the base's latents (init_latents) "
+                                  f"with the rest of the schedule; it takes no {name}", field=name)
+    if request.init_latents is None:
+        raise GenerationError("init_latents: denoising_start needs the latents the base returned with "
+                              "denoising_end (GenerationResult.latents)", field="init_latents")
+    check_array("init_latents", request.init_latents, shape)

@@ -23,7 +23,7 @@ from ldmrt.errors import ConfigError, GenerationCancelled, GenerationError, Shap
 from ldmrt.iospec import Component, Precision
 from ldmrt.layout import encode_layout
 from ldmrt.manifest import Manifest, load_manifest, verify_bundle
-from ldmrt.runtime.checks import check_array, integer, is_integer, real, show
+from ldmrt.runtime.checks import check_array, check_handoff, integer, is_integer, real, show
 from ldmrt.runtime import spatial
 from ldmrt.runtime.postprocess import postprocessor
 from ldmrt.runtime.tiling import Tiling, run_tiled
@@ -89,11 +89,17 @@ class GenerationRequest:
     target_size: Sequence[int] | None = None          # the base only
     aesthetic_score: float = AESTHETIC_SCORE          # the refiner only
     negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE
+    # SDXL's base -> refiner hand-off (diffusers denoising_end / denoising_start; same sampler and
+    # steps on both sides): the base stops at this fraction of the schedule and returns latents
+    # (no image); the refiner continues from the base's `latents` given as `init_latents`
+    denoising_end: float | None = None
+    denoising_start: float | None = None
+    init_latents: np.ndarray | None = None
 
 
 @dataclass
 class GenerationResult:
-    images: np.ndarray                  # float32 [B, H, W, 3] in [0, 1]
+    images: np.ndarray | None           # float32 [B, H, W, 3] in [0, 1]; None: denoising_end (latents only)
     latents: np.ndarray                 # final latents [B, C, h, w] (scaled, before decode)
     timings: dict[str, float] = field(default_factory=dict)   # seconds per stage
     warnings: list[str] = field(default_factory=list)
@@ -172,7 +178,9 @@ class Pipeline:
         image_latents = None
         start_image = request.init_image if request.init_image is not None else \
             (request.image if plan.strength < 1.0 else None)           # inpainting at strength < 1
-        if start_image is not None:
+        if request.init_latents is not None:                          # the refiner: the base's latents as they are
+            image_latents = np.asarray(request.init_latents, dtype=np.float32)
+        elif start_image is not None:
             start = time.perf_counter()
             image_latents = self._encode_pixels(spatial.to_pixels(start_image, batch), rng, request.tile)
             timings[Component.VAE_ENCODER] = time.perf_counter() - start
@@ -208,11 +216,13 @@ class Pipeline:
         if not np.isfinite(x).all():
             raise self._non_finite_latents(plan, denoised.evaluations, request.guidance)
 
-        _cancel_point(cancel, f"after denoising step {plan.num_evaluations} of {plan.num_evaluations}, "
-                              f"before the VAE decoder")
-        start = time.perf_counter()
-        images = spatial.paste_back(self.config, request, self._decode(x, request.tile))
-        timings[Component.VAE_DECODER] = time.perf_counter() - start
+        images = None
+        if request.denoising_end is None:        # the base of a hand-off returns its latents alone
+            _cancel_point(cancel, f"after denoising step {plan.num_evaluations} of {plan.num_evaluations}, "
+                                  f"before the VAE decoder")
+            start = time.perf_counter()
+            images = spatial.paste_back(self.config, request, self._decode(x, request.tile))
+            timings[Component.VAE_DECODER] = time.perf_counter() - start
         for message in warnings:
             log.warning("%s", message)
         return GenerationResult(images=images, latents=x, timings=timings, warnings=warnings)
@@ -262,6 +272,7 @@ class Pipeline:
                                   f"re-export with a larger --vae-max-size", field="tile")
         if request.latents is not None:
             check_array("latents", request.latents, shape)
+        check_handoff(request, shape)
         request = self._check_guide(request, shape)
         if spatial.encodes_image(config) and Component.VAE_ENCODER not in self.runners:
             raise GenerationError(f"image: {spatial.model_kind(config)} needs the vae_encoder component to "
@@ -432,7 +443,8 @@ class Pipeline:
         else:
             strength = 1.0
         return make_plan(request.sampler, self.config.scheduler, request.steps, eta=request.eta,
-                         strength=strength)
+                         strength=strength, denoising_end=request.denoising_end,
+                         denoising_start=request.denoising_start)
 
     def _conditioning(self, request: GenerationRequest, shape: tuple[int, int, int, int], warnings: list[str]):
         """The UNet's conditioning inputs and whether guided: encoder_hidden_states (2B, L, D)

@@ -41,6 +41,13 @@ int(original_inference_steps * strength) of its original schedule), and the star
 `init_latent_coef * image_latents + init_noise_coef * noise` (diffusers' `add_noise` at the
 first kept timestep). txt2img starts from `noise * init_noise_sigma`.
 
+SDXL's base -> refiner hand-off follows StableDiffusionXLPipeline's `denoising_end` and
+StableDiffusionXLImg2ImgPipeline's `denoising_start` (make_plan(..., denoising_end=f) and
+make_plan(..., denoising_start=f), same sampler, schedule and steps on both sides): the base plan
+keeps the evaluations at timesteps >= round(T - f * T) and its final latents are the hand-off;
+the refiner plan runs the rest, its sampler state fresh at that index (DPM++ 2M takes a first
+order step there), from those latents as they are (`initial_latents(noise, base_latents)`).
+
 Where this differs from diffusers: DDPM draws no noise where the posterior variance is exactly
 0 (diffusers clamps it to 1e-20 and adds 1e-10 * noise); scalar coefficients are evaluated in
 float64 where diffusers evaluates some in float32 (Euler and DPM also round the sample to float32
@@ -86,6 +93,8 @@ class SamplerPlan:
     init_noise_sigma: float        # txt2img: x_0 = noise * init_noise_sigma
     init_latent_coef: float        # img2img: x_0 = init_latent_coef * image_latents
     init_noise_coef: float         #                + init_noise_coef * noise
+    denoising_end: float | None = None     # SDXL base: stops at this fraction of the schedule
+    denoising_start: float | None = None   # SDXL refiner: continues from it (latents as handed over)
 
     @property
     def num_evaluations(self) -> int:
@@ -96,9 +105,14 @@ class SamplerPlan:
         return self.sample_coefs.shape[1]
 
     def initial_latents(self, noise: np.ndarray, image_latents: np.ndarray | None = None) -> np.ndarray:
-        """Start latents: scaled noise (txt2img), or image latents noised to the first step (img2img)."""
+        """Start latents: scaled noise (txt2img), image latents noised to the first step (img2img),
+        or the base's latents unchanged (refiner: init_latent_coef 1, init_noise_coef 0)."""
         noise = np.asarray(noise)
         if image_latents is None:
+            if self.denoising_start is not None:
+                raise GenerationError(
+                    f"sampler {self.name!r}: denoising_start={self.denoising_start} continues the "
+                    f"base's latents; pass the latents its denoising_end plan ended with as image_latents")
             if self.strength < 1.0:
                 raise GenerationError(
                     f"sampler {self.name!r}: strength={self.strength} needs image_latents to start "
