@@ -463,8 +463,8 @@ def test_audit_update_noise_dropped_fails(c: Case, feed_noise, monkeypatch) -> N
     """The noise coefficient C dropped from the tables (needs_noise untouched, noise still drawn)."""
     assemble = tables_module._assemble
 
-    def without_noise(*args) -> SamplerPlan:
-        plan = assemble(*args)
+    def without_noise(*args, **kwargs) -> SamplerPlan:
+        plan = assemble(*args, **kwargs)
         return dataclasses.replace(plan, noise_coefs=np.zeros_like(plan.noise_coefs))
 
     monkeypatch.setattr(tables_module, "_assemble", without_noise)

@@ -25,20 +25,23 @@ TOL = 1e-3            # the issue's bar: mean abs, fp32, same weights and latent
 HEIGHT, WIDTH = 32, 48
 PROMPTS = ["a photograph of an astronaut riding a horse", "Hello, WORLD!! café"]
 
-# SDXL base at toy widths: attention-free first level, depths [_, 2], head size 16, linear
-# projections, context [CLIP 32 | bigG 48], pooled 40 + 6 time ids of 8 channels
-UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+# SDXL base at toy widths, with SDXL's conventions where a single file cannot tell (64-channel
+# heads, 64-wide CLIP heads, 256-channel time ids): attention-free first level, per-level ResNets
+# [1, 2] and depths [_, 2], per-level head counts [1, 2], linear projections, context
+# [CLIP 64 | bigG 128], pooled 40 + 6 time ids
+UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(64, 128),
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=(1, 2),
-            transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), cross_attention_dim=80,
-            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=40 + 6 * 8, norm_num_groups=16)
+            transformer_layers_per_block=(1, 2), attention_head_dim=(1, 2), cross_attention_dim=192,
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=40 + 6 * 256, norm_num_groups=32)
 VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-           up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 32), layers_per_block=1,
-           latent_channels=4, norm_num_groups=16, scaling_factor=0.13025)
-CLIP_L = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+           up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 64, 64), layers_per_block=1,
+           latent_channels=4, norm_num_groups=32, scaling_factor=0.13025)
+CLIP_L = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=1,
               hidden_act="quick_gelu", bos_token_id=VOCAB - 2, eos_token_id=VOCAB - 1, pad_token_id=VOCAB - 1)
-BIG_G = dict(CLIP_L, hidden_size=48, intermediate_size=96, hidden_act="gelu", pad_token_id=0, projection_dim=40)
+BIG_G = dict(CLIP_L, hidden_size=128, intermediate_size=256, num_attention_heads=2, hidden_act="gelu", pad_token_id=0,
+             projection_dim=40)
 
 
 def _components(root):
@@ -74,7 +77,7 @@ def sdxl(tmp_path_factory):
         pipe, root / "pipeline", Pipeline.load(root / "bundle", "onnxruntime", threads=1))
 
 
-REFINER_UNET = dict(UNET, cross_attention_dim=48, projection_class_embeddings_input_dim=40 + 5 * 8)
+REFINER_UNET = dict(UNET, cross_attention_dim=128, projection_class_embeddings_input_dim=40 + 5 * 256)
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +161,7 @@ def test_the_refiner_folder_loads_with_bigg_alone(refiner) -> None:
     config = load_checkpoint(refiner.folder).config
     assert config.family == Family.SDXL_REFINER and config.conditioner_2 is None
     assert config.conditioner.projection_dim == 40 and config.conditioner.layer == LayerChoice.PENULTIMATE_HIDDEN
-    assert config.unet.time_ids == 5 and config.unet.context_dim == 48
+    assert config.unet.time_ids == 5 and config.unet.context_dim == 128
     assert not config.force_zeros_for_empty_prompt
 
 
@@ -200,6 +203,42 @@ def test_bad_hand_off_fields_are_refused_by_name(sdxl, fields, field) -> None:
     with pytest.raises(LdmrtError) as raised:
         sdxl.ours.generate(GenerationRequest(prompt="a cat", steps=4, height=HEIGHT, width=WIDTH, **fields))
     assert raised.value.field == field
+
+
+def _sgm_file(loaded, bigg, bigg_prefix: str, clip_l: bool, path):
+    """An original (SGM) SDXL single file of a loaded diffusers folder: the UNet and VAE under
+    CompVis names, CLIP-L at conditioner.embedders.0.transformer.*, bigG in OpenCLIP's layout."""
+    from safetensors.torch import save_file
+
+    from tests.test_sdxl_text_encoders import _openclip_layout
+
+    sgm = {}
+    for key, value in loaded.model.state_dict().items():
+        if key.startswith(("model.diffusion_model.", "first_stage_model.")):
+            sgm[key] = value
+        elif clip_l and key.startswith("cond_stage_model.transformer."):
+            sgm["conditioner.embedders.0." + key[len("cond_stage_model."):]] = value
+    sgm.update(_openclip_layout(bigg, bigg_prefix))
+    save_file({k: v.contiguous() for k, v in sgm.items()}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["base", "refiner"])
+def test_an_original_sdxl_file_loads_as_its_diffusers_folder(sdxl, refiner, kind: str, tmp_path) -> None:
+    """conditioner.embedders.* (CLIP-L as it is, bigG in OpenCLIP's layout with its projection):
+    the config read from the shapes and every weight equal the diffusers folder's."""
+    model = sdxl if kind == "base" else refiner
+    folder = load_checkpoint(model.folder)
+    prefix = "conditioner.embedders.1.model." if kind == "base" else "conditioner.embedders.0.model."
+    path = _sgm_file(folder, model.pipe.text_encoder_2, prefix, kind == "base", tmp_path / "sdxl.safetensors")
+    single = load_checkpoint(path, tokenizer=model.folder / ("tokenizer" if kind == "base" else "tokenizer_2"))
+    assert single.family == folder.family
+    for part in ("unet", "autoencoder", "conditioner", "conditioner_2", "force_zeros_for_empty_prompt",
+                 "scale_factor"):     # (a single file records no scheduler or image size: SDXL's are taken)
+        assert getattr(single.config, part) == getattr(folder.config, part), part
+    ours, theirs = single.model.state_dict(), folder.model.state_dict()
+    assert sorted(ours) == sorted(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 @pytest.mark.parametrize("fields, field", [

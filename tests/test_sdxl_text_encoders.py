@@ -118,7 +118,7 @@ def _openclip_layout(reference: torch.nn.Module, prefix: str) -> dict[str, torch
            prefix + "positional_embedding": text["embeddings.position_embedding.weight"]}
     renames = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
                "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
-    for i in range(CONFIG.num_hidden_layers):
+    for i in sorted({int(k.split(".")[2]) for k in text if k.startswith("encoder.layers.")}):
         ours, theirs = f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
         for param in ("weight", "bias"):
             out[f"{theirs}attn.in_proj_{param}"] = torch.cat(

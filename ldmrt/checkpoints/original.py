@@ -25,6 +25,8 @@ CLIP = COND + "transformer.text_model."
 OPENCLIP = COND + "model."
 BERT = COND + "transformer."
 EMA = "model_ema."
+SGM = "conditioner.embedders."      # Stability's generative-models (SDXL) conditioner
+CLIP_2 = "cond_stage_model_2.transformer.text_model."   # SDXL base's bigG, under ldmrt's own prefix
 
 # LatentDiffusion's noise-schedule buffers (recomputed from the schedule; `betas` is read to detect it)
 SCHEDULE_BUFFERS = frozenset({
@@ -38,7 +40,8 @@ SCHEDULE_BUFFERS = frozenset({
 @dataclass(frozen=True)
 class Detection:
     family: Family
-    conditioner: str | None          # "clip", "openclip", "bert", "class", "rescaler" or None (unconditional)
+    # "clip", "openclip", "sdxl", "sdxl_refiner", "bert", "class", "rescaler" or None (unconditional)
+    conditioner: str | None
     autoencoder: AutoencoderKind
     evidence: str
 
@@ -51,6 +54,7 @@ class Cleaned:
     ema_state: StateDict             # model_ema.* (which UNet set loads: single_file.choose_unet_weights)
     openclip: bool                   # the text encoder came with OpenCLIP names (SD 2.x)
     notes: list[str]
+    xl: str | None = None            # "sdxl" / "sdxl_refiner": SGM conditioner.embedders.* names converted
 
 
 def clean_keys(tensors: Mapping[str, torch.Tensor], where: str) -> Cleaned:
@@ -89,13 +93,39 @@ def clean_keys(tensors: Mapping[str, torch.Tensor], where: str) -> Cleaned:
         state = {(CLIP + k[len(COND + "transformer."):] if k.startswith(COND + "transformer.") else k): v
                  for k, v in state.items()}
         notes.append("old transformers CLIP names (no text_model.) renamed")
+    xl = _sdxl_kind(state)
+    if xl is not None:
+        state, xl_notes = sdxl_text_to_ldmrt(state, xl)
+        notes += xl_notes
     betas = buffers.get("betas")
     scale = buffers.get("scale_factor")
     scale_factor = float(scale) if scale is not None and scale.numel() == 1 else None
-    return Cleaned(state, betas, scale_factor, ema, openclip, notes)
+    return Cleaned(state, betas, scale_factor, ema, openclip, notes, xl)
 
 
-def detect(state: Mapping[str, torch.Tensor], openclip: bool, where: str) -> Detection:
+def _sdxl_kind(state: Mapping[str, torch.Tensor]) -> str | None:
+    """SDXL's SGM text encoders (diffusers' is_open_clip_sdxl(_refiner)_model keys): the base has CLIP
+    ViT-L at embedders.0 and bigG at embedders.1; the refiner bigG alone at embedders.0."""
+    if any(k.startswith(SGM + "1.model.transformer.resblocks.") for k in state):
+        return "sdxl"
+    if any(k.startswith(SGM + "0.model.transformer.resblocks.") for k in state):
+        return "sdxl_refiner"
+    return None
+
+
+def sdxl_text_to_ldmrt(state: Mapping[str, torch.Tensor], kind: str) -> tuple[StateDict, list[str]]:
+    """SGM's conditioner.embedders.* -> cond_stage_model(_2).transformer.*: CLIP-L as it is (HF
+    names), bigG through the OpenCLIP converter keeping its projection (the pooled embedding)."""
+    if kind == "sdxl":
+        clip = SGM + "0.transformer.text_model."
+        state = {(CLIP + k[len(clip):] if k.startswith(clip) else k): v for k, v in state.items()}
+        state, notes = openclip_text_to_transformers(state, SGM + "1.model.", CLIP_2, keep_projection=True)
+    else:
+        state, notes = openclip_text_to_transformers(state, SGM + "0.model.", CLIP, keep_projection=True)
+    return state, [f"SDXL{' refiner' if kind == 'sdxl_refiner' else ''}: conditioner.embedders.* renamed"] + notes
+
+
+def detect(state: Mapping[str, torch.Tensor], openclip: bool, where: str, xl: str | None = None) -> Detection:
     """The family from the conditioner's keys (and the UNet's proj_in), the autoencoder kind."""
     has = lambda prefix: any(k.startswith(prefix) for k in state)  # noqa: E731
     vq = VAE + "quantize.embedding.weight" in state
@@ -104,7 +134,9 @@ def detect(state: Mapping[str, torch.Tensor], openclip: bool, where: str) -> Det
     proj = "linear proj_in (2.x style)" if linear else "conv proj_in" if has(UNET) and any(
         k.endswith(".proj_in.weight") for k in state) else "no spatial transformers"
     ae = "VQ autoencoder (first_stage_model.quantize.*)" if vq else "KL autoencoder"
-    if has(CLIP) and any("encoder.layers." in k for k in state if k.startswith(CLIP)):
+    if xl is not None:
+        conditioner = xl
+    elif has(CLIP) and any("encoder.layers." in k for k in state if k.startswith(CLIP)):
         conditioner = "openclip" if openclip else "clip"
     elif has(BERT + "attn_layers."):
         conditioner = "bert"
@@ -125,6 +157,9 @@ def detect(state: Mapping[str, torch.Tensor], openclip: bool, where: str) -> Det
         "clip": (Family.SD1, "sd1: OpenAI CLIP text encoder keys (cond_stage_model.transformer.text_model.*)"),
         "openclip": (Family.SD2,
                      "sd2: OpenCLIP text encoder keys (cond_stage_model.model.transformer.resblocks.*)"),
+        "sdxl": (Family.SDXL, "sdxl: CLIP ViT-L + OpenCLIP bigG text encoder keys (conditioner.embedders.0/1.*)"),
+        "sdxl_refiner": (Family.SDXL_REFINER, "sdxl_refiner: OpenCLIP bigG text encoder keys alone "
+                                              "(conditioner.embedders.0.model.*)"),
         "bert": (Family.LDM, "ldm: BERT-like text encoder keys (cond_stage_model.transformer.attn_layers.*)"),
         "class": (Family.LDM, "ldm: class-conditional (cond_stage_model.embedding.weight)"),
         "rescaler": (Family.LDM, "ldm: spatial rescaler of semantic maps (cond_stage_model.channel_mapper.weight)"),
@@ -211,7 +246,10 @@ def infer_unet(state: Mapping[str, torch.Tensor], detection: Detection, where: s
             depths=(down_depths, up_depths, depth(UNET + "middle_block.") if middle else 1) if spatial else None,
             in_channels=in_channels, out_channels=s(UNET + "out.2.weight")[0], model_channels=model_channels,
             attention_resolutions=tuple(sorted((2 ** level for level in attention_levels), reverse=True)),
-            num_heads=heads, num_head_channels=head_channels, middle_block=middle,
+            # spatial transformers: per level, as a diffusers UNet2DConditionModel folder reads; the
+            # plain attention of UNet2DModel keeps its one head size, as that folder reads too
+            **({"level_heads": _level_heads(widths, attention_levels, heads, head_channels)} if spatial
+               else {"num_heads": heads, "num_head_channels": head_channels}), middle_block=middle,
             context_dim=s(attn2)[1] if spatial and attn2 else None, use_spatial_transformer=spatial,
             use_linear_in_transformer=spatial and proj_in is not None and len(s(proj_in)) == 2,
             upcast_attention=detection.family == Family.SD2,
@@ -222,6 +260,16 @@ def infer_unet(state: Mapping[str, torch.Tensor], detection: Detection, where: s
                               f"are not stored in the weights: the {detection.family.value} convention is "
                               f"{rule}): {exc}; pass the model's YAML") from None
     return config, f"UNet attention heads assumed: {rule} ({detection.family.value} convention)"
+
+
+def _level_heads(widths: list[int], attention_levels: set[int], heads: int, head_channels: int) -> list[int]:
+    """Head counts per level by a convention (a count, or a head size); 0 where a size does not
+    divide a level that attends (refused by UNetConfig), 1 where the level has no attention. Given
+    per level, so that unet_from_levels writes the form a diffusers folder of the model gets."""
+    used = attention_levels | {len(widths) - 1}
+    if head_channels == -1:
+        return [heads] * len(widths)
+    return [(w // head_channels if w % head_channels == 0 else 0) if i in used else 1 for i, w in enumerate(widths)]
 
 
 def infer_autoencoder(state: Mapping[str, torch.Tensor], kind: AutoencoderKind, where: str) -> AutoencoderConfig:
@@ -250,25 +298,14 @@ def infer_conditioner(state: Mapping[str, torch.Tensor], detection: Detection, i
                       where: str) -> tuple[Conditioner, str]:
     """The conditioner config from shapes; CLIP heads = width / 64 (every CLIP text tower)."""
     s = _Shapes(state, where)
-    if detection.conditioner in ("clip", "openclip"):
-        vocab, width = s(CLIP + "embeddings.token_embedding.weight")
-        openclip = detection.conditioner == "openclip"
-        if width % 64:
-            raise CheckpointError(f"{where}: text width {width} is not a multiple of CLIP's 64-wide heads; "
-                                  f"pass the model's YAML or a preset")
-        defaults = {"bos_token_id": vocab - 2, "eos_token_id": vocab - 1,
-                    "pad_token_id": 0 if openclip else vocab - 1}
-        config = ClipTextConfig(
-            vocab_size=vocab, hidden_size=width,
-            intermediate_size=s(CLIP + "encoder.layers.0.mlp.fc1.weight")[0],
-            num_hidden_layers=s.count(CLIP + "encoder.layers.{}.self_attn.q_proj.weight"),
-            num_attention_heads=width // 64,
-            max_position_embeddings=s(CLIP + "embeddings.position_embedding.weight")[0],
-            hidden_act="gelu" if openclip else "quick_gelu",
-            layer=LayerChoice.PENULTIMATE if openclip else LayerChoice.LAST, **{**defaults, **ids})
-        layer = "penultimate layer, gelu" if openclip else "last layer, quick_gelu"
-        return config, (f"text encoder assumed: {width // 64} heads of 64, {layer} "
-                        f"({detection.family.value} convention)")
+    if detection.conditioner in ("clip", "openclip", "sdxl", "sdxl_refiner"):
+        openclip = detection.conditioner in ("openclip", "sdxl_refiner")
+        xl = detection.conditioner in ("sdxl", "sdxl_refiner")
+        layer = LayerChoice.PENULTIMATE_HIDDEN if xl else LayerChoice.PENULTIMATE if openclip else LayerChoice.LAST
+        config = _clip_from_shapes(s, CLIP, openclip, layer, ids, where)
+        shown = "penultimate hidden state" if xl else "penultimate layer" if openclip else "last layer"
+        return config, (f"text encoder assumed: {config.num_attention_heads} heads of 64, {shown}, "
+                        f"{config.hidden_act} ({detection.family.value} convention)")
     if detection.conditioner == "bert":
         vocab, width = s(BERT + "token_emb.weight")
         inner = s(BERT + "attn_layers.layers.0.1.to_q.weight")[0]
@@ -284,6 +321,33 @@ def infer_conditioner(state: Mapping[str, torch.Tensor], detection: Detection, i
         n_classes, width = s(COND + "embedding.weight")
         return ClassEmbedderConfig(n_classes=n_classes, embed_dim=width), ""
     return None, ""
+
+
+def infer_second_conditioner(state: Mapping[str, torch.Tensor], detection: Detection, ids: Mapping[str, int],
+                             where: str) -> ClipTextConfig | None:
+    """SDXL base's second text encoder (OpenCLIP bigG, pads with 0 whatever the tokenizer's pad)."""
+    if detection.conditioner != "sdxl":
+        return None
+    ids = {k: v for k, v in ids.items() if k != "pad_token_id"}
+    return _clip_from_shapes(_Shapes(state, where), CLIP_2, True, LayerChoice.PENULTIMATE_HIDDEN, ids, where)
+
+
+def _clip_from_shapes(s: "_Shapes", prefix: str, openclip: bool, layer: LayerChoice, ids: Mapping[str, int],
+                      where: str) -> ClipTextConfig:
+    """A CLIP text tower's config from its shapes: heads of 64 (every CLIP text tower), OpenCLIP's
+    gelu and pad 0 or OpenAI's quick_gelu and pad eos; the projection where the weights hold one."""
+    vocab, width = s(prefix + "embeddings.token_embedding.weight")
+    if width % 64:
+        raise CheckpointError(f"{where}: text width {width} is not a multiple of CLIP's 64-wide heads; "
+                              f"pass the model's YAML or a preset")
+    projection = prefix.removesuffix("text_model.") + "text_projection.weight"
+    defaults = {"bos_token_id": vocab - 2, "eos_token_id": vocab - 1, "pad_token_id": 0 if openclip else vocab - 1}
+    return ClipTextConfig(
+        vocab_size=vocab, hidden_size=width, intermediate_size=s(prefix + "encoder.layers.0.mlp.fc1.weight")[0],
+        num_hidden_layers=s.count(prefix + "encoder.layers.{}.self_attn.q_proj.weight"),
+        num_attention_heads=width // 64, max_position_embeddings=s(prefix + "embeddings.position_embedding.weight")[0],
+        hidden_act="gelu" if openclip else "quick_gelu", layer=layer,
+        projection_dim=s(projection)[0] if s.has(projection) else 0, **{**defaults, **ids})
 
 
 def ema_as_model(ema: Mapping[str, torch.Tensor], expected_unet_keys: list[str]) -> StateDict:

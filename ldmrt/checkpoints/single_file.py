@@ -19,7 +19,7 @@ from ldmrt.errors import CheckpointError, ConfigError, LdmrtError
 from ldmrt.models import LatentDiffusion
 from ldmrt.checkpoints.files import read_weights
 from ldmrt.checkpoints.original import (UNET, clean_keys, detect, ema_as_model, infer_autoencoder,
-                                        infer_conditioner, infer_unet)
+                                        infer_conditioner, infer_second_conditioner, infer_unet)
 from ldmrt.checkpoints.schedule import describe_schedule, schedule_from_betas
 from ldmrt.checkpoints.state import Assembly, cast_to_float32, dtype_counts
 from ldmrt.checkpoints.tokenizer_assets import read_tokenizer_folder
@@ -50,9 +50,9 @@ def read_single_file(path: Path, *, preset_name: str | None, yaml_path: Path | N
     if weights.extras:
         shown = ", ".join(f"{k}={v}" for k, v in list(weights.extras.items())[:6])
         notes.append(f"ignored non-tensor entries: {shown}")
-    detection = detect(cleaned.state, cleaned.openclip, where)
+    detection = detect(cleaned.state, cleaned.openclip, where, cleaned.xl)
     ids = {}
-    if tokenizer_dir is not None and detection.conditioner in ("clip", "openclip"):
+    if tokenizer_dir is not None and detection.conditioner in ("clip", "openclip", "sdxl", "sdxl_refiner"):
         ids = read_tokenizer_folder(tokenizer_dir).clip_ids()
 
     if yaml_path is None and preset_name is None:
@@ -150,9 +150,10 @@ def infer_config(state, detection, ids, name: str, where: str) -> tuple[ModelCon
     unet, heads = infer_unet(state, detection, where)
     autoencoder = infer_autoencoder(state, detection.autoencoder, where)
     conditioner, text = infer_conditioner(state, detection, ids, where)
+    conditioner_2 = infer_second_conditioner(state, detection, ids, where)
     assumptions = [a for a in (heads, text) if a]
-    match = next((p for p in PRESETS.values() if (p.unet, p.autoencoder, p.conditioner) ==
-                  (unet, autoencoder, conditioner)), None)
+    match = next((p for p in PRESETS.values() if (p.unet, p.autoencoder, p.conditioner, p.conditioner_2) ==
+                  (unet, autoencoder, conditioner, conditioner_2)), None)
     rescaler = state.get("cond_stage_model.channel_mapper.weight")
     try:
         spatial = match.spatial if match is not None else spatial_from_shapes(
@@ -168,11 +169,13 @@ def infer_config(state, detection, ids, name: str, where: str) -> tuple[ModelCon
         scheduler, scale, size = match.scheduler, match.scale_factor, match.default_image_size
         assumptions = [f"architecture matches preset {match.name!r}; its scheduler and latent scale are used"]
     else:
+        xl = detection.family in (Family.SDXL, Family.SDXL_REFINER)
         scheduler = {Family.SD1: SchedulerConfig(),
-                     Family.SD2: SchedulerConfig(prediction_type=PredictionType.V_PREDICTION)}.get(
+                     Family.SD2: SchedulerConfig(prediction_type=PredictionType.V_PREDICTION),
+                     Family.SDXL: PRESETS["sdxl"].scheduler, Family.SDXL_REFINER: PRESETS["sdxl"].scheduler}.get(
             detection.family, SchedulerConfig() if detection.conditioner == "bert" else _LDM_SCHEDULE)
-        scale = 1.0 if detection.autoencoder == AutoencoderKind.VQ else 0.18215
-        size = 512 if detection.family == Family.SD1 else 768 if detection.family == Family.SD2 else 256
+        scale = 1.0 if detection.autoencoder == AutoencoderKind.VQ else PRESETS["sdxl"].scale_factor if xl else 0.18215
+        size = {Family.SD1: 512, Family.SD2: 768, Family.SDXL: 1024, Family.SDXL_REFINER: 1024}.get(detection.family, 256)
     if detection.family == Family.SD2:
         assumptions.append("SD 2.x files do not record the prediction type: v_prediction assumed (the "
                            "768-v models); 512-base models predict epsilon: pass the model's YAML "
@@ -180,7 +183,8 @@ def infer_config(state, detection, ids, name: str, where: str) -> tuple[ModelCon
     try:
         config = ModelConfig(name=name, family=detection.family, unet=unet, autoencoder=autoencoder,
                              conditioner=conditioner, scheduler=scheduler, scale_factor=scale,
-                             default_image_size=size, spatial=spatial)
+                             default_image_size=size, spatial=spatial, conditioner_2=conditioner_2,
+                             force_zeros_for_empty_prompt=detection.family == Family.SDXL)
     except ConfigError as exc:
         raise CheckpointError(f"{where}: the inferred components do not fit together: {exc}") from None
     return config, assumptions

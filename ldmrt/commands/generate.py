@@ -2,18 +2,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import typer
 
 from ldmrt.commands.terminal import console, user_errors
 from ldmrt.runtime.pipeline import DEFAULT_GUIDE_SCALE, DEFAULT_GUIDE_UNCERTAINTY
+from ldmrt.runtime.text import AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE
 
 
 def generate(
     bundle: Path = typer.Argument(..., help="Bundle folder written by `ldmrt export`."),
     prompt: List[str] = typer.Option([""], "--prompt", "-p", help="Prompt (repeat for one per image)."),
-    negative_prompt: str = typer.Option("", help="What to steer away from (classifier-free guidance)."),
+    negative_prompt: Optional[str] = typer.Option(None, help="What to steer away from (classifier-free guidance; "
+                                                             "default: '', or zero embeddings where the model "
+                                                             "says so: SDXL base)."),
     steps: int = typer.Option(20, help="Denoising steps."),
     guidance: float = typer.Option(7.5, help="Guidance scale; <= 1: no classifier-free guidance (as diffusers)."),
     sampler: Optional[str] = typer.Option(None, help="ddim, ddpm, plms, euler, euler-a, dpmpp-2m, dpmpp-2m-karras, "
@@ -44,6 +47,19 @@ def generate(
     guide_uncertainty: Optional[float] = typer.Option(None, help="Image guidance: the x0 estimate's error variance "
                                                                  f"(default {DEFAULT_GUIDE_UNCERTAINTY:g}; 0: the "
                                                                  f"paper's guide)."),
+    original_size: Optional[Tuple[int, int]] = typer.Option(None, help="SDXL: the size ids' original size "
+                                                                       "HEIGHT WIDTH (default: the image's)."),
+    crops_coords_top_left: Tuple[int, int] = typer.Option((0, 0), help="SDXL: the size ids' crop top-left TOP LEFT."),
+    target_size: Optional[Tuple[int, int]] = typer.Option(None, help="SDXL base: the size ids' target size HEIGHT "
+                                                                     "WIDTH (default: the image's)."),
+    aesthetic_score: float = typer.Option(AESTHETIC_SCORE, help="SDXL refiner: the aesthetic score id."),
+    negative_aesthetic_score: float = typer.Option(NEGATIVE_AESTHETIC_SCORE, help="SDXL refiner: the negative "
+                                                                                  "half's aesthetic score id."),
+    denoising_end: Optional[float] = typer.Option(None, help="SDXL base -> refiner: stop at this fraction of the "
+                                                             "schedule; --out gets the latents (.npy)."),
+    denoising_start: Optional[float] = typer.Option(None, help="SDXL refiner: continue the base's latents "
+                                                               "(--init-latents) from this fraction."),
+    init_latents: Optional[Path] = typer.Option(None, help="The latents (.npy) a --denoising-end run wrote."),
     tile: Optional[bool] = typer.Option(None, "--tile/--no-tile", help="VAE in tiles (default: only when the "
                                                                        "image exceeds the VAE's exported range)."),
     out: Path = typer.Option(..., "--out", "-o", help=".png (one file per image) or .npy [B, H, W, 3]; "
@@ -51,7 +67,6 @@ def generate(
 ) -> None:
     """Generate images from a bundle: tokenizer -> text encoder -> sampler loop -> VAE decoder."""
     with user_errors():
-        import numpy as np
         from rich.markup import escape
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
@@ -61,12 +76,10 @@ def generate(
         from ldmrt.runtime.pipeline import GenerationRequest, Pipeline, max_image_size
 
         check_out(out, batch)          # before any work: a long job never ends in a traceback
-        initial = None
-        if latents is not None:
-            try:
-                initial = np.load(latents, allow_pickle=False)
-            except (OSError, ValueError) as exc:
-                raise GenerationError(f"--latents {latents}: cannot read a .npy array ({exc})") from None
+        if denoising_end is not None and out.suffix.lower() != ".npy":
+            raise GenerationError(f"--out {out}: --denoising-end writes the latents the refiner continues; "
+                                  f"expected a .npy file name")
+        initial, handed = (_npy(path, flag) for path, flag in ((latents, "--latents"), (init_latents, "--init-latents")))
         # the bundle's largest image bounds what is decoded (refused from the file's header)
         manifest = load_manifest(bundle)
         largest = max_image_size(manifest)
@@ -80,7 +93,11 @@ def generate(
                                     strength=strength, class_labels=class_label or None,
                                     noise_level=noise_level, tile=tile, guide_image=guide,
                                     guide_scale=guide_scale, guide_uncertainty=guide_uncertainty,
-                                    layout=None if layout is None else read_layout(layout), **maps)
+                                    layout=None if layout is None else read_layout(layout),
+                                    original_size=original_size, crops_coords_top_left=crops_coords_top_left,
+                                    target_size=target_size, aesthetic_score=aesthetic_score,
+                                    negative_aesthetic_score=negative_aesthetic_score, denoising_end=denoising_end,
+                                    denoising_start=denoising_start, init_latents=handed, **maps)
         with console.status(f"loading {bundle} on {backend}"):
             pipeline = Pipeline.load(bundle, backend)
         if pipeline.manifest.random_weights:
@@ -92,6 +109,20 @@ def generate(
                 task, completed=done, total=total))
         for message in result.warnings:
             console.print(f"[yellow]warning:[/] {escape(message)}")
-        written = write_images(result.images, out)
+        written = write_images(result.latents if result.images is None else result.images, out)
         timings = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in result.timings.items())
         console.print(f"wrote {', '.join(str(p) for p in written)} ({timings})")
+
+
+def _npy(path: Optional[Path], flag: str):
+    """The array in a .npy file (None without one); GenerationError naming the flag."""
+    import numpy as np
+
+    from ldmrt.errors import GenerationError
+
+    if path is None:
+        return None
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise GenerationError(f"{flag} {path}: cannot read a .npy array ({exc})") from None
