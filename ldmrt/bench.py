@@ -333,7 +333,8 @@ class _ContenderRunner:
         for name, runner in self.pipeline.runners.items():
             if name == Component.VAE_ENCODER:
                 continue
-            batch = case.batch * (2 if guided and name in (Component.UNET, Component.TEXT_ENCODER) else 1)
+            halves = guided and name in (Component.UNET, Component.TEXT_ENCODER, Component.TEXT_ENCODER_2)
+            batch = case.batch * (2 if halves else 1)
             f = self.pipeline.config.downsampling_factor
             values = {"batch": batch, "latent_height": case.size // f, "latent_width": case.size // f}
             feeds = example_inputs(self.pipeline.config, runner.spec, values, seed=0)

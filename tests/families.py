@@ -11,7 +11,7 @@ import dataclasses
 from ldmrt.config import (AutoencoderConfig, AutoencoderKind, BertConfig, ClassEmbedderConfig,
                           ClipTextConfig, ConcatKind, Family, LayerChoice, LowResNoise, ModelConfig,
                           PredictionType, SchedulerConfig, SpatialConditioning, SpatialRescalerConfig,
-                          UNetConfig)
+                          UNetConfig, unet_from_levels)
 from ldmrt.export.bundle import ModelSource, synthetic_tokenizer_writer
 from ldmrt.iospec import ShapeRanges
 from ldmrt.layout import LayoutTokenizerConfig
@@ -69,6 +69,26 @@ FAMILIES: dict[str, ModelConfig] = {
         unet=dataclasses.replace(_UNET, num_classes=7, context_dim=None, use_spatial_transformer=False),
         autoencoder=_KL_F4, conditioner=None, scheduler=_LDM_SCHEDULER, default_image_size=32),
 }
+
+
+# SDXL: two CLIP encoders (penultimate hidden states; the second, gelu / pad 0, with the pooled
+# projection), an attention-free first level, per-level ResBlocks and per-block depths, linear
+# projections, the text_time vector (pooled 16 + 6 size ids), zero negatives, Euler. Not in
+# FAMILIES (the int8 calibration and the runtime checks there are SD-1/2 shaped): the export
+# tests add it (EXPORT_FAMILIES).
+SDXL_FAMILY = ModelConfig(
+    name="fam-sdxl", family=Family.SDXL,
+    unet=unet_from_levels(widths=(16, 32), res_blocks=(1, 2), depths=(((1,), (1, 2)), ((1, 1), (2, 1, 2)), 2),
+                          level_heads=(1, 4), model_channels=16, attention_resolutions=(2,), context_dim=56,
+                          use_linear_in_transformer=True, norm_num_groups=GROUPS, text_embeds_dim=16,
+                          time_ids=6, time_id_dim=8),
+    autoencoder=_KL_F4, conditioner=dataclasses.replace(_CLIP, layer=LayerChoice.PENULTIMATE_HIDDEN),
+    conditioner_2=dataclasses.replace(_CLIP, hidden_size=24, intermediate_size=48, num_hidden_layers=3,
+                                      hidden_act="gelu", pad_token_id=0, layer=LayerChoice.PENULTIMATE_HIDDEN,
+                                      projection_dim=16),
+    scheduler=SchedulerConfig(default_sampler="euler", scheduler_class="EulerDiscreteScheduler"),
+    force_zeros_for_empty_prompt=True, default_image_size=32)
+EXPORT_FAMILIES: dict[str, ModelConfig] = {**FAMILIES, "sdxl": SDXL_FAMILY}
 
 
 _VQ_F4_PLAIN = dataclasses.replace(_VQ_F4, attn_levels=())     # as diffusers' VQModel can hold it

@@ -426,3 +426,30 @@ def test_build_times_are_small_on_cpu(built):
     print(json.dumps({p: {"seconds": round(s, 1),
                           "engines": {r.component: [r.size, r.build_seconds] for r in rs}}
                       for p, (_, rs, _, s) in built.items()}))
+
+
+def test_every_sdxl_component_builds_with_its_profiles(tmp_path):
+    """The tiny SDXL-structured family (tests/families.py): both text encoders (the second with
+    its pooled output), the UNet with text_embeds / time_ids, and the VAE build with TensorRT-RTX,
+    each engine's profile the I/O spec's (CFG doubling the encoders' and UNet's batch)."""
+    from ldmrt.export.bundle import ExportOptions, export_bundle
+    from ldmrt.export.engines import BundleBuildOptions, build_bundle
+    from tests.families import SDXL_FAMILY, model_source, shape_ranges
+
+    bundle = tmp_path / "sdxl"
+    export_bundle(model_source(SDXL_FAMILY), bundle, ExportOptions(
+        components=("text_encoder", "text_encoder_2", "unet", "vae_decoder"), validate=False,
+        shape_ranges=shape_ranges(SDXL_FAMILY)))
+    records = build_bundle(bundle, BundleBuildOptions(backend=RTX, components=(
+        "text_encoder", "text_encoder_2", "unet", "vae_decoder")))
+    manifest = load_manifest(bundle)
+    assert [r.component for r in records] == ["text_encoder", "text_encoder_2", "unet", "vae_decoder"]
+    for record in records:
+        entry = manifest.component(record.component)
+        assert record.profiles == (entry.spec.profile(),)
+        assert record.size == (bundle / "engines" / record.key / record.file).stat().st_size > 10_000
+    unet = next(r for r in records if r.component == "unet").profiles[0]
+    images = manifest.shape_ranges.max_batch
+    assert unet["text_embeds"][2] == (2 * images, SDXL_FAMILY.unet.text_embeds_dim)
+    assert unet["time_ids"][2] == (2 * images, 6)
+    assert unet["encoder_hidden_states"][2] == (2 * images, 77, 56)

@@ -36,7 +36,7 @@ from ldmrt.iospec import ComponentSpec, Precision, ShapeRanges
 from ldmrt.manifest import MANIFEST_NAME, TOKENIZER_DIR, Manifest, load_manifest, verify_bundle
 from ldmrt.models import LatentDiffusion
 from ldmrt.tokenizer import load_tokenizer
-from tests.families import FAMILIES, model_source, shape_ranges
+from tests.families import EXPORT_FAMILIES, model_source, shape_ranges
 
 FP32_TOL = 1e-5        # design.md, verification ladder 2
 FP16_TOL = 1e-2
@@ -93,6 +93,8 @@ def random_inputs(config: ModelConfig, spec: ComponentSpec, values: dict[str, in
             array = rng.integers(0, classes, size=shape)
         elif tensor.name == "timestep":
             array = rng.uniform(0.0, config.scheduler.num_train_timesteps - 1, size=shape)
+        elif tensor.name == "time_ids":         # SDXL's sizes and crops, in pixels
+            array = rng.integers(0, 1025, size=shape)
         elif tensor.name == "images":
             array = rng.uniform(-1.0, 1.0, size=shape)
         else:
@@ -102,12 +104,18 @@ def random_inputs(config: ModelConfig, spec: ComponentSpec, values: dict[str, in
 
 
 def pytorch_reference(model: LatentDiffusion, component: str, arrays: dict[str, np.ndarray]) -> np.ndarray:
-    """The fp32 eager model wired as design.md's component table says (float inputs upcast to fp32)."""
+    """The component's first output (pytorch_outputs)."""
+    return pytorch_outputs(model, component, arrays)[0]
+
+
+def pytorch_outputs(model: LatentDiffusion, component: str, arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The fp32 eager model wired as design.md's component table says (float inputs upcast to
+    fp32): every output, in the spec's order."""
     t = {name: torch.from_numpy(a.astype(np.float32) if a.dtype == np.float16 else a)
          for name, a in arrays.items()}
     with torch.no_grad():
-        if component == "text_encoder":
-            out = model.conditioner(t["input_ids"])
+        if component in ("text_encoder", "text_encoder_2"):
+            out = (model.conditioner if component == "text_encoder" else model.conditioner_2)(t["input_ids"])
         elif component == "vae_decoder":
             out = model.first_stage_model.decode(t["latent"])
         elif component == "vae_encoder":
@@ -117,9 +125,10 @@ def pytorch_reference(model: LatentDiffusion, component: str, arrays: dict[str, 
             out = model.unet(t["sample"], t["timestep"], context, None)
         else:
             out = model.unet(t["sample"], t["timestep"], t.get("encoder_hidden_states"),
-                             t.get("class_labels"))
-    assert out.dtype == torch.float32
-    return out.numpy()
+                             t.get("class_labels"), t.get("text_embeds"), t.get("time_ids"))
+    outs = out if isinstance(out, tuple) else (out,)
+    assert all(o.dtype == torch.float32 for o in outs)
+    return [o.numpy() for o in outs]
 
 
 def seed_of(*parts: str) -> int:
@@ -164,12 +173,19 @@ def expected_io(config: ModelConfig, dtype: str = "float32") -> dict[str, tuple[
     unet_inputs = [("sample", dtype, ["batch", config.unet.in_channels, "latent_height", "latent_width"]),
                    ("timestep", "float32", ["batch"])]
     if config.is_text_conditioned:
-        length, width = config.conditioner.max_length, config.conditioner.context_dim
-        io["text_encoder"] = ([("input_ids", "int32", ["batch", length])],
-                              [("text_embeddings", dtype, ["batch", length, width])])
+        length = config.conditioner.max_length
+        for name, encoder in zip(("text_encoder", "text_encoder_2"), config.text_encoders or (config.conditioner,)):
+            pooled = [("pooled", dtype, ["batch", encoder.projection_dim])] if getattr(encoder, "projection_dim", 0) else []
+            io[name] = ([("input_ids", "int32", ["batch", length])],
+                        [("text_embeddings", dtype, ["batch", length, encoder.context_dim])] + pooled)
+        # the context: the encoders' embeddings side by side (SDXL: 32 + 24)
+        width = sum(e.context_dim for e in config.text_encoders) or config.conditioner.context_dim
         unet_inputs.append(("encoder_hidden_states", dtype, ["batch", length, width]))
     if config.is_class_conditioned or config.unet.num_classes is not None:
         unet_inputs.append(("class_labels", "int32", ["batch"]))
+    if config.unet.time_ids:
+        unet_inputs += [("text_embeds", dtype, ["batch", config.unet.text_embeds_dim]),
+                        ("time_ids", "float32", ["batch", config.unet.time_ids])]
     io["unet"] = (unet_inputs, [("model_output", dtype, latent)])
     io["vae_decoder"] = ([("latent", dtype, latent)], [("images", dtype, image)])
     if config.autoencoder.kind == AutoencoderKind.KL:
@@ -204,12 +220,12 @@ _SOURCES: dict[str, ModelSource] = {}
 def source_of(family: str) -> ModelSource:
     """One random-weight model per family for the whole module (exports must not modify it)."""
     if family not in _SOURCES:
-        _SOURCES[family] = model_source(FAMILIES[family])
+        _SOURCES[family] = model_source(EXPORT_FAMILIES[family])
     return _SOURCES[family]
 
 
 def export_family(family: str, out: Path, **options) -> Exported:
-    config = FAMILIES[family]
+    config = EXPORT_FAMILIES[family]
     ranges = options.pop("shape_ranges", shape_ranges(config))
     options.setdefault("components", tuple(expected_io(config)))   # the update graph: test_step_graph.py
     source = source_of(family)
@@ -219,7 +235,7 @@ def export_family(family: str, out: Path, **options) -> Exported:
 
 # --- every family, fp32 -------------------------------------------------------------------
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
+@pytest.fixture(scope="module", params=list(EXPORT_FAMILIES))
 def exported(request, tmp_path_factory) -> Exported:
     family = request.param
     return export_family(family, tmp_path_factory.mktemp(family) / "bundle")
@@ -234,11 +250,11 @@ def test_onnx_runtime_matches_pytorch_at_untraced_shapes(exported: Exported) -> 
         rng = np.random.default_rng(seed_of(exported.family, name))
         for values in probe_values(entry.spec):
             arrays = random_inputs(config, entry.spec, values, rng)
-            (found,) = runner.run([entry.spec.outputs[0].name], arrays)
-            expected = pytorch_reference(model, name, arrays)
-            assert found.dtype == np.float32
-            assert found.shape == entry.spec.outputs[0].resolve(values) == expected.shape
-            errors[f"{name} {values}"] = rel_l2(found, expected)
+            outputs = runner.run([t.name for t in entry.spec.outputs], arrays)     # SDXL: and pooled
+            for tensor, found, expected in zip(entry.spec.outputs, outputs, pytorch_outputs(model, name, arrays)):
+                assert found.dtype == np.float32
+                assert found.shape == tensor.resolve(values) == expected.shape
+                errors[f"{name}.{tensor.name} {values}"] = rel_l2(found, expected)
     assert errors and all(np.isfinite(e) for e in errors.values())
     too_far = {where: e for where, e in errors.items() if not e <= FP32_TOL}
     assert not too_far, f"relative L2 above {FP32_TOL}: {too_far}"
@@ -251,26 +267,28 @@ def test_exporter_adapter_is_the_design_wiring(exported: Exported) -> None:
         arrays = random_inputs(config, entry.spec, probe_values(entry.spec)[2], np.random.default_rng(7))
         with torch.no_grad():
             found = ComponentGraph(model, entry.spec).eval()(
-                *(torch.from_numpy(arrays[t.name]) for t in entry.spec.inputs)).numpy()
-        assert rel_l2(found, pytorch_reference(model, name, arrays)) <= 1e-6, name
+                *(torch.from_numpy(arrays[t.name]) for t in entry.spec.inputs))
+        found = found if isinstance(found, tuple) else (found,)
+        for ours, theirs in zip(found, pytorch_outputs(model, name, arrays), strict=True):
+            assert rel_l2(ours.numpy(), theirs) <= 1e-6, name
 
 
 def test_components_and_io_follow_the_design_table(exported: Exported) -> None:
     config, manifest = exported.config, exported.manifest
     expected = expected_io(config)
-    assert list(manifest.components) == [n for n in ("text_encoder", "unet", "vae_decoder", "vae_encoder")
-                                         if n in expected]
+    assert list(manifest.components) == [n for n in ("text_encoder", "text_encoder_2", "unet", "vae_decoder",
+                                                     "vae_encoder") if n in expected]
     latent = (4, 8, 12)
     guided_batch = (1, 2, 6) if config.conditioner is not None else (1, 1, 3)
     for name, entry in manifest.components.items():
         assert (triples(entry.spec.inputs), triples(entry.spec.outputs)) == expected[name], name
         assert entry.dtype == "float32"
         ranges = dict(entry.spec.ranges)
-        if name in ("text_encoder", "unet"):
+        if name in ("text_encoder", "text_encoder_2", "unet"):
             assert ranges.pop("batch") == guided_batch, name
         else:
             assert ranges.pop("batch") == (1, 1, 3), name
-        assert ranges == ({} if name == "text_encoder" else
+        assert ranges == ({} if name.startswith("text_encoder") else
                           {"latent_height": latent, "latent_width": latent}), name
 
 
@@ -520,6 +538,32 @@ def test_graph_over_the_protobuf_limit_gets_relative_external_data(tmp_path, mon
     verify_bundle(moved, load_manifest(moved))
     ids = np.random.default_rng(3).integers(0, 1000, (3, 77)).astype(np.int32)
     (found,) = session(moved / entry.file).run(None, {"input_ids": ids})
+    assert rel_l2(found, pytorch_reference(exported.source.model, "text_encoder", {"input_ids": ids})) <= FP32_TOL
+
+
+def test_a_traced_graph_with_external_weights_is_streamed_not_loaded(tmp_path, monkeypatch) -> None:
+    """Over 2 GB the tracer writes a file per tensor: those are copied one by one into <file>.data
+    (SDXL's 10 GB UNet never sits in memory twice), and the graph still matches PyTorch."""
+    real_export = torch.onnx.export
+
+    def per_tensor_files(module, inputs, path, **kwargs):      # what the tracer does above 2 GB
+        real_export(module, inputs, path, **kwargs)
+        model = onnx.load(path, load_external_data=False)         # (small: every weight inside)
+        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+    loaded = []
+    monkeypatch.setattr(onnx_graph_module.torch.onnx, "export", per_tensor_files)
+    monkeypatch.setattr(onnx_graph_module.onnx, "load_external_data_for_model",
+                        lambda *a: loaded.append(a) or pytest.fail("the weights were loaded"))
+    exported = export_family("sd1", tmp_path / "bundle", components=("text_encoder",))
+    entry = exported.manifest.component("text_encoder")
+    assert entry.external_data == "text_encoder.onnx.data" and not loaded
+    assert sorted(p.name for p in exported.path.iterdir() if p.name.startswith("text_encoder")) == [
+        "text_encoder.onnx", "text_encoder.onnx.data"]
+    model = onnx.load(str(exported.path / entry.file), load_external_data=False)
+    offsets = [int(kv.value) for t in model.graph.initializer for kv in t.external_data if kv.key == "offset"]
+    assert offsets and all(o % 64 == 0 for o in offsets) and len(set(offsets)) == len(offsets)
+    ids = np.random.default_rng(3).integers(0, 1000, (3, 77)).astype(np.int32)
+    (found,) = session(exported.path / entry.file).run(None, {"input_ids": ids})
     assert rel_l2(found, pytorch_reference(exported.source.model, "text_encoder", {"input_ids": ids})) <= FP32_TOL
 
 

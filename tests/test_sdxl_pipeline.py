@@ -267,3 +267,32 @@ def test_a_tokenizer_2_that_differs_is_refused(sdxl, tmp_path) -> None:
     path.write_text(json.dumps(data), encoding="utf-8")
     with pytest.raises(CheckpointError, match="tokenizer_2: differs from tokenizer"):
         load_checkpoint(folder)
+
+
+def test_cli_hand_off_writes_latents_then_the_refined_image(sdxl, refiner, tmp_path) -> None:
+    """`ldmrt generate --denoising-end` writes the latents (.npy, only), `--denoising-start
+    --init-latents` continues them: the API's images, through the command line."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from ldmrt.cli import app
+
+    common = ["--prompt", PROMPTS[0], "--steps", "10", "--sampler", "euler", "--guidance", "5",
+              "--height", str(HEIGHT), "--width", str(WIDTH), "--seed", "3"]
+    runner = CliRunner()
+    refused = runner.invoke(app, ["generate", str(sdxl.ours.bundle), *common, "--denoising-end", "0.8",
+                                  "--out", str(tmp_path / "base.png")])
+    assert refused.exit_code == 2 and "--out" in refused.output and not (tmp_path / "base-0.png").exists()
+    base = runner.invoke(app, ["generate", str(sdxl.ours.bundle), *common, "--denoising-end", "0.8",
+                               "--out", str(tmp_path / "base.npy")])
+    assert base.exit_code == 0, base.output
+    refined = runner.invoke(app, ["generate", str(refiner.ours.bundle), *common, "--denoising-start", "0.8",
+                                  "--init-latents", str(tmp_path / "base.npy"), "--out", str(tmp_path / "x.png")])
+    assert refined.exit_code == 0, refined.output
+    request = GenerationRequest(prompt=PROMPTS[0], steps=10, sampler="euler", guidance=5.0, height=HEIGHT,
+                                width=WIDTH, seed=3)
+    latents = sdxl.ours.generate(dataclasses.replace(request, denoising_end=0.8)).latents
+    np.testing.assert_array_equal(np.load(tmp_path / "base.npy"), latents)
+    expected = refiner.ours.generate(dataclasses.replace(request, denoising_start=0.8, init_latents=latents)).images
+    written = np.asarray(Image.open(tmp_path / "x.png"), dtype=np.float32) / 255
+    assert np.abs(written - expected[0]).max() <= 1 / 255 + 1e-6

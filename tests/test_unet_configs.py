@@ -205,13 +205,8 @@ def assert_matches_diffusers(config: dict[str, Any], inputs: Inputs, as_saved: b
     assert rel_l2(found, expected) <= TOL
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models: one thread is faster, and on a busy machine many times faster, than several."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny models: one thread is faster, and on a busy machine many times faster, than several
+from tests.test_pipeline import one_torch_thread  # noqa: E402,F401  (an autouse module fixture)
 
 
 # --- the property ------------------------------------------------------------------------------

@@ -41,11 +41,19 @@ def export_graph(module: torch.nn.Module, spec: ComponentSpec, inputs: tuple[tor
                               dynamic_axes=spec.dynamic_axes(), do_constant_folding=True)
     except Exception as exc:  # the tracer raises many kinds; keep the cause visible
         raise ExportError(f"{spec.name}: torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
-    model = onnx.load(str(raw), load_external_data=True)
-    if optimize:
-        model = _optimize(model, spec.name)
-    _name_symbolic_dims(model, spec)
-    save_graph(model, path)
+    model = onnx.load(str(raw), load_external_data=False)
+    if _has_external_data(model):
+        # Over 2 GB (SDXL's UNet: 10 GB in fp32): the weights are never all in memory at once.
+        # The tracer's per-tensor files are copied one by one into <file>.data; the tracer has
+        # already folded constants, the onnxscript pass (which loads every weight) is skipped.
+        _name_symbolic_dims(model, spec)
+        stream_external_data(model, raw.parent, path)
+    else:
+        onnx.load_external_data_for_model(model, str(raw.parent))
+        if optimize:
+            model = _optimize(model, spec.name)
+        _name_symbolic_dims(model, spec)
+        save_graph(model, path)
     for leftover in scratch.iterdir():
         leftover.unlink()
     scratch.rmdir()
@@ -65,6 +73,38 @@ def save_graph(model: onnx.ModelProto, path: Path) -> None:
         data.chmod(0o644)   # onnx writes it 0600; servers (Triton containers) run as other users
     else:
         onnx.save_model(model, str(path))
+
+
+def stream_external_data(model: onnx.ModelProto, source: Path, path: Path) -> None:
+    """Save `model`'s structure as `path` and every external tensor (files under `source`) into
+    one `<name>.data` beside it, a tensor at a time (memory: the largest tensor), 64-byte aligned."""
+    data = path.with_name(path.name + ".data")
+    with open(data, "wb") as out:
+        for tensor in _external_tensors(model):
+            fields = {kv.key: kv.value for kv in tensor.external_data}
+            offset, length = int(fields.get("offset", 0)), fields.get("length")
+            with open(source / fields["location"], "rb") as file:
+                file.seek(offset)
+                payload = file.read(int(length)) if length is not None else file.read()
+            out.seek((out.tell() + 63) // 64 * 64)
+            start = out.tell()
+            out.write(payload)
+            del tensor.external_data[:]
+            for key, value in (("location", data.name), ("offset", str(start)), ("length", str(len(payload)))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+    data.chmod(0o644)
+    onnx.save_model(model, str(path))
+
+
+def _external_tensors(model: onnx.ModelProto):
+    from onnx.external_data_helper import _get_all_tensors
+
+    return [t for t in _get_all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
+
+
+def _has_external_data(model: onnx.ModelProto) -> bool:
+    return bool(_external_tensors(model))
 
 
 def check_graph(path: Path, spec: ComponentSpec) -> None:
