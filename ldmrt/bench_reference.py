@@ -25,7 +25,7 @@ def diffusers_coverage(config) -> str:
     if getattr(config, "spatial", None) is not None:
         return (f"the diffusers comparison covers text-to-image StableDiffusionPipeline models; {config.name!r} "
                 f"concatenates maps to its latents (tests/test_concat_models.py compares it with its own pipeline)")
-    if getattr(config, "conditioner_2", None) is not None or config.unet.time_ids:
+    if config.conditioner_2 is not None or config.unet.time_ids:
         return (f"the diffusers comparison here runs StableDiffusionPipeline (SD 1.x/2.x); {config.name!r} "
                 f"is SDXL (tests/test_sdxl_pipeline.py compares it with StableDiffusionXLPipeline)")
     if not isinstance(c, ClipTextConfig) or a.kind.value != "kl" or a.embed_dim != a.z_channels:

@@ -434,11 +434,12 @@ def example_inputs(config: ModelConfig, spec: ComponentSpec, values: dict[str, i
             array = rng.uniform(-1.0, 1.0, size=shape)
         else:
             array = rng.standard_normal(size=shape)
-        arrays[tensor.name] = array.astype(_numpy_dtype(tensor.dtype))
+        arrays[tensor.name] = array.astype(numpy_dtype(tensor.dtype))
     return arrays
 
 
-def _numpy_dtype(name: str) -> np.dtype:
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype a tensor of spec dtype `name` is fed as."""
     if name == "bfloat16":
         return np.dtype(np.float32)   # numpy has no bf16: feed fp32, cast at the boundary
     return np.dtype(name)

@@ -20,7 +20,7 @@ import numpy as np
 
 from ldmrt.config import SDXL_REFINER_TIME_IDS, SDXL_TIME_IDS, ModelConfig
 from ldmrt.errors import GenerationError
-from ldmrt.iospec import TEXT_ENCODER_COMPONENTS, Component
+from ldmrt.iospec import TEXT_ENCODER_COMPONENTS, Component, numpy_dtype
 from ldmrt.runtime.checks import is_integer, real, show
 from ldmrt.tokenizer import load_tokenizer
 
@@ -98,7 +98,7 @@ class TextEncoders:
             rows = [ids] * batch
             if guided:
                 rows = [size_ids(self.config, sizes, image_size, negative=True)] * batch + rows
-            inputs["text_embeds"] = pooled.astype(_numpy(unet_dtypes["text_embeds"]))
+            inputs["text_embeds"] = pooled.astype(numpy_dtype(unet_dtypes["text_embeds"]))
             inputs["time_ids"] = np.stack(rows).astype(np.float32)
         return inputs
 
@@ -155,8 +155,5 @@ def expand(prompt, batch: int, name: str) -> list[str]:
         raise GenerationError(f"{name}: expected 1 or {batch} strings, found {len(prompts)}", field=name)
     return prompts
 
-
-def _numpy(dtype: str) -> type:
-    return np.float16 if dtype == "float16" else np.float32      # bf16 graphs take float32 (ORT casts)
 
 
