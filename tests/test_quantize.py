@@ -336,3 +336,59 @@ def test_replay_starts_from_the_noise_of_the_run_it_replays(family):
     replayed = maker.run(unet, 4, 3, "a red fox", replay=run)
     np.testing.assert_array_equal(replayed.feeds[0]["sample"], run.feeds[0]["sample"])
     np.testing.assert_array_equal(replayed.latents, run.latents)
+
+
+# --- SDXL: two text encoders, the pooled embedding and the size ids ----------------------------
+
+@pytest.fixture(scope="module")
+def sdxl_int8_bundle(tmp_path_factory) -> Path:
+    from tests.families import SDXL_FAMILY, model_source, shape_ranges
+
+    root, source = tmp_path_factory.mktemp("int8-sdxl"), model_source(SDXL_FAMILY)
+    for precision in (Precision.INT8, Precision.FP32):       # the fp32 one: the reference
+        export_bundle(source, root / precision.value, ExportOptions(
+            shape_ranges=shape_ranges(SDXL_FAMILY), precision=precision, validate=precision == Precision.INT8,
+            components=("text_encoder", "text_encoder_2", "unet", "vae_decoder")))
+    return root / Precision.INT8.value
+
+
+def test_sdxl_calibration_feeds_what_the_runtime_feeds(sdxl_int8_bundle):
+    """The calibration's UNet inputs are the runtime's: both encoders' contexts side by side, zero
+    embeddings for the empty negative (force_zeros_for_empty_prompt), the pooled embedding of the
+    projection encoder and the size ids (h, w, 0, 0, h, w) of the calibration size in pixels."""
+
+    manifest = load_manifest(sdxl_int8_bundle)
+    config, spec = manifest.config, manifest.component("unet").spec
+    model = build_model(config, seed=0).eval()
+    tokenizer = load_tokenizer(sdxl_int8_bundle / "tokenizer", config.conditioner)
+    latent_hw = (6, 10)
+    feeds = TrajectoryMaker(model, spec, latent_hw, 5.0, tokenizer).conditioning("a red fox", np.random.default_rng(0))
+    ids = tokenizer.encode(["a red fox"]).input_ids
+    with torch.no_grad():
+        first = model.conditioner(torch.from_numpy(ids))
+        second, pooled = model.conditioner_2(torch.from_numpy(ids))
+    context = torch.cat([first, second], dim=-1).numpy()
+    np.testing.assert_array_equal(feeds["encoder_hidden_states"][0], np.zeros_like(context[0]))
+    np.testing.assert_allclose(feeds["encoder_hidden_states"][1], context[0], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(feeds["text_embeds"][0], 0.0)
+    np.testing.assert_allclose(feeds["text_embeds"][1], pooled[0].numpy(), rtol=0, atol=1e-6)
+    h, w = (side * config.downsampling_factor for side in latent_hw)
+    np.testing.assert_array_equal(feeds["time_ids"], [[h, w, 0, 0, h, w]] * 2)
+
+
+def test_sdxl_int8_bundle_meets_the_bounds(sdxl_int8_bundle):
+    """The report holds the SDXL inputs; 12 guided steps with the int8 UNet vs the fp32 bundle of
+    the same weights (both on ONNX Runtime), same noise, at a size neither traced nor calibrated."""
+    from ldmrt.runtime.pipeline import GenerationRequest, Pipeline
+
+    manifest = load_manifest(sdxl_int8_bundle)
+    report = read_report(sdxl_int8_bundle / "unet.onnx")
+    assert report.shapes["text_embeds"][1] == 16 and report.shapes["time_ids"][1] == 6
+    assert report.unet_rel_l2 <= BOUNDS.unet_rel_l2 and report.image_psnr_db >= BOUNDS.image_psnr_db
+    assert manifest.component("unet").parity.passed
+    request = GenerationRequest(prompt="a red fox in the snow", steps=12, seed=3, height=24, width=40,
+                                guidance=5.0, original_size=(64, 96))
+    int8 = Pipeline.load(sdxl_int8_bundle, "onnxruntime").generate(request).images
+    fp32 = Pipeline.load(sdxl_int8_bundle.with_name(Precision.FP32.value), "onnxruntime").generate(request).images
+    assert int8.shape == fp32.shape == (1, 24, 40, 3)
+    assert psnr(int8, fp32) >= BOUNDS.image_psnr_db

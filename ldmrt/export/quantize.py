@@ -8,8 +8,8 @@ Static QDQ quantization, chosen at export with `--precision int8`:
                                                               -> MatMulIntegerToFloat
 
 Activation ranges come from the model itself: the fp32 graph runs a few guided DDIM
-trajectories (text embeddings from the model's own conditioner) and every quantized tensor's
-min/max is taken over them. Kept in fp32 (`select_targets`): the first and last convolution, the
+trajectories (the prompts encoded as the runtime encodes them; SDXL's pooled embedding and size
+ids too) and every quantized tensor's min/max is taken over them. Kept in fp32 (`select_targets`): the first and last convolution, the
 skip convs, the cross-attention K/V projections, and everything that is not a weight product
 (attention QK^T, softmax and AV, GroupNorm, LayerNorm, the timestep MLP).
 
@@ -348,31 +348,87 @@ class Trajectory:
     latents: np.ndarray
 
 
+class RandomTokens:
+    """A tokenizer's stand-in for a model exported without one: random ids, drawn from `rng`."""
+
+    def __init__(self, encoder, rng: np.random.Generator):
+        self.encoder, self.rng = encoder, rng
+
+    def encode(self, texts: list[str]):
+        from ldmrt.tokenizer import TokenizedBatch
+
+        shape = (len(texts), self.encoder.max_length)
+        return TokenizedBatch(self.rng.integers(0, self.encoder.vocab_size, size=shape).astype(np.int32),
+                              [False] * len(texts))
+
+
+def _finite(array: np.ndarray, component: str, what: str) -> None:
+    if not np.isfinite(array).all():
+        raise ExportError(f"{component}: non-finite {what} during int8 calibration")
+
+
 class TrajectoryMaker:
-    """Guided DDIM runs of a UNet (any callable on spec-named feeds), conditioned like the runtime."""
+    """Guided DDIM runs of a UNet (any callable on spec-named feeds), conditioned like the runtime.
+
+    `tokenizers`: the bundle's prompt tokenizer (one, for every text encoder) or one per encoder;
+    None: random token ids."""
 
     def __init__(self, model, spec: ComponentSpec, latent_hw: tuple[int, int], guidance: float,
-                 tokenizer=None):
+                 tokenizers=None):
         self.model, self.spec, self.latent_hw = model, spec, latent_hw
         self.config = model.config
         self.names = {t.name for t in spec.inputs}
         # As the runtime and diffusers: guidance <= 1 runs the conditional prediction alone.
         self.guided = self.config.conditioner is not None and guidance > 1.0
         self.guidance = guidance if self.guided else 1.0
-        self.tokenizer = tokenizer
+        self.tokenizers = tokenizers
+        # prompts go through the runtime's text rule (ldmrt.runtime.text); layouts keep the
+        # single encoder on their own tokens
+        self.prompted = self.config.is_text_conditioned and not self.config.is_layout_conditioned
+        self.text_runners = self._text_runners() if self.prompted else {}
+
+    def _text_runners(self) -> dict:
+        """The text encoders as the runtime's runners, fp32 torch on the CPU."""
+        import torch
+
+        from ldmrt.engines.torch import TorchRunner
+        from ldmrt.iospec import TEXT_ENCODER_COMPONENTS, Precision, ShapeRanges, component_specs
+        from ldmrt.models.components import ComponentGraph
+
+        specs = component_specs(self.config, ShapeRanges.for_model(self.config), Precision.FP32)
+        return {name: TorchRunner(ComponentGraph(self.model, specs[name]).eval(), specs[name],
+                                  torch.device("cpu"), torch.float32)
+                for name in TEXT_ENCODER_COMPONENTS if name in specs}
+
+    def _prompt_inputs(self, prompt: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """encoder_hidden_states (and SDXL's text_embeds and time_ids at the calibration size) as
+        a default request makes them: "" or zero embeddings as the negative."""
+        from ldmrt.runtime.text import SizeConditioning, TextEncoders
+
+        encoders = TextEncoders.encoders(self.config)
+        tokenizers = self.tokenizers
+        if tokenizers is None:
+            tokenizers = [RandomTokens(encoder, rng) for encoder in encoders]
+        elif not isinstance(tokenizers, (list, tuple)):
+            tokenizers = [tokenizers] * len(encoders)
+        negatives = None if self.config.force_zeros_for_empty_prompt else [""]
+        f = self.config.downsampling_factor
+        image_size = (self.latent_hw[0] * f, self.latent_hw[1] * f)
+        return TextEncoders(self.config, tokenizers).conditioning(
+            self.text_runners, [prompt], negatives, self.guided, SizeConditioning(), image_size, [], _finite,
+            {t.name: t.dtype for t in self.spec.inputs})
 
     def conditioning(self, prompt: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """Extra UNet inputs for [uncond; cond] (guided) or one sample: text embeddings or labels."""
+        """Extra UNet inputs for [uncond; cond] (guided) or one sample: text inputs or labels."""
         import torch
 
         feeds: dict[str, np.ndarray] = {}
-        if "encoder_hidden_states" in self.names:
+        if self.prompted:
+            feeds.update(self._prompt_inputs(prompt, rng))
+        elif "encoder_hidden_states" in self.names:
             texts = ["", prompt] if self.guided else [prompt]
-            if self.tokenizer is not None:
-                ids = self.tokenizer.encode(texts).input_ids
-            else:
-                cond = self.config.conditioner
-                ids = rng.integers(0, cond.vocab_size, size=(len(texts), cond.max_length)).astype(np.int32)
+            tokenizer = self.tokenizers if self.tokenizers is not None else RandomTokens(self.config.conditioner, rng)
+            ids = tokenizer.encode(texts).input_ids
             with torch.no_grad():
                 embeddings = self.model.conditioner(torch.from_numpy(np.asarray(ids, np.int32)))
             feeds["encoder_hidden_states"] = embeddings.float().numpy()
@@ -469,23 +525,26 @@ def quantize_unet(path: Path, model, spec: ComponentSpec, options: Int8Options =
                   prompts: tuple[str, ...] | None = None) -> Int8Report:
     """Replace the fp32 graph at `path` by its int8 version; ParityError if out of bounds.
 
-    `model` is the LatentDiffusion the graph was exported from: its conditioner encodes the
-    calibration prompts (with the bundle's tokenizer next to `path`, random tokens without one),
+    `model` is the LatentDiffusion the graph was exported from: its text encoders encode the
+    calibration prompts as the runtime does (with the bundle's tokenizer next to `path`, random
+    tokens without one; SDXL's size ids at the calibration size),
     its first stage decodes the parity images."""
     from ldmrt.export.onnx_graph import check_graph, save_graph
     from ldmrt.manifest import TOKENIZER_DIR
-    from ldmrt.tokenizer import load_tokenizer
+    from ldmrt.runtime.text import TextEncoders
 
-    tokenizer = None
+    tokenizers = None
     if (path.parent / TOKENIZER_DIR).is_dir() and model.config.is_text_conditioned:
-        tokenizer = load_tokenizer(path.parent / TOKENIZER_DIR, model.config.conditioner)
+        tokenizers = TextEncoders.from_folder(model.config, path.parent / TOKENIZER_DIR).tokenizers
+        if model.config.is_layout_conditioned:
+            tokenizers = tokenizers[0]
 
     # By default at the bundle's optimal size, the one generation runs at: calibrated at the
     # smallest size instead, the trained digits model lost 10 dB of image PSNR at its own size
     # (median over 100 images 25.8 -> 33.3 dB; docs/cpu_speed.md). MIN trades that for memory.
     which = 1 if options.calibration_size == CalibrationSize.OPT else 0
     size = spec.ranges["latent_height"][which], spec.ranges["latent_width"][which]
-    maker = TrajectoryMaker(model, spec, size, options.guidance, tokenizer)
+    maker = TrajectoryMaker(model, spec, size, options.guidance, tokenizers)
     prompts, parity_prompt = split_prompts(prompts)
     graph = onnx.load(str(path), load_external_data=False).graph
     levels = [(level, *select_targets(graph, level)) for level in LEVELS]

@@ -129,7 +129,7 @@ class Pipeline:
         self._to_images = postprocessor(manifest.postprocess, "images")     # as the bundle declares
         self.text = None
         if self.config.is_text_conditioned and manifest.tokenizer is not None:
-            self.text = TextEncoders(self.config, bundle / "tokenizer")
+            self.text = TextEncoders.from_folder(self.config, bundle / "tokenizer")
         self._lock = threading.Lock()
 
     @property

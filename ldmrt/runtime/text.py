@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -54,11 +54,21 @@ class TextEncoders:
     """A bundle's text encoders with their tokenizers: SDXL's two share one tokenizer folder, each
     padding with its own encoder's pad token."""
 
-    def __init__(self, config: ModelConfig, folder: Path):
-        encoders = config.text_encoders or (config.conditioner,)
+    def __init__(self, config: ModelConfig, tokenizers: Sequence):
+        """`tokenizers`: one per encoder (anything with `encode(texts) -> TokenizedBatch`)."""
         self.config = config
-        self.tokenizers = [load_tokenizer(folder, encoder) for encoder in encoders]
-        self.components = [Component(name) for name in TEXT_ENCODER_COMPONENTS[:len(encoders)]]
+        self.tokenizers = list(tokenizers)
+        self.components = [Component(name) for name in TEXT_ENCODER_COMPONENTS[:len(self.tokenizers)]]
+
+    @staticmethod
+    def encoders(config: ModelConfig) -> tuple:
+        """The text encoders' configs, in context order."""
+        return config.text_encoders or (config.conditioner,)
+
+    @classmethod
+    def from_folder(cls, config: ModelConfig, folder: Path) -> "TextEncoders":
+        """With the bundle's tokenizer folder, loaded for each encoder's pad token."""
+        return cls(config, [load_tokenizer(folder, encoder) for encoder in cls.encoders(config)])
 
     def encode(self, runners: Mapping[str, Runner], texts: list[str], names: list[str], warnings: list[str],
                check: OutputCheck) -> tuple[np.ndarray, np.ndarray | None]:
