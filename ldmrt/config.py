@@ -77,6 +77,9 @@ class AutoencoderConfig:
     norm_num_groups: int = 32
     # False: CompVis attn_type "none" (diffusers mid_block_add_attention)
     mid_attention: bool = field(default=True, metadata=_LATER)
+    # diffusers' AutoencoderKL flag (default true): the VAE overflows in fp16. Honoured where
+    # diffusers' SDXL pipelines honour it (ModelConfig.vae_needs_fp32); false for the fp16-fixed VAE
+    force_upcast: bool = field(default=True, metadata=_LATER)
 
     def __post_init__(self) -> None:
         _positive(self, "embed_dim", "z_channels", "in_channels", "out_ch", "ch",
@@ -467,6 +470,12 @@ class ModelConfig:
         """The text encoder whose pooled embedding the UNet's text_time vector takes (the last
         with a projection), None without one."""
         return next((e for e in reversed(self.text_encoders) if e.projection_dim), None)
+
+    @property
+    def vae_needs_fp32(self) -> bool:
+        """An fp16 export keeps the VAE graphs in fp32: SDXL with a VAE that says force_upcast, as
+        StableDiffusionXL(Img2Img)Pipeline upcasts it (other pipelines ignore the flag)."""
+        return self.family in (Family.SDXL, Family.SDXL_REFINER) and self.autoencoder.force_upcast
 
     @property
     def is_text_conditioned(self) -> bool:

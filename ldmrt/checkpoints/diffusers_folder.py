@@ -260,6 +260,9 @@ def autoencoder_config_from_diffusers(cfg: Mapping[str, Any], where: str) -> tup
         raise CheckpointError(f"{where}: block_out_channels {channels} are not multiples of the first")
     latent = int(cfg.get("latent_channels", 4 if kind == "AutoencoderKL" else 3))
     vq = kind == "VQModel"
+    force_upcast = cfg.get("force_upcast", True) if not vq else True     # SDXL's flag: KL only
+    if not isinstance(force_upcast, bool):
+        raise CheckpointError(f"{where}: expected force_upcast to be true or false, found {force_upcast!r}")
     try:
         config = AutoencoderConfig(
             kind=AutoencoderKind.VQ if vq else AutoencoderKind.KL,
@@ -268,7 +271,7 @@ def autoencoder_config_from_diffusers(cfg: Mapping[str, Any], where: str) -> tup
             ch=channels[0], ch_mult=tuple(c // channels[0] for c in channels),
             num_res_blocks=uniform(cfg.get("layers_per_block", 1), "layers_per_block", where),
             n_embed=int(cfg.get("num_vq_embeddings", 256)) if vq else 0,
-            norm_num_groups=int(cfg.get("norm_num_groups", 32)))
+            norm_num_groups=int(cfg.get("norm_num_groups", 32)), force_upcast=force_upcast)
     except (ConfigError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{where}: {exc}") from None
     return config, float(cfg.get("scaling_factor", 0.18215))

@@ -27,7 +27,10 @@ def export(
     vae_max_size: Optional[int] = typer.Option(None, help="Largest side the VAE graphs take (default --max-size); "
                                                           "larger images are decoded in tiles (upscalers)."),
     opset: int = typer.Option(18, help="ONNX opset (>= 18)."),
-    fp32_vae_decoder: bool = typer.Option(False, "--fp32-vae-decoder", help="Keep the VAE decoder in fp32."),
+    fp32_vae_decoder: Optional[bool] = typer.Option(
+        None, "--fp32-vae-decoder/--no-fp32-vae-decoder",
+        help="Keep the VAE decoder in fp32 (default: only where the model's VAE overflows in fp16: "
+             "SDXL's force_upcast VAE, both VAE graphs, with --precision fp16)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
     no_validate: bool = typer.Option(False, "--no-validate", help="Skip the ONNX Runtime parity check."),
     seed: int = typer.Option(0, help="Seed of a preset's random weights."),
@@ -104,6 +107,8 @@ def export(
                                                      "numpy" if name == Component.DENOISE_STEP else "torch"),
                           f"{result.seconds.get(name, 0):.1f}")
         out.print(table)
+        for note in result.notes:
+            out.print(note, highlight=False)
         if int8 and Component.UNET in result.manifest.components:
             parity = result.manifest.component(Component.UNET).parity
             if parity is not None:

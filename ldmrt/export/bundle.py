@@ -41,7 +41,8 @@ class ExportOptions:
     opset: int = MIN_OPSET
     validate: bool = True
     force: bool = False
-    fp32_vae_decoder: bool = False
+    # True: the VAE decoder in fp32; None: the model's choice (fp32_components); False: never
+    fp32_vae_decoder: bool | None = None
     optimize: bool = True
     int8: Int8Options = Int8Options()              # --precision int8: calibration and parity bounds
 
@@ -51,6 +52,21 @@ class ExportResult:
     manifest: Manifest
     path: Path
     seconds: dict[str, float] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()       # choices export made for the user, to be said
+
+
+def fp32_components(config, options: ExportOptions) -> tuple[frozenset[str], tuple[str, ...]]:
+    """(the components kept in fp32 in a reduced-precision export, why, to be said). SDXL's
+    original VAE overflows in fp16: as diffusers' SDXL pipelines upcast a VAE whose config says
+    force_upcast, an fp16 export keeps both VAE graphs in fp32 unless told otherwise."""
+    if options.fp32_vae_decoder:
+        return frozenset({Component.VAE_DECODER}), ()
+    if options.fp32_vae_decoder is None and options.precision == Precision.FP16 and config.vae_needs_fp32:
+        return frozenset({Component.VAE_DECODER, Component.VAE_ENCODER}), (
+            "VAE kept in float32: this SDXL VAE overflows in fp16 (its config says force_upcast, as "
+            "diffusers' SDXL pipelines read it); --no-fp32-vae-decoder exports it in fp16, e.g. for "
+            "the fp16-fixed VAE",)
+    return frozenset(), ()
 
 
 def export_bundle(source: ModelSource, out: Path, options: ExportOptions = ExportOptions(),
@@ -62,7 +78,7 @@ def export_bundle(source: ModelSource, out: Path, options: ExportOptions = Expor
         split_prompts(source.prompts)        # bad calibration prompts fail before minutes of export
     config = source.model.config
     ranges = options.shape_ranges or ShapeRanges.for_model(config)
-    fp32 = frozenset({Component.VAE_DECODER}) if options.fp32_vae_decoder else frozenset()
+    fp32, notes = fp32_components(config, options)
     specs = component_specs(config, ranges, options.precision, fp32)
     names = options.components or tuple(specs)
     unknown = [n for n in names if n not in specs]
@@ -109,7 +125,9 @@ def export_bundle(source: ModelSource, out: Path, options: ExportOptions = Expor
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    return ExportResult(manifest=manifest, path=out, seconds=seconds)
+    for note in notes:
+        log.info("%s", note)
+    return ExportResult(manifest=manifest, path=out, seconds=seconds, notes=notes)
 
 
 def _source_record(source: ModelSource) -> SourceRecord | None:
