@@ -241,6 +241,122 @@ def test_an_original_sdxl_file_loads_as_its_diffusers_folder(sdxl, refiner, kind
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
+def _sgm_yaml(kind: str) -> dict:
+    """sd_xl_base.yaml / sd_xl_refiner.yaml as Stability writes them, at the tiny models' sizes."""
+    unet = UNET if kind == "base" else REFINER_UNET
+    text = [{"is_trainable": False, "input_key": "txt", "target": "sgm.modules.encoders.modules.FrozenCLIPEmbedder",
+             "params": {"layer": "hidden", "layer_idx": CLIP_L["num_hidden_layers"] - 2}}] if kind == "base" else []
+    text.append({"is_trainable": False, "input_key": "txt",
+                 "target": "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2",
+                 "params": {"arch": "ViT-bigG-14", "version": "laion2b_s39b_b160k", "freeze": True,
+                            "layer": "penultimate", "always_return_pooled": True, "legacy": False}})
+    sizes = ["original_size_as_tuple", "crop_coords_top_left"] + (
+        ["target_size_as_tuple"] if kind == "base" else ["aesthetic_score"])
+    embedders = text + [{"is_trainable": False, "input_key": key, "params": {"outdim": 256},
+                         "target": "sgm.modules.encoders.modules.ConcatTimestepEmbedderND"} for key in sizes]
+    widths = unet["block_out_channels"]
+    return {"model": {"target": "sgm.models.diffusion.DiffusionEngine", "params": {
+        "scale_factor": VAE["scaling_factor"], "disable_first_stage_autocast": True,
+        "denoiser_config": {"target": "sgm.modules.diffusionmodules.denoiser.DiscreteDenoiser", "params": {
+            "num_idx": 1000,
+            "weighting_config": {"target": "sgm.modules.diffusionmodules.denoiser_weighting.EpsWeighting"},
+            "scaling_config": {"target": "sgm.modules.diffusionmodules.denoiser_scaling.EpsScaling"},
+            "discretization_config": {"target": "sgm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization"}}},
+        "network_config": {"target": "sgm.modules.diffusionmodules.openaimodel.UNetModel", "params": {
+            "adm_in_channels": unet["projection_class_embeddings_input_dim"], "num_classes": "sequential",
+            "use_checkpoint": True, "in_channels": 4, "out_channels": 4, "model_channels": widths[0],
+            "attention_resolutions": [2], "num_res_blocks": list(unet["layers_per_block"]),
+            "channel_mult": [w // widths[0] for w in widths], "num_head_channels": 64,
+            **({"use_spatial_transformer": True} if kind == "base" else {}),    # as Stability's YAMLs
+            "use_linear_in_transformer": True,
+            "transformer_depth": list(unet["transformer_layers_per_block"]), "context_dim": unet["cross_attention_dim"],
+            "spatial_transformer_attn_type": "softmax-xformers", "legacy": False}},
+        "conditioner_config": {"target": "sgm.modules.GeneralConditioner", "params": {"emb_models": embedders}},
+        "first_stage_config": {"target": "sgm.models.autoencoder.AutoencoderKLInferenceWrapper", "params": {
+            "embed_dim": 4, "monitor": "val/rec_loss", "lossconfig": {"target": "torch.nn.Identity"},
+            "ddconfig": {"attn_type": "vanilla-xformers", "double_z": True, "z_channels": 4, "resolution": 256,
+                         "in_channels": 3, "out_ch": 3, "ch": VAE["block_out_channels"][0],
+                         "ch_mult": [c // VAE["block_out_channels"][0] for c in VAE["block_out_channels"]],
+                         "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}}}}}}
+
+
+@pytest.fixture(scope="module")
+def sgm_files(sdxl, refiner, tmp_path_factory):
+    """(single file, its SGM YAML, the diffusers folder's load) of the base and the refiner."""
+    import yaml
+
+    root, files = tmp_path_factory.mktemp("sgm"), {}
+    for kind, model in (("base", sdxl), ("refiner", refiner)):
+        folder = load_checkpoint(model.folder)
+        prefix = "conditioner.embedders.1.model." if kind == "base" else "conditioner.embedders.0.model."
+        path = _sgm_file(folder, model.pipe.text_encoder_2, prefix, kind == "base", root / f"{kind}.safetensors")
+        (root / f"{kind}.yaml").write_text(yaml.safe_dump(_sgm_yaml(kind)))
+        files[kind] = (path, root / f"{kind}.yaml", folder,
+                       model.folder / ("tokenizer" if kind == "base" else "tokenizer_2"))
+    return files
+
+
+@pytest.mark.parametrize("kind", ["base", "refiner"])
+def test_an_sgm_yaml_describes_the_file_as_its_diffusers_folder(sgm_files, kind: str) -> None:
+    """--yaml with Stability's DiffusionEngine YAML: the config and every weight equal the folder's,
+    the noise schedule included (LegacyDDPMDiscretization = scaled_linear 0.00085..0.012)."""
+    from ldmrt.checkpoints.schedule import betas_of
+
+    path, yaml_path, folder, tokenizer = sgm_files[kind]
+    from ldmrt.checkpoints.diffusers_unet import diffusers_unet_config
+
+    loaded = load_checkpoint(path, yaml=yaml_path, tokenizer=tokenizer)
+    assert loaded.family == folder.family
+    # the same UNet as diffusers reads it (CompVis' form writes heads as num_head_channels)
+    assert diffusers_unet_config(loaded.config.unet) == diffusers_unet_config(folder.config.unet)
+    for part in ("autoencoder", "conditioner", "conditioner_2", "force_zeros_for_empty_prompt", "scale_factor"):
+        assert getattr(loaded.config, part) == getattr(folder.config, part), part
+    ours, theirs = loaded.config.scheduler, folder.config.scheduler
+    np.testing.assert_array_equal(betas_of(ours), betas_of(theirs))
+    assert (ours.prediction_type, ours.scheduler_class) == (theirs.prediction_type, theirs.scheduler_class)
+    state, expected = loaded.model.state_dict(), folder.model.state_dict()
+    assert sorted(state) == sorted(expected) and all(torch.equal(state[k], expected[k]) for k in state)
+
+
+def _edit(data: dict, dotted: str, value) -> dict:
+    data = __import__("copy").deepcopy(data)
+    *parents, last = dotted.split(".")
+    node = data
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    if value is KeyError:
+        del node[last]
+    elif isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+    return data
+
+
+_EMB = "model.params.conditioner_config.params.emb_models"
+
+
+@pytest.mark.parametrize("dotted, value, named", [
+    (f"{_EMB}.0.params.layer_idx", 0, "emb_models[0].params: layer 'hidden', layer_idx 0"),
+    (f"{_EMB}.1.params.legacy", KeyError, "emb_models[1].params: legacy True"),          # SGM's default
+    (f"{_EMB}.1.params.layer", "last", "emb_models[1].params: layer 'last'"),
+    (f"{_EMB}.4.input_key", "aesthetic_score", "emb_models: input keys"),
+    (f"{_EMB}.2.params.outdim", 128, "outdim"),
+    ("model.params.denoiser_config.params.scaling_config.target", "EDMScaling", "scaling_config: target 'EDMScaling'"),
+    ("model.params.network_config.params.num_res_blocks", [1, 2, 3], "network_config.params: num_res_blocks"),
+    ("model.params.first_stage_config.params.ddconfig.attn_type", "linear", "ddconfig.attn_type 'linear'"),
+    ("model.params.network_config", KeyError, "model.params.network_config: expected a mapping"),
+])
+def test_an_sgm_yaml_that_does_not_fit_is_refused_by_field(sgm_files, tmp_path, dotted, value, named) -> None:
+    import yaml
+
+    path, _, _, tokenizer = sgm_files["base"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(_edit(_sgm_yaml("base"), dotted, value)))
+    with pytest.raises(CheckpointError, match=__import__("re").escape(named)):
+        load_checkpoint(path, yaml=bad, tokenizer=tokenizer)
+
+
 @pytest.mark.parametrize("fields, field", [
     ({"aesthetic_score": 7.0}, "aesthetic_score"),              # the base takes no aesthetic score
     ({"original_size": (0, 64)}, "original_size"),

@@ -1,5 +1,5 @@
 """An original CompVis inference YAML (v1-inference.yaml, v2-inference-v.yaml, the LDM configs)
--> ModelConfig. Text-encoder sizes are not in these YAMLs (they name a pretrained model); they
+or an SGM one (sd_xl_base.yaml, sd_xl_refiner.yaml: ldmrt.checkpoints.yaml_sgm) -> ModelConfig. Text-encoder sizes are not in these YAMLs (they name a pretrained model); they
 come from the checkpoint's tensor shapes.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ _UNET_FIXED = {"dims": 2, "use_scale_shift_norm": False,
                "conv_resample": True, "disable_middle_self_attn": False, "disable_middle_transformer": False}
 _UNET_IGNORED = {"use_checkpoint", "use_fp16", "image_size", "legacy", "dropout", "num_heads_upsample",
                  "spatial_transformer_attn_type", "transformer_depth_middle", "adm_in_channels"}
+SGM_ENGINE = "DiffusionEngine"       # Stability's generative-models (SDXL): ldmrt.checkpoints.yaml_sgm
 _MODELS = ("LatentDiffusion", "LatentInpaintDiffusion", "LatentUpscaleDiffusion", "LatentUpscaleFinetuneDiffusion")
 
 
@@ -53,9 +54,13 @@ def config_from_yaml(path: Path, data: Mapping[str, Any], state: Mapping[str, to
     notes: list[str] = []
     model = _section(data, "model", path)
     target = str(model.get("target", ""))
+    if target.endswith(SGM_ENGINE):
+        from ldmrt.checkpoints.yaml_sgm import config_from_sgm
+
+        return config_from_sgm(path, _section(model, "params", path, "model.params"), state, detection, ids, name)
     if not target.endswith(_MODELS):
         raise CheckpointError(f"{path}: model.target {target!r} is not supported; expected "
-                              f"ldm.models.diffusion.ddpm.{' / '.join(_MODELS)}")
+                              f"ldm.models.diffusion.ddpm.{' / '.join(_MODELS)} or sgm.models.diffusion.{SGM_ENGINE}")
     params = _section(model, "params", path, "model.params")
     unet_section = _section(params, "unet_config", path, "model.params.unet_config")
     unet_params = _section(unet_section, "params", path, "model.params.unet_config.params")
@@ -68,8 +73,8 @@ def config_from_yaml(path: Path, data: Mapping[str, Any], state: Mapping[str, to
     spatial = spatial_from_yaml(target, params, path)
     conditioner, family = _conditioner(cond_stage, state, detection, ids, path)
     layout = _layout(cond_stage, params, data.get("data"), path)
-    unet = _unet(unet_params, family, path, notes)
-    autoencoder = _autoencoder(first_stage, path)
+    unet = unet_from_params(unet_params, family, f"{path}: model.params.unet_config.params", notes)
+    autoencoder = autoencoder_from_section(first_stage, path)
     scheduler = scheduler_from_compvis(params, f"{path}: model.params")
     image_size = unet_params.get("image_size") or params.get("image_size")
     try:
@@ -170,8 +175,11 @@ def _layout_classes(data: Any, default: int, path: Path) -> int:
     return found.pop() if found else default
 
 
-def _unet(params: Mapping[str, Any], family: Family, path: Path, notes: list[str]) -> UNetConfig:
-    where = f"{path}: model.params.unet_config.params"
+def unet_from_params(params: Mapping[str, Any], family: Family, where: str, notes: list[str],
+                     time_id_dim: int = 256, spatial_transformer: bool = False) -> UNetConfig:
+    """openaimodel.UNetModel's params (CompVis' unet_config, SGM's network_config) -> UNetConfig;
+    `where` names the section in errors; `spatial_transformer`: use_spatial_transformer's default
+    (SGM's sd_xl_refiner.yaml leaves it out and has transformers)."""
     for key, expected in _UNET_FIXED.items():
         if params.get(key, expected) != expected:
             raise CheckpointError(f"{where}: {key}={params[key]!r} is not supported (only {expected!r})")
@@ -201,12 +209,12 @@ def _unet(params: Mapping[str, Any], family: Family, path: Path, notes: list[str
             attention_resolutions=tuple(int(r) for r in _need(params, "attention_resolutions", where)),
             num_heads=num_heads if num_heads != -1 else 8, num_head_channels=num_head_channels,
             context_dim=_context_dim(params.get("context_dim"), where),
-            use_spatial_transformer=bool(params.get("use_spatial_transformer", False)),
+            use_spatial_transformer=bool(params.get("use_spatial_transformer", spatial_transformer)),
             use_linear_in_transformer=bool(params.get("use_linear_in_transformer", False)),
             # CompVis' SD 2.x code runs attention softmax in fp32 (ATTN_PRECISION="fp32")
             upcast_attention=family == Family.SD2, disable_self_attentions=tuple(cross_only) if any(cross_only) else (),
             resblock_updown=bool(params.get("resblock_updown", False)),
-            **_class_fields(params, family, where))
+            **_class_fields(params, family, where, time_id_dim))
     except (ConfigError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{where}: {exc}") from None
 
@@ -228,7 +236,7 @@ def _context_dim(value: Any, where: str) -> int | None:
     return None if value is None else int(value)
 
 
-def _class_fields(params: Mapping[str, Any], family: Family, where: str) -> dict[str, Any]:
+def _class_fields(params: Mapping[str, Any], family: Family, where: str, time_id_dim: int) -> dict[str, Any]:
     """num_classes: a class count, or SGM's "sequential" vector (SDXL's text_time: adm_in_channels)."""
     classes = params.get("num_classes")
     if classes != "sequential":
@@ -240,13 +248,14 @@ def _class_fields(params: Mapping[str, Any], family: Family, where: str) -> dict
                               f"(a CLIP + OpenCLIP bigG conditioner); this model is {family.value}")
     time_ids = SDXL_REFINER_TIME_IDS if family == Family.SDXL_REFINER else SDXL_TIME_IDS
     width = int(_need(params, "adm_in_channels", where))
-    return {"text_embeds_dim": width - time_ids * 256, "time_ids": time_ids}
+    return {"text_embeds_dim": width - time_ids * time_id_dim, "time_ids": time_ids, "time_id_dim": time_id_dim}
 
 
-def _autoencoder(section: Mapping[str, Any], path: Path) -> AutoencoderConfig:
+def autoencoder_from_section(section: Mapping[str, Any], path: Path) -> AutoencoderConfig:
+    """model.params.first_stage_config (CompVis' or SGM's) -> AutoencoderConfig."""
     where = f"{path}: model.params.first_stage_config"
     target = str(section.get("target", ""))
-    if target.endswith("AutoencoderKL"):
+    if target.endswith(("AutoencoderKL", "AutoencoderKLInferenceWrapper")):     # the latter: SGM's
         kind = AutoencoderKind.KL
     elif target.endswith(("VQModelInterface", "VQModel")):
         kind = AutoencoderKind.VQ
@@ -256,9 +265,11 @@ def _autoencoder(section: Mapping[str, Any], path: Path) -> AutoencoderConfig:
     params = _section(section, "params", path, "model.params.first_stage_config.params")
     dd = _section(params, "ddconfig", path, "model.params.first_stage_config.params.ddconfig")
     attn_type = dd.get("attn_type", "vanilla")
+    if attn_type == "vanilla-xformers":      # the same attention, another kernel
+        attn_type = "vanilla"
     if attn_type not in ("vanilla", "none"):
         raise CheckpointError(f"{where}: ddconfig.attn_type {attn_type!r} is not supported; expected "
-                              f"'vanilla' or 'none'")
+                              f"'vanilla', 'vanilla-xformers' or 'none'")
     if bool(dd.get("double_z", True)) != (kind == AutoencoderKind.KL):
         raise CheckpointError(f"{where}: double_z={dd.get('double_z')} does not fit a {kind.value} autoencoder")
     try:
