@@ -158,6 +158,7 @@ def test_repository_layout_and_hard_links(bundle, repo):
         assert "kind: KIND_CPU" in text
     vendored = sorted(p.relative_to(pipeline).as_posix() for p in (pipeline / "ldmrt").rglob("*.py"))
     assert "ldmrt/runtime/pipeline.py" in vendored and "ldmrt/engines/onnxruntime.py" in vendored
+    assert "ldmrt/triton/pipeline_io.py" in vendored          # model.py reads its request by it
     assert not any(name.startswith(("ldmrt/models", "ldmrt/export", "ldmrt/engines/torch", "ldmrt/cli"))
                    for name in vendored)
 
@@ -364,15 +365,16 @@ def load_pipeline_model(repo: Path, monkeypatch, name: str, **parameters: str):
 
 
 def _request(**inputs) -> dict:
-    arrays = {"prompt": np.object_, "negative_prompt": np.object_, "sampler": np.object_,
-              "steps": np.int32, "guidance": np.float32, "seed": np.int64, "height": np.int32,
-              "width": np.int32}
+    """Request tensors of the client's data types: a list or an array as it is, else one element."""
+    from ldmrt.triton.client import INPUTS
+
     out = {}
     for name, value in inputs.items():
-        values = value if isinstance(value, list) else [value]
-        if arrays[name] is np.object_:
+        dtype = INPUTS[name][1]
+        values = value if isinstance(value, (list, np.ndarray)) else [value]
+        if dtype is np.object_:
             values = [v.encode() for v in values]
-        out[name] = _Tensor(name, np.array(values, dtype=arrays[name]))
+        out[name] = _Tensor(name, np.array(values, dtype=dtype))
     return out
 
 
@@ -386,11 +388,13 @@ def test_pipeline_model_in_process_matches_the_pipeline_api(bundle, repo, monkey
     reference = Pipeline.load(bundle)
     expected = reference.generate(GenerationRequest(
         prompt=["a red fox", "a blue bird"], negative_prompt="blurry", steps=3, seed=5, sampler="euler",
-        guidance=6.0, height=64, width=96, batch=2)).images
-    images, warnings = good.output_tensors
+        guidance=6.0, height=64, width=96, batch=2))
+    images, latents, warnings = good.output_tensors
     assert images.name() == "images" and images.as_numpy().shape == (2, 64, 96, 3)
+    assert latents.name() == "latents" and latents.as_numpy().shape == expected.latents.shape
     assert warnings.name() == "warnings" and warnings.as_numpy().shape == (0,)
-    assert np.abs(images.as_numpy() - expected).max() <= MAX_DIFF
+    assert np.abs(images.as_numpy() - expected.images).max() <= MAX_DIFF
+    np.testing.assert_allclose(latents.as_numpy(), expected.latents, rtol=0, atol=1e-5)
     assert bad.error is not None and "no-such-sampler" in bad.error and not bad.output_tensors
     expected = reference.generate(GenerationRequest(prompt="x", steps=2)).images
     assert np.abs(default.output_tensors[0].as_numpy() - expected).max() <= MAX_DIFF
@@ -402,6 +406,7 @@ def test_vendored_runtime_imports_without_torch(repo):
     pipeline = repo / "pipeline" / "1"
     code = ("import sys; sys.modules['torch'] = None; sys.path.insert(0, sys.argv[1]);"
             "import ldmrt.runtime.pipeline, ldmrt.engines.onnxruntime, ldmrt.engines.tensorrt;"
+            "import ldmrt.triton.pipeline_io;"
             "from ldmrt.runtime.pipeline import Pipeline; p = Pipeline.load(sys.argv[1] + '/bundle');"
             "assert ldmrt.__file__.startswith(sys.argv[1]), ldmrt.__file__;"
             "assert 'torch' not in {m.split('.')[0] for m in sys.modules if sys.modules[m] is not None}")

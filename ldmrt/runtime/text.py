@@ -113,6 +113,11 @@ class TextEncoders:
         return inputs
 
 
+def size_fields(config: ModelConfig) -> tuple[str, ...]:
+    """The SizeConditioning fields the model's size ids take (none for a model without them)."""
+    return _USED.get(config.unet.time_ids, ())
+
+
 def size_ids(config: ModelConfig, sizes: SizeConditioning, image_size: tuple[int, int], negative: bool) -> np.ndarray:
     """One row of SDXL's time ids: (original h, w, crop top, left, target h, w), or the refiner's
     (original h, w, crop top, left, aesthetic score)."""
@@ -133,7 +138,7 @@ def check_sizes(config: ModelConfig, sizes: SizeConditioning) -> SizeConditionin
              for name, low in (("original_size", 1), ("crops_coords_top_left", 0), ("target_size", 1))}
     scores = {name: real(name, getattr(sizes, name)) for name in ("aesthetic_score", "negative_aesthetic_score")}
     checked = SizeConditioning(**pairs, **scores)
-    used = _USED.get(config.unet.time_ids, ())
+    used = size_fields(config)
     for name in _USED[SDXL_TIME_IDS] + _USED[SDXL_REFINER_TIME_IDS]:
         value = getattr(checked, name)
         if name not in used and value != getattr(SizeConditioning(), name):

@@ -5,6 +5,7 @@
 - `ownership`: which model folders of a shared repository ldmrt wrote (a marker per model), so
   `--force` replaces only those, untouched.
 - `pipeline_model`: the Python-backend model (copied as `model.py`) that runs ldmrt's Pipeline.
+- `pipeline_io`: its request and response tensors, declared once (config, model.py, client, check).
 - `probe`: the liveness probe shipped as `<pipeline>/probe.py` (standard library only).
 - `check`: parses every config.pbtxt with Triton's own protobuf (needs `tritonclient`) and
   compares it with the manifest.

@@ -7,7 +7,8 @@ environment scripts/triton_env.sh makes, e.g.
 
 Every config.pbtxt must parse as Triton's ModelConfig, and each component model's names,
 data types and dims must follow from the manifest's I/O spec. The rules are re-derived here
-from the spec (not by calling ldmrt.triton.config), so a mistake there is caught here.
+from the spec (not by calling ldmrt.triton.config), so a mistake there is caught here. The
+pipeline model's inputs are those pipeline_io.py declares for the manifest's model, each optional.
 """
 from __future__ import annotations
 
@@ -18,12 +19,9 @@ from typing import Any
 
 from ldmrt.iospec import Component, ComponentSpec, TensorSpec, parse_dim
 from ldmrt.manifest import load_manifest
+from ldmrt.triton.pipeline_io import RESPONSE_TENSORS, request_tensors
 
 VERSION = "1"
-PIPELINE_INPUTS = {"prompt": "TYPE_STRING", "negative_prompt": "TYPE_STRING", "steps": "TYPE_INT32",
-                   "guidance": "TYPE_FP32", "sampler": "TYPE_STRING", "seed": "TYPE_INT64",
-                   "height": "TYPE_INT32", "width": "TYPE_INT32"}
-PIPELINE_OUTPUTS = [("images", "TYPE_FP32", [-1, -1, -1, 3]), ("warnings", "TYPE_STRING", [-1])]
 _NUMPY_TO_TRITON = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16",
                     "int32": "TYPE_INT32", "int64": "TYPE_INT64", "uint8": "TYPE_UINT8",
                     "int8": "TYPE_INT8", "bool": "TYPE_BOOL", "float64": "TYPE_FP64"}
@@ -73,7 +71,7 @@ def _check_group(repo: Path, pipeline: str, configs: dict[str, Any], summary: di
     params = {k: v.string_value for k, v in configs[pipeline].parameters.items()}
     bundle = repo / pipeline / VERSION / params.get("bundle", "bundle")
     manifest = load_manifest(bundle)
-    problems = _check_pipeline(repo, pipeline, configs[pipeline], dtype_name)
+    problems = _check_pipeline(repo, pipeline, configs[pipeline], manifest.config, dtype_name)
     summary[pipeline] = {"backend": "python", "bundle": str(bundle)}
     served = {name: entry for name, entry in manifest.components.items()
               if name != Component.DENOISE_STEP}      # the update graph is not a Triton model
@@ -95,16 +93,18 @@ def _check_group(repo: Path, pipeline: str, configs: dict[str, Any], summary: di
     return problems
 
 
-def _check_pipeline(repo: Path, name: str, config: Any, dtype_name) -> list[str]:
+def _check_pipeline(repo: Path, name: str, config: Any, model_config, dtype_name) -> list[str]:
     problems = []
-    found = {t.name: dtype_name(t.data_type) for t in config.input}
-    if found != PIPELINE_INPUTS:
-        problems.append(f"{name}: inputs {found}, expected {PIPELINE_INPUTS}")
+    found = [(t.name, dtype_name(t.data_type), list(t.dims)) for t in config.input]
+    expected = [(t.name, t.data_type, list(t.dims)) for t in request_tensors(model_config)]
+    if found != expected:
+        problems.append(f"{name}: inputs {found}, expected {expected}")
     if any(not t.optional for t in config.input):
         problems.append(f"{name}: every request input should be optional")
     outputs = [(t.name, dtype_name(t.data_type), list(t.dims)) for t in config.output]
-    if outputs != PIPELINE_OUTPUTS:
-        problems.append(f"{name}: outputs {outputs}, expected {PIPELINE_OUTPUTS}")
+    expected = [(t.name, t.data_type, list(t.dims)) for t in RESPONSE_TENSORS]
+    if outputs != expected:
+        problems.append(f"{name}: outputs {outputs}, expected {expected}")
     if not (repo / name / VERSION / "model.py").is_file():
         problems.append(f"{name}: no {VERSION}/model.py")
     return problems

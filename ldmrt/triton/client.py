@@ -8,8 +8,12 @@ Runs where tritonclient is installed (the environment of scripts/triton_env.sh):
     python -m ldmrt.triton.client load --url 127.0.0.1:8000 --protocol http \\
         --request '{"prompt": ["a fox"], "steps": 4}' --count 20 --concurrency 2   # bounded load
 
-A request is a JSON object with the pipeline model's inputs: prompt (list), negative_prompt,
-steps, guidance, sampler, seed, height, width; in `generate` also "protocol": "http" | "grpc".
+A request is a JSON object with the pipeline model's inputs (ldmrt/triton/pipeline_io.py):
+prompt (list), negative_prompt, steps, guidance, sampler, seed, height, width; SDXL's size ids
+(original_size [h, w], crops_coords_top_left, target_size, aesthetic_score, ...); the hand-off's
+denoising_end, denoising_start and init_latents (nested lists [N, C, h, w]); in `generate` also
+"protocol": "http" | "grpc". `generate` writes images_<i> and latents_<i> (with denoising_end,
+latents alone) into the .npz.
 Each worker thread has its own client (tritonclient clients are not shared across threads).
 """
 from __future__ import annotations
@@ -25,18 +29,26 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ldmrt.triton.pipeline_io import EVERY_REQUEST_TENSOR, IMAGES, LATENTS, WARNINGS
+
+_NUMPY = {"BYTES": np.object_, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32}
+
+
+def _client_type(data_type: str) -> str:
+    """config.pbtxt's TYPE_INT32 -> the client's INT32 (TYPE_STRING -> BYTES)."""
+    name = data_type.removeprefix("TYPE_")
+    return "BYTES" if name == "STRING" else name
+
+
 INPUTS = {  # name -> (Triton datatype, numpy dtype)
-    "prompt": ("BYTES", np.object_), "negative_prompt": ("BYTES", np.object_),
-    "steps": ("INT32", np.int32), "guidance": ("FP32", np.float32), "sampler": ("BYTES", np.object_),
-    "seed": ("INT64", np.int64), "height": ("INT32", np.int32), "width": ("INT32", np.int32),
-}
-OUTPUT = "images"
-WARNINGS = "warnings"   # the pipeline's GenerationResult.warnings (e.g. a truncated prompt)
+    name: (_client_type(tensor.data_type), _NUMPY[_client_type(tensor.data_type)])
+    for name, tensor in EVERY_REQUEST_TENSOR.items()}
 
 
 @dataclass(frozen=True)
 class Reply:
-    images: np.ndarray          # [N, H, W, 3] in [0, 1]
+    images: np.ndarray | None   # [N, H, W, 3] in [0, 1]; None with denoising_end
+    latents: np.ndarray | None  # [N, C, h, w]: GenerationResult.latents
     warnings: list[str]
 
 
@@ -69,23 +81,24 @@ class Clients:
 
 
 def infer(clients: Clients, protocol: str, model: str, request: Mapping[str, Any]) -> Reply:
-    """One pipeline request: its images and warnings (tritonclient raises on an error response)."""
+    """One pipeline request: its images, latents and warnings (tritonclient raises on an error
+    response)."""
     module = protocol_module(protocol)
     inputs = []
     for name, value in request.items():
         if name == "protocol":
             continue
         datatype, dtype = INPUTS[name]
-        values = value if isinstance(value, list) else [value]
+        values = value if isinstance(value, (list, np.ndarray)) else [value]
         array = np.array([v.encode("utf-8") for v in values] if dtype is np.object_ else values, dtype=dtype)
         tensor = module.InferInput(name, list(array.shape), datatype)
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
-    outputs = [module.InferRequestedOutput(name) for name in (OUTPUT, WARNINGS)]
+    outputs = [module.InferRequestedOutput(name) for name in (IMAGES, LATENTS, WARNINGS)]
     kwargs = {"client_timeout": clients.timeout} if protocol == "grpc" else {}
     result = clients.get(protocol).infer(model, inputs, outputs=outputs, **kwargs)
     warnings = result.as_numpy(WARNINGS)
-    return Reply(result.as_numpy(OUTPUT), [] if warnings is None else
+    return Reply(result.as_numpy(IMAGES), result.as_numpy(LATENTS), [] if warnings is None else
                  [w.decode("utf-8") if isinstance(w, bytes) else str(w) for w in warnings.reshape(-1)])
 
 
@@ -160,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--grpc", required=True)
     gen.add_argument("--requests", required=True, help="JSON file: a list of requests")
     gen.add_argument("--concurrency", type=int, default=4)
-    gen.add_argument("--out", required=True, help=".npz: images_0, images_1, ...")
+    gen.add_argument("--out", required=True, help=".npz: images_0, latents_0, images_1, ...")
     bench = sub.add_parser("load", help="bounded load: requests/s, p50/p99 latency as JSON")
     bench.add_argument("--url", required=True)
     bench.add_argument("--protocol", choices=("http", "grpc"), default="http")
@@ -175,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
             requests = json.load(handle)
         replies, seconds = generate({"http": args.http, "grpc": args.grpc}, args.model, requests,
                                     args.concurrency, args.timeout)
-        np.savez(args.out, **{f"images_{i}": reply.images for i, reply in enumerate(replies)})
+        np.savez(args.out, **{f"{name}_{i}": array for i, reply in enumerate(replies)
+                              for name, array in ((IMAGES, reply.images), (LATENTS, reply.latents))
+                              if array is not None})
         sys.stdout.write(json.dumps({"seconds": seconds,
                                      "warnings": [reply.warnings for reply in replies]}) + "\n")
         return 0

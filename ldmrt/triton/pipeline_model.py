@@ -7,12 +7,17 @@ so the server's Python needs only numpy and the backend's module (onnxruntime, o
 cuda-python). A request is what `ldmrt generate` takes; a bad request gets an error response
 naming the problem, and the instance keeps serving.
 
-Request tensors (all optional; one element each unless said):
+Request tensors (all optional; one element each unless said; declared in pipeline_io.py, each
+named as the GenerationRequest field it fills):
   prompt           BYTES [N]  one image per prompt (default: one empty prompt)
-  negative_prompt  BYTES [1 or N]
+  negative_prompt  BYTES [1 or N]  (absent: "", or SDXL's zero embeddings)
   steps INT32, guidance FP32, sampler BYTES, seed INT64, height INT32, width INT32
-Response: images FP32 [N, H, W, 3] in [0, 1], exactly GenerationResult.images, and warnings
-BYTES [K] (GenerationResult.warnings, e.g. a truncated prompt; K may be 0).
+  SDXL: original_size, crops_coords_top_left, target_size INT32 [2] (height, width);
+        aesthetic_score, negative_aesthetic_score FP32 (the refiner)
+  hand-off: denoising_end, denoising_start FP32; init_latents FP32 [N, C, h, w]
+Response: images FP32 [N, H, W, 3] in [0, 1], exactly GenerationResult.images (absent with
+denoising_end), latents FP32 [N, C, h, w] (GenerationResult.latents, what a refiner continues),
+and warnings BYTES [K] (GenerationResult.warnings, e.g. a truncated prompt; K may be 0).
 
 Errors: the caller's mistakes (an error with `field`, a tensor that does not decode, a request
 over the repository's `max_cost`) are INVALID_ARG (HTTP 400); a request its gRPC client cancelled
@@ -35,14 +40,10 @@ if (HERE / "ldmrt").is_dir() and str(HERE) not in sys.path:
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-OUTPUT = "images"
-WARNINGS = "warnings"
+from ldmrt.triton.pipeline_io import (EVERY_REQUEST_TENSOR, IMAGES, LATENTS, WARNINGS,  # noqa: E402
+                                     Form, RequestTensor)
+
 FAILURE_REASONS = ("invalid_argument", "cancelled", "internal")
-_SCALARS = {  # input name -> how to read its one element
-    "steps": int, "guidance": float, "seed": int, "height": int, "width": int,
-    "sampler": lambda v: _text(v, "sampler", 0), "noise_level": int,
-}
-_ARRAYS = {"image": "float32", "mask": "float32", "segmentation": "int64"}   # concat models' maps
 
 
 class TritonPythonModel:
@@ -80,10 +81,12 @@ class TritonPythonModel:
             try:
                 generation = self.generation_request(request)
                 result = self.pipeline.generate(generation, **self.cancel_options(request))
-                images = np.ascontiguousarray(result.images, dtype=np.float32)   # (N, H, W, 3)
+                outputs = [pb_utils.Tensor(name, np.ascontiguousarray(array, dtype=np.float32))
+                           for name, array in ((IMAGES, result.images), (LATENTS, result.latents))
+                           if array is not None]       # images (N, H, W, 3): None with denoising_end
                 warnings = np.array([m.encode("utf-8") for m in result.warnings], dtype=np.object_)
                 responses.append(pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor(OUTPUT, images), pb_utils.Tensor(WARNINGS, warnings)]))
+                    *outputs, pb_utils.Tensor(WARNINGS, warnings)]))
             except Exception as exc:  # one bad request must not take the instance down
                 responses.append(self.error_response(exc))
         return responses
@@ -112,52 +115,55 @@ class TritonPythonModel:
         return {} if is_cancelled is None else {"cancel": is_cancelled}
 
     def generation_request(self, request):
-        """The request's tensors as a GenerationRequest (defaults where a tensor is absent)."""
+        """The request's tensors as a GenerationRequest (defaults where a tensor is absent). Every
+        known input is read, declared or not: the Pipeline refuses, by name, a field its model
+        does not take (Triton itself refuses an input config.pbtxt does not declare)."""
         from ldmrt.errors import LdmrtError
         from ldmrt.runtime.pipeline import GenerationRequest
 
         fields: dict = {}
-        prompts = _strings(request, "prompt")
+        for name, declared in EVERY_REQUEST_TENSOR.items():
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is not None:       # shapes and ranges: checked by the Pipeline, named by field
+                fields[name] = _read(declared, tensor.as_numpy())
+        prompts = fields.pop("prompt", None)
         if prompts is not None:
             if not prompts:
                 raise LdmrtError("prompt: expected at least one string, found an empty tensor", field="prompt")
             fields["prompt"] = prompts if len(prompts) > 1 else prompts[0]
             fields["batch"] = len(prompts)
-        negative = _strings(request, "negative_prompt")
+        negative = fields.pop("negative_prompt", None)
         if negative is not None:
             fields["negative_prompt"] = negative if len(negative) > 1 else (negative[0] if negative else "")
-        for name, read in _SCALARS.items():
-            tensor = pb_utils.get_input_tensor_by_name(request, name)
-            if tensor is None:
-                continue
-            values = tensor.as_numpy().reshape(-1)
-            if values.size != 1:
-                raise LdmrtError(f"{name}: expected one element, found shape {list(tensor.as_numpy().shape)}",
-                                 field=name)
-            fields[name] = read(values[0].item() if hasattr(values[0], "item") else values[0])
-        layout = _strings(request, "layout")           # layout-to-image: one JSON text
-        if layout is not None:
-            if len(layout) != 1:
-                raise LdmrtError(f"layout: expected one JSON text, found {len(layout)}", field="layout")
-            try:
-                fields["layout"] = json.loads(layout[0])
-            except ValueError as exc:
-                raise LdmrtError(f"layout: not JSON ({exc})", field="layout") from None
-        for name, dtype in _ARRAYS.items():
-            tensor = pb_utils.get_input_tensor_by_name(request, name)
-            if tensor is not None:       # shapes and ranges: checked by the Pipeline, named by field
-                fields[name] = tensor.as_numpy().astype(dtype, copy=False)
         return GenerationRequest(**fields)
 
     def finalize(self) -> None:
         self.pipeline = None
 
 
-def _strings(request, name: str) -> list[str] | None:
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    if tensor is None:
-        return None
-    return [_text(v, name, i) for i, v in enumerate(tensor.as_numpy().reshape(-1))]
+def _read(declared: RequestTensor, array: np.ndarray):
+    """One request tensor as its GenerationRequest field takes it."""
+    from ldmrt.errors import LdmrtError
+
+    name, form = declared.name, declared.form
+    if form == Form.ARRAY:
+        return array.astype(declared.field_dtype or array.dtype, copy=False)
+    if form == Form.PAIR:       # as sent: the runtime checks two integers in range, naming the field
+        return array.tolist()
+    values = array.reshape(-1)
+    if form == Form.TEXTS:
+        return [_text(value, name, i) for i, value in enumerate(values)]
+    if values.size != 1:
+        raise LdmrtError(f"{name}: expected one element, found shape {list(array.shape)}", field=name)
+    if form == Form.NUMBER:
+        return values[0].item() if hasattr(values[0], "item") else values[0]
+    text = _text(values[0], name, 0)
+    if form == Form.TEXT:
+        return text
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise LdmrtError(f"{name}: not JSON ({exc})", field=name) from None
 
 
 def _text(value, name: str, index: int) -> str:

@@ -36,6 +36,7 @@ from ldmrt.manifest import MANIFEST_NAME, ComponentEntry, Manifest, load_manifes
 from ldmrt.triton.config import (BATCH, DynamicBatching, InstanceGroup, InstanceKind,
                                  TritonModelConfig, TritonTensor, component_tensors)
 from ldmrt.triton.ownership import claim_models, record_model, refuse_foreign
+from ldmrt.triton.pipeline_io import RESPONSE_TENSORS, request_tensors
 from ldmrt.triton.server import check_serving_path
 from ldmrt.triton.vendor import vendor_runtime
 from ldmrt.writable import check_folder_writable
@@ -184,27 +185,11 @@ def check_output(out: Path) -> None:
 # --- models ----------------------------------------------------------------------------------------
 
 def pipeline_model(bundle: Path, manifest: Manifest, options: RepositoryOptions) -> ModelPlan:
-    """The Python-backend model: request tensors of `ldmrt generate`, images out."""
-    string, scalar = "TYPE_STRING", (1,)
-    inputs = (TritonTensor("prompt", string, (-1,), optional=True),
-              TritonTensor("negative_prompt", string, (-1,), optional=True),
-              TritonTensor("steps", "TYPE_INT32", scalar, optional=True),
-              TritonTensor("guidance", "TYPE_FP32", scalar, optional=True),
-              TritonTensor("sampler", string, scalar, optional=True),
-              TritonTensor("seed", "TYPE_INT64", scalar, optional=True),
-              TritonTensor("height", "TYPE_INT32", scalar, optional=True),
-              TritonTensor("width", "TYPE_INT32", scalar, optional=True))
-    # a concat model's maps, as GenerationRequest takes them ([B or 1, ...]); only those it takes
-    from ldmrt.runtime.spatial import needed_fields
-    maps = {"image": ("TYPE_FP32", (-1, -1, -1, 3)), "mask": ("TYPE_FP32", (-1, -1, -1)),
-            "noise_level": ("TYPE_INT32", scalar), "segmentation": ("TYPE_INT32", (-1, -1, -1))}
-    taken = needed_fields(manifest.config)[1]
-    inputs += tuple(TritonTensor(name, kind, dims, optional=True) for name, (kind, dims) in maps.items()
-                    if name in taken)
-    if manifest.config.is_layout_conditioned:        # one JSON text, as `ldmrt generate --layout` reads
-        inputs += (TritonTensor("layout", string, scalar, optional=True),)
-    outputs = (TritonTensor("images", "TYPE_FP32", (-1, -1, -1, 3)),
-               TritonTensor("warnings", string, (-1,)))
+    """The Python-backend model: the request tensors of `ldmrt generate` that the bundle's model
+    takes (pipeline_io.py), images and latents out."""
+    inputs = tuple(TritonTensor(t.name, t.data_type, t.dims, optional=True)
+                   for t in request_tensors(manifest.config))
+    outputs = tuple(TritonTensor(t.name, t.data_type, t.dims) for t in RESPONSE_TENSORS)
     pipe = options.pipeline
     parameters = {"bundle": BUNDLE_DIR, "backend": pipe.backend, "device": pipe.device,
                   "threads": str(pipe.threads), "verify": "true" if pipe.verify else "false",

@@ -2,9 +2,9 @@
 
 The generated repository carries its own copy (`<pipeline>/1/ldmrt/`), so the Triton server's
 Python needs no ldmrt install, and the runtime it runs is exactly the one that wrote the
-repository. The set is the import closure of the runtime entry points (every `ldmrt.*` import,
-module-level or inside functions), minus the torch backend; a test imports the copy where
-torch cannot be imported.
+repository. The set is the import closure of the runtime entry points and of the pipeline
+model's request declaration (every `ldmrt.*` import, module-level or inside functions), minus
+the torch backend; a test imports the copy where torch cannot be imported.
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from pathlib import Path
 import ldmrt
 
 PACKAGE_DIR = Path(ldmrt.__file__).resolve().parent
-ENTRY_POINTS = ("ldmrt.runtime.pipeline", "ldmrt.engines.onnxruntime", "ldmrt.engines.tensorrt")
+ENTRY_POINTS = ("ldmrt.runtime.pipeline", "ldmrt.engines.onnxruntime", "ldmrt.engines.tensorrt",
+                "ldmrt.triton.pipeline_io")    # model.py reads its request tensors by it
 EXCLUDED = frozenset({"ldmrt.engines.torch"})   # imports torch; a Triton stub has none
 
 
