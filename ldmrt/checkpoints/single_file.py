@@ -17,13 +17,14 @@ from ldmrt.config import AutoencoderKind, Family, ModelConfig, PredictionType, S
 from ldmrt.presets import PRESETS, preset as get_preset
 from ldmrt.errors import CheckpointError, ConfigError, LdmrtError
 from ldmrt.models import LatentDiffusion
-from ldmrt.checkpoints.files import read_weights
+from ldmrt.weight_files import read_weights
 from ldmrt.checkpoints.original import (UNET, clean_keys, detect, ema_as_model, infer_autoencoder,
                                         infer_conditioner, infer_second_conditioner, infer_unet)
 from ldmrt.checkpoints.schedule import describe_schedule, schedule_from_betas
 from ldmrt.checkpoints.state import Assembly, cast_to_float32, dtype_counts
 from ldmrt.checkpoints.tokenizer_assets import read_tokenizer_folder
 from ldmrt.checkpoints.yaml_config import config_from_yaml, read_yaml
+from ldmrt.checkpoints.yaml_sgm import config_from_sgm, is_sgm
 from ldmrt.checkpoints.yaml_spatial import spatial_from_shapes
 
 _LDM_SCHEDULE = SchedulerConfig(beta_start=0.0015, beta_end=0.0195)
@@ -63,8 +64,9 @@ def read_single_file(path: Path, *, preset_name: str | None, yaml_path: Path | N
         raise ConfigError("pass either a preset or a YAML config, not both")
     inferred = False
     if yaml_path is not None:
-        config, yaml_notes = config_from_yaml(yaml_path, read_yaml(yaml_path), cleaned.state, detection,
-                                              ids, path.stem)
+        data = read_yaml(yaml_path)
+        read = config_from_sgm if is_sgm(data) else config_from_yaml
+        config, yaml_notes = read(yaml_path, data, cleaned.state, detection, ids, path.stem)
         notes += yaml_notes
         source = f"the YAML {yaml_path}"
     elif preset_name is not None:

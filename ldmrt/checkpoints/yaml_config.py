@@ -25,7 +25,7 @@ _UNET_FIXED = {"dims": 2, "use_scale_shift_norm": False,
                "conv_resample": True, "disable_middle_self_attn": False, "disable_middle_transformer": False}
 _UNET_IGNORED = {"use_checkpoint", "use_fp16", "image_size", "legacy", "dropout", "num_heads_upsample",
                  "spatial_transformer_attn_type", "transformer_depth_middle", "adm_in_channels"}
-SGM_ENGINE = "DiffusionEngine"       # Stability's generative-models (SDXL): ldmrt.checkpoints.yaml_sgm
+SGM_ENGINE = "DiffusionEngine"       # Stability's generative-models (SDXL): read by ldmrt.checkpoints.yaml_sgm
 _MODELS = ("LatentDiffusion", "LatentInpaintDiffusion", "LatentUpscaleDiffusion", "LatentUpscaleFinetuneDiffusion")
 
 
@@ -54,10 +54,6 @@ def config_from_yaml(path: Path, data: Mapping[str, Any], state: Mapping[str, to
     notes: list[str] = []
     model = _section(data, "model", path)
     target = str(model.get("target", ""))
-    if target.endswith(SGM_ENGINE):
-        from ldmrt.checkpoints.yaml_sgm import config_from_sgm
-
-        return config_from_sgm(path, _section(model, "params", path, "model.params"), state, detection, ids, name)
     if not target.endswith(_MODELS):
         raise CheckpointError(f"{path}: model.target {target!r} is not supported; expected "
                               f"ldm.models.diffusion.ddpm.{' / '.join(_MODELS)} or sgm.models.diffusion.{SGM_ENGINE}")

@@ -20,7 +20,7 @@ import torch
 
 from ldmrt.checkpoints.original import Detection, infer_conditioner, infer_second_conditioner
 from ldmrt.checkpoints.schedule import scheduler_from_compvis
-from ldmrt.checkpoints.yaml_config import autoencoder_from_section, unet_from_params
+from ldmrt.checkpoints.yaml_config import SGM_ENGINE, autoencoder_from_section, unet_from_params
 from ldmrt.config import Family, ModelConfig
 from ldmrt.errors import CheckpointError, ConfigError
 
@@ -33,11 +33,18 @@ _EXPECTED = {Family.SDXL: (TEXT_KEY, TEXT_KEY, "original_size_as_tuple", "crop_c
 _SCALINGS = {"EpsScaling": "eps", "VScaling": "v"}
 
 
-def config_from_sgm(path: Path, params: Mapping[str, Any], state: Mapping[str, torch.Tensor],
+def is_sgm(data: Mapping[str, Any]) -> bool:
+    """Whether a parsed YAML is an SGM DiffusionEngine one."""
+    model = data.get("model") if isinstance(data, Mapping) else None
+    return isinstance(model, Mapping) and str(model.get("target", "")).endswith(SGM_ENGINE)
+
+
+def config_from_sgm(path: Path, data: Mapping[str, Any], state: Mapping[str, torch.Tensor],
                     detection: Detection, ids: Mapping[str, int], name: str) -> tuple[ModelConfig, list[str]]:
-    """ModelConfig of an SGM DiffusionEngine YAML's `model.params`; the checkpoint's shapes give the
-    text encoders' sizes. CheckpointError naming the YAML field that does not fit."""
+    """ModelConfig of an SGM DiffusionEngine YAML; the checkpoint's shapes give the text encoders'
+    sizes. CheckpointError naming the YAML field that does not fit."""
     where = f"{path}: model.params"
+    params = _mapping(data["model"].get("params"), where)
     family = detection.family
     if family not in _EXPECTED:
         raise CheckpointError(f"{where}: an SGM DiffusionEngine YAML; ldmrt reads SDXL base and refiner ones, "
