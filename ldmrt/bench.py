@@ -5,7 +5,8 @@ the same bundle, weights, shapes, sampler and initial noise:
 
     ldmrt/<backend>     the lean runtime on onnxruntime / tensorrt / torch
     torch-eager         ldmrt's PyTorch modules, eager (the torch backend without CUDA graphs)
-    diffusers           diffusers' StableDiffusionPipeline with the same weights (CLIP models)
+    diffusers           diffusers' StableDiffusionPipeline (CLIP models) or StableDiffusionXLPipeline
+                        (SDXL bases) with the same weights and the same request
 
 Timings are medians (and p90) over `repeat` runs after `warmup` runs; ratios are computed
 against torch-eager measured in the same run. With `rounds` > 1 every contender runs in a fresh
@@ -41,6 +42,7 @@ from ldmrt.writable import check_folder_writable
 
 SCHEMA = "ldmrt-bench/1"
 BASELINES = ("torch-eager", "diffusers")       # contenders that are not ldmrt backends
+BENCH_PROMPT = "a photograph of an astronaut riding a horse"
 # A report ldmrt wrote names its schema first thing ("ldmrt-bench/1", "ldmrt-cpu-speed/1",
 # "ldmrt.triton_load/1"); only such a file is replaced. Reports are kilobytes: a bigger file is
 # not read (the check's cost stays bounded) and is not one.
@@ -285,23 +287,12 @@ class _ContenderRunner:
         options = self.options
         row: dict[str, Any] = {"case": asdict(case)}
         if self.pipeline is None:
-            row["end_to_end"] = measure(lambda: self.impl.generate(case), options.warmup, options.repeat, self.sync)
+            request = bench_request(self.impl.config, case)
+            row["end_to_end"] = measure(lambda: self.impl.generate(request), options.warmup, options.repeat, self.sync)
             row["images_per_s"] = case.batch / (row["end_to_end"]["median_ms"] / 1e3)
             row[Component.UNET] = measure(lambda: self.impl.unet_call(case), options.warmup, options.repeat, self.sync)
             return row
-        from ldmrt.runtime.pipeline import GenerationRequest
-
-        # Class-conditional and unconditional models take no prompt (the pipeline refuses one).
-        config = self.pipeline.config
-        prompt = "a photograph of an astronaut riding a horse" \
-            if config.is_text_conditioned and not config.is_layout_conditioned else ""
-        from ldmrt.runtime.spatial import example_fields
-        maps = example_fields(config, case.size, case.size)     # a concat model's inputs
-        if config.is_layout_conditioned:                           # a layout model's: two boxes
-            maps["layout"] = [{"class": 0, "box": [0.1, 0.1, 0.6, 0.6]}, {"class": 1, "box": [0.4, 0.3, 0.9, 0.9]}]
-        request = GenerationRequest(prompt=prompt, steps=case.steps,
-                                    guidance=case.guidance, sampler=case.sampler, seed=0,
-                                    height=case.size, width=case.size, batch=case.batch, **maps)
+        request = bench_request(self.pipeline.config, case)
         timings: list[dict[str, float]] = []
 
         def generate() -> None:
@@ -349,6 +340,21 @@ class _ContenderRunner:
         except ImportError:
             pass
         return {}
+
+
+def bench_request(config, case: BenchCase):
+    """The GenerationRequest every contender runs for `case` (seed 0, the case's size, batch,
+    steps, sampler and guidance). Class-conditional and unconditional models take no prompt (the
+    pipeline refuses one); concat and layout models get example maps and boxes."""
+    from ldmrt.runtime.pipeline import GenerationRequest
+    from ldmrt.runtime.spatial import example_fields
+
+    prompt = BENCH_PROMPT if config.is_text_conditioned and not config.is_layout_conditioned else ""
+    maps = example_fields(config, case.size, case.size)     # a concat model's inputs
+    if config.is_layout_conditioned:                           # a layout model's: two boxes
+        maps["layout"] = [{"class": 0, "box": [0.1, 0.1, 0.6, 0.6]}, {"class": 1, "box": [0.4, 0.3, 0.9, 0.9]}]
+    return GenerationRequest(prompt=prompt, steps=case.steps, guidance=case.guidance, sampler=case.sampler,
+                             seed=0, height=case.size, width=case.size, batch=case.batch, **maps)
 
 
 def _evaluations(case: BenchCase, pipeline) -> int:

@@ -1,9 +1,12 @@
-"""Independent reference models (diffusers / transformers) built from ldmrt configs, same weights."""
+"""Independent reference models (diffusers / transformers) built from ldmrt configs, same weights.
+
+The CLIP text model and the autoencoder are `ldmrt bench`'s (ldmrt.bench_reference), shared."""
 from __future__ import annotations
 
 import torch
 
-from ldmrt.config import AutoencoderConfig, AutoencoderKind, BertConfig, ClipTextConfig, UNetConfig
+from ldmrt.bench_reference import diffusers_autoencoder, transformers_clip  # noqa: F401  (re-exported)
+from ldmrt.config import BertConfig, UNetConfig
 
 
 def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -44,34 +47,6 @@ def diffusers_plain_unet(config: UNetConfig):
         block_out_channels=tuple(config.width(level) for level in range(config.levels)),
         layers_per_block=config.num_res_blocks, attention_head_dim=config.num_head_channels,
         downsample_type=resample, upsample_type=resample, norm_num_groups=config.norm_num_groups).eval()
-
-
-def diffusers_autoencoder(config: AutoencoderConfig):
-    from diffusers import AutoencoderKL, VQModel
-
-    levels = len(config.ch_mult)
-    common = dict(in_channels=config.in_channels, out_channels=config.out_ch,
-                  down_block_types=("DownEncoderBlock2D",) * levels,
-                  up_block_types=("UpDecoderBlock2D",) * levels,
-                  block_out_channels=tuple(config.ch * m for m in config.ch_mult),
-                  layers_per_block=config.num_res_blocks, latent_channels=config.z_channels,
-                  norm_num_groups=config.norm_num_groups, mid_block_add_attention=config.mid_attention)
-    if config.kind == AutoencoderKind.KL:
-        assert config.embed_dim == config.z_channels, "diffusers' AutoencoderKL ties the two"
-        return AutoencoderKL(**common).eval()
-    return VQModel(**common, num_vq_embeddings=config.n_embed, vq_embed_dim=config.embed_dim).eval()
-
-
-def transformers_clip(config: ClipTextConfig):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    return CLIPTextModel(CLIPTextConfig(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        max_position_embeddings=config.max_position_embeddings, hidden_act=config.hidden_act,
-        pad_token_id=config.pad_token_id, bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id)).eval()
 
 
 def diffusers_ldmbert(config: BertConfig):

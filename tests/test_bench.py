@@ -1,13 +1,15 @@
 """The bench harness's correctness (statistics, ratios, report schema) on `tiny` — not speed."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
-from ldmrt.bench import (SCHEMA, BenchCase, BenchOptions, merge_contender, merge_rounds, ratios, run_bench, summarize,
-                         validate_report, write_report)
+from ldmrt.bench import (SCHEMA, BenchCase, BenchOptions, bench_request, check_options, merge_contender, merge_rounds,
+                         ratios, run_bench, run_contender, summarize, validate_report, write_report)
+from tests.families import SDXL_FAMILY, shape_ranges
 
 
 def test_summarize_matches_numpy() -> None:
@@ -180,3 +182,78 @@ def test_bench_runs_models_that_take_no_prompt(family, tmp_path) -> None:
     result = report["results"][0]
     assert result["status"] == "ok", result
     assert report["failed"] == []
+
+
+# --- the diffusers contender on SDXL: StableDiffusionXLPipeline over the bundle's weights ---------
+
+TOL = 1e-3          # mean abs over [0, 1] images, fp32, same weights and initial noise
+# SDXL_FAMILY with its middle block at the last level's first depth (1): diffusers'
+# UNet2DConditionModel builds no other (SDXL_FAMILY's own 2 is refused, below)
+XL = dataclasses.replace(SDXL_FAMILY, name="fam-sdxl-bench", unet=dataclasses.replace(SDXL_FAMILY.unet, middle_depth=1))
+
+
+@pytest.fixture(scope="module")
+def xl_bundle(tmp_path_factory):
+    """XL's seed-0 weights recorded as a preset's are, so that the torch rebuild the contender
+    starts from can prove them (tests.families.model_source records no source); ONNX unoptimized."""
+    from ldmrt.export.bundle import ExportOptions, ModelSource, export_bundle, synthetic_tokenizer_writer
+    from ldmrt.models import build_model
+    from ldmrt.source_record import SourceRecord
+
+    out = tmp_path_factory.mktemp("bench-sdxl") / "xl"
+    source = ModelSource(model=build_model(XL, seed=0), source=f"test:{XL.name}", random_weights=True,
+                         write_tokenizer=synthetic_tokenizer_writer(XL.conditioner),
+                         record=SourceRecord(kind="preset", location=XL.name, seed=0))
+    export_bundle(source, out, ExportOptions(components=("text_encoder", "text_encoder_2", "unet", "vae_decoder"),
+                                             validate=False, optimize=False, shape_ranges=shape_ranges(XL)))
+    return out
+
+
+def test_diffusers_contender_images_match_ldmrt_on_sdxl(xl_bundle) -> None:
+    """The bench's request (its prompt, no negative prompt: force_zeros_for_empty_prompt's zeros,
+    default size ids, seed 0's noise) through StableDiffusionXLPipeline and through ldmrt."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from ldmrt.bench_reference import DiffusersContender
+    from ldmrt.runtime.pipeline import Pipeline
+
+    contender = DiffusersContender(xl_bundle)
+    assert isinstance(contender.pipe, StableDiffusionXLPipeline)
+    ours = Pipeline.load(xl_bundle, "onnxruntime", threads=1)
+    for sampler in ("ddim", "euler"):      # the bench's default, SDXL's
+        request = bench_request(ours.config, BenchCase(size=32, batch=2, steps=3, sampler=sampler, guidance=5.0))
+        theirs = contender.generate(request)
+        expected = ours.generate(request).images
+        assert theirs.shape == expected.shape == (2, 32, 32, 3)
+        assert float(np.abs(theirs - expected).mean()) <= TOL, sampler
+        assert float(np.abs(expected - expected.mean()).mean()) > 10 * TOL, "images too flat to compare"
+    # The comparison sees the seed, the prompt and the zero negatives (an encoded "" differs).
+    for change in ({"seed": 1}, {"prompt": "a red fox in the snow"}, {"negative_prompt": ""}):
+        other = ours.generate(dataclasses.replace(request, **change)).images
+        assert float(np.abs(theirs - other).mean()) > 3 * TOL, change
+
+
+def test_bench_measures_the_sdxl_diffusers_contender(xl_bundle) -> None:
+    from ldmrt.manifest import load_manifest
+
+    options = BenchOptions(contenders=("diffusers",), cases=(BenchCase(size=32, batch=1, steps=1),),
+                           warmup=0, repeat=1)
+    check_options(options, load_manifest(xl_bundle))          # SDXL bases are no longer refused
+    result = run_contender(str(xl_bundle), "diffusers", options)     # in this process: no spawn
+    assert result["status"] == "ok", result
+    (case,) = result["cases"]
+    assert case["end_to_end"]["n"] == 1 and case["unet"]["median_ms"] > 0
+
+
+def test_diffusers_refuses_the_refiner_and_unets_it_cannot_build_by_name() -> None:
+    from ldmrt.bench_reference import diffusers_coverage, diffusers_modules
+    from ldmrt.errors import BackendUnavailableError
+    from ldmrt.models import build_model
+    from ldmrt.presets import PRESETS
+
+    assert diffusers_coverage(PRESETS["sdxl"]) == ""
+    refiner = PRESETS["sdxl-refiner"]
+    assert diffusers_coverage(refiner).startswith(f"the diffusers comparison generates from noise; {refiner.name!r} "
+                                                  f"is an SDXL refiner")
+    with pytest.raises(BackendUnavailableError, match="'fam-sdxl' has no diffusers UNet2DConditionModel: .*middle"):
+        diffusers_modules(build_model(SDXL_FAMILY, seed=0), SDXL_FAMILY)
