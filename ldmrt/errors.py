@@ -62,3 +62,7 @@ class GenerationError(LdmrtError, ValueError):
 
 class GenerationCancelled(LdmrtError):
     """A caller cancelled a generation between two denoising steps; no image was made."""
+
+
+class LoraError(LdmrtError, ValueError):
+    """A LoRA file that cannot be read, or does not fit the model (ldmrt.lora)."""

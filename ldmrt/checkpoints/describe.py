@@ -10,7 +10,7 @@ from ldmrt.config import AutoencoderKind, BertConfig, ClassEmbedderConfig, ClipT
 from ldmrt.errors import CheckpointError
 from ldmrt.models import LatentDiffusion
 from ldmrt.checkpoints.diffusers_folder import MODEL_INDEX, read_json
-from ldmrt.checkpoints.files import read_weights
+from ldmrt.weight_files import read_weights
 from ldmrt.checkpoints.loading import assemble
 from ldmrt.checkpoints.schedule import describe_schedule
 from ldmrt.checkpoints.state import Assembly, component_of, dtype_counts, names, non_finite, plural

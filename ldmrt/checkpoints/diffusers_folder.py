@@ -18,7 +18,7 @@ from ldmrt.errors import CheckpointError, ConfigError
 from ldmrt.models import convert
 from ldmrt.checkpoints.diffusers_json import class_name, get_value, read_json, require_defaults, uniform
 from ldmrt.checkpoints.diffusers_unet import legacy_attention_from_diffusers, unet_config_from_diffusers
-from ldmrt.checkpoints.files import read_weights
+from ldmrt.weight_files import read_weights
 from ldmrt.checkpoints.schedule import scheduler_from_diffusers
 from ldmrt.checkpoints.state import Assembly, StateDict, cast_to_float32, dtype_counts
 from ldmrt.checkpoints.tokenizer_assets import read_tokenizer_folder

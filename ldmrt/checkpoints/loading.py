@@ -9,7 +9,7 @@ from ldmrt.config import Family, ModelConfig
 from ldmrt.errors import CheckpointError, ConfigError
 from ldmrt.models import LatentDiffusion
 from ldmrt.checkpoints.diffusers_folder import MODEL_INDEX, read_diffusers_folder
-from ldmrt.checkpoints.files import PICKLE_SUFFIXES, SINGLE_FILE_SUFFIXES
+from ldmrt.weight_files import PICKLE_SUFFIXES, SINGLE_FILE_SUFFIXES
 from ldmrt.checkpoints.single_file import read_single_file
 from ldmrt.checkpoints.state import Assembly, load_model, names, non_finite
 

@@ -118,6 +118,8 @@ def rebuild_model(manifest: Manifest, bundle: Path | str | None = None) -> Laten
                 f"configuration than the bundle's ({_first_difference(model.config, manifest.config)}); "
                 f"the checkpoint or its YAML changed since export: re-export the bundle, or use the "
                 f"onnxruntime backend")
+    if record.loras:
+        _fuse_recorded(model, record, where)
     found = weights_digest(model)
     changed = ("the checkpoint changed since export" if record.kind == "checkpoint" else
                "this PyTorch draws other random weights from that seed than the exporting one did")
@@ -128,6 +130,24 @@ def rebuild_model(manifest: Manifest, bundle: Path | str | None = None) -> Laten
             f"{record.weights_sha256}, found {found}; {changed}: re-export the bundle from it, or use "
             f"the onnxruntime backend")
     return model
+
+
+def _fuse_recorded(model: LatentDiffusion, record: SourceRecord, where: str) -> None:
+    """The LoRA adapters the bundle was exported with, fused again from their files (unchanged)."""
+    from ldmrt.errors import LoraError
+    from ldmrt.lora.choice import LoraChoice
+    from ldmrt.lora.switch import WeightSwitch
+
+    try:
+        found = WeightSwitch(model).set([LoraChoice(Path(path), scale) for path, _, scale in record.loras])
+    except LoraError as exc:
+        raise BackendUnavailableError(
+            f"{where}: the torch backend fuses the LoRA adapters the bundle was exported with and could not: "
+            f"{str(exc)[:400]}; put the files back where they were, or use the onnxruntime backend") from None
+    for (path, digest, _), used in zip(record.loras, found):
+        if used.sha256 != digest:
+            raise BundleError(f"{where}: model_source.loras: {path} changed since export (sha256 {digest} "
+                              f"expected, {used.sha256} found); re-export the bundle, or use the onnxruntime backend")
 
 
 def _load_checkpoint(record: SourceRecord, where: str) -> LatentDiffusion:

@@ -43,6 +43,9 @@ def export(
     engine: Optional[str] = typer.Option(None, "--engine", help="Then build engines: tensorrt | tensorrt-rtx."),
     int8_calibration_size: str = typer.Option(
         "opt", help="int8: calibrate at the optimal size (most accurate there) or min (less memory and time)."),
+    lora: Optional[list[str]] = typer.Option(
+        None, "--lora", help="FILE[:SCALE] LoRA safetensors (diffusers/PEFT or kohya) fused into the weights; "
+                             "repeat for several."),
 ) -> None:
     """Export a model to an ONNX bundle with dynamic shapes, validated against PyTorch."""
     with user_errors():
@@ -58,6 +61,12 @@ def export(
         precision_value = choice(Precision, precision, "--precision")
         calibration_size = choice(CalibrationSize, int8_calibration_size, "--int8-calibration-size")
         engine = None if engine is None else check_engine_backend(engine)   # before minutes of export
+        from ldmrt.lora.choice import LoraChoice
+        from ldmrt.lora.reading import read_lora
+
+        loras = tuple(LoraChoice.parse(text) for text in lora or ())
+        for choice_ in loras:
+            read_lora(choice_.path)          # a bad file fails before the model loads
         builtin = source in BUILTIN_NAMES and not Path(source).exists()
         if ema is not None and (builtin or source in PRESETS):
             flag = "--ema" if ema else "--no-ema"
@@ -84,7 +93,7 @@ def export(
                              vae_max_size=vae_max_size or 0)
         options = ExportOptions(precision=precision_value, components=comma_list(components) or None,
                                 shape_ranges=ranges, opset=opset, validate=not no_validate, force=force,
-                                fp32_vae_decoder=fp32_vae_decoder,
+                                fp32_vae_decoder=fp32_vae_decoder, loras=loras,
                                 int8=Int8Options(calibration_size=calibration_size))
         start = time.perf_counter()
         with console.status("exporting") as status:
@@ -109,6 +118,9 @@ def export(
         out.print(table)
         for note in result.notes:
             out.print(note, highlight=False)
+        record = result.manifest.model_source
+        for path, digest, scale in (record.loras if record is not None else ()):
+            out.print(f"LoRA fused: {path} x {scale:g} (sha256 {digest[:12]}...)", highlight=False)
         if int8 and Component.UNET in result.manifest.components:
             parity = result.manifest.component(Component.UNET).parity
             if parity is not None:

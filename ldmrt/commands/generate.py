@@ -64,6 +64,8 @@ def generate(
                                                                        "image exceeds the VAE's exported range)."),
     out: Path = typer.Option(..., "--out", "-o", help=".png (one file per image) or .npy [B, H, W, 3]; "
                              "replaces only PNG files ldmrt wrote."),
+    lora: Optional[list[str]] = typer.Option(None, "--lora", help="FILE[:SCALE] LoRA adapter applied on top of the "
+                                             "bundle's weights (--backend torch); repeat for several."),
 ) -> None:
     """Generate images from a bundle: tokenizer -> text encoder -> sampler loop -> VAE decoder."""
     with user_errors():
@@ -75,7 +77,14 @@ def generate(
         from ldmrt.runtime.images import check_out, read_image, read_layout, read_maps, write_images
         from ldmrt.runtime.pipeline import GenerationRequest, Pipeline, max_image_size
 
+        from ldmrt.lora.choice import LoraChoice
+
         check_out(out, batch)          # before any work: a long job never ends in a traceback
+        loras = [LoraChoice.parse(text) for text in lora or ()]
+        if loras and backend.lower() != "torch":
+            raise GenerationError(f"--lora: run-time adapters need --backend torch for now; this run asks for "
+                                  f"{backend} (or fuse them at export: ldmrt export ... --lora FILE[:SCALE])",
+                                  field="lora")
         if denoising_end is not None and out.suffix.lower() != ".npy":
             raise GenerationError(f"--out {out}: --denoising-end writes the latents the refiner continues; "
                                   f"expected a .npy file name")
@@ -100,6 +109,8 @@ def generate(
                                     denoising_start=denoising_start, init_latents=handed, **maps)
         with console.status(f"loading {bundle} on {backend}"):
             pipeline = Pipeline.load(bundle, backend)
+            if loras:
+                pipeline.loras.set(loras)
         if pipeline.manifest.random_weights:
             console.print("[yellow]this bundle has RANDOM weights: the images are noise[/]")
         with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),

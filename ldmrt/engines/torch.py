@@ -319,4 +319,6 @@ def open_torch(bundle, manifest, components, *, device: str | None = None, dtype
             denoiser = FusedDenoiser(_unet_call(graph, spec), device_, graph_dtype, cuda_graphs)
         if name == Component.VAE_DECODER:
             image_gradient = functools.partial(DecoderGradient, graph, manifest.latent_scale, device_, graph_dtype)
-    return BackendRunners(runners, denoiser, image_gradient)
+    from ldmrt.lora.switch import WeightSwitch
+
+    return BackendRunners(runners, denoiser, image_gradient, WeightSwitch(model))

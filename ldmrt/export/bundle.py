@@ -45,6 +45,7 @@ class ExportOptions:
     fp32_vae_decoder: bool | None = None
     optimize: bool = True
     int8: Int8Options = Int8Options()              # --precision int8: calibration and parity bounds
+    loras: tuple = ()                              # LoraChoice: adapters fused into the weights (--lora)
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,25 @@ def fp32_components(config, options: ExportOptions) -> tuple[frozenset[str], tup
 
 def export_bundle(source: ModelSource, out: Path, options: ExportOptions = ExportOptions(),
                   progress: Progress | None = None) -> ExportResult:
-    """Export, validate, then move the finished bundle into `out` (nothing half-written on failure)."""
+    """Export, validate, then move the finished bundle into `out` (nothing half-written on failure).
+    With `options.loras` the adapters are fused into the source's model for the export and its
+    base weights restored afterwards, bit for bit (ldmrt.lora.WeightSwitch)."""
+    if not options.loras:
+        return _export(source, out, options, progress)
+    from ldmrt.lora.switch import WeightSwitch
+
+    switch = WeightSwitch(source.model)
+    records = switch.set(options.loras)           # read and checked before any export work
+    try:
+        if source.record is not None:
+            source = dataclasses.replace(source, record=dataclasses.replace(
+                source.record, loras=tuple((r.path, r.sha256, r.scale) for r in records)))
+        return _export(source, out, options, progress)
+    finally:
+        switch.set(())
+
+
+def _export(source: ModelSource, out: Path, options: ExportOptions, progress: Progress | None) -> ExportResult:
     out = Path(out).absolute()
     _check_destination(out, options.force)
     if options.precision == Precision.INT8:

@@ -42,8 +42,8 @@ def _rename(state: Mapping[str, torch.Tensor], prefixes: dict[str, str],
     return out
 
 
-def unet_from_diffusers(state: Mapping[str, torch.Tensor], config: UNetConfig) -> StateDict:
-    """diffusers UNet2DConditionModel -> CompVis UNetModel names."""
+def _unet_maps(config: UNetConfig) -> tuple[dict[str, str], dict[str, str]]:
+    """(diffusers ResNet prefixes -> CompVis', other diffusers module prefixes -> CompVis')."""
     levels = config.levels
     resnets: dict[str, str] = {"mid_block.resnets.0": "middle_block.0",
                                "mid_block.resnets.1": "middle_block.2"}
@@ -77,8 +77,32 @@ def unet_from_diffusers(state: Mapping[str, torch.Tensor], config: UNetConfig) -
             resnets[f"up_blocks.{up}.upsamplers.0"] = position
         elif level:
             others[f"up_blocks.{up}.upsamplers.0.conv"] = f"{position}.conv"
+    return resnets, others
+
+
+def unet_from_diffusers(state: Mapping[str, torch.Tensor], config: UNetConfig) -> StateDict:
+    """diffusers UNet2DConditionModel -> CompVis UNetModel names."""
+    resnets, others = _unet_maps(config)
     state = _rename(state, resnets, _RESNET_UNET)
     return _rename(state, others)
+
+
+def unet_diffusers_name(key: str, config: UNetConfig) -> str | None:
+    """The diffusers name of a CompVis UNet key (the inverse of unet_from_diffusers); None where
+    diffusers has no such module."""
+    resnets, others = _unet_maps(config)
+    inner = {ours: theirs for theirs, ours in _RESNET_UNET.items()}
+    for theirs, ours in sorted(((t, o) for t, o in resnets.items()), key=lambda pair: -len(pair[1])):
+        if key.startswith(ours + "."):
+            rest = key[len(ours) + 1:]
+            for a in sorted(inner, key=len, reverse=True):
+                if rest.startswith(a + "."):
+                    return f"{theirs}.{inner[a]}{rest[len(a):]}"
+            return f"{theirs}.{rest}"
+    for theirs, ours in sorted(others.items(), key=lambda pair: -len(pair[1])):
+        if key.startswith(ours + "."):
+            return f"{theirs}{key[len(ours):]}"
+    return None
 
 
 def autoencoder_from_diffusers(state: Mapping[str, torch.Tensor], config: AutoencoderConfig) -> StateDict:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from ldmrt.runtime.postprocess import postprocessor
 from ldmrt.runtime.tiling import Tiling, run_tiled
 from ldmrt.sampling import SAMPLERS, DenoiseJob, StepCallback, make_plan
 from ldmrt.sampling.image_guide import ImageGuide
+from ldmrt.lora.slot import AdapterSlot
 from ldmrt.runtime.text import (AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE, SizeConditioning, TextEncoders,
                                 check_sizes, expand)
 
@@ -130,7 +130,7 @@ class Pipeline:
         self.text = None
         if self.config.is_text_conditioned and manifest.tokenizer is not None:
             self.text = TextEncoders.from_folder(self.config, bundle / "tokenizer")
-        self._lock = threading.Lock()
+        self.loras = AdapterSlot(opened.weights, backend)      # .set([...]) switches LoRA adapters
 
     @property
     def tokenizer(self):
@@ -158,7 +158,13 @@ class Pipeline:
                  cancel: CancelCheck | None = None) -> GenerationResult:
         """Images for `request`. `on_step(done, total)` after each denoising step; `cancel()` is
         asked before the text encoder, between steps and before the decoder: True raises
-        GenerationCancelled there (the Triton model passes its request's is_cancelled)."""
+        GenerationCancelled there (the Triton model passes its request's is_cancelled). The whole
+        request runs on one set of LoRA adapters (a switch waits for it)."""
+        with self.loras.in_use():
+            return self._generate(request, on_step, cancel)
+
+    def _generate(self, request: GenerationRequest, on_step: StepCallback | None,
+                  cancel: CancelCheck | None) -> GenerationResult:
         for name, callback in (("on_step", on_step), ("cancel", cancel)):
             if callback is not None and not callable(callback):
                 raise GenerationError(f"{name}: expected a callable or None, found "

@@ -1,0 +1,59 @@
+"""Adapters on a live model: fused at export, switched at run time.
+
+`WeightSwitch` changes a torch model's weights in place: the base value of every weight an adapter
+touched is kept, and each switch writes base + sum(deltas) (computed in float32 from the base, then
+cast), or the base itself, so removing adapters restores the base bit for bit; nothing is ever
+subtracted. The new set is read and checked before any weight changes. Weights keep their storage,
+so captured CUDA graphs read the new values on their next replay (they hold addresses, not values).
+
+A Pipeline holds it through ldmrt.lora.slot.AdapterSlot (the switch behind a readers-writer lock).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ldmrt.lora.choice import LoraChoice
+from ldmrt.lora.reading import read_lora
+from ldmrt.lora.targets import lora_deltas
+
+
+@dataclass(frozen=True)
+class LoraRecord:
+    """An adapter as a bundle records it (manifest model_source.loras)."""
+    path: str              # absolute, as given at export
+    sha256: str
+    scale: float
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "sha256": self.sha256, "scale": self.scale}
+
+
+class WeightSwitch:
+    """The adapters applied to one torch model, switchable; see the module docstring."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self._base: dict[str, torch.Tensor] = {}
+        self.active: tuple[LoraChoice, ...] = ()
+        self.records: tuple[LoraRecord, ...] = ()
+
+    def set(self, choices: Sequence[LoraChoice], field_name: str = "lora") -> tuple[LoraRecord, ...]:
+        """Make `choices` the active adapters (empty: the base weights); their records."""
+        choices = tuple(choices)
+        files = {c.path: read_lora(c.path, field_name) for c in choices}
+        deltas = lora_deltas(self.model, choices, field_name, files)
+        state = self.model.state_dict(keep_vars=True)
+        with torch.no_grad():
+            for key in sorted(set(self._base) | set(deltas)):
+                weight = state[key]
+                base = self._base.setdefault(key, weight.detach().clone())
+                if key in deltas:
+                    weight.copy_((base.float() + deltas[key].to(base.device)).to(weight.dtype))
+                else:
+                    weight.copy_(base)
+        self.active = choices
+        self.records = tuple(LoraRecord(str(c.path.absolute()), files[c.path].sha256, c.scale) for c in choices)
+        return self.records

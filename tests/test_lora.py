@@ -1,0 +1,302 @@
+"""LoRA in ldmrt: fused at export, switched at run time on the torch backend, bad files refused.
+
+References: the definition written out in float64 (W + scale * alpha / rank * up @ down) for the
+deltas, the base weights kept before any switch for the bit-for-bit restore, fresh pipelines for
+the switched ones, and the bundle exported with the adapter fused for the run-time switch.
+diffusers' own loading (load_lora_weights + fuse_lora) is the reference in tests/test_lora_parity.py.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ldmrt.errors import BundleError, LoraError
+from ldmrt.export.bundle import ExportOptions, export_bundle, preset_source
+from ldmrt.lora.choice import LoraChoice
+from ldmrt.lora.reading import Layout, read_lora
+from ldmrt.lora.switch import WeightSwitch
+from ldmrt.lora.targets import UNET_PREFIX, lora_deltas
+from ldmrt.runtime.pipeline import GenerationRequest, Pipeline
+
+COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+REQUEST = GenerationRequest(prompt="a red fox", steps=4, seed=1, height=32, width=32)
+TEXT_PREFIX = "cond_stage_model.transformer."
+
+
+def _targets(model, prefix: str, suffixes: tuple[str, ...]) -> dict[str, torch.nn.Module]:
+    return {name[len(prefix):]: module for name, module in model.named_modules()
+            if name.startswith(prefix) and name.endswith(suffixes)}
+
+
+def write_kohya(model, path: Path, seed: int, rank: int = 2, alpha: float = 1.0, scale: float = 0.3,
+                text: bool = True, conv: bool = True) -> Path:
+    """Random kohya-layout adapters on CompVis UNet names (attention, GEGLU and, with conv, the
+    ResNet convs) and, with text, the CLIP attention."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    suffixes = ("attn1.to_q", "attn2.to_v", "ff.net.0.proj") + (("in_layers.2",) if conv else ())
+    groups = [("lora_unet", _targets(model, UNET_PREFIX, suffixes))]
+    if text:
+        groups.append(("lora_te", _targets(model, TEXT_PREFIX, ("self_attn.q_proj", "mlp.fc1"))))
+    for prefix, modules in groups:
+        for name, module in modules.items():
+            key = f"{prefix}_{name.replace('.', '_')}"
+            weight = module.weight
+            kernel = tuple(weight.shape[2:])
+            tensors[f"{key}.lora_down.weight"] = torch.randn(rank, weight.shape[1], *kernel, generator=g) * scale
+            tensors[f"{key}.lora_up.weight"] = torch.randn(weight.shape[0], rank, *((1, 1) if kernel else ()),
+                                                           generator=g) * scale
+            tensors[f"{key}.alpha"] = torch.tensor(alpha)
+    save_file(tensors, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    source = preset_source("tiny")
+    files = {name: write_kohya(source.model, root / f"{name}.safetensors", seed)
+             for name, seed in (("a", 1), ("b", 2))}
+    export_bundle(source, root / "plain", ExportOptions(components=COMPONENTS))
+    export_bundle(source, root / "fused-b", ExportOptions(components=COMPONENTS, loras=(LoraChoice(files["b"], 0.7),)))
+    return root, source, files
+
+
+# --- the deltas ------------------------------------------------------------------------------
+
+def test_deltas_follow_the_definition(setup):
+    """float64 numpy: scale * alpha / rank * up @ down, reshaped to the weight (LoCon convs too)."""
+    _, source, files = setup
+    lora = read_lora(files["a"])
+    assert lora.layout == Layout.KOHYA
+    deltas = lora_deltas(source.model, [LoraChoice(files["a"], 0.5)])
+    assert len(deltas) == len(lora.pairs)
+    state = source.model.state_dict()
+    checked_conv = False
+    for (_, module), pair in lora.pairs.items():
+        prefix = UNET_PREFIX if pair.keys[0].startswith("lora_unet") else TEXT_PREFIX
+        key = next(k for k in deltas if k.startswith(prefix) and k[len(prefix):-len(".weight")].replace(".", "_") == module)
+        up, down = pair.up.double().numpy(), pair.down.double().numpy()
+        expected = 0.5 * pair.alpha / pair.rank * (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1))
+        np.testing.assert_allclose(deltas[key].double().numpy(), expected.reshape(state[key].shape), rtol=1e-5, atol=1e-7)
+        checked_conv |= state[key].dim() == 4 and state[key].shape[-1] == 3
+    assert checked_conv
+
+
+# --- fused at export --------------------------------------------------------------------------
+
+def test_export_fuses_records_and_leaves_the_source_model_alone(setup):
+    root, source, files = setup
+    from ldmrt.checkpoints.source import weights_digest
+    from ldmrt.manifest import load_manifest
+
+    manifest = load_manifest(root / "fused-b")
+    (path, digest, scale), = manifest.model_source.loras
+    assert (Path(path), digest, scale) == (files["b"].absolute(), read_lora(files["b"]).sha256, 0.7)
+    assert manifest.model_source.weights_sha256 != load_manifest(root / "plain").model_source.weights_sha256
+    assert weights_digest(source.model) == load_manifest(root / "plain").model_source.weights_sha256
+    fused = Pipeline.load(root / "fused-b", "onnxruntime").generate(REQUEST).images
+    plain = Pipeline.load(root / "plain", "onnxruntime").generate(REQUEST).images
+    assert np.abs(fused - plain).max() > 1e-3                      # the adapter shows
+    # the torch backend rebuilds the model and fuses the recorded file again (digest proven)
+    torch_fused = Pipeline.load(root / "fused-b", "torch", device="cpu").generate(REQUEST).images
+    assert np.abs(torch_fused - fused).max() < 1e-4
+
+
+def test_a_changed_adapter_file_is_refused_by_the_torch_backend(setup, tmp_path):
+    root, source, _ = setup
+    path = write_kohya(source.model, tmp_path / "c.safetensors", seed=3)
+    export_bundle(source, tmp_path / "bundle", ExportOptions(components=COMPONENTS, loras=(LoraChoice(path),),
+                                                             validate=False))
+    write_kohya(source.model, path, seed=4)
+    with pytest.raises(BundleError, match="changed since export"):
+        Pipeline.load(tmp_path / "bundle", "torch", device="cpu")
+
+
+# --- switched at run time ---------------------------------------------------------------------
+
+def test_switching_gives_fresh_pipelines_images_and_restores_the_base_bit_for_bit(setup):
+    root, source, files = setup
+    pipeline = Pipeline.load(root / "plain", "torch", device="cpu")
+    state = pipeline.runners["unet"].graph.unet.state_dict()
+    base = {k: v.clone() for k, v in state.items()}
+    none = pipeline.generate(REQUEST).images
+    pipeline.loras.set([f"{files['a']}:1.0"])
+    with_a = pipeline.generate(REQUEST).images
+    pipeline.loras.set([LoraChoice(files["b"], 0.7)])
+    with_b = pipeline.generate(REQUEST).images
+    assert np.abs(with_a - with_b).max() > 1e-3
+    fused_b = Pipeline.load(root / "fused-b", "onnxruntime").generate(REQUEST).images
+    assert np.abs(with_b - fused_b).max() < 1e-4                # = a fresh pipeline with B
+    pipeline.loras.set([])
+    assert all(torch.equal(v, base[k]) for k, v in pipeline.runners["unet"].graph.unet.state_dict().items())
+    np.testing.assert_array_equal(pipeline.generate(REQUEST).images, none)
+    fresh = Pipeline.load(root / "plain", "torch", device="cpu").generate(REQUEST).images
+    np.testing.assert_array_equal(fresh, none)
+
+
+def test_two_adapters_add(setup):
+    _, source, files = setup
+    both = lora_deltas(source.model, [LoraChoice(files["a"], 0.5), LoraChoice(files["b"], -0.25)])
+    a = lora_deltas(source.model, [LoraChoice(files["a"], 0.5)])
+    b = lora_deltas(source.model, [LoraChoice(files["b"], -0.25)])
+    assert set(both) == set(a) == set(b)
+    assert all(torch.allclose(both[k], a[k] + b[k], atol=1e-7) for k in both)
+
+
+def test_requests_in_flight_see_old_or_new_weights_never_a_mix(setup):
+    """Generations on threads while the adapters switch between none and A: each image equals
+    the one of none or the one of A (a mix of the two weight sets would equal neither)."""
+    root, _, files = setup
+    pipeline = Pipeline.load(root / "plain", "torch", device="cpu")
+    request = GenerationRequest(prompt="a red fox", steps=8, seed=1, height=32, width=32)
+    none = pipeline.generate(request).images
+    pipeline.loras.set([files["a"]])
+    with_a = pipeline.generate(request).images
+    found, errors = [], []
+
+    def work():
+        try:
+            for _ in range(3):
+                found.append(pipeline.generate(request).images)
+        except Exception as exc:          # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for i in range(6):
+        pipeline.loras.set([] if i % 2 == 0 else [files["a"]])
+    for t in threads:
+        t.join()
+    assert not errors and len(found) == 9
+    assert all(np.array_equal(image, none) or np.array_equal(image, with_a) for image in found)
+
+
+def test_other_backends_refuse_run_time_switching_by_name(setup):
+    root, _, files = setup
+    with pytest.raises(LoraError) as raised:
+        Pipeline.load(root / "plain", "onnxruntime").loras.set([files["a"]])
+    assert raised.value.field == "lora" and "torch backend" in str(raised.value)
+
+
+# --- bad files --------------------------------------------------------------------------------
+
+def _bad(tmp_path, tensors: dict, name: str = "bad.safetensors") -> Path:
+    path = tmp_path / name
+    save_file(tensors, str(path))
+    return path
+
+
+def _kohya_pair(model, rank: int = 2):
+    name, module = next(iter(_targets(model, UNET_PREFIX, ("attn1.to_q",)).items()))
+    key = "lora_unet_" + name.replace(".", "_")
+    out, inp = module.weight.shape
+    return key, {f"{key}.lora_down.weight": torch.ones(rank, inp) * 0.01, f"{key}.lora_up.weight": torch.ones(out, rank)}
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("unmatched", "no unet Linear or Conv2d module named 'input_blocks_99_1_proj_in'"),
+    ("wrong shape", "the pair's update has shape"),
+    ("wrong rank", "ranks do not match"),
+    ("nan", "NaN or infinite"),
+    ("half a pair", "half of the pair is missing"),
+    ("lycoris", "a lora_mid tensor: only plain LoRA"),
+    ("unknown key", "tensor 'model.weird': expected"),
+    ("no text encoder 2", "targets the text_encoder_2, which this model (tiny) does not have"),
+    ("mixed", "mixes the diffusers and kohya layouts"),
+])
+def test_bad_adapter_files_are_refused_naming_the_tensor(setup, tmp_path, case, expected):
+    _, source, _ = setup
+    model = source.model
+    key, pair = _kohya_pair(model)
+    tensors = dict(pair)
+    if case == "unmatched":
+        tensors = {k.replace(key, "lora_unet_input_blocks_99_1_proj_in"): v for k, v in pair.items()}
+    elif case == "wrong shape":
+        tensors[f"{key}.lora_down.weight"] = torch.ones(2, 7)
+    elif case == "wrong rank":
+        tensors[f"{key}.lora_up.weight"] = torch.ones(pair[f"{key}.lora_up.weight"].shape[0], 3)
+    elif case == "nan":
+        tensors[f"{key}.lora_up.weight"] = torch.full_like(pair[f"{key}.lora_up.weight"], float("nan"))
+    elif case == "half a pair":
+        del tensors[f"{key}.lora_up.weight"]
+    elif case == "lycoris":
+        tensors[f"{key}.lora_mid.weight"] = torch.ones(2, 2, 3, 3)
+    elif case == "unknown key":
+        tensors["model.weird"] = torch.ones(1)
+    elif case == "no text encoder 2":
+        tensors = {"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.ones(2, 4),
+                   "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.ones(4, 2)}
+    elif case == "mixed":
+        tensors["unet.down_blocks.0.attentions.0.proj_in.lora_A.weight"] = torch.ones(2, 4)
+    path = _bad(tmp_path, tensors)
+    with pytest.raises(LoraError) as raised:
+        lora_deltas(model, [LoraChoice(path)])
+    assert expected in str(raised.value) and raised.value.field == "lora"
+    assert str(path) in str(raised.value)
+
+
+def test_a_pickle_or_a_missing_file_is_refused_before_reading(tmp_path):
+    pickled = tmp_path / "adapter.ckpt"
+    torch.save({"lora_unet_x.lora_down.weight": torch.ones(1, 1)}, pickled)
+    with pytest.raises(LoraError, match="expected a .safetensors LoRA file"):
+        read_lora(pickled)
+    with pytest.raises(LoraError, match="expected a weight file, found nothing"):
+        read_lora(tmp_path / "missing.safetensors")
+    with pytest.raises(LoraError, match="scale inf: expected a finite number"):
+        LoraChoice.parse(f"{tmp_path / 'x.safetensors'}:inf")
+
+
+def test_a_failed_switch_changes_no_weight(setup, tmp_path):
+    root, source, files = setup
+    key, pair = _kohya_pair(source.model)
+    bad = _bad(tmp_path, {**pair, f"{key}.lora_up.weight": torch.ones(3, 3)})
+    pipeline = Pipeline.load(root / "plain", "torch", device="cpu")
+    pipeline.loras.set([files["a"]])
+    before = {k: v.clone() for k, v in pipeline.runners["unet"].graph.unet.state_dict().items()}
+    with pytest.raises(LoraError):
+        pipeline.loras.set([files["b"], bad])
+    assert all(torch.equal(v, before[k]) for k, v in pipeline.runners["unet"].graph.unet.state_dict().items())
+    assert pipeline.loras.active == (LoraChoice(files["a"]),)
+
+
+def test_weight_switch_on_a_model_restores_every_tensor(setup):
+    _, source, files = setup
+    model = source.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    switch = WeightSwitch(model)
+    switch.set([LoraChoice(files["a"], 2.0)])
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    switch.set([])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# --- the command line -------------------------------------------------------------------------
+
+def test_cli_export_and_generate_take_lora(setup, tmp_path):
+    from typer.testing import CliRunner
+
+    from ldmrt.cli import app
+
+    root, _, files = setup
+    runner = CliRunner()
+    result = runner.invoke(app, ["export", "tiny", "--out", str(tmp_path / "b"), "--components", ",".join(COMPONENTS),
+                                 "--no-validate", "--lora", f"{files['b']}:0.7"])
+    assert result.exit_code == 0, result.output
+    assert "LoRA fused" in result.output
+    result = runner.invoke(app, ["generate", str(root / "plain"), "--prompt", "a red fox", "--steps", "4",
+                                 "--seed", "1", "--height", "32", "--width", "32", "--backend", "onnxruntime",
+                                 "--lora", str(files["a"]), "--out", str(tmp_path / "x.png")])
+    assert result.exit_code == 2 and "--lora" in result.output and "--backend torch" in result.output
+    result = runner.invoke(app, ["generate", str(root / "plain"), "--prompt", "a red fox", "--steps", "4",
+                                 "--seed", "1", "--height", "32", "--width", "32", "--backend", "torch",
+                                 "--lora", f"{files['b']}:0.7", "--out", str(tmp_path / "y.npy")])
+    assert result.exit_code == 0, result.output
+    fused = Pipeline.load(root / "fused-b", "onnxruntime").generate(REQUEST).images
+    assert np.abs(np.load(tmp_path / "y.npy") - fused).max() < 1e-4
