@@ -2,7 +2,8 @@
 
 diffusers / PEFT: `<component>.<module>.lora_A.weight` (down, r x in) and `.lora_B.weight` (up,
 out x r), `<component>` unet / text_encoder / text_encoder_2; diffusers' pre-PEFT `.lora.down` /
-`.lora.up` and attention processors' `<module>.processor.to_q_lora.down` (UNet) too; alpha from
+`.lora.up` (`.lora_linear_layer.down/up` in text encoders) and attention processors'
+`<module>.processor.to_q_lora.down` (UNet) too; alpha from
 `<component>.<module>.alpha` tensors or diffusers' `lora_adapter_metadata` (lora_alpha, r and
 their per-module patterns), none meaning alpha = rank.
 
@@ -45,10 +46,12 @@ _KOHYA_PREFIXES = {"unet": Component.UNET, "te": Component.TEXT_ENCODER, "te1": 
                    "te2": Component.TEXT_ENCODER_2}
 _KOHYA = re.compile(r"^lora_(unet|te1|te2|te)_(.+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
 _PEFT = re.compile(r"^(unet|text_encoder_2|text_encoder)\.(.+?)\.(lora_A\.weight|lora_B\.weight|"
-                   r"lora\.down\.weight|lora\.up\.weight|alpha)$")
+                   r"lora\.down\.weight|lora\.up\.weight|lora_linear_layer\.down\.weight|"
+                   r"lora_linear_layer\.up\.weight|alpha)$")
 _PROCESSOR = re.compile(r"^(?:unet\.)?(.+)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 _PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "lora_A.weight": "down", "lora_B.weight": "up",
-          "lora.down.weight": "down", "lora.up.weight": "up", "alpha": "alpha"}
+          "lora.down.weight": "down", "lora.up.weight": "up", "lora_linear_layer.down.weight": "down",
+          "lora_linear_layer.up.weight": "up", "alpha": "alpha"}
 # what other adapter kinds write: refused by name rather than read as something else
 _OTHER_KINDS = ("lora_mid", "hada_", "lokr_", "dora_scale", ".diff", "oft_", "lora_magnitude_vector")
 METADATA_KEY = "lora_adapter_metadata"      # diffusers >= 0.33: {component}.lora_alpha, .r, patterns

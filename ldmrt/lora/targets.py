@@ -58,6 +58,8 @@ class ModuleIndex:
                     theirs = unet_diffusers_name(f"{local}.weight", model.config.unet)
                     if theirs is not None:
                         aliases.append(theirs.removesuffix(".weight"))
+                elif local.startswith("text_model."):      # transformers 5's CLIPTextModel is flat
+                    aliases.append(local.removeprefix("text_model."))
                 for alias in aliases:
                     self.names[(component, alias)] = key
                     self.names[(component, alias.replace(".", "_"))] = key
