@@ -300,3 +300,37 @@ def test_cli_export_and_generate_take_lora(setup, tmp_path):
     assert result.exit_code == 0, result.output
     fused = Pipeline.load(root / "fused-b", "onnxruntime").generate(REQUEST).images
     assert np.abs(np.load(tmp_path / "y.npy") - fused).max() < 1e-4
+
+
+# --- names -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "ldm-class"])
+def test_diffusers_names_of_compvis_keys_are_diffusers_own(family):
+    """unet_diffusers_names inverts unet_from_diffusers on every key of diffusers' own UNet."""
+    import diffusers
+
+    from ldmrt.checkpoints.diffusers_unet import diffusers_unet_config
+    from ldmrt.models.convert import unet_diffusers_names, unet_from_diffusers
+    from tests.families import FAMILIES
+
+    config = FAMILIES[family].unet
+    theirs = list(diffusers.UNet2DConditionModel(**diffusers_unet_config(config)).state_dict())
+    ours = list(unet_from_diffusers({k: torch.empty(0) for k in theirs}, config))
+    assert list(unet_diffusers_names(ours, config).values()) == theirs
+
+
+def test_whole_module_prefixes_are_found_under_both_names(setup):
+    """conv_in, conv_out and the time MLP are whole CompVis prefixes (input_blocks.0.0, out.2,
+    time_embed.0): a LoRA on them lands under either spelling, dotted or kohya's."""
+    from ldmrt.lora.reading import Component
+    from ldmrt.lora.targets import ModuleIndex
+
+    _, source, _ = setup
+    index = ModuleIndex(source.model)
+    for theirs, ours in (("conv_in", "input_blocks.0.0"), ("conv_out", "out.2"),
+                         ("time_embedding.linear_1", "time_embed.0"),
+                         ("down_blocks.0.resnets.0.conv1", "input_blocks.1.0.in_layers.2")):
+        for name in (theirs, ours, theirs.replace(".", "_"), ours.replace(".", "_")):
+            assert index.key(Component.UNET, name) == f"{UNET_PREFIX}{ours}.weight", name
+    assert index.key(Component.TEXT_ENCODER, "encoder.layers.0.self_attn.q_proj") == \
+        f"{TEXT_PREFIX}text_model.encoder.layers.0.self_attn.q_proj.weight"     # transformers 5's flat names

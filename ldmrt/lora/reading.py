@@ -113,7 +113,7 @@ def read_lora(path: Path | str, field_name: str = "lora") -> LoraFile:
     if len(layouts) > 1:
         raise LoraError(f"{field_name} {path}: mixes the diffusers and kohya layouts; expected one", field=field_name)
     _apply_metadata(pairs, weights.metadata, path, field_name)
-    for (component, module), pair in pairs.items():
+    for pair in pairs.values():
         _check_pair(pair, path, field_name)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     return LoraFile(path, digest, layouts.pop(), pairs)

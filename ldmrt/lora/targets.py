@@ -18,7 +18,7 @@ from ldmrt.config import Family
 from ldmrt.errors import LoraError
 from ldmrt.lora.choice import LoraChoice
 from ldmrt.lora.reading import Component, LoraFile, read_lora
-from ldmrt.models.convert import unet_diffusers_name
+from ldmrt.models.convert import unet_diffusers_names
 
 UNET_PREFIX = "model.diffusion_model."
 _TEXT_PREFIXES = ("cond_stage_model.transformer.", "cond_stage_model_2.transformer.")
@@ -46,18 +46,20 @@ class ModuleIndex:
         self.prefixes = _component_prefixes(model)
         self.names: dict[tuple[Component, str], str] = {}       # (component, name) -> state key
         self.shapes: dict[str, torch.Size] = {}
-        modules = dict(model.named_modules())
+        weighted = [(name, module) for name, module in model.named_modules()
+                    if isinstance(module, (nn.Linear, nn.Conv2d))]
+        diffusers_names = unet_diffusers_names(     # by weight key: a module may be a whole prefix
+            [f"{name[len(UNET_PREFIX):]}.weight" for name, _ in weighted if name.startswith(UNET_PREFIX)],
+            model.config.unet)
         for component, prefix in self.prefixes.items():
-            for name, module in modules.items():
-                if not name.startswith(prefix) or not isinstance(module, (nn.Linear, nn.Conv2d)):
+            for name, module in weighted:
+                if not name.startswith(prefix):
                     continue
                 key, local = f"{name}.weight", name[len(prefix):]
                 self.shapes[key] = module.weight.shape
                 aliases = [local]
-                if component == Component.UNET:
-                    theirs = unet_diffusers_name(f"{local}.weight", model.config.unet)
-                    if theirs is not None:
-                        aliases.append(theirs.removesuffix(".weight"))
+                if component == Component.UNET and f"{local}.weight" in diffusers_names:
+                    aliases.append(diffusers_names[f"{local}.weight"].removesuffix(".weight"))
                 elif local.startswith("text_model."):      # transformers 5's CLIPTextModel is flat
                     aliases.append(local.removeprefix("text_model."))
                 for alias in aliases:

@@ -87,22 +87,25 @@ def unet_from_diffusers(state: Mapping[str, torch.Tensor], config: UNetConfig) -
     return _rename(state, others)
 
 
-def unet_diffusers_name(key: str, config: UNetConfig) -> str | None:
-    """The diffusers name of a CompVis UNet key (the inverse of unet_from_diffusers); None where
-    diffusers has no such module."""
+def unet_diffusers_names(keys, config: UNetConfig) -> dict[str, str]:
+    """The diffusers name of each CompVis UNet key (the inverse of unet_from_diffusers); keys
+    diffusers has no module for are left out."""
     resnets, others = _unet_maps(config)
-    inner = {ours: theirs for theirs, ours in _RESNET_UNET.items()}
-    for theirs, ours in sorted(((t, o) for t, o in resnets.items()), key=lambda pair: -len(pair[1])):
-        if key.startswith(ours + "."):
-            rest = key[len(ours) + 1:]
-            for a in sorted(inner, key=len, reverse=True):
-                if rest.startswith(a + "."):
-                    return f"{theirs}.{inner[a]}{rest[len(a):]}"
-            return f"{theirs}.{rest}"
-    for theirs, ours in sorted(others.items(), key=lambda pair: -len(pair[1])):
-        if key.startswith(ours + "."):
-            return f"{theirs}{key[len(ours):]}"
-    return None
+    inner = sorted(((ours, theirs) for theirs, ours in _RESNET_UNET.items()), key=lambda pair: -len(pair[0]))
+    resnets_by_length = sorted(resnets.items(), key=lambda pair: -len(pair[1]))
+    others_by_length = sorted(others.items(), key=lambda pair: -len(pair[1]))
+
+    def name(key: str) -> str | None:
+        for theirs, ours in resnets_by_length:
+            if key.startswith(ours + "."):
+                rest = key[len(ours) + 1:]
+                part = next(((a, b) for a, b in inner if rest.startswith(a + ".")), None)
+                return f"{theirs}.{rest}" if part is None else f"{theirs}.{part[1]}{rest[len(part[0]):]}"
+        for theirs, ours in others_by_length:
+            if key.startswith(ours + "."):
+                return f"{theirs}{key[len(ours):]}"
+        return None
+    return {key: found for key in keys if (found := name(key)) is not None}
 
 
 def autoencoder_from_diffusers(state: Mapping[str, torch.Tensor], config: AutoencoderConfig) -> StateDict:
