@@ -14,6 +14,7 @@ from ldmrt.iospec import Precision
 from tests.modules import load_file
 
 pytest.importorskip("onnxruntime")
+pytestmark = pytest.mark.slow        # a benchmark script's own check (~30 s: an int8 export); pytest -m slow
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "cpu_speed.py"
 

@@ -40,7 +40,7 @@ def pool(td):
 SMALL = dict(batch=8, ae_batch=8, ae_steps=5, steps=5)
 
 
-@pytest.mark.parametrize("name", ["digits", "digits-vq"])
+@pytest.mark.parametrize("name", ["digits", pytest.param("digits-vq", marks=pytest.mark.slow)])   # the same path
 def test_trains_writes_and_exports_through_the_checkpoint_loader(td, pool, name, tmp_path):
     torch.manual_seed(0)
     settings = td.Settings(**SMALL)

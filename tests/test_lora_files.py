@@ -22,17 +22,13 @@ DELTA_TOL = 1e-4      # rel. L2 of diffusers' fused change against the file's ow
 VISIBLE = 1e-3        # smallest relative change of an adapted weight
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny tensors: a second intra-op thread on a shared machine costs far more than it gives."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# The fixtures' self-check (~20 s) runs in the slow suite; the default one's parity tests
+# (tests/test_lora_parity.py) assert that each file they use changes diffusers' weights.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, one_torch_thread):
+def tiny(tmp_path_factory):
     return {"sd1": lora_files.tiny_sd1_pipe(tmp_path_factory.mktemp("sd1")),
             "sdxl": lora_files.tiny_sdxl_pipe(tmp_path_factory.mktemp("sdxl"))}
 

@@ -38,16 +38,8 @@ FILES = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, one_torch_thread):
+def tiny(tmp_path_factory):
     return {"sd1": lora_files.tiny_sd1_pipe(tmp_path_factory.mktemp("sd1")),
             "sdxl": lora_files.tiny_sdxl_pipe(tmp_path_factory.mktemp("sdxl"))}
 

@@ -347,8 +347,9 @@ def sdxl_int8_bundle(tmp_path_factory) -> Path:
     root, source = tmp_path_factory.mktemp("int8-sdxl"), model_source(SDXL_FAMILY)
     for precision in (Precision.INT8, Precision.FP32):       # the fp32 one: the reference
         export_bundle(source, root / precision.value, ExportOptions(
-            shape_ranges=shape_ranges(SDXL_FAMILY), precision=precision, validate=precision == Precision.INT8,
-            components=("text_encoder", "text_encoder_2", "unet", "vae_decoder")))
+            shape_ranges=shape_ranges(SDXL_FAMILY), precision=precision, validate=False, optimize=False,
+            components=("text_encoder", "text_encoder_2", "unet", "vae_decoder"),
+            int8=Int8Options(parity_steps=10)))      # (the int8 parity itself is always measured)
     return root / Precision.INT8.value
 
 

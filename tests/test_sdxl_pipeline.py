@@ -72,7 +72,7 @@ def sdxl(tmp_path_factory):
     pipe.save_pretrained(root / "pipeline")
     export_bundle(checkpoint_source(root / "pipeline"), root / "bundle", ExportOptions(
         components=("text_encoder", "text_encoder_2", "unet", "vae_decoder"),
-        shape_ranges=ShapeRanges(min_size=16, opt_size=32, max_size=64, max_batch=2)))
+        shape_ranges=ShapeRanges(min_size=16, opt_size=32, max_size=64, max_batch=2), optimize=False))
     return dataclasses.make_dataclass("SDXL", ["pipe", "folder", "ours"])(
         pipe, root / "pipeline", Pipeline.load(root / "bundle", "onnxruntime", threads=1))
 
@@ -97,7 +97,7 @@ def refiner(tmp_path_factory, sdxl):
     pipe.save_pretrained(root / "pipeline")
     export_bundle(checkpoint_source(root / "pipeline"), root / "bundle", ExportOptions(
         components=("text_encoder", "unet", "vae_decoder"),
-        shape_ranges=ShapeRanges(min_size=16, opt_size=32, max_size=64, max_batch=2)))
+        shape_ranges=ShapeRanges(min_size=16, opt_size=32, max_size=64, max_batch=2), optimize=False))
     return dataclasses.make_dataclass("Refiner", ["pipe", "folder", "ours"])(
         pipe, root / "pipeline", Pipeline.load(root / "bundle", "onnxruntime", threads=1))
 

@@ -37,7 +37,7 @@ def bundles(tmp_path_factory) -> dict[str, Path]:
     for precision in (Precision.FP16, Precision.FP32):
         export_bundle(source, root / precision.value, ExportOptions(
             shape_ranges=shape_ranges(SDXL_FAMILY), precision=precision, validate=precision == Precision.FP16,
-            components=COMPONENTS))
+            components=COMPONENTS, optimize=False))
     return {p.value: root / p.value for p in (Precision.FP16, Precision.FP32)}
 
 
@@ -76,7 +76,7 @@ def test_no_fp32_vae_decoder_exports_the_vae_in_fp16(tmp_path):
     out = tmp_path / "bundle"
     result = export_bundle(model_source(SDXL_FAMILY), out, ExportOptions(
         shape_ranges=shape_ranges(SDXL_FAMILY), precision=Precision.FP16, components=VAE, validate=False,
-        fp32_vae_decoder=False))
+        fp32_vae_decoder=False, optimize=False))
     assert {load_manifest(out).component(name).dtype for name in VAE} == {"float16"}
     assert result.notes == ()
 
