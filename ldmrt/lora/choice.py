@@ -14,6 +14,14 @@ class LoraChoice:
     path: Path
     scale: float = 1.0
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, (str, Path)):
+            raise LoraError(f"lora: expected a file path, found {type(self.path).__name__}", field="lora")
+        object.__setattr__(self, "path", Path(self.path))
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
+            raise LoraError(f"lora {self.path}: scale {self.scale!r}: expected a finite number", field="lora")
+        object.__setattr__(self, "scale", float(self.scale))
+
     @classmethod
     def parse(cls, text: str, field_name: str = "lora") -> "LoraChoice":
         """`FILE` or `FILE:SCALE` (a path may itself hold ':'; the scale is what follows the last)."""
@@ -24,9 +32,10 @@ class LoraChoice:
 
     @classmethod
     def of(cls, path, scale, field_name: str = "lora") -> "LoraChoice":
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise LoraError(f"{field_name} {path}: scale {scale!r}: expected a finite number", field=field_name)
-        return cls(Path(path), float(scale))
+        try:
+            return cls(path, scale)
+        except LoraError as exc:
+            raise LoraError(str(exc).replace("lora", field_name, 1), field=field_name) from None
 
 
 def _is_number(text: str) -> bool:

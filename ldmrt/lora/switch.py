@@ -49,11 +49,15 @@ class WeightSwitch:
         with torch.no_grad():
             for key in sorted(set(self._base) | set(deltas)):
                 weight = state[key]
-                base = self._base.setdefault(key, weight.detach().clone())
-                if key in deltas:
-                    weight.copy_((base.float() + deltas[key].to(base.device)).to(weight.dtype))
-                else:
+                if key not in self._base:
+                    self._base[key] = weight.detach().clone()
+                base, delta = self._base[key], deltas.get(key)
+                if delta is None:
                     weight.copy_(base)
+                elif weight.dtype == torch.float32:         # base + delta in float32, in place
+                    weight.copy_(base).add_(delta.to(weight.device))
+                else:
+                    weight.copy_((base.float() + delta.to(base.device)).to(weight.dtype))
         self.active = choices
         self.records = tuple(LoraRecord(str(c.path.absolute()), files[c.path].sha256, c.scale) for c in choices)
         return self.records

@@ -88,9 +88,11 @@ def lora_deltas(model, choices: Sequence[LoraChoice], field_name: str = "lora",
             if key is None:
                 raise LoraError(f"{where}: no {component.value} Linear or Conv2d module named {module!r} in this "
                                 f"model ({model.config.name})", field=field_name)
-            delta = _delta(pair.down, pair.up, index.shapes[key], where, field_name)
-            delta = delta * (choice.scale * pair.scaling)
-            deltas[key] = delta if key not in deltas else deltas[key] + delta
+            delta = _delta(pair.down * (choice.scale * pair.scaling), pair.up, index.shapes[key], where, field_name)
+            if key in deltas:
+                deltas[key].add_(delta)
+            else:
+                deltas[key] = delta
     return deltas
 
 
