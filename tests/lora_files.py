@@ -20,6 +20,7 @@ import torch
 
 from ldmrt.config import AutoencoderConfig, ClipTextConfig, UNetConfig
 from ldmrt.synthetic_tokenizer import write_synthetic_clip_assets
+from tests import test_sdxl_pipeline as xl
 from tests.reference import diffusers_autoencoder, diffusers_unet, perturb_, transformers_clip
 
 RELATIVE_CHANGE = 0.03      # ||scaling * up @ down|| / ||W|| of every adapted module at scale 1
@@ -56,20 +57,8 @@ SD1_CLIP = ClipTextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=12
 # SDXL base at toy widths (tests/test_sdxl_pipeline.py's), except one ResNet count for every level:
 # diffusers' SGM <-> diffusers block maps (single-file and kohya) take layers_per_block as one int,
 # as real SDXL (2 everywhere) has it.
-SDXL_UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(64, 128),
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=2,
-                 transformer_layers_per_block=(1, 2), attention_head_dim=(1, 2), cross_attention_dim=192,
-                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-                 projection_class_embeddings_input_dim=40 + 6 * 256, norm_num_groups=32)
-SDXL_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-                up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 64, 64), layers_per_block=1,
-                latent_channels=4, norm_num_groups=32, scaling_factor=0.13025)
-SDXL_CLIP_L = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                   num_attention_heads=1, hidden_act="quick_gelu", bos_token_id=VOCAB - 2, eos_token_id=VOCAB - 1,
-                   pad_token_id=VOCAB - 1)
-SDXL_BIG_G = dict(SDXL_CLIP_L, hidden_size=128, intermediate_size=256, num_attention_heads=2, hidden_act="gelu",
-                  pad_token_id=0, projection_dim=40)
+SDXL_UNET = dict(xl.UNET, layers_per_block=2)
+SDXL_VAE, SDXL_CLIP_L, SDXL_BIG_G = xl.VAE, xl.CLIP_L, xl.BIG_G
 
 
 def tiny_sd1_pipe(root: Path) -> TinyPipeline:

@@ -481,6 +481,16 @@ def test_the_check_catches_configs_that_disagree_with_the_manifest(triton_env, b
     assert "vae_encoder: model file 1/vae_encoder.onnx is missing" in problems
 
 
+
+def client_generate(triton_env, server, requests: list[dict], out: Path, concurrency: int) -> None:
+    """`ldmrt.triton.client generate` of `requests` against a started server, into `out` (.npz)."""
+    path = out.with_suffix(".requests.json")
+    path.write_text(json.dumps(requests))
+    result = triton_env.run_module("ldmrt.triton.client", [
+        "generate", "--http", server.http_url, "--grpc", server.grpc_url, "--concurrency", str(concurrency),
+        "--requests", str(path), "--out", str(out)], timeout=300)
+    assert result.returncode == 0, result.stderr + server.log_tail()
+
 def test_triton_serves_the_pipeline_over_http_and_grpc(triton_env, bundle, tmp_path):
     """A real tritonserver on CPU: concurrent requests equal `ldmrt generate` with the same seed."""
     from typer.testing import CliRunner
@@ -501,15 +511,10 @@ def test_triton_serves_the_pipeline_over_http_and_grpc(triton_env, bundle, tmp_p
         {"protocol": "http", "prompt": ["a red fox"], "steps": 4, "seed": 12},
         {"protocol": "grpc", "steps": 2, "seed": 0},
     ]
-    (tmp_path / "requests.json").write_text(json.dumps(requests))
     server = TritonServer(triton_env, repo, tmp_path / "server", startup_timeout=120)
     try:
         server.start()
-        result = triton_env.run_module("ldmrt.triton.client", [
-            "generate", "--http", server.http_url, "--grpc", server.grpc_url, "--concurrency", "4",
-            "--requests", str(tmp_path / "requests.json"), "--out", str(tmp_path / "images.npz")],
-            timeout=300)
-        assert result.returncode == 0, result.stderr + server.log_tail()
+        client_generate(triton_env, server, requests, tmp_path / "images.npz", concurrency=4)
         bad = triton_env.run_module("ldmrt.triton.client", [
             "load", "--url", server.grpc_url, "--protocol", "grpc", "--request",
             json.dumps({"sampler": "no-such-sampler", "steps": 1}), "--count", "1", "--warmup", "0"],

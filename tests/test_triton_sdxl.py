@@ -21,7 +21,7 @@ from ldmrt.runtime.pipeline import GenerationRequest, Pipeline
 from ldmrt.triton.repository import PipelineModelOptions, RepositoryResult, write_repository
 from ldmrt.triton.server import TritonServer
 from tests.families import SDXL_FAMILY
-from tests.test_triton import (CPU, CPU_OPTIONS, MAX_DIFF, _check, _Error, _request, _Tensor,  # noqa: F401
+from tests.test_triton import (CPU, CPU_OPTIONS, client_generate, MAX_DIFF, _check, _Error, _request, _Tensor,  # noqa: F401
                                load_pipeline_model, triton_env)
 
 # SDXL_FAMILY by hand: CLIP widths 32 | 24 (context 56), pooled projection 16, 6 size ids
@@ -210,14 +210,10 @@ def test_triton_serves_size_ids_and_a_hand_off(triton_env, sdxl_bundle, referenc
     requests = [dict(common, protocol="http"),
                 dict(common, protocol="grpc", denoising_end=HAND_OFF),
                 dict(common, protocol="http", denoising_start=HAND_OFF, init_latents=handed.tolist())]
-    (tmp_path / "requests.json").write_text(json.dumps(requests))
     server = TritonServer(triton_env, repo, tmp_path / "server", startup_timeout=120)
     try:
         server.start()
-        result = triton_env.run_module("ldmrt.triton.client", [
-            "generate", "--http", server.http_url, "--grpc", server.grpc_url, "--concurrency", "3",
-            "--requests", str(tmp_path / "requests.json"), "--out", str(tmp_path / "served.npz")], timeout=300)
-        assert result.returncode == 0, result.stderr + server.log_tail()
+        client_generate(triton_env, server, requests, tmp_path / "served.npz", concurrency=3)
         bad = triton_env.run_module("ldmrt.triton.client", [
             "load", "--url", server.http_url, "--request", json.dumps({"steps": 1, "original_size": [0, 64]}),
             "--count", "1", "--warmup", "0"], timeout=120)
