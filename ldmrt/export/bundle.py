@@ -23,6 +23,7 @@ from ldmrt.export.onnx_graph import MIN_OPSET, export_graph
 from ldmrt.export.quantize import Int8Options, quantize_unet, split_prompts
 from ldmrt.export.step_graph import export_step_graph
 from ldmrt.export.validate import shape_plan, validate_graph
+from ldmrt.lora.choice import LoraChoice
 from ldmrt.iospec import Component, Precision, ShapeRanges, component_specs
 from ldmrt.manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, TOKENIZER_DIR, ComponentEntry, Manifest,
                             SourceRecord, TokenizerEntry, load_manifest, write_manifest)
@@ -45,7 +46,7 @@ class ExportOptions:
     fp32_vae_decoder: bool | None = None
     optimize: bool = True
     int8: Int8Options = Int8Options()              # --precision int8: calibration and parity bounds
-    loras: tuple = ()                              # LoraChoice: adapters fused into the weights (--lora)
+    loras: tuple[LoraChoice, ...] = ()             # adapters fused into the weights (--lora)
 
 
 @dataclass(frozen=True)

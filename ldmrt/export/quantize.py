@@ -9,9 +9,10 @@ Static QDQ quantization, chosen at export with `--precision int8`:
 
 Activation ranges come from the model itself: the fp32 graph runs a few guided DDIM
 trajectories (the prompts encoded as the runtime encodes them; SDXL's pooled embedding and size
-ids too) and every quantized tensor's min/max is taken over them. Kept in fp32 (`select_targets`): the first and last convolution, the
-skip convs, the cross-attention K/V projections, and everything that is not a weight product
-(attention QK^T, softmax and AV, GroupNorm, LayerNorm, the timestep MLP).
+ids too) and every quantized tensor's min/max is taken over them. Kept in fp32
+(`select_targets`): the first and last convolution, the skip convs, the cross-attention K/V
+projections, and everything that is not a weight product (attention QK^T, softmax and AV,
+GroupNorm, LayerNorm, the timestep MLP).
 
 Parity is measured on a held-out trajectory and must meet `Int8Bounds`: the per-UNet-call
 relative L2 against the fp32 graph on that trajectory's inputs, and the PSNR of the decoded image

@@ -21,6 +21,7 @@ from ldmrt.engines.dispatch import open_runners
 from ldmrt.errors import ConfigError, GenerationCancelled, GenerationError, ShapeError
 from ldmrt.iospec import Component, Precision
 from ldmrt.layout import encode_layout
+from ldmrt.lora.slot import AdapterSlot
 from ldmrt.manifest import Manifest, load_manifest, verify_bundle
 from ldmrt.runtime.checks import check_array, check_handoff, integer, is_integer, real, show
 from ldmrt.runtime import spatial
@@ -28,7 +29,6 @@ from ldmrt.runtime.postprocess import postprocessor
 from ldmrt.runtime.tiling import Tiling, run_tiled
 from ldmrt.sampling import SAMPLERS, DenoiseJob, StepCallback, make_plan
 from ldmrt.sampling.image_guide import ImageGuide
-from ldmrt.lora.slot import AdapterSlot
 from ldmrt.runtime.text import (AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE, SizeConditioning, TextEncoders,
                                 check_sizes, expand)
 
