@@ -3,10 +3,8 @@ read only with `torch.load(weights_only=True)`. Every failure is a CheckpointErr
 """
 from __future__ import annotations
 
-import json
 import pickletools
 import re
-import struct
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -16,15 +14,10 @@ from typing import Any
 import torch
 
 from ldmrt.errors import CheckpointError
+from ldmrt.safetensors_file import SAFETENSORS_SUFFIXES, safetensors_header
 
-SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SINGLE_FILE_SUFFIXES = SAFETENSORS_SUFFIXES + (".ckpt", ".pt", ".pth")
-MAX_HEADER_BYTES = 100 * 1024 * 1024   # safetensors' own limit
-
-# Bytes per element of every safetensors dtype.
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-                "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
@@ -51,60 +44,6 @@ def read_weights(path: Path) -> WeightFile:
         return _read_torch(path)
     raise CheckpointError(f"{path}: unknown weight file extension {suffix!r}; expected one of "
                           f"{list(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)}")
-
-
-def safetensors_header(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-    """(tensor name -> {dtype, shape, data_offsets}, __metadata__) after checking every bound."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise CheckpointError(f"{path}: truncated or empty ({size} bytes); a safetensors file "
-                                  f"starts with an 8-byte header length")
-        if prefix[:4] == _ZIP_MAGIC:
-            raise CheckpointError(f"{path}: this is a PyTorch zip checkpoint, not safetensors; "
-                                  f"rename it to .ckpt (it is then read with weights_only=True)")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > size - 8 or length > MAX_HEADER_BYTES:
-            raise CheckpointError(f"{path}: corrupt or truncated: the header length {length} bytes "
-                                  f"runs past the end of the {size}-byte file")
-        raw = f.read(length)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: corrupt safetensors header (not UTF-8 JSON: {exc})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header: expected a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header: __metadata__ is not an object")
-    data_size = size - 8 - length
-    for name, entry in header.items():
-        _check_entry(path, name, entry, data_size)
-    return header, {str(k): str(v) for k, v in metadata.items()}
-
-
-def _check_entry(path: Path, name: str, entry: Any, data_size: int) -> None:
-    where = f"{path}: tensor {name!r}"
-    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
-        raise CheckpointError(f"{where}: corrupt header entry (expected dtype, shape, data_offsets)")
-    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in _DTYPE_BYTES:
-        raise CheckpointError(f"{where}: unsupported dtype {dtype!r}; expected one of {sorted(_DTYPE_BYTES)}")
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-        raise CheckpointError(f"{where}: corrupt shape {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
-            and 0 <= offsets[0] <= offsets[1]):
-        raise CheckpointError(f"{where}: corrupt data_offsets {offsets!r}")
-    if offsets[1] > data_size:
-        raise CheckpointError(f"{where}: data ends at byte {offsets[1]} of the data section, which has "
-                              f"only {data_size} bytes; the file is truncated")
-    numel = 1
-    for d in shape:
-        numel *= d
-    if offsets[1] - offsets[0] != numel * _DTYPE_BYTES[dtype]:
-        raise CheckpointError(f"{where}: {offsets[1] - offsets[0]} data bytes do not hold a {dtype} "
-                              f"tensor of shape {shape}")
 
 
 def _read_safetensors(path: Path) -> WeightFile:

@@ -65,7 +65,8 @@ def generate(
     out: Path = typer.Option(..., "--out", "-o", help=".png (one file per image) or .npy [B, H, W, 3]; "
                              "replaces only PNG files ldmrt wrote."),
     lora: Optional[list[str]] = typer.Option(None, "--lora", help="FILE[:SCALE] LoRA adapter applied on top of the "
-                                             "bundle's weights (--backend torch); repeat for several."),
+                                             "bundle's weights without re-export (torch, onnxruntime; "
+                                             "tensorrt with engines built --refit); repeat for several."),
 ) -> None:
     """Generate images from a bundle: tokenizer -> text encoder -> sampler loop -> VAE decoder."""
     with user_errors():
@@ -78,13 +79,12 @@ def generate(
         from ldmrt.runtime.pipeline import GenerationRequest, Pipeline, max_image_size
 
         from ldmrt.lora.choice import LoraChoice
+        from ldmrt.lora.reading import read_lora
 
         check_out(out, batch)          # before any work: a long job never ends in a traceback
-        loras = [LoraChoice.parse(text) for text in lora or ()]
-        if loras and backend.lower() != "torch":
-            raise GenerationError(f"--lora: run-time adapters need --backend torch for now; this run asks for "
-                                  f"{backend} (or fuse them at export: ldmrt export ... --lora FILE[:SCALE])",
-                                  field="lora")
+        loras = [LoraChoice.parse(text, "--lora") for text in lora or ()]
+        for choice in loras:
+            read_lora(choice.path, "--lora")     # a bad file fails before the bundle loads
         if denoising_end is not None and out.suffix.lower() != ".npy":
             raise GenerationError(f"--out {out}: --denoising-end writes the latents the refiner continues; "
                                   f"expected a .npy file name")
@@ -110,7 +110,7 @@ def generate(
         with console.status(f"loading {bundle} on {backend}"):
             pipeline = Pipeline.load(bundle, backend)
             if loras:
-                pipeline.loras.set(loras)
+                pipeline.loras.set(loras, "--lora")
         if pipeline.manifest.random_weights:
             console.print("[yellow]this bundle has RANDOM weights: the images are noise[/]")
         with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),

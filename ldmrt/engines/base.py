@@ -41,7 +41,7 @@ class BackendRunners:
     # post-hoc image guidance: target (B, 3, h, w) in [0, 1] -> the gradient of its guide loss
     # (ldmrt.sampling.image_guide); None where the backend cannot differentiate its decoder
     image_gradient: Callable[[np.ndarray], GuideGradient] | None = None
-    weights: object | None = None      # ldmrt.lora.WeightSwitch where the backend switches LoRA adapters
+    weights: object | None = None      # its LoRA switch (ldmrt.lora.slot.Switch); None: it cannot switch
 
     @classmethod
     def with_numpy_loop(cls, runners: dict[str, ComponentRunner]) -> "BackendRunners":

@@ -3,6 +3,7 @@ ldmrt.engines.base; this module imports the backends, each only when it is chose
 loads numpy + one backend and no torch)."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from ldmrt.engines.backend import Backend
@@ -25,8 +26,10 @@ def open_runners(backend: str, bundle: Path, manifest: Manifest, components: tup
     backend = Backend.parse(backend).value          # any case; ConfigError naming `backend` otherwise
     if backend == "onnxruntime":
         from ldmrt.engines.onnxruntime import open_onnxruntime
-        return BackendRunners.with_numpy_loop(
-            open_onnxruntime(bundle, manifest, components, verify=verify, **options))
+        from ldmrt.engines.ort_lora import OrtWeightSwitch
+
+        runners = open_onnxruntime(bundle, manifest, components, verify=verify, **options)
+        return dataclasses.replace(BackendRunners.with_numpy_loop(runners), weights=OrtWeightSwitch(runners))
     if verify:
         verify_graphs(bundle, manifest, components)
     if backend in ("tensorrt", "tensorrt-rtx"):

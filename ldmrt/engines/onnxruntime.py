@@ -40,24 +40,82 @@ class OnnxRuntimeRunner:
 
     def __init__(self, source: SourceGraph, spec: ComponentSpec, providers: list[str], threads: int | None,
                  cache: GraphCache | None = None):
+        self.spec = spec
+        self.source, self._providers, self._threads, self._cache = source, providers, threads, cache
+        self.session, self.cache_hit = self._open(lambda options: create_session(source, options, providers, cache))
+        self.adapted = False           # whether the session holds replaced initializers (LoRA)
+        self._held: list = []          # the OrtValues a session with replaced initializers reads
+        self._source_checked = not self.cache_hit and source.check is not SourceCheck.BEFORE_STORING
+        self.output = spec.outputs[0].name
+
+    def reopened(self, initializers: Mapping[str, np.ndarray] | None = None):
+        """(a new session of this graph, the values it reads): with `initializers` replaced (by name;
+        from the source graph at full optimization, outside the cache), or the base graph as this
+        runner first opened it."""
+        if not initializers:
+            return self._open(lambda options: create_session(self.source, options, self._providers,
+                                                             self._cache))[0], []
+        import onnx
+        import onnxruntime as ort
+        from onnx import numpy_helper
+
+        # Replaced before ONNX Runtime optimizes the graph: SessionOptions.add_initializer takes
+        # effect only after the optimizer, which at ORT_ENABLE_ALL has already reordered convolution
+        # weights from the old values (measured: ORT 1.32). So initializers stored in `.data` are
+        # given as external ones (swapped in at load), and those inside the protobuf are replaced in it.
+        self.verify_source()
+        graph = onnx.load(str(self.source.path), load_external_data=False)
+        external, embedded = [], {}
+        for tensor in graph.graph.initializer:
+            if tensor.name in initializers:
+                if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                    external.append(tensor.name)
+                else:
+                    embedded[tensor.name] = tensor
+        for name, tensor in embedded.items():
+            tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(initializers[name]), name))
+        values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(initializers[n])) for n in external]
+        model = graph.SerializeToString() if embedded else str(self.source.path)
+        del graph
+
+        def create(options):
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                             str(self.source.path.parent))
+            if external:
+                options.add_external_initializers(external, values)
+            return ort.InferenceSession(model, options, providers=self._providers), False
+
+        return self._open(create)[0], values
+
+    def verify_source(self) -> None:
+        """Check the source graph's files before it is read, where the load was asked to (a cache hit
+        never read it); once."""
+        if self.source.check is SourceCheck.BEFORE_READING and not self._source_checked:
+            self.source.verify()
+            self._source_checked = True
+
+    def use(self, session, held: list, adapted: bool) -> None:
+        """Serve from `session` from now on (the caller holds the pipeline's adapter lock)."""
+        self.session, self._held, self.adapted = session, held, adapted
+
+    def _open(self, create):
         import onnxruntime as ort
 
-        self.spec = spec
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = threads
+        if self._threads:
+            options.intra_op_num_threads = self._threads
         try:
-            self.session, self.cache_hit = create_session(source, options, providers, cache)
+            session, hit = create(options)
         except BundleError:
             raise          # the source graph is not the manifest's: the bundle's fault, named by file
         except Exception as exc:
-            raise BackendUnavailableError(f"onnxruntime could not load {source.path.name}: {exc}") from exc
-        self.output = spec.outputs[0].name
+            raise BackendUnavailableError(f"onnxruntime could not load {self.source.path.name}: {exc}") from exc
         # Here, not in ort_cache: every session (from the source graph or a cached rewrite) passes.
-        spec.check_graph(_graph_tensors(self.session.get_inputs()),
-                         _graph_tensors(self.session.get_outputs()), str(source.path))
+        self.spec.check_graph(_graph_tensors(session.get_inputs()), _graph_tensors(session.get_outputs()),
+                              str(self.source.path))
+        return session, hit
 
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
         values = self.spec.bind(inputs)

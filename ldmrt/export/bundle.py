@@ -168,6 +168,8 @@ def _export_component(source: ModelSource, spec, work: Path, options: ExportOpti
     inputs = to_torch(example_inputs(model.config, spec, plan.trace, seed=0), spec, TORCH_DTYPES[graph_dtype])
     report(spec.name, "tracing")
     path = export_graph(graph, spec, inputs, work / f"{spec.name}.onnx", options.opset, options.optimize)
+    if not (options.precision == Precision.INT8 and spec.name == Component.UNET):     # int8: weights quantized
+        _record_adaptable_weights(model, reference, graph, path)
     del graph
     parity = None
     if options.validate:
@@ -184,6 +186,28 @@ def _export_component(source: ModelSource, spec, work: Path, options: ExportOpti
         parity = quantize_unet(path, model, spec, options.int8, source.prompts).parity_record()
     report(spec.name, "hashing")
     return ComponentEntry.from_files(work, spec, graph_dtype, parity)
+
+
+def _record_adaptable_weights(model, reference, graph, path: Path) -> None:
+    """Which initializers of the graph at `path` hold the model's LoRA-adaptable weights
+    (ldmrt.lora.graph_weights), for switching adapters at run time without PyTorch."""
+    import torch
+
+    from ldmrt.lora.graph_weights import record_graph_weights
+    from ldmrt.lora.targets import module_index
+
+    index = module_index(model)
+    key_of = {id(value): key for key, value in model.state_dict(keep_vars=True).items() if key in index.entries}
+    traced = dict(graph.named_parameters())           # `reference`'s names; `graph` may be a cast copy
+    keys = {key_of[id(p)]: name for name, p in reference.named_parameters() if id(p) in key_of}
+    if not keys:
+        return
+
+    def as_stored(key: str):
+        value = traced[keys[key]].detach().cpu().contiguous()
+        return value.view(torch.int16).numpy() if value.dtype == torch.bfloat16 else value.numpy()
+
+    record_graph_weights(path, index, keys, as_stored)
 
 
 def _check_destination(out: Path, force: bool) -> None:

@@ -1,4 +1,5 @@
-"""Which adapter, at which scale: `FILE[:SCALE]` as the command line and requests write it. Torch-free."""
+"""Which adapter, at which scale: `FILE[:SCALE]` as the command line and requests write it; and what
+was applied (a file's digest with its scale). Torch-free."""
 from __future__ import annotations
 
 import math
@@ -36,6 +37,17 @@ class LoraChoice:
             return cls(path, scale)
         except LoraError as exc:
             raise LoraError(str(exc).replace("lora", field_name, 1), field=field_name) from None
+
+
+@dataclass(frozen=True)
+class LoraRecord:
+    """An adapter as a bundle records it (manifest model_source.loras)."""
+    path: str              # absolute, as given at export
+    sha256: str
+    scale: float
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "sha256": self.sha256, "scale": self.scale}
 
 
 def _is_number(text: str) -> bool:

@@ -12,7 +12,8 @@ module names with dots written as underscores, `.lora_down.weight`, `.lora_up.we
 `.alpha` scalar; conv layers (LoCon) with down (r, in, kh, kw) and up (out, r, 1, 1).
 
 Safetensors only (a pickle could run code). Every tensor must belong to a pair; anything else is a
-LoraError naming the tensor.
+LoraError naming the tensor. Torch-free: the pairs are float32 numpy arrays (BF16 widened exactly),
+so the runtime switches adapters on ONNX Runtime and TensorRT without PyTorch.
 """
 from __future__ import annotations
 
@@ -24,10 +25,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+import numpy as np
 
-from ldmrt.weight_files import SAFETENSORS_SUFFIXES, read_weights
 from ldmrt.errors import CheckpointError, LoraError
+from ldmrt.safetensors_file import SAFETENSORS_SUFFIXES, read_float32
 
 
 class Layout(str, enum.Enum):
@@ -60,8 +61,8 @@ METADATA_KEY = "lora_adapter_metadata"      # diffusers >= 0.33: {component}.lor
 @dataclass
 class LoraPair:
     """One module's low-rank update: delta W = alpha / rank * up @ down."""
-    down: torch.Tensor | None = None
-    up: torch.Tensor | None = None
+    down: np.ndarray | None = None               # float32
+    up: np.ndarray | None = None
     alpha: float | None = None                  # None: alpha = rank
     keys: list[str] = field(default_factory=list)
 
@@ -89,30 +90,30 @@ def read_lora(path: Path | str, field_name: str = "lora") -> LoraFile:
         raise LoraError(f"{field_name} {path}: expected a .safetensors LoRA file, found {path.suffix or 'no suffix'!r} "
                         f"(pickled LoRA files could run code and are not read)", field=field_name)
     try:
-        weights = read_weights(path)
+        tensors, metadata = read_float32(path)
     except CheckpointError as exc:
         raise LoraError(f"{field_name} {exc}", field=field_name) from None
-    if not weights.tensors:
+    if not tensors:
         raise LoraError(f"{field_name} {path}: holds no tensors", field=field_name)
     pairs: dict[tuple[Component, str], LoraPair] = {}
     layouts: set[Layout] = set()
-    for key, tensor in weights.tensors.items():
+    for key, tensor in tensors.items():
         component, module, part, layout = _parse(key, path, field_name)
         layouts.add(layout)
-        if not torch.isfinite(tensor).all():
+        if not np.isfinite(tensor).all():
             raise LoraError(f"{field_name} {path}: tensor {key!r} holds NaN or infinite values", field=field_name)
         pair = pairs.setdefault((component, module), LoraPair())
         pair.keys.append(key)
         if part == "alpha":
-            if tensor.numel() != 1:
+            if tensor.size != 1:
                 raise LoraError(f"{field_name} {path}: {key!r}: expected one alpha value, found shape "
                                 f"{list(tensor.shape)}", field=field_name)
-            pair.alpha = float(tensor.reshape(()).item())
+            pair.alpha = float(tensor.reshape(()))
         else:
-            setattr(pair, part, tensor.float())
+            setattr(pair, part, tensor)
     if len(layouts) > 1:
         raise LoraError(f"{field_name} {path}: mixes the diffusers and kohya layouts; expected one", field=field_name)
-    _apply_metadata(pairs, weights.metadata, path, field_name)
+    _apply_metadata(pairs, metadata, path, field_name)
     for pair in pairs.values():
         _check_pair(pair, path, field_name)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -180,11 +181,11 @@ def _check_pair(pair: LoraPair, path: Path, field_name: str) -> None:
     if pair.down is None or pair.up is None:
         missing = "down (lora_A / lora_down)" if pair.down is None else "up (lora_B / lora_up)"
         raise LoraError(f"{where}: the {missing} half of the pair is missing", field=field_name)
-    if pair.down.dim() not in (2, 4) or pair.up.dim() != pair.down.dim():
+    if pair.down.ndim not in (2, 4) or pair.up.ndim != pair.down.ndim:
         raise LoraError(f"{where}: expected 2-D (linear) or 4-D (conv) down and up weights, found "
                         f"{list(pair.down.shape)} and {list(pair.up.shape)}", field=field_name)
-    if pair.up.shape[1] != pair.down.shape[0] or (pair.up.dim() == 4 and tuple(pair.up.shape[2:]) != (1, 1)):
+    if pair.up.shape[1] != pair.down.shape[0] or (pair.up.ndim == 4 and tuple(pair.up.shape[2:]) != (1, 1)):
         raise LoraError(f"{where}: ranks do not match: down {list(pair.down.shape)}, up {list(pair.up.shape)} "
-                        f"(expected up (out, rank{', 1, 1' if pair.up.dim() == 4 else ''}))", field=field_name)
+                        f"(expected up (out, rank{', 1, 1' if pair.up.ndim == 4 else ''}))", field=field_name)
     if pair.rank == 0:
         raise LoraError(f"{where}: rank 0", field=field_name)

@@ -10,25 +10,14 @@ A Pipeline holds it through ldmrt.lora.slot.AdapterSlot (the switch behind a rea
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
-from ldmrt.lora.choice import LoraChoice
+from ldmrt.lora.choice import LoraChoice, LoraRecord
 from ldmrt.lora.reading import read_lora
 from ldmrt.lora.targets import lora_deltas
-
-
-@dataclass(frozen=True)
-class LoraRecord:
-    """An adapter as a bundle records it (manifest model_source.loras)."""
-    path: str              # absolute, as given at export
-    sha256: str
-    scale: float
-
-    def to_dict(self) -> dict:
-        return {"path": self.path, "sha256": self.sha256, "scale": self.scale}
 
 
 class WeightSwitch:
@@ -42,22 +31,29 @@ class WeightSwitch:
 
     def set(self, choices: Sequence[LoraChoice], field_name: str = "lora") -> tuple[LoraRecord, ...]:
         """Make `choices` the active adapters (empty: the base weights); their records."""
-        choices = tuple(choices)
+        return self.prepare(tuple(choices), field_name)()
+
+    def prepare(self, choices: tuple[LoraChoice, ...], field_name: str = "lora") -> Callable[[], tuple[LoraRecord, ...]]:
+        """Read and check `choices` and compute their deltas; the returned call writes the weights."""
         files = {c.path: read_lora(c.path, field_name) for c in choices}
         deltas = lora_deltas(self.model, choices, field_name, files)
+        records = tuple(LoraRecord(str(c.path.absolute()), files[c.path].sha256, c.scale) for c in choices)
+        return lambda: self._write(choices, records, deltas)
+
+    def _write(self, choices, records, deltas: dict[str, np.ndarray]) -> tuple[LoraRecord, ...]:
         state = self.model.state_dict(keep_vars=True)
         with torch.no_grad():
             for key in sorted(set(self._base) | set(deltas)):
                 weight = state[key]
                 if key not in self._base:
                     self._base[key] = weight.detach().clone()
-                base, delta = self._base[key], deltas.get(key)
+                base = self._base[key]
+                delta = None if key not in deltas else torch.from_numpy(deltas[key]).to(weight.device)
                 if delta is None:
                     weight.copy_(base)
                 elif weight.dtype == torch.float32:         # base + delta in float32, in place
-                    weight.copy_(base).add_(delta.to(weight.device))
+                    weight.copy_(base).add_(delta)
                 else:
-                    weight.copy_((base.float() + delta.to(base.device)).to(weight.dtype))
-        self.active = choices
-        self.records = tuple(LoraRecord(str(c.path.absolute()), files[c.path].sha256, c.scale) for c in choices)
-        return self.records
+                    weight.copy_((base.float() + delta).to(weight.dtype))
+        self.active, self.records = choices, records
+        return records
