@@ -206,11 +206,13 @@ class Reader:
                       f"an integer in [{minimum}, {maximum}]", value)
         return value
 
-    def number(self, value: Any, where: str, positive: bool = False) -> float:
-        """A finite number >= 0, or > 0 if `positive` (integers are accepted and become floats)."""
-        if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or not math.isfinite(value) or value < 0 or (positive and value == 0):
-            self.fail(where, f"a finite number {'>' if positive else '>='} 0", value)
+    def number(self, value: Any, where: str, positive: bool = False, signed: bool = False) -> float:
+        """A finite number >= 0, or > 0 if `positive`, or of any sign if `signed` (integers are
+        accepted and become floats)."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or (not signed and value < 0) or (positive and value == 0):
+            self.fail(where, "a finite number" if signed else f"a finite number {'>' if positive else '>='} 0",
+                      value)
         return float(value)
 
     def utc_time(self, value: Any, where: str) -> str:

@@ -111,13 +111,13 @@ def parse_source(reader: Reader, data: Any, where: str) -> SourceRecord:
 
 
 def _loras(reader: Reader, value: Any, where: str) -> tuple[tuple[str, str, float], ...]:
-    """model_source.loras: [{path (absolute), sha256, scale}, ...]."""
+    """model_source.loras: [{path (absolute), sha256, scale (any sign: a negative scale removes a style)}, ...]."""
     entries = []
     for i, entry in enumerate(reader.sequence(value, where)):
         at = f"{where}[{i}]"
         reader.record(entry, at, ("path", "sha256", "scale"))
         entries.append((_absolute(reader, entry["path"], join_path(at, "path")), reader.sha256(entry["sha256"], join_path(at, "sha256")),
-                        reader.number(entry["scale"], join_path(at, "scale"))))
+                        reader.number(entry["scale"], join_path(at, "scale"), signed=True)))
     return tuple(entries)
 
 

@@ -7,9 +7,10 @@ initializer is hashed, and so is every Linear / Conv2d weight of the traced modu
 holds it (in its dtype) and, for 2-D weights, its transpose; a weight whose bytes are those of
 initializers and of no other weight is recorded with them. A weight that shares its bytes with
 another (e.g. two all-zero layers) or that the optimizer folded into something else is recorded as
-not switchable: an adapter on it is refused by name on a switch, never applied to the wrong
-tensor. The record is a JSON entry of the graph's own metadata (`ldmrt.lora_weights`), so the
-manifest's sha256 of the graph covers it.
+not switchable (as is a square weight equal to its transpose: its orientation is unknown): an
+adapter on it is refused by name on a switch, never applied to the wrong tensor. The record is a
+JSON entry of the graph's own metadata (`ldmrt.lora_weights`), so the manifest's sha256 of the
+graph covers it.
 """
 from __future__ import annotations
 
@@ -91,6 +92,8 @@ def record_graph_weights(path: Path, index: ModuleIndex, keys: Iterable[str],
             for name in by_bytes.get(fingerprint, ()):
                 found.setdefault(key, []).append(Target(name, transposed))
     shared = {key for keys_ in claimed.values() if len(set(keys_)) > 1 for key in keys_}
+    # a symmetric weight matches one initializer both ways: which way it is held is unknown
+    shared |= {key for key, t in found.items() if len({x.initializer for x in t}) < len(t)}
     targets = {key: tuple(t) for key, t in found.items() if key not in shared}
     entries = {key: index.entries[key] for key in targets}
     record = GraphWeights(ModuleIndex(index.model_name, index.components, entries), targets,
