@@ -200,3 +200,33 @@ def test_weights_that_share_their_values_are_refused_by_name(tmp_path):
     with pytest.raises(LoraError) as raised:
         pipeline.loras.set([path])
     assert "attn1" in str(raised.value) and "not switchable" in str(raised.value) and raised.value.field == "lora"
+
+
+def test_float16_graphs_switch_like_their_fused_export(bundles, tmp_path):
+    """fp16 initializers: base (fp16) + delta in float32, cast back; the fused fp16 export rounds
+    the fp32 sum once, so they agree to fp16 rounding, and removing the adapter is exact."""
+    from ldmrt.iospec import Precision
+
+    root, source, _ = bundles
+    files = {"b": write_kohya(source.model, tmp_path / "unet-only.safetensors", seed=6, text=False)}
+    options = ExportOptions(components=("unet",), validate=False, precision=Precision.FP16)
+    export_bundle(source, tmp_path / "half", options)
+    export_bundle(source, tmp_path / "half-b", ExportOptions(components=("unet",), validate=False,
+                                                             precision=Precision.FP16,
+                                                             loras=(LoraChoice(files["b"], 0.7),)))
+    assert read_graph_weights(tmp_path / "half" / "unet.onnx").targets
+    pipeline, fused = (Pipeline.load(tmp_path / name, "onnxruntime") for name in ("half", "half-b"))
+    spec = pipeline.manifest.component("unet").spec
+    from ldmrt.export.validate import shape_plan
+    from ldmrt.models.components import example_inputs
+
+    dtypes = {t.name: t.dtype for t in spec.inputs}
+    inputs = {k: v.astype(dtypes[k]) for k, v in example_inputs(source.model.config, spec, shape_plan(spec).trace,
+                                                                  seed=0).items()}
+    base = pipeline.runners["unet"](inputs)
+    pipeline.loras.set([LoraChoice(files["b"], 0.7)])
+    switched, reference = pipeline.runners["unet"](inputs), fused.runners["unet"](inputs)
+    assert np.abs(switched.astype(np.float32) - base).max() > 1e-2
+    np.testing.assert_allclose(switched.astype(np.float32), reference.astype(np.float32), rtol=0, atol=1e-2)
+    pipeline.loras.set([])
+    np.testing.assert_array_equal(pipeline.runners["unet"](inputs), base)
