@@ -26,10 +26,10 @@ def open_runners(backend: str, bundle: Path, manifest: Manifest, components: tup
     backend = Backend.parse(backend).value          # any case; ConfigError naming `backend` otherwise
     if backend == "onnxruntime":
         from ldmrt.engines.onnxruntime import open_onnxruntime
-        from ldmrt.engines.ort_lora import OrtWeightSwitch
+        from ldmrt.engines.ort_lora import ort_switch
 
         runners = open_onnxruntime(bundle, manifest, components, verify=verify, **options)
-        return dataclasses.replace(BackendRunners.with_numpy_loop(runners), weights=OrtWeightSwitch(runners))
+        return dataclasses.replace(BackendRunners.with_numpy_loop(runners), weights=ort_switch(runners))
     if verify:
         verify_graphs(bundle, manifest, components)
     if backend in ("tensorrt", "tensorrt-rtx"):
