@@ -230,3 +230,89 @@ def test_float16_graphs_switch_like_their_fused_export(bundles, tmp_path):
     np.testing.assert_allclose(switched.astype(np.float32), reference.astype(np.float32), rtol=0, atol=1e-2)
     pipeline.loras.set([])
     np.testing.assert_array_equal(pipeline.runners["unet"](inputs), base)
+
+
+# --- TensorRT refit, against a stand-in (no GPU here; TensorRT-RTX builds no refittable engine on a CPU)
+
+class _Engine:
+    """What the switch sees of a refittable engine: its weights by initializer name."""
+
+    def __init__(self, graph: Path, refittable: bool = True, hide: str | None = None):
+        self.weights = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(graph)).graph.initializer}
+        self.refittable, self.hide, self.refits = refittable, hide, 0
+
+
+class _Refitter:
+    def __init__(self, engine: _Engine, logger):
+        self.engine, self.staged = engine, {}
+
+    def get_all_weights(self):
+        return [name for name in self.engine.weights if name != self.engine.hide]
+
+    def set_named_weights(self, name, weights) -> bool:
+        self.staged[name] = weights.array
+        return True
+
+    def refit_cuda_engine(self) -> bool:
+        for name, array in self.staged.items():
+            assert array.dtype == self.engine.weights[name].dtype and array.shape == self.engine.weights[name].shape
+            self.engine.weights[name] = array.copy()
+        self.engine.refits += 1
+        return True
+
+
+class _Runner:
+    def __init__(self, engine: _Engine):
+        self.engine, self.dropped = engine, 0
+
+    def drop_graphs(self):
+        self.dropped += 1
+
+
+def _trt(root: Path, **engine_options):
+    from types import SimpleNamespace
+
+    from ldmrt.engines.trt_lora import trt_switch
+
+    api = SimpleNamespace(module=SimpleNamespace(Refitter=_Refitter, Weights=lambda a: SimpleNamespace(array=a)),
+                          logger=None)
+    graphs = {name: root / "plain" / f"{name}.onnx" for name in ("unet", "text_encoder")}
+    runners = {name: _Runner(_Engine(path, **engine_options)) for name, path in graphs.items()}
+    refitted = []
+    return trt_switch(api, graphs.__getitem__, runners, refitted.append), runners, refitted
+
+
+def _initializers(path: Path) -> dict[str, np.ndarray]:
+    return {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
+def test_refit_sets_the_fused_weights_then_the_base_and_drops_cuda_graphs(bundles):
+    from ldmrt.lora.slot import AdapterSlot
+
+    root, _, files = bundles
+    switch, runners, refitted = _trt(root)
+    slot = AdapterSlot(switch, "tensorrt")
+    for choices, bundle in (([LoraChoice(files["b"], 0.7)], "fused-b"), ([files["a"]], "fused-a"), ([], "plain")):
+        slot.set(choices)
+        for name, runner in runners.items():
+            expected = _initializers(root / bundle / f"{name}.onnx")
+            assert runner.engine.weights.keys() == expected.keys()
+            for key, value in expected.items():
+                np.testing.assert_array_equal(runner.engine.weights[key], value, err_msg=f"{bundle} {key}")
+    assert all(r.engine.refits == 3 and r.dropped == 3 for r in runners.values())
+    assert refitted.count("unet") == 3                    # the denoiser's loop graphs go too
+
+
+def test_refit_refuses_unrefittable_engines_and_weights_before_touching_any(bundles):
+    from ldmrt.lora.slot import AdapterSlot
+
+    root, _, files = bundles
+    assert _trt(root, refittable=False)[0] is None
+    with pytest.raises(LoraError, match="--refit"):
+        AdapterSlot(None, "tensorrt").set([files["a"]])
+    record = read_graph_weights(root / "plain" / "unet.onnx")
+    hidden = next(t.initializer for key, targets in record.targets.items() if "attn1.to_q" in key for t in targets)
+    switch, runners, _ = _trt(root, hide=hidden)
+    with pytest.raises(LoraError, match="no refittable weights"):
+        AdapterSlot(switch, "tensorrt").set([files["a"]])
+    assert all(r.engine.refits == 0 for r in runners.values())

@@ -28,7 +28,7 @@ class _RunnerGraph:
 def ort_switch(runners: Mapping[str, object]) -> GraphSwitch:
     """The switch over ONNX Runtime runners (component -> OnnxRuntimeRunner)."""
 
-    def stage(component: str, values, adapted: bool):
+    def stage(component: str, values, adapted: bool, field_name: str):
         runner = runners[component]
         session, held = runner.reopened(values if adapted else None)
         return lambda: runner.use(session, held, adapted)

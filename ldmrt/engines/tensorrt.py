@@ -353,10 +353,7 @@ class TensorRTRunner:
             return
         if capacity >= 0:
             self.device.free(ptr)
-        for graph in worker.graphs.values():   # graphs hold the old addresses
-            self.device.destroy_graph(graph)
-        worker.graphs.clear()
-        worker.warm.clear()
+        self._drop_graphs(worker)              # graphs hold the old addresses
         ptr = self.device.malloc(nbytes)
         worker.buffers[name] = (ptr, nbytes)
         self._require(worker.context.set_tensor_address(name, ptr), f"set_tensor_address({name})")
@@ -438,6 +435,20 @@ class TensorRTRunner:
         worker.graphs[shapes] = graph
         self.device.launch(graph, worker.stream)
 
+    def _drop_graphs(self, worker: _Worker) -> None:
+        for graph in worker.graphs.values():
+            self.device.destroy_graph(graph)
+        worker.graphs.clear()
+        worker.warm.clear()
+
+    def drop_graphs(self) -> None:
+        """Destroy every thread's captured CUDA graphs (after a refit: they must not replay what
+        the engine held before); the next runs warm up and capture again. No run may be in flight
+        (the pipeline's adapter lock sees to it)."""
+        with self._lock:
+            for worker in self._workers:
+                self._drop_graphs(worker)
+
     def close(self) -> None:
         """Free every worker's graphs, buffers and stream (the engine goes with the runner)."""
         with self._lock:
@@ -480,6 +491,7 @@ def open_tensorrt(bundle: Path, manifest: Any, components: Sequence[str], *, bac
     denoise_step engine, else the numpy loop; engines/tensorrt_denoise.py)."""
     from ldmrt.engines.base import BackendRunners
     from ldmrt.engines.tensorrt_denoise import open_denoiser
+    from ldmrt.engines.trt_lora import trt_switch
 
     api = trt_api.load(backend)
     runtime = RuntimeInfo.detect(backend, allow_version_compatible=allow_version_compatible)
@@ -496,5 +508,12 @@ def open_tensorrt(bundle: Path, manifest: Any, components: Sequence[str], *, bac
 
     runners = {name: _ComponentEngine(manifest.component(name).spec, load(name)) for name in components}
     unet = runners.get(Component.UNET)
-    return BackendRunners(runners, None if unet is None else
-                          open_denoiser(manifest, unet, load, cuda_graphs=cuda_graphs))
+    denoiser = None if unet is None else open_denoiser(manifest, unet, load, cuda_graphs=cuda_graphs)
+
+    def after_refit(component: str) -> None:       # the loop's captured graphs replay the UNet engine
+        if component == Component.UNET and hasattr(denoiser, "drop_graphs"):
+            denoiser.drop_graphs()
+
+    weights = trt_switch(api, lambda name: bundle / manifest.component(name).file,
+                         {name: engine.runner for name, engine in runners.items()}, after_refit)
+    return BackendRunners(runners, denoiser, weights=weights)

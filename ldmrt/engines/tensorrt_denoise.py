@@ -343,6 +343,16 @@ class TensorRTDenoiser:
                                 f"set_tensor_address({tensor.name})")
         worker.bound = state.key
 
+    def drop_graphs(self) -> None:
+        """Destroy every captured loop graph (after the UNet engine is refitted: a replay would run
+        what it held before); each shape warms up and captures again. No loop may be in flight."""
+        with self._lock:
+            for worker in self._workers:
+                for state in worker.states.values():
+                    if state.graph is not None:
+                        self.device.destroy_graph(state.graph)
+                    state.graph, state.warm = None, False
+
     def close(self) -> None:
         """Free every thread's graphs, buffers and stream (the engines go with their runners)."""
         with self._lock:

@@ -4,7 +4,7 @@ shares (ONNX Runtime: ldmrt.engines.ort_lora; TensorRT refit: ldmrt.engines.trt_
 Each graph's record (ldmrt.lora.graph_weights, written at export) says which initializer holds
 which weight. `prepare` reads and checks the files, computes base + sum(deltas) in float32 for
 every weight the adapters touch, cast to the initializer's dtype, and hands each graph whose
-values change to the backend's `stage(component, values, adapted)`: `values` holds the new value
+values change to the backend's `stage(component, values, adapted, field_name)`: `values` holds the new value
 of every initializer that differs from what the graph holds now, the touched ones adapted and
 those the previous adapters touched, and these do not, their base value (read from the graph and
 kept, so the base comes back bit for bit: nothing is ever subtracted); `adapted` says whether any
@@ -24,7 +24,7 @@ from ldmrt.lora.deltas import ModuleIndex, adapter_deltas
 from ldmrt.lora.graph_weights import GraphWeights, adapted, base_initializers, read_graph_weights
 from ldmrt.lora.reading import read_lora
 
-Stage = Callable[[str, dict[str, np.ndarray], bool], Callable[[], None]]
+Stage = Callable[[str, dict[str, np.ndarray], bool, str], Callable[[], None]]
 
 
 class GraphFile(Protocol):
@@ -61,7 +61,7 @@ class GraphSwitch:
             if not values and not restored:
                 continue
             values.update(self._bases(component, restored))
-            staged.append(self._stage(component, values, bool(now)))
+            staged.append(self._stage(component, values, bool(now), field_name))
             applied[component] = now
         records = tuple(LoraRecord(str(c.path.absolute()), files[c.path].sha256, c.scale) for c in choices)
 

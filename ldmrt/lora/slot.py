@@ -68,8 +68,9 @@ class AdapterSlot:
 
     def __init__(self, switch: Switch | None, backend: str, how: str = ""):
         self._switch, self.backend = switch, backend
-        self._how = how or ("load the bundle with --backend torch or onnxruntime, or export it with "
-                            "--lora to fuse them")
+        refit = (f"its engines were built without --refit: rebuild them refittable (ldmrt build BUNDLE "
+                 f"--backend {backend} --refit), " if backend.startswith("tensorrt") else "")
+        self._how = how or f"{refit}load the bundle with --backend torch or onnxruntime, or export it with --lora"
         self._lock = _ReadersWriter()
         self._one_switch = threading.Lock()     # prepares run one at a time, in order
 
