@@ -394,6 +394,60 @@ def runtime_bundle(device: torch.device, smoke: bool) -> dict:
     return result
 
 
+def lora_cuda_graphs(device: torch.device) -> dict:
+    """LoRA switched on a CUDA-graph pipeline (torch backend): the captured loop must replay the new
+    weights (in-place writes keep the addresses). A -> none on one pipeline vs fresh pipelines that
+    captured with A and with none, and the switch times."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from ldmrt.export.bundle import ExportOptions, export_bundle, preset_source
+    from ldmrt.lora.choice import LoraChoice
+    from ldmrt.runtime.pipeline import GenerationRequest, Pipeline
+
+    folder = Path(tempfile.mkdtemp())
+    source = preset_source("tiny")
+    export_bundle(source, folder / "tiny", ExportOptions(components=("text_encoder", "unet", "vae_decoder"),
+                                                         validate=False))
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, module in source.model.named_modules():
+        if name.startswith("model.diffusion_model.") and name.endswith(("attn1.to_q", "attn2.to_v")):
+            key = "lora_unet_" + name.removeprefix("model.diffusion_model.").replace(".", "_")
+            tensors[f"{key}.lora_down.weight"] = torch.randn(4, module.weight.shape[1], generator=g) * 0.3
+            tensors[f"{key}.lora_up.weight"] = torch.randn(module.weight.shape[0], 4, generator=g) * 0.3
+    save_file(tensors, str(folder / "a.safetensors"))
+    adapter = [LoraChoice(folder / "a.safetensors", 1.0)]
+    request = GenerationRequest(prompt="a red fox", steps=12, sampler="dpmpp-2m", seed=3, height=64, width=64)
+
+    def fresh(choices):
+        pipe = Pipeline.load(folder / "tiny", "torch", device=str(device), cuda_graphs=True)
+        pipe.loras.set(choices)
+        return pipe.generate(request).images
+
+    pipe = Pipeline.load(folder / "tiny", "torch", device=str(device), cuda_graphs=True)
+    none_first = pipe.generate(request).images          # captures the loop on the base weights
+    pipe.generate(request)
+    start = time.perf_counter()
+    pipe.loras.set(adapter)
+    switch_on = time.perf_counter() - start
+    with_a = pipe.generate(request).images               # replays the graph: must see A
+    start = time.perf_counter()
+    pipe.loras.set([])
+    switch_off = time.perf_counter() - start
+    none_again = pipe.generate(request).images
+    fresh_a, fresh_none = fresh(adapter), fresh([])
+    result = {"switch_on_s": switch_on, "switch_off_s": switch_off,
+              "a_vs_fresh_a_max_abs": float(np.abs(with_a - fresh_a).max()),
+              "a_vs_none_max_abs": float(np.abs(with_a - none_first).max()),
+              "none_again_vs_first_max_abs": float(np.abs(none_again - none_first).max()),
+              "fresh_none_vs_first_max_abs": float(np.abs(fresh_none - none_first).max())}
+    result["pass"] = (result["a_vs_fresh_a_max_abs"] <= 1e-3 and result["a_vs_none_max_abs"] > 1e-2
+                      and result["none_again_vs_first_max_abs"] <= 1e-3)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU: check the harness only")
@@ -426,6 +480,8 @@ def main() -> None:
     report.section("tensorrt", tensorrt_check)
     if wanted("runtime"):
         report.section("runtime_bundle", lambda: runtime_bundle(device, args.smoke))
+    if wanted("lora"):
+        report.section("lora_cuda_graphs", lambda: lora_cuda_graphs(device))
     holder = {}
     if wanted("sd15"):
         report.section("load_sd15", lambda: holder.setdefault("sd", SD15(device, args.smoke)) and {"ok": True})
