@@ -104,22 +104,48 @@ def _diffusers_images(pipe, fused: dict, request: GenerationRequest) -> np.ndarr
                          latents=latents, output_type="np").images
 
 
-@pytest.mark.parametrize("kind, name", [("sd1", "kohya-locon"), ("sdxl", "peft-metadata-conv")])
-def test_export_with_lora_matches_diffusers_images(tiny, kind, name, tmp_path):
-    pipe, folder = tiny[kind].pipe, tiny[kind].folder
-    writer, options = FILES[name]
-    path = writer(pipe, tmp_path / f"{name}.safetensors", seed=3, **options)
+def _bundle(tiny, kind: str, folder_out: Path, loras: tuple = ()) -> Pipeline:
     components = ("text_encoder", "unet", "vae_decoder") + (("text_encoder_2",) if kind == "sdxl" else ())
-    export_bundle(checkpoint_source(folder), tmp_path / "bundle", ExportOptions(
-        components=components, loras=(LoraChoice(path, E2E_SCALE),), validate=False, optimize=False,
+    export_bundle(checkpoint_source(tiny[kind].folder), folder_out, ExportOptions(
+        components=components, loras=loras, validate=False, optimize=False,
         shape_ranges=ShapeRanges(min_size=16, opt_size=32, max_size=64, max_batch=1)))
-    ours = Pipeline.load(tmp_path / "bundle", "onnxruntime", threads=1)
+    return Pipeline.load(folder_out, "onnxruntime", threads=1)
+
+
+def _request(pipe) -> GenerationRequest:
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     latents = np.random.default_rng(4).standard_normal((1, 4, 32 // factor, 48 // factor)).astype(np.float32)
-    request = GenerationRequest(prompt="a photograph of an astronaut", negative_prompt="blurry", steps=5,
-                                guidance=5.0, height=32, width=48, latents=latents)
+    return GenerationRequest(prompt="a photograph of an astronaut", negative_prompt="blurry", steps=5,
+                             guidance=5.0, height=32, width=48, latents=latents)
+
+
+@pytest.mark.parametrize("kind, name", [("sd1", "kohya-locon"), ("sdxl", "peft-metadata-conv")])
+def test_export_with_lora_matches_diffusers_images(tiny, kind, name, tmp_path):
+    pipe = tiny[kind].pipe
+    writer, options = FILES[name]
+    path = writer(pipe, tmp_path / f"{name}.safetensors", seed=3, **options)
+    ours = _bundle(tiny, kind, tmp_path / "bundle", (LoraChoice(path, E2E_SCALE),))
+    request = _request(pipe)
     images = ours.generate(request).images
     expected = _diffusers_images(pipe, lora_files.diffusers_fused(pipe, [(path, E2E_SCALE)]), request)
     plain = _diffusers_images(pipe, lora_files.base_weights(pipe), request)
     assert float(np.abs(images - expected).mean()) <= IMAGE_TOL
+    assert float(np.abs(plain - expected).mean()) > 10 * IMAGE_TOL, "the adapter must show in the image"
+
+
+@pytest.mark.parametrize("kind, name", [("sd1", "peft-metadata-conv"), ("sdxl", "kohya-locon")])
+def test_switching_at_run_time_matches_diffusers_images(tiny, kind, name, tmp_path):
+    """ONNX Runtime, no re-export: the plain bundle switched to the adapter (both text encoders of
+    SDXL too) gives diffusers' images with it fused, and switched back, diffusers' base images."""
+    pipe = tiny[kind].pipe
+    writer, options = FILES[name]
+    path = writer(pipe, tmp_path / f"{name}.safetensors", seed=5, **options)
+    ours = _bundle(tiny, kind, tmp_path / "plain")
+    request = _request(pipe)
+    ours.loras.set([LoraChoice(path, E2E_SCALE)])
+    expected = _diffusers_images(pipe, lora_files.diffusers_fused(pipe, [(path, E2E_SCALE)]), request)
+    assert float(np.abs(ours.generate(request).images - expected).mean()) <= IMAGE_TOL
+    ours.loras.set([])
+    plain = _diffusers_images(pipe, lora_files.base_weights(pipe), request)
+    assert float(np.abs(ours.generate(request).images - plain).mean()) <= IMAGE_TOL
     assert float(np.abs(plain - expected).mean()) > 10 * IMAGE_TOL, "the adapter must show in the image"

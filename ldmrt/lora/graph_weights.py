@@ -5,7 +5,8 @@ The exporter renames weights (a Linear's becomes `onnx::MatMul_123`, transposed)
 say which initializer holds which weight; their bytes do. At export (`record_graph_weights`) every
 initializer is hashed, and so is every Linear / Conv2d weight of the traced module as the graph
 holds it (in its dtype) and, for 2-D weights, its transpose; a weight whose bytes are those of
-initializers and of no other weight is recorded with them. A weight that shares its bytes with
+initializers and of no other weight is recorded with them; one the graph's outputs do not depend
+on (the exporter dropped it) with none, as an adapter on it changes nothing. A weight that shares its bytes with
 another (e.g. two all-zero layers) or that the optimizer folded into something else is recorded as
 not switchable (as is a square weight equal to its transpose: its orientation is unknown): an
 adapter on it is refused by name on a switch, never applied to the wrong tensor. The record is a
@@ -70,10 +71,16 @@ class GraphWeights:
 
 
 def record_graph_weights(path: Path, index: ModuleIndex, keys: Iterable[str],
-                         weight: Callable[[str], np.ndarray]) -> GraphWeights:
+                         weight: Callable[[str], np.ndarray],
+                         unused: Callable[[list[str]], set[str]] = lambda keys: set()) -> GraphWeights:
     """Find `keys` (weights of the traced module, in `index`) among the initializers of the graph at
     `path` and store the record in its metadata. `weight(key)`: the weight as the graph holds it
-    (its dtype; bf16 as uint16 bits). The graph is rewritten in place (weights in `.data` untouched)."""
+    (its dtype; bf16 as uint16 bits). `unused(keys)`: those of the keys no initializer holds that
+    the graph's outputs do not depend on (the exporter dropped them: SDXL's first text encoder
+    ends at its penultimate layer); an adapter's change to them changes nothing, so they are
+    recorded with no initializer, not as unswitchable. The graph is rewritten in place (weights in
+    `.data` untouched)."""
+    keys = list(keys)
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -95,6 +102,8 @@ def record_graph_weights(path: Path, index: ModuleIndex, keys: Iterable[str],
     # a symmetric weight matches one initializer both ways: which way it is held is unknown
     shared |= {key for key, t in found.items() if len({x.initializer for x in t}) < len(t)}
     targets = {key: tuple(t) for key, t in found.items() if key not in shared}
+    absent = [key for key in keys if key not in found]
+    targets.update({key: () for key in (unused(absent) if absent else set()) & set(absent)})
     entries = {key: index.entries[key] for key in targets}
     record = GraphWeights(ModuleIndex(index.model_name, index.components, entries), targets,
                           tuple(sorted(set(keys) - set(targets))))
