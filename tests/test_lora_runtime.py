@@ -316,3 +316,19 @@ def test_refit_refuses_unrefittable_engines_and_weights_before_touching_any(bund
     with pytest.raises(LoraError, match="no refittable weights"):
         AdapterSlot(switch, "tensorrt").set([files["a"]])
     assert all(r.engine.refits == 0 for r in runners.values())
+
+
+def test_a_bundle_without_weight_records_is_refused_with_advice(bundles, tmp_path):
+    """Graphs exported before the record (or int8 ones): a switch says to re-export or fuse."""
+    import shutil
+
+    root, _, files = bundles
+    shutil.copytree(root / "plain", tmp_path / "old")
+    for name in ("unet", "text_encoder"):
+        graph = onnx.load(str(tmp_path / "old" / f"{name}.onnx"))
+        del graph.metadata_props[:]
+        onnx.save_model(graph, str(tmp_path / "old" / f"{name}.onnx"))
+    pipeline = Pipeline.load(tmp_path / "old", "onnxruntime", verify=False, cache_dir=tmp_path / "cache")
+    with pytest.raises(LoraError, match="record no switchable weights.*re-export"):
+        pipeline.loras.set([files["a"]])
+    assert pipeline.loras.active == ()
