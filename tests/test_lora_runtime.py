@@ -99,32 +99,6 @@ def test_weights_outside_the_graph_are_replaced_too(bundles, tmp_path, monkeypat
     np.testing.assert_array_equal(pipeline.generate(REQUEST).images, _images(root / "plain"))
 
 
-def test_requests_on_other_threads_see_one_weight_set(bundles):
-    root, _, files = bundles
-    pipeline = Pipeline.load(root / "plain", "onnxruntime")
-    none = pipeline.generate(REQUEST).images
-    pipeline.loras.set([files["a"]])
-    with_a = pipeline.generate(REQUEST).images
-    found, errors = [], []
-
-    def work():
-        try:
-            for _ in range(3):
-                found.append(pipeline.generate(REQUEST).images)
-        except Exception as exc:  # noqa: BLE001 (reported below)
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for i in range(6):
-        pipeline.loras.set([] if i % 2 == 0 else [files["a"]])
-    for t in threads:
-        t.join()
-    assert not errors and len(found) == 9
-    assert all(np.array_equal(image, none) or np.allclose(image, with_a, rtol=0, atol=1e-6) for image in found)
-
-
 def test_using_runs_each_request_on_its_own_adapters(bundles):
     """AdapterSlot.using: a server's per-request choice; requests on A and on none interleave on
     threads, each gets its own adapters' image."""
