@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The Python environment that serves ldmrt's Triton model repositories on this machine (CPU):
-# nvidia-pytriton (a tritonserver with the Python backend), tritonclient, numpy, onnxruntime, onnx.
+# nvidia-pytriton (a tritonserver with the Python backend), tritonclient, numpy, onnxruntime.
 #
 # It must be a virtual environment of the SYSTEM python3 (Debian's /usr/bin/python3): PyTriton's
 # Python-backend stub links the system libpython3.X, and run against another interpreter's
@@ -17,10 +17,8 @@ set -euo pipefail
 
 DIR="${1:-${LDMRT_TRITON_ENV:-${XDG_CACHE_HOME:-$HOME/.cache}/ldmrt/triton-env}}"
 PYTHON="${LDMRT_TRITON_PYTHON:-/usr/bin/python3}"
-# tokenizers: the pipeline's runtime tokenizes with it (ldmrt/tokenizer.py); onnx: it reads the graphs'
-# weight records and base initializers to switch LoRA adapters (ldmrt/lora/graph_weights.py).
-REQUIREMENTS=("numpy>=1.26" "onnxruntime>=1.18" "tokenizers>=0.15" "onnx>=1.16" "nvidia-pytriton==0.7.0"
-              "tritonclient[grpc,http]>=2.50")
+# tokenizers: the pipeline's runtime tokenizes with it (ldmrt/tokenizer.py).
+REQUIREMENTS=("numpy>=1.26" "onnxruntime>=1.18" "tokenizers>=0.15" "nvidia-pytriton==0.7.0" "tritonclient[grpc,http]>=2.50")
 
 say() { echo "triton_env: $*" >&2; }
 
@@ -47,7 +45,7 @@ fi
 
 STAMP="$("$PYTHON" -c 'import platform, sys; print(sys.executable, platform.python_version())') ${REQUIREMENTS[*]}"
 if [ -f "$DIR/.ldmrt-triton-env" ] && [ "$(cat "$DIR/.ldmrt-triton-env")" = "$STAMP" ] \
-        && "$DIR/bin/python" -c 'import pytriton, tritonclient.grpc, onnxruntime, onnx, tokenizers' 2>/dev/null; then
+        && "$DIR/bin/python" -c 'import pytriton, tritonclient.grpc, onnxruntime, tokenizers' 2>/dev/null; then
     say "$DIR is up to date ($STAMP)"
     exit 0
 fi
@@ -73,6 +71,6 @@ if [ ! -x "$STUB" ]; then
     say "nvidia-pytriton has no Python-backend stub for Python $VERSION ($STUB)"
     exit 1
 fi
-"$DIR/bin/python" -c 'import numpy, onnxruntime, onnx, tokenizers, pytriton, tritonclient.http, tritonclient.grpc.model_config_pb2'
+"$DIR/bin/python" -c 'import numpy, onnxruntime, tokenizers, pytriton, tritonclient.http, tritonclient.grpc.model_config_pb2'
 echo "$STAMP" > "$DIR/.ldmrt-triton-env"
 say "ready in $((SECONDS - START)) s: $DIR"

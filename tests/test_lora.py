@@ -300,7 +300,8 @@ def test_cli_export_and_generate_take_lora(setup, tmp_path):
     pickled = tmp_path / "adapter.ckpt"
     pickled.write_bytes(b"not read")
     result = runner.invoke(app, generate + ["--lora", str(pickled), "--out", str(tmp_path / "x.png")])
-    assert result.exit_code == 2 and "--lora" in result.output and not (tmp_path / "x.png").exists()
+    assert result.exit_code == 2 and "--lora" in result.output and "---" not in result.output
+    assert not (tmp_path / "x.png").exists()
     fused = Pipeline.load(root / "fused-b", "onnxruntime").generate(REQUEST).images
     for backend in ("torch", "onnxruntime"):
         result = runner.invoke(app, generate + ["--backend", backend, "--lora", f"{files['b']}:0.7",

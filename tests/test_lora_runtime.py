@@ -306,3 +306,27 @@ def test_a_bundle_without_weight_records_is_refused_with_advice(bundles, tmp_pat
     with pytest.raises(LoraError, match="record no switchable weights.*re-export"):
         pipeline.loras.set([files["a"]])
     assert pipeline.loras.active == ()
+
+
+def test_the_wire_reader_reads_what_onnx_reads(bundles, tmp_path):
+    """ldmrt.onnx_wire (no onnx package in the lean runtime) against onnx itself: every initializer's
+    value, inside the protobuf and in .data, and the metadata; a truncated graph is a BundleError."""
+    from ldmrt import onnx_wire
+    from ldmrt.errors import BundleError
+
+    root, _, _ = bundles
+    graph = root / "plain" / "unet.onnx"
+    model = onnx.load(str(graph))
+    onnx.save_model(onnx.load(str(graph)), str(tmp_path / "external.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="external.onnx.data", size_threshold=1024)
+    for path in (graph, tmp_path / "external.onnx"):
+        data = path.read_bytes()
+        spans = onnx_wire.initializers(data, str(path))
+        assert set(spans) == {t.name for t in model.graph.initializer}
+        for tensor in model.graph.initializer:
+            np.testing.assert_array_equal(onnx_wire.read_array(spans[tensor.name], data, path.parent, str(path)),
+                                          onnx.numpy_helper.to_array(tensor))
+        assert onnx_wire.metadata(data, str(path)) == {p.key: p.value for p in model.metadata_props}
+    assert any(s.location for s in onnx_wire.initializers((tmp_path / "external.onnx").read_bytes(), "x").values())
+    with pytest.raises(BundleError, match="not a readable ONNX graph"):
+        onnx_wire.initializers(graph.read_bytes()[:-1000], str(graph))

@@ -82,9 +82,9 @@ def generate(
         from ldmrt.lora.reading import read_lora
 
         check_out(out, batch)          # before any work: a long job never ends in a traceback
-        loras = [LoraChoice.parse(text, "--lora") for text in lora or ()]
+        loras = [LoraChoice.parse(text) for text in lora or ()]
         for choice in loras:
-            read_lora(choice.path, "--lora")     # a bad file fails before the bundle loads
+            read_lora(choice.path)     # a bad file fails before the bundle loads (shown as --lora)
         if denoising_end is not None and out.suffix.lower() != ".npy":
             raise GenerationError(f"--out {out}: --denoising-end writes the latents the refiner continues; "
                                   f"expected a .npy file name")
@@ -110,7 +110,7 @@ def generate(
         with console.status(f"loading {bundle} on {backend}"):
             pipeline = Pipeline.load(bundle, backend)
             if loras:
-                pipeline.loras.set(loras, "--lora")
+                pipeline.loras.set(loras)
         if pipeline.manifest.random_weights:
             console.print("[yellow]this bundle has RANDOM weights: the images are noise[/]")
         with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),

@@ -11,6 +11,7 @@ from typing import Mapping
 
 import numpy as np
 
+from ldmrt import onnx_wire
 from ldmrt.engines.base import verify_graphs
 from ldmrt.engines.ort_cache import (GraphCache, SourceCheck, SourceGraph, cache_folder, create_session,
                                      discard, entry_folder, lookup, may_hit)
@@ -55,28 +56,30 @@ class OnnxRuntimeRunner:
         if not initializers:
             return self._open(lambda options: create_session(self.source, options, self._providers,
                                                              self._cache))[0], []
-        import onnx
         import onnxruntime as ort
-        from onnx import numpy_helper
 
         # Replaced before ONNX Runtime optimizes the graph: SessionOptions.add_initializer takes
         # effect only after the optimizer, which at ORT_ENABLE_ALL has already reordered convolution
         # weights from the old values (measured: ORT 1.32). So initializers stored in `.data` are
-        # given as external ones (swapped in at load), and those inside the protobuf are replaced in it.
+        # given as external ones (swapped in at load), and those inside the protobuf are written over
+        # in a copy of its bytes (same dtype and shape: same length; ldmrt.onnx_wire finds them).
         self.verify_source()
-        graph = onnx.load(str(self.source.path), load_external_data=False)
-        external, embedded = [], {}
-        for tensor in graph.graph.initializer:
-            if tensor.name in initializers:
-                if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                    external.append(tensor.name)
-                else:
-                    embedded[tensor.name] = tensor
-        for name, tensor in embedded.items():
-            tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(initializers[name]), name))
+        where = str(self.source.path)
+        data = self.source.path.read_bytes()
+        spans = onnx_wire.initializers(data, where)
+        external = [name for name in initializers if spans[name].location is not None]
+        embedded = [name for name in initializers if spans[name].location is None]
+        if embedded:
+            data = bytearray(data)
+            for name in embedded:
+                span, raw = spans[name], np.ascontiguousarray(initializers[name]).tobytes()
+                if len(raw) != span.end - span.start:
+                    raise BundleError(f"{where}: initializer {name}: {span.end - span.start} bytes in the graph, "
+                                      f"{len(raw)} to write")
+                data[span.start:span.end] = raw
         values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(initializers[n])) for n in external]
-        model = graph.SerializeToString() if embedded else str(self.source.path)
-        del graph
+        model = bytes(data) if embedded else where
+        del data
 
         def create(options):
             options.add_session_config_entry("session.model_external_initializers_file_folder_path",

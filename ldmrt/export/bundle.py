@@ -21,6 +21,7 @@ from ldmrt.errors import BundleError, ConfigError, ExportError, ParityError
 from ldmrt.models.components import ComponentGraph, example_inputs, to_torch
 from ldmrt.export.onnx_graph import MIN_OPSET, export_graph
 from ldmrt.export.quantize import Int8Options, quantize_unet, split_prompts
+from ldmrt.export.lora_record import record_adaptable_weights
 from ldmrt.export.step_graph import export_step_graph
 from ldmrt.export.validate import shape_plan, validate_graph
 from ldmrt.lora.choice import LoraChoice
@@ -169,7 +170,7 @@ def _export_component(source: ModelSource, spec, work: Path, options: ExportOpti
     report(spec.name, "tracing")
     path = export_graph(graph, spec, inputs, work / f"{spec.name}.onnx", options.opset, options.optimize)
     if not (options.precision == Precision.INT8 and spec.name == Component.UNET):     # int8: weights quantized
-        _record_adaptable_weights(model, reference, graph, path, to_torch(
+        record_adaptable_weights(model, reference, graph, path, to_torch(
             example_inputs(model.config, spec, plan.trace, seed=0), spec, TORCH_DTYPES["float32"]))
     del graph
     parity = None
@@ -187,48 +188,6 @@ def _export_component(source: ModelSource, spec, work: Path, options: ExportOpti
         parity = quantize_unet(path, model, spec, options.int8, source.prompts).parity_record()
     report(spec.name, "hashing")
     return ComponentEntry.from_files(work, spec, graph_dtype, parity)
-
-
-def _record_adaptable_weights(model, reference, graph, path: Path, inputs) -> None:
-    """Which initializers of the graph at `path` hold the model's LoRA-adaptable weights
-    (ldmrt.lora.graph_weights), for switching adapters at run time without PyTorch. `inputs`:
-    float32 example inputs of `reference`, run only to tell dropped weights (see `unused`)."""
-    import torch
-
-    from ldmrt.lora.graph_weights import record_graph_weights
-    from ldmrt.lora.targets import module_index
-
-    index = module_index(model)
-    key_of = {id(value): key for key, value in model.state_dict(keep_vars=True).items() if key in index.entries}
-    traced = dict(graph.named_parameters())           # `reference`'s names; `graph` may be a cast copy
-    keys = {key_of[id(p)]: name for name, p in reference.named_parameters() if id(p) in key_of}
-    if not keys:
-        return
-
-    def as_stored(key: str):
-        value = traced[keys[key]].detach().cpu().contiguous()
-        return value.view(torch.int16).numpy() if value.dtype == torch.bfloat16 else value.numpy()
-
-    def unused(absent: list[str]) -> set[str]:
-        """The absent weights no output depends on: no gradient reaches them."""
-        params = dict(reference.named_parameters())
-        wanted = [params[keys[key]] for key in absent]
-        flags = [p.requires_grad for p in wanted]
-        try:
-            for p in wanted:
-                p.requires_grad_(True)
-            with torch.enable_grad():
-                outputs = reference(*inputs)
-                outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-                total = sum(o.float().sum() for o in outputs if o.is_floating_point())
-                grads = (torch.autograd.grad(total, wanted, allow_unused=True) if total.requires_grad
-                         else [None] * len(wanted))          # no output depends on any of them
-        finally:
-            for p, flag in zip(wanted, flags):
-                p.requires_grad_(flag)
-        return {key for key, grad in zip(absent, grads) if grad is None}
-
-    record_graph_weights(path, index, keys, as_stored, unused)
 
 
 def _check_destination(out: Path, force: bool) -> None:
