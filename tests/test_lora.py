@@ -188,6 +188,8 @@ def test_a_backend_without_a_switch_refuses_by_name():
     with pytest.raises(LoraError) as raised:
         AdapterSlot(None, "tensorrt").set(["a.safetensors"], "--lora")
     assert raised.value.field == "--lora" and "tensorrt" in str(raised.value) and "--refit" in str(raised.value)
+    slot = AdapterSlot(None, "tensorrt")
+    assert not slot.can_switch and "--refit" in slot.why_not        # the Triton model refuses to load on it
 
 
 # --- bad files --------------------------------------------------------------------------------

@@ -34,6 +34,10 @@ def triton(
                                              "megapixels, e.g. 60 (0: no limit)."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Pipeline instances check the bundle's "
                                                                    "sha256 when they load."),
+    lora: Optional[List[str]] = typer.Option(
+        None, "--lora", help="NAME=FILE[:SCALE] LoRA adapter the pipeline model may load (repeatable): "
+                             "a request's `lora` input selects it by NAME (NAME:SCALE for another scale "
+                             "than SCALE, default 1). The file is put into the repository."),
     files: str = typer.Option("hardlink", help="How bundle files enter the repository: hardlink (copy "
                                                "across file systems) | copy | symlink."),
     force: bool = typer.Option(False, "--force", help="Replace the models ldmrt wrote in --out before "
@@ -47,6 +51,11 @@ def triton(
         from ldmrt.triton.repository import (ComponentPlatform, FileMode, PipelineModelOptions,
                                              RepositoryOptions, write_repository)
 
+        from ldmrt.triton.adapters import NamedAdapter, adapter_tuple, check_adapter_files
+
+        # Read and checked before the bundle is (field "lora": the message names --lora).
+        adapters = adapter_tuple(tuple(NamedAdapter.parse(text, "lora") for text in lora or ()), "lora")
+        check_adapter_files(adapters, "lora")
         component_kind = choice(InstanceKind, kind, "--kind")
         options = RepositoryOptions(
             prefix=prefix, platform=choice(ComponentPlatform, platform, "--platform"),
@@ -54,7 +63,7 @@ def triton(
             batching=DynamicBatching(dynamic_batching, max_queue_delay_us, tuple(preferred_batch_size or ())),
             pipeline=PipelineModelOptions(
                 backend=pipeline_backend, device=pipeline_device, threads=threads, verify=verify,
-                max_cost=max_cost,
+                max_cost=max_cost, loras=adapters,
                 instances=InstanceGroup(pipeline_instances, choice(InstanceKind, pipeline_kind, "--pipeline-kind"))),
             files=choice(FileMode, files, "--files"), force=force)
         with console.status(f"checking {bundle} and writing {out}"):

@@ -75,6 +75,15 @@ class AdapterSlot:
         self._one_switch = threading.Lock()     # prepares run one at a time, in order
 
     @property
+    def can_switch(self) -> bool:
+        """Whether this backend can switch adapters at run time (`why_not` says why not)."""
+        return self._switch is not None
+
+    @property
+    def why_not(self) -> str:
+        return "" if self._switch is not None else f"it runs on {self.backend}; {self._how}"
+
+    @property
     def active(self) -> tuple[LoraChoice, ...]:
         return () if self._switch is None else self._switch.active
 
@@ -132,8 +141,8 @@ class AdapterSlot:
                             f"{type(choices).__name__}", field=field_name)
         parsed = tuple(c if isinstance(c, LoraChoice) else LoraChoice.parse(c, field_name) for c in choices)
         if self._switch is None:
-            raise LoraError(f"{field_name}: this pipeline runs on {self.backend}, which cannot switch adapters "
-                            f"at run time here; {self._how}", field=field_name)
+            raise LoraError(f"{field_name}: this pipeline cannot switch adapters at run time: {self.why_not}",
+                            field=field_name)
         return parsed
 
     def _not_inside_a_request(self, field_name: str) -> None:

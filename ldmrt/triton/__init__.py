@@ -6,6 +6,7 @@
   `--force` replaces only those, untouched.
 - `pipeline_model`: the Python-backend model (copied as `model.py`) that runs ldmrt's Pipeline.
 - `pipeline_io`: its request and response tensors, declared once (config, model.py, client, check).
+- `adapters`: the LoRA adapters it may load (`--lora NAME=FILE[:SCALE]`) and a request's `lora` choice.
 - `probe`: the liveness probe shipped as `<pipeline>/probe.py` (standard library only).
 - `check`: parses every config.pbtxt with Triton's own protobuf (needs `tritonclient`) and
   compares it with the manifest.

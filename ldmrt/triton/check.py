@@ -8,7 +8,8 @@ environment scripts/triton_env.sh makes, e.g.
 Every config.pbtxt must parse as Triton's ModelConfig, and each component model's names,
 data types and dims must follow from the manifest's I/O spec. The rules are re-derived here
 from the spec (not by calling ldmrt.triton.config), so a mistake there is caught here. The
-pipeline model's inputs are those pipeline_io.py declares for the manifest's model, each optional.
+pipeline model's inputs are those pipeline_io.py declares for the manifest's model, each optional,
+and the LoRA adapters its parameter `loras` lists are in its version folder, unchanged.
 """
 from __future__ import annotations
 
@@ -107,7 +108,23 @@ def _check_pipeline(repo: Path, name: str, config: Any, model_config, dtype_name
         problems.append(f"{name}: outputs {outputs}, expected {expected}")
     if not (repo / name / VERSION / "model.py").is_file():
         problems.append(f"{name}: no {VERSION}/model.py")
+    problems += _check_adapters(repo / name, config)
     return problems
+
+
+def _check_adapters(model_dir: Path, config: Any) -> list[str]:
+    """The parameter `loras` parses, and every file it lists is there with its sha256."""
+    from ldmrt.errors import BundleError
+    from ldmrt.triton.adapters import PARAMETER, parse_adapters, served_adapters
+
+    if PARAMETER not in config.parameters:
+        return [f"{model_dir.name}: no parameter {PARAMETER} (the LoRA adapters; {{}} for none)"]
+    try:
+        served_adapters(parse_adapters(config.parameters[PARAMETER].string_value, str(model_dir)),
+                        model_dir / VERSION, verify=True)
+    except BundleError as exc:
+        return [f"{model_dir.name}: {exc}"]
+    return []
 
 
 def _check_component(model_dir: Path, config: Any, spec: ComponentSpec, onnx_files: tuple[str, ...],

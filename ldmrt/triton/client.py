@@ -11,7 +11,8 @@ Runs where tritonclient is installed (the environment of scripts/triton_env.sh):
 A request is a JSON object with the pipeline model's inputs (ldmrt/triton/pipeline_io.py):
 prompt (list), negative_prompt, steps, guidance, sampler, seed, height, width; SDXL's size ids
 (original_size [h, w], crops_coords_top_left, target_size, aesthetic_score, ...); the hand-off's
-denoising_end, denoising_start and init_latents (nested lists [N, C, h, w]); in `generate` also
+denoising_end, denoising_start and init_latents (nested lists [N, C, h, w]); lora (a list of
+"NAME" or "NAME:SCALE", the repository's adapters; see docs/triton.md); in `generate` also
 "protocol": "http" | "grpc". `generate` writes images_<i> and latents_<i> (with denoising_end,
 latents alone) into the .npz.
 Each worker thread has its own client (tritonclient clients are not shared across threads).
@@ -29,7 +30,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ldmrt.triton.pipeline_io import EVERY_REQUEST_TENSOR, IMAGES, LATENTS, WARNINGS
+from ldmrt.triton.pipeline_io import EVERY_INPUT, IMAGES, LATENTS, WARNINGS
 
 _NUMPY = {"BYTES": np.object_, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32}
 
@@ -42,7 +43,7 @@ def _client_type(data_type: str) -> str:
 
 INPUTS = {  # name -> (Triton datatype, numpy dtype)
     name: (_client_type(tensor.data_type), _NUMPY[_client_type(tensor.data_type)])
-    for name, tensor in EVERY_REQUEST_TENSOR.items()}
+    for name, tensor in EVERY_INPUT.items()}
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,8 @@
 
 config.pbtxt (repository.py), model.py's reading of a request (pipeline_model.py), the client's
 data types (client.py) and the repository check (check.py) all take them from here. Each input
-is named as the GenerationRequest field it fills, so an error naming the field names the Triton
-input. Torch-free and numpy-free; vendored with the runtime.
+but `lora` (which adapters to run on) is named as the GenerationRequest field it fills, so an
+error naming the field names the Triton input. Torch-free and numpy-free; vendored with the runtime.
 """
 from __future__ import annotations
 
@@ -73,8 +73,13 @@ HAND_OFF = (
     RequestTensor("denoising_start", "TYPE_FP32", _ONE, Form.NUMBER),
     RequestTensor("init_latents", "TYPE_FP32", (-1, -1, -1, -1), Form.ARRAY, "float32"),
 )
-EVERY_REQUEST_TENSOR: dict[str, RequestTensor] = {
+EVERY_REQUEST_TENSOR: dict[str, RequestTensor] = {   # the GenerationRequest fields
     tensor.name: tensor for tensor in GENERATION + CONCAT_MAPS + LAYOUT + SIZE_IDS + HAND_OFF}
+# Not a GenerationRequest field: the repository's LoRA adapters the request runs on, "NAME" or
+# "NAME:SCALE" each (ldmrt.triton.adapters); absent or empty: the base weights. Every pipeline
+# model declares it, so a request for adapters that a repository lacks is refused by ldmrt, by name.
+ADAPTERS = RequestTensor("lora", "TYPE_STRING", (-1,), Form.TEXTS)
+EVERY_INPUT: dict[str, RequestTensor] = {**EVERY_REQUEST_TENSOR, ADAPTERS.name: ADAPTERS}   # the client's
 
 IMAGES, LATENTS, WARNINGS = "images", "latents", "warnings"
 RESPONSE_TENSORS = (
@@ -94,4 +99,4 @@ def request_tensors(config) -> tuple[RequestTensor, ...]:
     if config.is_layout_conditioned:
         tensors += LAYOUT
     sizes = size_fields(config)
-    return tensors + tuple(tensor for tensor in SIZE_IDS if tensor.name in sizes) + HAND_OFF
+    return tensors + tuple(tensor for tensor in SIZE_IDS if tensor.name in sizes) + HAND_OFF + (ADAPTERS,)

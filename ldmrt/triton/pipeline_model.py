@@ -15,6 +15,8 @@ named as the GenerationRequest field it fills):
   SDXL: original_size, crops_coords_top_left, target_size INT32 [2] (height, width);
         aesthetic_score, negative_aesthetic_score FP32 (the refiner)
   hand-off: denoising_end, denoising_start FP32; init_latents FP32 [N, C, h, w]
+  lora             BYTES [K]  "NAME" or "NAME:SCALE": LoRA adapters of config.pbtxt's parameter
+                   `loras` (adapters.py) the request runs on; absent or empty: the base weights
 Response: images FP32 [N, H, W, 3] in [0, 1], exactly GenerationResult.images (absent with
 denoising_end), latents FP32 [N, C, h, w] (GenerationResult.latents, what a refiner continues),
 and warnings BYTES [K] (GenerationResult.warnings, e.g. a truncated prompt; K may be 0).
@@ -40,8 +42,8 @@ if (HERE / "ldmrt").is_dir() and str(HERE) not in sys.path:
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from ldmrt.triton.pipeline_io import (EVERY_REQUEST_TENSOR, IMAGES, LATENTS, WARNINGS,  # noqa: E402
-                                     Form, RequestTensor)
+from ldmrt.triton.pipeline_io import (ADAPTERS, EVERY_REQUEST_TENSOR, IMAGES, LATENTS,  # noqa: E402
+                                     WARNINGS, Form, RequestTensor)
 
 FAILURE_REASONS = ("invalid_argument", "cancelled", "internal")
 
@@ -59,7 +61,12 @@ class TritonPythonModel:
         self.logger = pb_utils.Logger
         _log_through_triton(self.logger)
         from ldmrt.runtime.pipeline import Pipeline
+        from ldmrt.triton.adapters import PARAMETER, parse_adapters, served_adapters
 
+        verify = params.get("verify", "true") == "true"
+        # Checked before the bundle loads: a missing or changed adapter file fails the model's load.
+        self.adapters = served_adapters(parse_adapters(params.get(PARAMETER, "{}"), str(HERE.parent)),
+                                        HERE, verify)
         backend = params.get("backend", "onnxruntime")
         options: dict = {}
         if backend == "onnxruntime":
@@ -69,18 +76,28 @@ class TritonPythonModel:
             if threads:
                 options["threads"] = threads
         bundle = HERE / params.get("bundle", "bundle")
-        self.pipeline = Pipeline.load(bundle, backend, verify=params.get("verify", "true") == "true",
+        self.pipeline = Pipeline.load(bundle, backend, verify=verify,
                                       max_cost=float(params.get("max_cost", "0") or 0), **options)
+        if self.adapters and not self.pipeline.loras.can_switch:
+            from ldmrt.errors import LoraError
+
+            # at load, not as a 400 on every request that names one
+            raise LoraError(f"loras: adapters {sorted(self.adapters)} are configured, but this pipeline "
+                            f"cannot switch adapters: {self.pipeline.loras.why_not}", field="loras")
         self.failures = _failure_counters(config.get("name", args.get("model_name", "pipeline")))
         self.logger.log_info(f"ldmrt pipeline {self.pipeline.manifest.name} loaded from {bundle} on "
-                             f"{backend} {options} (instance {args.get('model_instance_name')})")
+                             f"{backend} {options}, adapters {sorted(self.adapters)} "
+                             f"(instance {args.get('model_instance_name')})")
 
     def execute(self, requests: list) -> list:
         responses = []
         for request in requests:
             try:
                 generation = self.generation_request(request)
-                result = self.pipeline.generate(generation, **self.cancel_options(request))
+                # Runs on exactly the chosen adapters: switched to first if others are active
+                # (after the requests in flight on those), at once if they are.
+                with self.pipeline.loras.using(self.adapter_choices(request)):
+                    result = self.pipeline.generate(generation, **self.cancel_options(request))
                 outputs = [pb_utils.Tensor(name, np.ascontiguousarray(array, dtype=np.float32))
                            for name, array in ((IMAGES, result.images), (LATENTS, result.latents))
                            if array is not None]       # images (N, H, W, 3): None with denoising_end
@@ -113,6 +130,15 @@ class TritonPythonModel:
         """The Pipeline's cancel check: this request's is_cancelled (its gRPC client went away)."""
         is_cancelled = getattr(request, "is_cancelled", None)     # Python backends before 23.10 lack it
         return {} if is_cancelled is None else {"cancel": is_cancelled}
+
+    def adapter_choices(self, request) -> tuple:
+        """The request's `lora` input as LoraChoices of the configured adapters (() without one)."""
+        from ldmrt.triton.adapters import requested_adapters
+
+        tensor = pb_utils.get_input_tensor_by_name(request, ADAPTERS.name)
+        if tensor is None:
+            return ()
+        return requested_adapters(_read(ADAPTERS, tensor.as_numpy()), self.adapters)
 
     def generation_request(self, request):
         """The request's tensors as a GenerationRequest (defaults where a tensor is absent). Every

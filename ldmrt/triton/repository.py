@@ -5,11 +5,14 @@
     REPO/<prefix>pipeline/1/model.py
     REPO/<prefix>pipeline/1/ldmrt/           the torch-free runtime, vendored (vendor.py)
     REPO/<prefix>pipeline/1/bundle/          the whole bundle: manifest, graphs, tokenizer, engines
+    REPO/<prefix>pipeline/1/loras/           LoRA adapters a request may select (adapters.py)
     REPO/<prefix><component>/config.pbtxt    tensorrt_plan where a usable TensorRT engine exists,
     REPO/<prefix><component>/1/...           onnxruntime_onnx otherwise; dims from the I/O spec
 
 Files come from the bundle as hard links (copies across file systems), copies, or symlinks;
 a component model's files are links to the pipeline's bundle copy, so nothing is stored twice.
+LoRA adapter files are hard-linked or copied as the bundle's are, and copied with symlink, so the
+repository holds them whatever the server mounts.
 A new repository is written into a temporary sibling folder and renamed into place; into an
 existing (shared) one, each model folder is renamed into place, and only model folders that ldmrt
 wrote (ownership.py's marker) and that hold nothing else are ever replaced.
@@ -33,6 +36,8 @@ from ldmrt.engines.ort_cache import BUNDLE_CACHE_DIR
 from ldmrt.errors import BundleError, ConfigError, CorruptEngineError
 from ldmrt.iospec import Component, ComponentSpec, parse_dim
 from ldmrt.manifest import MANIFEST_NAME, ComponentEntry, Manifest, load_manifest, verify_bundle
+from ldmrt.triton.adapters import (ADAPTER_DIR, PARAMETER, NamedAdapter, adapter_tuple, adapters_parameter,
+                                   check_adapter_files)
 from ldmrt.triton.config import (BATCH, DynamicBatching, InstanceGroup, InstanceKind,
                                  TritonModelConfig, TritonTensor, component_tensors)
 from ldmrt.triton.ownership import claim_models, record_model, refuse_foreign
@@ -73,8 +78,10 @@ class PipelineModelOptions:
     verify: bool = True                # check the bundle's sha256 when an instance loads
     instances: InstanceGroup = InstanceGroup()
     max_cost: float = 0.0              # refuse requests over steps x images x megapixels; 0: no limit
+    loras: tuple[NamedAdapter, ...] = ()   # adapters a request may select by name (--lora NAME=FILE[:SCALE])
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "loras", adapter_tuple(self.loras, "loras"))
         if isinstance(self.max_cost, bool) or not isinstance(self.max_cost, (int, float)) \
                 or not 0 <= self.max_cost < float("inf"):
             raise ConfigError(f"max_cost {self.max_cost!r}: expected a finite number >= 0 "
@@ -131,6 +138,7 @@ def write_repository(bundle_dir: str | os.PathLike, out: str | os.PathLike,
     if options.files == FileMode.SYMLINK:      # the stubs then open the bundle at its own path
         check_serving_path(bundle, "bundle_dir", "bundle")     # the CLI's BUNDLE argument
     group = f"{options.prefix}{PIPELINE}"
+    check_adapter_files(options.pipeline.loras, "loras")       # each file read and checked
     manifest = load_manifest(bundle)
     verify_bundle(bundle, manifest)
     notes: list[str] = []
@@ -194,12 +202,15 @@ def pipeline_model(bundle: Path, manifest: Manifest, options: RepositoryOptions)
     parameters = {"bundle": BUNDLE_DIR, "backend": pipe.backend, "device": pipe.device,
                   "threads": str(pipe.threads), "verify": "true" if pipe.verify else "false",
                   "ldmrt_bundle_name": manifest.name, "max_cost": f"{pipe.max_cost:g}",
-                  "limits": json.dumps(request_limits(manifest, pipe.max_cost), sort_keys=True)}
+                  "limits": json.dumps(request_limits(manifest, pipe.max_cost), sort_keys=True),
+                  PARAMETER: adapters_parameter(pipe.loras)}
     config = TritonModelConfig(name=f"{options.prefix}{PIPELINE}", backend="python", max_batch_size=0,
                                inputs=inputs, outputs=outputs, instance_group=pipe.instances,
                                parameters=parameters)
     files = {f"{BUNDLE_DIR}/{relative}": bundle / relative for relative in _bundle_files(bundle)}
-    return ModelPlan(config, files, note=f"ldmrt Pipeline on {pipe.backend}")
+    files.update({f"{ADAPTER_DIR}/{adapter.file}": adapter.path for adapter in pipe.loras})
+    adapters = f", LoRA {', '.join(a.name for a in pipe.loras)}" if pipe.loras else ""
+    return ModelPlan(config, files, note=f"ldmrt Pipeline on {pipe.backend}{adapters}")
 
 
 def request_limits(manifest: Manifest, max_cost: float) -> dict[str, Any]:
@@ -350,14 +361,16 @@ def _write(root: Path, bundle: Path, models: list[ModelPlan], mode: FileMode, gr
     notes: list[str] = []
     pipeline = models[0]
     pipeline_dir = root / pipeline.config.name / VERSION
+    pipeline_dir.mkdir(parents=True)
     if mode == FileMode.SYMLINK:
         # One link to the bundle folder, not one per file: the manifest loader refuses files
-        # whose links lead outside their bundle.
-        pipeline_dir.mkdir(parents=True)
+        # whose links lead outside their bundle. The adapters are copied (see the docstring).
         (pipeline_dir / BUNDLE_DIR).symlink_to(bundle.resolve(), target_is_directory=True)
-    else:
-        for relative, source in pipeline.files.items():
+    for relative, source in pipeline.files.items():
+        if mode != FileMode.SYMLINK:
             _place(source, pipeline_dir / relative, mode, notes)
+        elif not _in_bundle(relative):
+            _place(source, pipeline_dir / relative, FileMode.COPY, notes)
     shutil.copyfile(MODEL_TEMPLATE, pipeline_dir / "model.py")
     shutil.copyfile(PROBE, root / pipeline.config.name / PROBE.name)
     vendor_runtime(pipeline_dir)
@@ -380,9 +393,14 @@ def _write(root: Path, bundle: Path, models: list[ModelPlan], mode: FileMode, gr
     return sorted(set(notes))
 
 
+def _in_bundle(relative: str) -> bool:
+    """Whether a file of the pipeline model (a path in its version folder) is in its bundle copy."""
+    return relative.startswith(f"{BUNDLE_DIR}/")
+
+
 def _in_bundle_copy(source: Path, pipeline_files: Mapping[str, Path], pipeline_dir: Path) -> Path:
     for relative, original in pipeline_files.items():
-        if original == source:
+        if original == source and _in_bundle(relative):
             return pipeline_dir / relative
     raise BundleError(f"{source} is not a file of the bundle")  # cannot happen: plans and graphs are
 

@@ -16,7 +16,7 @@ import ldmrt
 
 PACKAGE_DIR = Path(ldmrt.__file__).resolve().parent
 ENTRY_POINTS = ("ldmrt.runtime.pipeline", "ldmrt.engines.onnxruntime", "ldmrt.engines.tensorrt",
-                "ldmrt.triton.pipeline_io")    # model.py reads its request tensors by it
+                "ldmrt.triton.pipeline_io", "ldmrt.triton.adapters")   # model.py reads its requests by them
 EXCLUDED = frozenset({"ldmrt.engines.torch"})   # imports torch; a Triton stub has none
 
 
