@@ -13,16 +13,15 @@ against torch-eager measured in the same run. With `rounds` > 1 every contender 
 process per round, rounds interleaved (A B C, A B C, ...), and a case's median is the median of
 its round medians (p90/min/max over all samples): on shared or virtual machines a process can
 land in a slower state for its whole life (docs/cpu_speed.md, "Noise"), which one process per
-contender cannot tell from a real difference.
+contender cannot tell from a real difference. With `loras`, each ldmrt pipeline also times the
+adapter switch after its cases, next to a full re-export (ldmrt.bench_lora).
 """
 from __future__ import annotations
 
-import json
 import math
 import multiprocessing
 import os
 import platform
-import re
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -31,23 +30,21 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ldmrt.atomic import atomic_write
+from ldmrt.bench_stats import merge_rounds, summarize  # noqa: F401 (the bench's public names)
+from ldmrt.bench_lora import WHAT as LORA_WHAT, check_lora_options, measure_switch, merge_switch, reexport_entry
 from ldmrt.bench_reference import diffusers_coverage
 from ldmrt.engines import trt_api
 from ldmrt.engines.backend import Backend, names
 from ldmrt.engines.ort_cache import cpu_isa
 from ldmrt.errors import BackendUnavailableError, ConfigError
 from ldmrt.iospec import Component
-from ldmrt.writable import check_folder_writable
+from ldmrt.lora.choice import LoraChoice
+# The report files' functions live in ldmrt.report_file; callers import them from here too.
+from ldmrt.report_file import REPORT_MAX_BYTES, check_report_path, is_ldmrt_report, write_report  # noqa: F401
 
 SCHEMA = "ldmrt-bench/1"
 BASELINES = ("torch-eager", "diffusers")       # contenders that are not ldmrt backends
 BENCH_PROMPT = "a photograph of an astronaut riding a horse"
-# A report ldmrt wrote names its schema first thing ("ldmrt-bench/1", "ldmrt-cpu-speed/1",
-# "ldmrt.triton_load/1"); only such a file is replaced. Reports are kilobytes: a bigger file is
-# not read (the check's cost stays bounded) and is not one.
-_REPORT_SCHEMA = re.compile(r"ldmrt[-.][A-Za-z0-9_.-]+/[0-9]+")
-REPORT_MAX_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True)
@@ -68,6 +65,8 @@ class BenchOptions:
     device: str = "cpu"
     threads: int | None = None
     rounds: int = 1                # fresh processes per contender, interleaved
+    loras: tuple[LoraChoice, ...] = ()     # adapters whose switch is timed (ldmrt.bench_lora)
+    lora_reexport: bool = False            # also time a full re-export with them fused
 
 
 # --- options, checked before any process starts ------------------------------------------------
@@ -144,6 +143,7 @@ def check_options(options: BenchOptions, manifest) -> None:
         if not _is_int(case.steps) or case.steps < 1:
             raise ConfigError(f"steps {case.steps!r}: expected an integer >= 1", field="steps")
         make_plan(case.sampler, manifest.config.scheduler, case.steps)   # the sampler's own step limits
+    check_lora_options(options.loras, options.lora_reexport, manifest)
 
 
 def _is_int(value: object) -> bool:
@@ -172,23 +172,6 @@ def _cuda_visible() -> bool:
         return False
 
 
-def summarize(samples_s: list[float]) -> dict[str, float]:
-    """Median, p90 (nearest rank), min, max in milliseconds, and the count."""
-    if not samples_s:
-        raise ValueError("summarize: no samples")
-    ms = sorted(s * 1e3 for s in samples_s)
-    rank = max(1, int(np.ceil(0.9 * len(ms))))
-    return {"median_ms": float(statistics.median(ms)), "p90_ms": float(ms[rank - 1]),
-            "min_ms": float(ms[0]), "max_ms": float(ms[-1]), "n": len(ms), "samples_ms": ms}
-
-
-def merge_rounds(stats: list[dict]) -> dict:
-    """One statistic over rounds: the median of the round medians; p90, min, max over every sample."""
-    pooled = summarize([v / 1e3 for s in stats for v in s["samples_ms"]])
-    medians = [s["median_ms"] for s in stats]
-    return {**pooled, "median_ms": float(statistics.median(medians)), "round_medians_ms": medians}
-
-
 def measure(fn: Callable[[], Any], warmup: int, repeat: int, sync: Callable[[], None] = lambda: None) -> dict:
     for _ in range(warmup):
         fn()
@@ -204,8 +187,8 @@ def measure(fn: Callable[[], Any], warmup: int, repeat: int, sync: Callable[[], 
 
 def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
-                            "cpu": cpu_name(), "cpu_isa": list(cpu_isa()), "cores": os.cpu_count(),
-                            "load_average_1_5_15": list(os.getloadavg())}
+                            "cpu": cpu_name(), "cpu_isa": list(cpu_isa()), "cpu_flags": cpu_flags(),
+                            "cores": os.cpu_count(), "load_average_1_5_15": list(os.getloadavg())}
     for module in ("numpy", "onnxruntime", "torch", "diffusers", "transformers", "tensorrt",
                    "tensorrt_rtx_bindings"):
         try:
@@ -227,6 +210,17 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """Every flag the CPU reports (/proc/cpuinfo's, the list `lscpu` prints as Flags); [] elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):          # x86, arm
+                return line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return []
 
 
 def peak_rss_mib() -> float:
@@ -252,9 +246,14 @@ def run_contender(bundle: str, contender: str, options: BenchOptions) -> dict[st
         cases = [runner.measure_case(case) for case in options.cases]
         result = {"contender": contender, "status": "ok", "load_seconds": load_s, "cases": cases}
         result.update(runner.memory())
+        result["peak_rss_mib"] = peak_rss_mib()         # the cases' peak, before any adapter switch
+        if options.loras and runner.pipeline is not None:     # after the cases: they run without adapters
+            request = bench_request(runner.pipeline.config, options.cases[0])
+            result["lora_switch"] = measure_switch(runner.pipeline, options.loras, options.repeat, request,
+                                                   runner.sync, peak_rss_mib)
     except Exception as exc:  # one contender failing must not lose the others' numbers
-        result = {"contender": contender, "status": "error", "error": f"{type(exc).__name__}: {exc}"}
-    result["peak_rss_mib"] = peak_rss_mib()
+        result = {"contender": contender, "status": "error", "error": f"{type(exc).__name__}: {exc}",
+                  "peak_rss_mib": peak_rss_mib()}
     return result
 
 
@@ -386,22 +385,36 @@ def run_bench(bundle: Path, options: BenchOptions, progress: Callable[[str], Non
               "machine": machine_info(), "options": _options_dict(options), "results": results}
     report["ratios"] = ratios(results, baseline="torch-eager")
     report["failed"] = [r["contender"] for r in results if r["status"] != "ok"]
+    if options.loras:
+        progress("a full re-export" if options.lora_reexport else "the re-export's record")
+        reexport = reexport_entry(bundle, manifest, options.loras, options.lora_reexport,
+                                  lambda fn, *args, died: in_fresh_process(context, died, fn, *args))
+        report["lora"] = {"adapters": [{"path": str(c.path), "scale": c.scale} for c in options.loras],
+                          "what": LORA_WHAT, "reexport": reexport}
+        switches = [r["contender"] for r in results if r.get("lora_switch", {}).get("status", "ok") != "ok"]
+        report["switch_failed"] = switches + (["reexport"] if reexport.get("status") == "error" else [])
     return report
 
 
 def _in_fresh_process(context, bundle: str, contender: str, options: BenchOptions) -> dict:
-    """run_contender in a new process. A process that dies (killed for memory, a crash in a
-    native library) is recorded as the contender's error: multiprocessing.Pool would wait for
-    its lost task forever; ProcessPoolExecutor reports it."""
+    """run_contender in a new process (its death recorded as the contender's error)."""
+    died = {"contender": contender, "status": "error", "peak_rss_mib": None,
+            "error": "its process died before reporting (killed for memory? a crash?)"}
+    return in_fresh_process(context, died, run_contender, bundle, contender, options)
+
+
+def in_fresh_process(context, died: dict, fn: Callable[..., dict], *args) -> dict:
+    """fn(*args) in a new process; `died`, the reason appended to its "error", when that process dies
+    (killed for memory, a crash in a native library): multiprocessing.Pool would wait for its lost
+    task forever; ProcessPoolExecutor reports it."""
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
     with ProcessPoolExecutor(1, mp_context=context) as pool:
         try:
-            return pool.submit(run_contender, bundle, contender, options).result()
+            return pool.submit(fn, *args).result()
         except BrokenProcessPool as exc:
-            return {"contender": contender, "status": "error", "peak_rss_mib": None,
-                    "error": f"its process died before reporting (killed for memory? a crash?): {exc}"}
+            return {**died, "error": f"{died['error']}: {exc}"}
 
 
 def merge_contender(runs: list[dict]) -> dict:
@@ -433,6 +446,8 @@ def merge_contender(runs: list[dict]) -> dict:
     peaks = [r["device_peak_mib"] for r in runs if "device_peak_mib" in r]
     if peaks:
         merged["device_peak_mib"] = max(peaks)
+    if "lora_switch" in runs[0]:
+        merged["lora_switch"] = merge_switch([r["lora_switch"] for r in runs])
     return merged
 
 
@@ -460,75 +475,8 @@ def ratios(results: list[dict], baseline: str) -> list[dict]:
 def _options_dict(options: BenchOptions) -> dict:
     data = asdict(options)
     data["cases"] = [asdict(c) for c in options.cases]
+    data["loras"] = [{"path": str(c.path), "scale": c.scale} for c in options.loras]
     return data
-
-
-def write_report(report: dict, path: Path, label: str = "report") -> None:
-    """`report` as strict JSON (NaN and infinities become null, each noted under "notes"),
-    written whole or not at all. Refuses (ConfigError, message starting with `label`) to replace
-    anything but a report ldmrt wrote; checked again here because the run can take hours."""
-    path = Path(path)
-    check_report_path(path, label)
-    notes: list[str] = []
-    strict = _strict(report, "", notes)
-    if notes:
-        strict["notes"] = list(strict.get("notes") or []) + notes
-    data = json.dumps(strict, indent=2, allow_nan=False) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, data.encode())
-
-
-def check_report_path(path: Path, label: str) -> None:
-    """A report can be written at `path`: absent (its folder writable) or a report ldmrt wrote;
-    never a folder, a link or someone else's file (ldmrt does not overwrite what it did not write)."""
-    path = Path(path)
-    where = f"{label} {path}"
-    if path.is_symlink():
-        raise ConfigError(f"{where}: is a symbolic link; ldmrt writes reports as plain files and "
-                          f"does not replace links: give another path")
-    if path.is_dir():
-        raise ConfigError(f"{where}: is a folder; expected a file path, e.g. {path / 'bench.json'}")
-    if path.exists():
-        if not path.is_file():
-            raise ConfigError(f"{where}: exists and is not a plain file; give another path")
-        if not is_ldmrt_report(path):
-            raise ConfigError(f"{where}: exists and is not a report ldmrt wrote (no \"schema\": "
-                              f"\"ldmrt-...\" key); ldmrt does not overwrite files it did not "
-                              f"write: give another path or move the file away")
-    check_folder_writable(path.parent, where)
-
-
-def is_ldmrt_report(path: Path) -> bool:
-    """Whether `path` holds a JSON report ldmrt wrote (a "schema" of ldmrt's own first)."""
-    try:
-        if Path(path).stat().st_size > REPORT_MAX_BYTES:
-            return False
-        data = json.loads(Path(path).read_bytes())
-    except (OSError, ValueError, RecursionError):
-        return False
-    schema = data.get("schema") if isinstance(data, dict) else None
-    return isinstance(schema, str) and _REPORT_SCHEMA.fullmatch(schema) is not None
-
-
-def _strict(value: Any, where: str, notes: list[str]) -> Any:
-    """A JSON-able copy of `value` with only finite numbers; non-finite ones become None and
-    `notes` says where (strict JSON has no NaN: json.dumps would write a bare NaN)."""
-    if isinstance(value, dict):
-        return {str(k): _strict(v, f"{where}.{k}" if where else str(k), notes) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict(v, f"{where}[{i}]", notes) for i, v in enumerate(value)]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        if math.isfinite(value):
-            return float(value)
-        notes.append(f"{where}: {float(value)} recorded as null")
-        return None
-    if value is None or isinstance(value, str):
-        return value
-    return str(value)      # paths and the like, as their text
 
 
 def format_overhead(case: dict, contender: str) -> str:
@@ -566,6 +514,8 @@ def validate_report(report: dict) -> list[str]:
                 stats = case.get("end_to_end", {})
                 if not stats.get("min_ms", 0) <= stats.get("median_ms", 0) <= stats.get("p90_ms", 0) <= stats.get("max_ms", 0):
                     problems.append(f"{result['contender']}: statistics out of order {stats}")
+            if "lora" in report and result["contender"] != "diffusers" and "lora_switch" not in result:
+                problems.append(f"{result['contender']}: no lora_switch (the run had --lora)")
     return problems
 
 

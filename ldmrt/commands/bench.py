@@ -30,11 +30,32 @@ def bench(
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: all cores)."),
     json_path: Optional[Path] = typer.Option(
         None, "--json", help="Write the full report here (strict JSON; replaces only a report ldmrt wrote)."),
+    lora: Optional[list[str]] = typer.Option(
+        None, "--lora", help="FILE[:SCALE] LoRA adapter (repeatable). Each ldmrt pipeline, after its cases (so "
+                             "the latency table and its peak RSS are without adapters), also times the run-time "
+                             "switch none -> these adapters -> none: --repeat cycles, median and a fresh "
+                             "process's first switch (which also keeps the base weights), each switch whole "
+                             "(files read and checked, deltas, weights written / ONNX Runtime sessions "
+                             "reopened / TensorRT engines refitted); one generation of the first case before, "
+                             "during and after shows the image changed and came back. Not the diffusers "
+                             "baseline. A bad file or scale is refused before anything runs."),
+    lora_reexport: bool = typer.Option(
+        False, "--lora-reexport", help="With --lora: also time the alternative, a full re-export of the "
+                                       "bundle's recorded model source with its recorded adapters plus these "
+                                       "fused (same precision, components, shape ranges, opset, validation), "
+                                       "once, in a fresh process, into a temporary folder (deleted). Without "
+                                       "it the re-export is reported as not measured: bundles record no "
+                                       "export time. TensorRT engines would need building again too: their "
+                                       "recorded build times are listed, not re-measured."),
 ) -> None:
     """Measure a bundle: per-component and end-to-end latency, images/s, loop overhead, memory.
 
-    Exit 0 when every contender ran; 3 when one failed or none ran (the table and the report say
-    which and why); 2 for a bad option, before anything runs."""
+    With --lora, also what switching LoRA adapters costs on each loaded pipeline, next to a full
+    re-export with them fused (--lora-reexport times one; otherwise it is not measured).
+
+    Exit 0 when every contender ran; 3 when one failed or none ran, or an adapter switch or the
+    re-export failed (the tables and the report say which and why); 2 for a bad option, before
+    anything runs."""
     with user_errors():
         from rich.markup import escape
         from rich.table import Table
@@ -42,6 +63,7 @@ def bench(
         from ldmrt.bench import (BenchCase, BenchOptions, check_report_path,
                                  diffusers_coverage, format_overhead, format_ratio, parse_contenders,
                                  run_bench, validate_report, write_report)
+        from ldmrt.lora.choice import LoraChoice
         from ldmrt.manifest import load_manifest
 
         # Every option is checked before the first process starts (a run can take hours).
@@ -56,8 +78,10 @@ def bench(
         chosen_sampler = manifest.config.scheduler.default_sampler if sampler is None else sampler
         cases = tuple(BenchCase(size=s, batch=b, steps=steps, sampler=chosen_sampler, guidance=guidance)
                       for s in size_list for b in batch_list)
+        loras = tuple(LoraChoice.parse(text, "lora") for text in lora or ())     # "lora": the CLI says --lora
         options = BenchOptions(contenders=contenders, cases=cases, warmup=warmup, repeat=repeat,
-                               device=device.strip().lower(), threads=threads, rounds=rounds)
+                               device=device.strip().lower(), threads=threads, rounds=rounds, loras=loras,
+                               lora_reexport=lora_reexport)
         if json_path is not None:
             check_report_path(json_path, "--json")
         with console.status("benchmarking") as status:    # run_bench checks the options first
@@ -85,19 +109,49 @@ def bench(
                               format_ratio(ratio),
                               f"{result['peak_rss_mib']:.0f}")
         out.print(table)
+        if loras:
+            _print_switch(report)
         if problems:
             console.print(f"[red]report problems:[/] {problems}")
         if json_path is not None:
             write_report(report, json_path, "--json")
             console.print(f"wrote {json_path}", highlight=False)
+    where = "; the errors are in the table" + (" and the report" if json_path else "")
     if report["failed"]:
         # Measured numbers without the contender that failed are no comparison: not a success.
         ran = [r["contender"] for r in report["results"] if r["status"] == "ok"]
         console.print(f"[bold red]error:[/] bench: {', '.join(report['failed'])} failed"
-                      + (f" (ran: {', '.join(ran)})" if ran else "; nothing ran")
-                      + "; the errors are in the table" + (" and the report" if json_path else ""),
+                      + (f" (ran: {', '.join(ran)})" if ran else "; nothing ran") + where,
                       highlight=False, soft_wrap=True)
+    if report.get("switch_failed"):      # asked for and not measured: not a success either
+        console.print(f"[bold red]error:[/] bench: the LoRA switch or re-export failed: "
+                      f"{', '.join(report['switch_failed'])}" + where, highlight=False, soft_wrap=True)
+    if report["failed"] or report.get("switch_failed"):
         raise typer.Exit(3)
+
+
+def _print_switch(report: dict) -> None:
+    """The LoRA switch table under the latency table, and the re-export's line."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from ldmrt.bench_lora import reexport_line, switch_cells
+
+    adapters = ", ".join(f"{escape(a['path'])} x {a['scale']:g}" for a in report["lora"]["adapters"])
+    table = Table(title=f"LoRA switch on the loaded pipeline ({adapters}): ms, median of --repeat cycles "
+                        f"(a fresh process's first)")
+    for column in ("contender", "none -> adapters ms", "adapters -> none ms", "image change / restored (max abs)",
+                   "peak RSS MiB"):
+        table.add_column(column)
+    for result in report["results"]:
+        if result["status"] == "ok":
+            entry = result.get("lora_switch")
+            if entry is not None and entry["status"] != "ok":
+                table.add_row(result["contender"], f"[red]{escape(entry['error'][:70])}[/]")
+            else:
+                table.add_row(result["contender"], *switch_cells(entry))
+    out.print(table)
+    out.print(escape(reexport_line(report["lora"]["reexport"])), highlight=False)
 
 
 def _ints(value: str, option: str, allow_empty: bool) -> list[int]:
