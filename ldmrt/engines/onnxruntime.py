@@ -46,7 +46,7 @@ class OnnxRuntimeRunner:
         self.session, self.cache_hit = self._open(lambda options: create_session(source, options, providers, cache))
         self.adapted = False           # whether the session holds replaced initializers (LoRA)
         self._held: list = []          # the OrtValues a session with replaced initializers reads
-        self._source_checked = not self.cache_hit and source.check is not SourceCheck.BEFORE_STORING
+        self._source_checked = not self.cache_hit     # create_session checked a source it read
         self.output = spec.outputs[0].name
 
     def reopened(self, initializers: Mapping[str, np.ndarray] | None = None):

@@ -23,7 +23,6 @@ from ldmrt.errors import BackendUnavailableError, LoraError
 from ldmrt.lora.graph_switch import GraphSwitch
 
 
-
 @dataclass(frozen=True)
 class _BuiltFrom:
     """The ONNX graph an engine was built from (checked with the engines when the bundle opened)."""
@@ -36,8 +35,8 @@ class _BuiltFrom:
 def trt_switch(api: Any, graph_of: Callable[[str], Path], engines: Mapping[str, Any],
                after_refit: Callable[[str], None] = lambda component: None) -> GraphSwitch | None:
     """The switch over `engines` (component -> TensorRTRunner: `.engine`, `.drop_graphs()`), each
-    built from the ONNX graph at `graph_of(component)`; None when no engine is refittable. `after_refit(component)`
-    runs after each refit (the denoiser drops its loop graphs there)."""
+    built from the ONNX graph at `graph_of(component)`; None when no engine is refittable.
+    `after_refit(component)` runs after each refit (the denoiser drops its loop graphs there)."""
     refittable = {name: runner for name, runner in engines.items() if getattr(runner.engine, "refittable", False)}
     if not refittable:
         return None

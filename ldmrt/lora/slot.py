@@ -93,15 +93,16 @@ class AdapterSlot:
         parsed = self._parsed(choices, field_name)
         self._not_inside_a_request(field_name)
         with self._one_switch:
-            commit = self._switch.prepare(parsed, field_name)
-            self._lock.acquire_write()
-            try:
-                return commit()
-            finally:
-                self._lock.release_write()
+            return self._switch_to(parsed, field_name)
 
-    def in_use(self) -> contextlib.AbstractContextManager[None]:
-        return self._reading()
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[None]:
+        """One request on whatever adapters are active."""
+        self._lock.acquire_read()
+        try:
+            yield
+        finally:
+            self._lock.release_read()
 
     @contextlib.contextmanager
     def using(self, choices: Sequence[LoraChoice | str], field_name: str = "lora") -> Iterator[None]:
@@ -113,27 +114,27 @@ class AdapterSlot:
             self._lock.release_read()
             self._not_inside_a_request(field_name)
             with self._one_switch:
-                commit = self._switch.prepare(parsed, field_name) if self.active != parsed else None
-                self._lock.acquire_write()
-                try:
-                    if commit is not None:
-                        commit()
-                except BaseException:
-                    self._lock.release_write()
-                    raise
-                self._lock.release_write(then_read=True)
+                if self.active == parsed:          # another request switched to them meanwhile
+                    self._lock.acquire_read()
+                else:
+                    self._switch_to(parsed, field_name, then_read=True)
         try:
             yield
         finally:
             self._lock.release_read()
 
-    @contextlib.contextmanager
-    def _reading(self) -> Iterator[None]:
-        self._lock.acquire_read()
+    def _switch_to(self, parsed: tuple[LoraChoice, ...], field_name: str, then_read: bool = False) -> tuple:
+        """Prepare while requests run, commit under the write lock (the caller holds `_one_switch`);
+        `then_read`: keep a read for the caller's request, before any other switch."""
+        commit = self._switch.prepare(parsed, field_name)
+        self._lock.acquire_write()
         try:
-            yield
-        finally:
-            self._lock.release_read()
+            records = commit()
+        except BaseException:
+            self._lock.release_write()
+            raise
+        self._lock.release_write(then_read=then_read)
+        return records
 
     def _parsed(self, choices: Sequence[LoraChoice | str], field_name: str) -> tuple[LoraChoice, ...]:
         if isinstance(choices, (str, LoraChoice)) or not isinstance(choices, Sequence):
