@@ -66,3 +66,7 @@ class GenerationCancelled(LdmrtError):
 
 class LoraError(LdmrtError, ValueError):
     """A LoRA file that cannot be read, or does not fit the model (ldmrt.lora)."""
+
+
+class EmbedError(LdmrtError):
+    """libldmrt (the C ABI, ldmrt.embed) cannot be built here, or a file in its way is not ldmrt's."""

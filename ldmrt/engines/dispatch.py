@@ -35,9 +35,45 @@ def open_runners(backend: str, bundle: Path, manifest: Manifest, components: tup
     if backend in ("tensorrt", "tensorrt-rtx"):
         from ldmrt.engines.tensorrt import open_tensorrt
         return open_tensorrt(bundle, manifest, components, backend=backend, **options)
+    return _opener(backend)(bundle, manifest, components, **options)
+
+
+def _opener(backend: str):
+    """The function that opens a bundle on `backend` (imported now: only the chosen backend loads)."""
+    if backend == "onnxruntime":
+        from ldmrt.engines.onnxruntime import open_onnxruntime
+        return open_onnxruntime
+    if backend in ("tensorrt", "tensorrt-rtx"):
+        from ldmrt.engines.tensorrt import open_tensorrt
+        return open_tensorrt
     try:
         from ldmrt.engines.torch import open_torch
     except ImportError as exc:
         raise BackendUnavailableError(f"backend torch: needs PyTorch ({exc}); pip install torch==2.13.0",
                                       field="backend") from None
-    return open_torch(bundle, manifest, components, **options)
+    return open_torch
+
+
+# What open_runners passes itself; every other keyword of a backend's opener is the caller's option.
+_OWN_ARGUMENTS = {"bundle", "manifest", "components", "verify", "backend"}
+
+
+def backend_options(backend: str, options: dict, *, field: str = "backend_options") -> dict:
+    """`options` checked against `backend`'s opener (its keyword arguments): ConfigError naming
+    `field`, the unknown name and every option the backend takes."""
+    import inspect
+
+    from ldmrt.errors import ConfigError
+
+    backend = Backend.parse(backend).value
+    if not isinstance(options, dict) or not all(isinstance(name, str) for name in options):
+        raise ConfigError(f"{field}: expected an object of option names, found {type(options).__name__}",
+                          field=field)
+    opener = _opener(backend)
+    taken = sorted(name for name, parameter in inspect.signature(opener).parameters.items()
+                   if parameter.kind is parameter.KEYWORD_ONLY and name not in _OWN_ARGUMENTS)
+    unknown = sorted(set(options) - set(taken))
+    if unknown:
+        raise ConfigError(f"{field}: {', '.join(map(repr, unknown))} is not an option of backend {backend}; "
+                          f"expected some of {', '.join(taken) or 'none'}", field=field)
+    return options

@@ -15,7 +15,7 @@ from ldmrt import onnx_wire
 from ldmrt.engines.base import verify_graphs
 from ldmrt.engines.ort_cache import (GraphCache, SourceCheck, SourceGraph, cache_folder, create_session,
                                      discard, entry_folder, lookup, may_hit)
-from ldmrt.errors import BackendUnavailableError, BundleError
+from ldmrt.errors import BackendUnavailableError, BundleError, ConfigError
 from ldmrt.iospec import ComponentSpec, GraphTensor
 from ldmrt.manifest import Manifest
 
@@ -151,6 +151,11 @@ def open_onnxruntime(bundle: Path, manifest: Manifest, components: tuple[str, ..
     """`cache_dir`: where optimized CPU graphs are cached (ort_cache.py; default <bundle>/ort_cache).
     `verify`: a graph's files are sha256-checked before ONNX Runtime reads them, so only where the
     cache cannot serve it (a hit is checked through its entry; see open_runners)."""
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r}: expected 'cpu' or 'cuda'", field="device")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"threads {threads!r}: expected an integer >= 1, or None (ONNX Runtime's default)",
+                          field="threads")
     ort = _import_onnxruntime()
     available = ort.get_available_providers()
     if device == "cuda":

@@ -54,16 +54,29 @@ def write_images(images: np.ndarray, out: Path) -> list[Path]:
     if out.suffix.lower() == ".npy":
         atomic_write(out, lambda f: np.save(f, images.astype(np.float32)))
         return [out]
+    for path, image in zip(paths, images):
+        atomic_write(path, png_bytes(to_pixels(image)))
+    return paths
+
+
+def to_pixels(images: np.ndarray) -> np.ndarray:
+    """float [..., H, W, 3] in [0, 1] -> the uint8 pixels a PNG holds (rounded, clipped)."""
+    return (np.clip(images, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """uint8 [H, W, 3] -> a PNG file's bytes, with ldmrt's marker (so ldmrt may replace it later)."""
+    import io
+
     from PIL import Image, PngImagePlugin
 
     from ldmrt.manifest import LDMRT_VERSION
 
     info = PngImagePlugin.PngInfo()
     info.add_text(MARKER_KEY, f"{MARKER} {LDMRT_VERSION}")
-    for path, image in zip(paths, images):
-        pixels = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-        atomic_write(path, lambda f, p=pixels: Image.fromarray(p).save(f, format="PNG", pnginfo=info))
-    return paths
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
 
 
 def read_image(path: Path, max_size: tuple[int, int] | None = None, field: str = "init_image") -> np.ndarray:
