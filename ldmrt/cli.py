@@ -14,6 +14,7 @@ import typer
 from ldmrt.commands import terminal
 from ldmrt.commands.bench import bench
 from ldmrt.commands.build import build
+from ldmrt.commands.embed import embed
 from ldmrt.commands.export import export
 from ldmrt.commands.generate import generate
 from ldmrt.commands.inspect import inspect
@@ -25,7 +26,7 @@ app = typer.Typer(help="Latent Diffusion Models: PyTorch -> ONNX -> TensorRT, a 
 
 # Every command, by the name a user types, in pipeline order.
 COMMANDS = (("export", export), ("build", build), ("generate", generate), ("bench", bench),
-            ("inspect", inspect), ("triton", triton))
+            ("inspect", inspect), ("triton", triton), ("embed", embed))
 for _name, _command in COMMANDS:
     app.command(_name)(_command)
 
