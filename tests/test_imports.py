@@ -232,7 +232,7 @@ def test_checker_accepts_a_layered_package(tmp_path):
 # The lean runtime: what a service imports to run a bundle with numpy and one backend.
 LEAN_MODULES = ("ldmrt.manifest", "ldmrt.runtime.pipeline", "ldmrt.sampling", "ldmrt.tokenizer",
                 "ldmrt.engines.base", "ldmrt.engines.dispatch", "ldmrt.engines.onnxruntime",
-                "ldmrt.engines.tensorrt")
+                "ldmrt.engines.tensorrt", "ldmrt.embed.host")   # embed.host: what libldmrt (ldmrt.h) calls
 # The torch backend: dispatch imports it only when it is chosen (and the Triton copy leaves it out).
 TORCH_BACKEND = "ldmrt.engines.torch"
 
