@@ -129,6 +129,34 @@ def test_embed_build_then_make_with_pkg_config(embed_digits, tmp_path):
     assert (lib / "libldmrt.so").read_bytes()[:4] == b"\x7fELF"
 
 
+def test_embed_build_keeps_a_folder_in_its_way_and_survives_a_killed_swap(tmp_path):
+    from ldmrt.embed.info import RECORD_NAME, build_library
+    from ldmrt.errors import EmbedError
+
+    lib = tmp_path / "lib"
+    (lib / "libldmrt.so").mkdir(parents=True)
+    (lib / "libldmrt.so" / "mine.txt").write_text("the user's")
+    with pytest.raises(EmbedError, match="libldmrt.so there is a folder"):
+        build_library(lib, force=True)
+    assert (lib / "libldmrt.so" / "mine.txt").read_text() == "the user's"
+    assert sorted(p.name for p in lib.iterdir()) == ["libldmrt.so"]
+
+    other = tmp_path / "other"
+    build_library(other)
+    old = (other / "libldmrt.so").read_bytes()
+    # a build killed between its two renames: the record names old and new digests, the new library
+    # is in place, the old ldmrt.pc not yet replaced; the next build takes both as its own
+    record = json.loads((other / RECORD_NAME).read_text())
+    record["files"]["libldmrt.so"].append("0" * 64)
+    (other / RECORD_NAME).write_text(json.dumps(record))
+    (other / "libldmrt.so").write_bytes(old + b"\0")        # a different library, not in the record
+    with pytest.raises(EmbedError, match="not written by ldmrt embed --build"):
+        build_library(other)
+    (other / "libldmrt.so").write_bytes(old)
+    build_library(other)
+    assert [len(v) for v in json.loads((other / RECORD_NAME).read_text())["files"].values()] == [1, 1]
+
+
 def test_embed_info_names_header_library_and_python(tmp_path):
     text = run([LDMRT, "embed", "--lib-dir", tmp_path]).stdout
     assert "C ABI 1" in text and "ldmrt.h" in text and "not built: ldmrt embed --build" in text

@@ -7,7 +7,6 @@ ldmrt without any option. CMake builds the same sources (ldmrt/embed/CMakeLists.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -19,7 +18,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ldmrt.errors import EmbedError
+from ldmrt.atomic import atomic_write
+from ldmrt.digest import sha256_file
+from ldmrt.errors import BundleError, EmbedError
 from ldmrt.writable import check_folder_writable
 
 EMBED_DIR = Path(__file__).resolve().parent
@@ -27,7 +28,7 @@ INCLUDE_DIR = EMBED_DIR / "include"
 SOURCE_DIR = EMBED_DIR / "src"
 LIBRARY_NAME = "libldmrt.so"
 PKG_CONFIG_NAME = "ldmrt.pc"
-RECORD_NAME = "ldmrt-embed.json"      # what `ldmrt embed --build` wrote in a folder (name -> sha256)
+RECORD_NAME = "ldmrt-embed.json"      # what `ldmrt embed --build` wrote in a folder (name -> sha256s)
 RECORD_KIND = "ldmrt-embed"
 
 
@@ -119,13 +120,18 @@ def build_library(library_dir: Path | None = None, *, compiler: str = "cc", extr
     folder = Path(library_dir) if library_dir is not None else default_library_dir()
     check_folder_writable(folder, f"out {folder}", EmbedError, field="out")
     record = _read_record(folder)
-    if (folder / RECORD_NAME).exists() and record is None and not force:
+    if os.path.lexists(folder / RECORD_NAME) and record is None and not force:
         raise EmbedError(f"out {folder}: {RECORD_NAME} there is not ldmrt embed --build's record; remove it or "
                          f"pass --force", field="out")
     record = record or {}
+    for name in (LIBRARY_NAME, PKG_CONFIG_NAME, RECORD_NAME):
+        path = folder / name
+        if path.is_dir() and not path.is_symlink():
+            raise EmbedError(f"out {folder}: {name} there is a folder; expected ldmrt embed --build's file (ldmrt "
+                             f"never deletes a folder it did not write, even with --force)", field="out")
     for name in (LIBRARY_NAME, PKG_CONFIG_NAME):
         path = folder / name
-        if path.exists() and not force and record.get(name) != _sha256(path):
+        if os.path.lexists(path) and not force and _sha256(path) not in record.get(name, ()):
             raise EmbedError(f"out {folder}: {name} there was not written by ldmrt embed --build (or was changed "
                              f"since); remove it or pass --force", field="out")
     folder.mkdir(parents=True, exist_ok=True)
@@ -142,25 +148,39 @@ def build_library(library_dir: Path | None = None, *, compiler: str = "cc", extr
         pc = Path(temp) / PKG_CONFIG_NAME
         pc.write_text(pkg_config(folder))
         written = {LIBRARY_NAME: _sha256(built), PKG_CONFIG_NAME: _sha256(pc)}
+        # The record names the old and the new files while they are swapped, so a build killed between
+        # the two renames leaves files the next build still knows as its own.
+        _write_record(folder, {name: sorted({*record.get(name, ()), digest}) for name, digest in written.items()})
         os.replace(built, folder / LIBRARY_NAME)
         os.replace(pc, folder / PKG_CONFIG_NAME)
-    (folder / RECORD_NAME).write_text(json.dumps({"kind": RECORD_KIND, "files": written}, indent=1) + "\n")
+    _write_record(folder, {name: [digest] for name, digest in written.items()})
     return folder / LIBRARY_NAME
 
 
-def _read_record(folder: Path) -> dict[str, str] | None:
-    """name -> sha256 of what `ldmrt embed --build` wrote in `folder`; {} without a record, None for a file
-    of that name that is not one."""
+def _read_record(folder: Path) -> dict[str, set[str]] | None:
+    """name -> the sha256s `ldmrt embed --build` wrote in `folder`; {} without a record, None for a file of
+    that name that is not one."""
     path = folder / RECORD_NAME
-    if not path.exists():
+    if not os.path.lexists(path):
         return {}
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     files = data.get("files") if isinstance(data, dict) and data.get("kind") == RECORD_KIND else None
-    return {k: v for k, v in files.items() if isinstance(v, str)} if isinstance(files, dict) else None
+    if not isinstance(files, dict):
+        return None
+    return {name: {d for d in (digests if isinstance(digests, list) else [digests]) if isinstance(d, str)}
+            for name, digests in files.items()}
+
+
+def _write_record(folder: Path, files: dict[str, list[str]]) -> None:
+    atomic_write(folder / RECORD_NAME, (json.dumps({"kind": RECORD_KIND, "files": files}, indent=1) + "\n").encode())
 
 
 def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """The file's sha256 (ldmrt.digest's); "" for one that cannot be read (then it is not ours)."""
+    try:
+        return sha256_file(path)
+    except BundleError:
+        return ""

@@ -24,18 +24,17 @@ def open_runners(backend: str, bundle: Path, manifest: Manifest, components: tup
     through its own entry, whose key is the manifest's digest; every other backend reads (or
     rebuilds from) every graph, so all are checked here first."""
     backend = Backend.parse(backend).value          # any case; ConfigError naming `backend` otherwise
+    opener = _opener(backend)
     if backend == "onnxruntime":
-        from ldmrt.engines.onnxruntime import open_onnxruntime
         from ldmrt.engines.ort_lora import ort_switch
 
-        runners = open_onnxruntime(bundle, manifest, components, verify=verify, **options)
+        runners = opener(bundle, manifest, components, verify=verify, **options)
         return dataclasses.replace(BackendRunners.with_numpy_loop(runners), weights=ort_switch(runners))
     if verify:
         verify_graphs(bundle, manifest, components)
     if backend in ("tensorrt", "tensorrt-rtx"):
-        from ldmrt.engines.tensorrt import open_tensorrt
-        return open_tensorrt(bundle, manifest, components, backend=backend, **options)
-    return _opener(backend)(bundle, manifest, components, **options)
+        return opener(bundle, manifest, components, backend=backend, **options)
+    return opener(bundle, manifest, components, **options)
 
 
 def _opener(backend: str):
